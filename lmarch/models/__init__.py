@@ -1,0 +1,33 @@
+"""Model families (one file each) and the preset registry."""
+
+from lmarch.models.bigram import BigramConfig, BigramLM
+from lmarch.models.gpt import GPT, GPTConfig
+from lmarch.models.registry import (
+    FAMILIES,
+    PRESETS,
+    Preset,
+    build_model,
+    config_from_dict,
+    config_to_dict,
+    count_parameters,
+    get_preset,
+    make_config,
+    preset_config,
+)
+
+__all__ = [
+    "FAMILIES",
+    "GPT",
+    "PRESETS",
+    "BigramConfig",
+    "BigramLM",
+    "GPTConfig",
+    "Preset",
+    "build_model",
+    "config_from_dict",
+    "config_to_dict",
+    "count_parameters",
+    "get_preset",
+    "make_config",
+    "preset_config",
+]

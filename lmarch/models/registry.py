@@ -1,0 +1,180 @@
+"""Families and presets: named model shapes as data.
+
+A *family* pairs a Config dataclass with its model class. A *preset* is a named config of a
+family plus the tokenizer it expects and the training defaults that suit it, so that
+``lmarch train --preset gpt-char-small`` needs nothing else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from lmarch.errors import LmarchError
+from lmarch.models.bigram import BigramConfig, BigramLM
+from lmarch.models.gpt import GPT, GPTConfig
+
+
+@dataclass(frozen=True)
+class Family:
+    """A model family: its config class and its model class."""
+
+    name: str
+    config_cls: type
+    model_cls: type[nn.Module]
+
+
+FAMILIES: dict[str, Family] = {
+    "bigram": Family("bigram", BigramConfig, BigramLM),
+    "gpt": Family("gpt", GPTConfig, GPT),
+}
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A named model: family, config overrides, tokenizer kind and training defaults.
+
+    ``tokenizer`` is ``"char"`` (built from the training text) or ``"bpe"`` (a byte-level BPE
+    trained on the training text up to the config's ``vocab_size``).
+    """
+
+    name: str
+    family: str
+    config: dict[str, Any]
+    tokenizer: str
+    description: str
+    train: dict[str, Any] = field(default_factory=dict)
+
+
+# nanoGPT's recipe for character-level Shakespeare, which our tiny presets follow.
+_CHAR_TRAIN = {"learning_rate": 1e-3, "min_lr": 1e-4, "beta2": 0.99, "warmup_iters": 100}
+_GPT2_TRAIN = {"learning_rate": 6e-4, "min_lr": 6e-5, "batch_size": 8, "warmup_iters": 2000}
+
+PRESETS: dict[str, Preset] = {
+    p.name: p
+    for p in [
+        Preset(
+            "bigram-char",
+            "bigram",
+            {"vocab_size": 65, "block_size": 64},
+            "char",
+            "bigram table baseline, character-level",
+            {"learning_rate": 1e-2, "min_lr": 1e-3, "batch_size": 32, "max_iters": 2000},
+        ),
+        Preset(
+            "gpt-char-tiny",
+            "gpt",
+            {"vocab_size": 65, "block_size": 64, "n_layer": 4, "n_head": 4, "n_embd": 128},
+            "char",
+            "nanoGPT's CPU shape: 4 layers, 4 heads, 128 wide, block 64",
+            {**_CHAR_TRAIN, "batch_size": 12, "max_iters": 2000, "lr_decay_iters": 2000},
+        ),
+        Preset(
+            "gpt-char-small",
+            "gpt",
+            {
+                "vocab_size": 65,
+                "block_size": 256,
+                "n_layer": 6,
+                "n_head": 6,
+                "n_embd": 384,
+                "dropout": 0.2,
+            },
+            "char",
+            "nanoGPT's shakespeare_char: 6 layers, 6 heads, 384 wide, block 256",
+            {**_CHAR_TRAIN, "batch_size": 64, "max_iters": 5000, "lr_decay_iters": 5000},
+        ),
+        Preset("gpt2", "gpt", {}, "bpe", "GPT-2 small (124M)", _GPT2_TRAIN),
+        Preset(
+            "gpt2-medium",
+            "gpt",
+            {"n_layer": 24, "n_head": 16, "n_embd": 1024},
+            "bpe",
+            "GPT-2 medium (350M)",
+            _GPT2_TRAIN,
+        ),
+        Preset(
+            "gpt2-large",
+            "gpt",
+            {"n_layer": 36, "n_head": 20, "n_embd": 1280},
+            "bpe",
+            "GPT-2 large (774M)",
+            _GPT2_TRAIN,
+        ),
+        Preset(
+            "gpt2-xl",
+            "gpt",
+            {"n_layer": 48, "n_head": 25, "n_embd": 1600},
+            "bpe",
+            "GPT-2 XL (1558M)",
+            _GPT2_TRAIN,
+        ),
+    ]
+}
+
+
+def get_preset(name: str) -> Preset:
+    """The preset called ``name``; an unknown name raises an error suggesting the closest ones."""
+    if name in PRESETS:
+        return PRESETS[name]
+    close = difflib.get_close_matches(name, PRESETS, n=3)
+    hint = f"did you mean {', '.join(close)}?" if close else "run 'lmarch presets' to list them"
+    raise LmarchError(f"unknown preset {name!r}", hint=hint)
+
+
+def family_of_config(config: Any) -> Family:
+    """The family whose config class ``config`` is an instance of."""
+    for fam in FAMILIES.values():
+        if isinstance(config, fam.config_cls):
+            return fam
+    raise TypeError(f"no family registered for config type {type(config).__name__}")
+
+
+def make_config(family: str, values: dict[str, Any]) -> Any:
+    """Build ``family``'s config from a dict, rejecting unknown keys with a clear error."""
+    if family not in FAMILIES:
+        raise LmarchError(f"unknown model family {family!r}", hint=f"one of {sorted(FAMILIES)}")
+    cls = FAMILIES[family].config_cls
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise LmarchError(f"{family} config has no field(s) {', '.join(unknown)}")
+    return cls(**values)
+
+
+def preset_config(name: str, **overrides: Any) -> Any:
+    """The config of preset ``name`` with ``overrides`` applied."""
+    preset = get_preset(name)
+    return make_config(preset.family, {**preset.config, **overrides})
+
+
+def build_model(config: Any) -> nn.Module:
+    """Instantiate the model that ``config`` describes."""
+    return family_of_config(config).model_cls(config)
+
+
+def count_parameters(config: Any) -> int:
+    """Number of distinct parameters (tied weights counted once), built on the meta device so
+    that even GPT-2 XL is counted without allocating memory."""
+    with torch.device("meta"):
+        model = build_model(config)
+    return sum(p.numel() for p in model.parameters())
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    """A JSON-ready dict with the family name, for saving next to weights."""
+    return {"family": family_of_config(config).name, **dataclasses.asdict(config)}
+
+
+def config_from_dict(data: dict[str, Any]) -> Any:
+    """Inverse of :func:`config_to_dict`."""
+    data = dict(data)
+    family = data.pop("family", None)
+    if family is None:
+        raise LmarchError("model config has no 'family' field")
+    return make_config(family, data)

@@ -1,0 +1,40 @@
+"""Building blocks shared by every model family."""
+
+from lmarch.nn.attention import (
+    MultiHeadAttention,
+    causal_mask,
+    padding_mask,
+    reference_attention,
+    repeat_kv,
+    scaled_dot_product_attention,
+)
+from lmarch.nn.block import TransformerBlock
+from lmarch.nn.cache import KVCache
+from lmarch.nn.ffn import MLP, GatedMLP, get_activation, swiglu_hidden_dim
+from lmarch.nn.norm import LayerNorm, RMSNorm, build_norm
+from lmarch.nn.position import (
+    LearnedPositionalEmbedding,
+    SinusoidalPositionalEmbedding,
+    sinusoidal_table,
+)
+
+__all__ = [
+    "MLP",
+    "GatedMLP",
+    "KVCache",
+    "LayerNorm",
+    "LearnedPositionalEmbedding",
+    "MultiHeadAttention",
+    "RMSNorm",
+    "SinusoidalPositionalEmbedding",
+    "TransformerBlock",
+    "build_norm",
+    "causal_mask",
+    "get_activation",
+    "padding_mask",
+    "reference_attention",
+    "repeat_kv",
+    "scaled_dot_product_attention",
+    "sinusoidal_table",
+    "swiglu_hidden_dim",
+]

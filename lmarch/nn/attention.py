@@ -1,0 +1,186 @@
+"""Scaled dot-product attention and multi-head attention (Vaswani et al. 2017, sec. 3.2).
+
+    Attention(Q, K, V) = softmax(Q K^T / sqrt(d_k) + M) V
+
+where M is 0 where a query may look and -inf where it may not (the causal mask hides the future,
+the padding mask hides pad tokens). Multi-head attention runs h such attentions on learned
+projections of width d_k = d / h and concatenates them:
+
+    MultiHead(X) = Concat(head_1, ..., head_h) W_O,   head_i = Attention(X W_Q^i, X W_K^i, X W_V^i)
+
+Grouped-query attention (Ainslie et al. 2023) lets ``n_kv_heads`` < ``n_heads``: each group of
+n_heads / n_kv_heads query heads shares one key/value head (multi-query when n_kv_heads == 1).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lmarch.nn.cache import KVCache
+
+# A hook applied to queries and keys after projection, before attention: rotary embeddings
+# (RoPE) plug in here. Arguments: q [B,H,T,D], k [B,H_kv,T,D], start position of this chunk.
+QKTransform = Callable[[Tensor, Tensor, int], tuple[Tensor, Tensor]]
+
+
+def causal_mask(n_queries: int, n_keys: int, device: torch.device | None = None) -> Tensor:
+    """Boolean [n_queries, n_keys] mask, True where allowed.
+
+    Queries are the last ``n_queries`` positions of a sequence of ``n_keys`` (bottom-right
+    aligned), so query i may see keys 0 .. n_keys - n_queries + i. This is what decoding with a
+    cache needs; for n_queries == n_keys it is the usual lower triangle.
+    """
+    offset = n_keys - n_queries
+    q_pos = torch.arange(n_queries, device=device).unsqueeze(1) + offset
+    k_pos = torch.arange(n_keys, device=device).unsqueeze(0)
+    return k_pos <= q_pos
+
+
+def padding_mask(attention_mask: Tensor) -> Tensor:
+    """From a [B, T_k] 0/1 mask of real tokens to a boolean [B, 1, 1, T_k] mask, True where allowed."""
+    return attention_mask.bool()[:, None, None, :]
+
+
+def reference_attention(
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, dropout_p: float = 0.0
+) -> Tensor:
+    """The equation written out: softmax(q k^T / sqrt(d) masked) v. Slow, for teaching and tests.
+
+    ``mask`` is boolean (True = may attend) and broadcasts against [B, H, T_q, T_k].
+    """
+    scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    weights = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+    if dropout_p > 0.0:
+        weights = F.dropout(weights, p=dropout_p)
+    return weights @ v
+
+
+def scaled_dot_product_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: Tensor | None = None,
+    is_causal: bool = False,
+    dropout_p: float = 0.0,
+    implementation: str = "sdpa",
+) -> Tensor:
+    """Attention over [B, H, T, D] tensors, dispatched to PyTorch's fused kernel or the reference.
+
+    ``is_causal`` applies the causal mask (queries and keys of equal length); ``mask`` is an
+    explicit boolean mask. ``implementation`` is ``"sdpa"`` (fused: flash / memory-efficient /
+    math kernels chosen by PyTorch) or ``"reference"`` (:func:`reference_attention`).
+    """
+    if implementation == "reference":
+        if is_causal:
+            causal = causal_mask(q.shape[-2], k.shape[-2], q.device)
+            mask = causal if mask is None else mask & causal
+        return reference_attention(q, k, v, mask, dropout_p)
+    if implementation != "sdpa":
+        raise ValueError(f"unknown attention implementation {implementation!r}")
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal and mask is None
+    )
+
+
+def repeat_kv(x: Tensor, n_rep: int) -> Tensor:
+    """Expand [B, H_kv, T, D] to [B, H_kv * n_rep, T, D] so each query head has its key/value head."""
+    if n_rep == 1:
+        return x
+    b, h, t, d = x.shape
+    return x[:, :, None].expand(b, h, n_rep, t, d).reshape(b, h * n_rep, t, d)
+
+
+class MultiHeadAttention(nn.Module):
+    """Multi-head self-attention with grouped-query support and an optional KV cache.
+
+    The query, key and value projections are one fused matrix ``qkv`` (rows: the n_heads query
+    heads, then the n_kv_heads key heads, then the n_kv_heads value heads), so a single matmul
+    produces all three; ``out`` is W_O.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        n_heads: int,
+        n_kv_heads: int | None = None,
+        head_dim: int | None = None,
+        bias: bool = True,
+        out_bias: bool | None = None,
+        dropout: float = 0.0,
+        causal: bool = True,
+        implementation: str = "sdpa",
+    ) -> None:
+        super().__init__()
+        n_kv_heads = n_kv_heads or n_heads
+        if n_heads % n_kv_heads:
+            raise ValueError(f"n_heads ({n_heads}) must be a multiple of n_kv_heads ({n_kv_heads})")
+        if head_dim is None:
+            if dim % n_heads:
+                raise ValueError(f"dim ({dim}) must be divisible by n_heads ({n_heads})")
+            head_dim = dim // n_heads
+        self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
+        self.causal = causal
+        self.dropout = dropout
+        self.implementation = implementation
+        self.qkv = nn.Linear(dim, (n_heads + 2 * n_kv_heads) * head_dim, bias=bias)
+        self.out = nn.Linear(n_heads * head_dim, dim, bias=bias if out_bias is None else out_bias)
+        self.resid_dropout = nn.Dropout(dropout)
+
+    def forward(
+        self,
+        x: Tensor,
+        *,
+        attention_mask: Tensor | None = None,
+        cache: KVCache | None = None,
+        layer_index: int = 0,
+        start: int = 0,
+        qk_transform: QKTransform | None = None,
+    ) -> Tensor:
+        """x: [B, T, dim] -> [B, T, dim].
+
+        ``attention_mask`` is a boolean mask broadcastable to [B, H, T, T_k] (True = may attend),
+        combined with the causal mask when the module is causal. With ``cache``, this call's
+        keys/values are written at position ``start`` of layer ``layer_index``.
+        """
+        b, t, _ = x.shape
+        hd = self.head_dim
+        q, k, v = self.qkv(x).split(
+            [self.n_heads * hd, self.n_kv_heads * hd, self.n_kv_heads * hd], dim=-1
+        )
+        q = q.view(b, t, self.n_heads, hd).transpose(1, 2)
+        k = k.view(b, t, self.n_kv_heads, hd).transpose(1, 2)
+        v = v.view(b, t, self.n_kv_heads, hd).transpose(1, 2)
+        if qk_transform is not None:
+            q, k = qk_transform(q, k, start)
+        if cache is not None:
+            k, v = cache.update(layer_index, k, v, start)
+        n_rep = self.n_heads // self.n_kv_heads
+        k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
+
+        mask, is_causal = attention_mask, False
+        if self.causal and t > 1:
+            if mask is None and k.shape[2] == t:
+                is_causal = True  # plain lower triangle: let the fused kernel build it
+            else:
+                # Cached keys precede the queries, so the triangle must be bottom-right aligned
+                # (SDPA's is_causal aligns it top-left); build it explicitly.
+                causal = causal_mask(t, k.shape[2], x.device)
+                mask = causal if mask is None else mask & causal
+        y = scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            mask=mask,
+            is_causal=is_causal,
+            dropout_p=self.dropout if self.training else 0.0,
+            implementation=self.implementation,
+        )
+        y = y.transpose(1, 2).reshape(b, t, self.n_heads * hd)
+        return self.resid_dropout(self.out(y))

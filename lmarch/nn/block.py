@@ -1,0 +1,58 @@
+"""The residual block every Transformer family is built from.
+
+Pre-LN (GPT-2, LLaMA; Xiong et al. 2020):   x = x + Attn(Norm(x));  x = x + FFN(Norm(x))
+Post-LN (original Transformer, BERT):       x = Norm(x + Attn(x));  x = Norm(x + FFN(x))
+
+The block does not know which attention, feed-forward or norm it holds: families choose them in
+their config and pass them in, so pre-LN vs post-LN is a flag here, not a second class.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from lmarch.nn.attention import MultiHeadAttention, QKTransform
+from lmarch.nn.cache import KVCache
+
+
+class TransformerBlock(nn.Module):
+    """One self-attention + feed-forward residual block (pre- or post-normalised)."""
+
+    def __init__(
+        self,
+        attn: MultiHeadAttention,
+        ffn: nn.Module,
+        norm_attn: nn.Module,
+        norm_ffn: nn.Module,
+        pre_norm: bool = True,
+    ) -> None:
+        super().__init__()
+        self.norm_attn = norm_attn
+        self.attn = attn
+        self.norm_ffn = norm_ffn
+        self.ffn = ffn
+        self.pre_norm = pre_norm
+
+    def forward(
+        self,
+        x: Tensor,
+        *,
+        attention_mask: Tensor | None = None,
+        cache: KVCache | None = None,
+        layer_index: int = 0,
+        start: int = 0,
+        qk_transform: QKTransform | None = None,
+    ) -> Tensor:
+        """x: [B, T, dim] -> [B, T, dim]; keyword arguments are passed to the attention."""
+        kw = dict(
+            attention_mask=attention_mask,
+            cache=cache,
+            layer_index=layer_index,
+            start=start,
+            qk_transform=qk_transform,
+        )
+        if self.pre_norm:
+            x = x + self.attn(self.norm_attn(x), **kw)
+            return x + self.ffn(self.norm_ffn(x))
+        x = self.norm_attn(x + self.attn(x, **kw))
+        return self.norm_ffn(x + self.ffn(x))

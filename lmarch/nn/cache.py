@@ -1,0 +1,44 @@
+"""Key/value cache for autoregressive decoding.
+
+At step t a decoder only needs the new token's query; the keys and values of tokens 0..t-1 are the
+same as before, so they are kept instead of recomputed. The cache here is static: one buffer per
+layer of shape [batch, n_kv_heads, max_len, head_dim] is allocated up front, and each step writes
+into it in place, so decoding allocates nothing per token.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+class KVCache:
+    """Preallocated keys and values for every layer of a decoder.
+
+    ``update(layer, k, v, start)`` writes positions ``start .. start+T-1`` and returns views of
+    positions ``0 .. start+T-1``: everything the new queries may attend to.
+    """
+
+    def __init__(
+        self,
+        n_layers: int,
+        batch_size: int,
+        n_kv_heads: int,
+        max_len: int,
+        head_dim: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        shape = (n_layers, batch_size, n_kv_heads, max_len, head_dim)
+        self.keys = torch.zeros(shape, dtype=dtype, device=device)
+        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        self.max_len = max_len
+
+    def update(self, layer: int, k: Tensor, v: Tensor, start: int) -> tuple[Tensor, Tensor]:
+        """Store ``k``/``v`` ([B, H_kv, T, D]) at ``start`` and return all keys/values so far."""
+        end = start + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions; asked to write up to {end}")
+        self.keys[layer, :, :, start:end] = k
+        self.values[layer, :, :, start:end] = v
+        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]

@@ -1,0 +1,468 @@
+"""Byte-level byte-pair encoding (BPE), trained and applied by hand.
+
+Byte-pair encoding was a compression scheme before Sennrich, Haddow and Birch (2016, "Neural
+Machine Translation of Rare Words with Subword Units") turned it into a way to build a subword
+vocabulary: start from single symbols, count how often every pair of neighbouring symbols occurs
+in the training words, fuse the most frequent pair into a new symbol, and repeat. Each fusion is a
+*merge*; the ordered list of merges is the tokenizer. Frequent words end up as one token, rare
+words fall apart into frequent pieces, and nothing is ever out of vocabulary.
+
+GPT-2 (Radford et al. 2019, "Language Models are Unsupervised Multitask Learners") made two
+choices that this module follows exactly, so that its files load into the ``tokenizers`` library:
+
+1. **Bytes, not characters.** Text is encoded as UTF-8 and the base vocabulary is the 256 byte
+   values, so any string can be tokenized with no unknown token. To keep tokens printable (and
+   the merges file line-based), every byte is shown as one Unicode character by
+   :func:`bytes_to_unicode`: the printable Latin-1 bytes stand for themselves and the other 68
+   (control bytes, space, ...) are moved to code points 256 and up; a space becomes ``"Ġ"``
+   (U+0120) and a newline ``"Ċ"`` (U+010A).
+2. **Pre-tokenization.** Before BPE sees it, text is cut by the regular expression
+   :data:`GPT2_SPLIT_PATTERN` into English contractions, runs of letters, runs of digits and runs
+   of other symbols, each optionally led by one space, and runs of whitespace. Merges never
+   cross these pieces, so ``"dog."`` and ``"dog!"`` share the token for ``" dog"``, and a word's
+   leading space becomes part of it.
+
+Training (:meth:`ByteLevelBPETokenizer.train`) counts the pre-tokenized pieces once
+(piece -> frequency); each distinct piece is a *word*, a list of symbol ids. It then keeps
+
+- ``pair_counts``: how often each neighbouring pair occurs, weighted by word frequency,
+- ``words_with``: for each pair, the words that contain it,
+- a max-heap of ``(count, pair)`` entries that is allowed to go stale: when a pair's count drops
+  its old entry stays, and is corrected when it reaches the top.
+
+A merge rewrites only the words listed under the chosen pair and adjusts the counts of the pairs
+those words lose and gain, so a step costs time proportional to the words it touches, not to the
+corpus. The pair chosen is the one with the highest count; **ties go to the pair whose (left,
+right) token strings, as written in the merges file, sort first** (plain ``str`` order), so
+training is deterministic.
+
+Encoding (:meth:`ByteLevelBPETokenizer.encode`) cuts out special tokens by exact match, splits the
+rest with the same regular expression, and within each piece repeatedly applies the
+earliest-learned merge that is present until none applies. Results are cached per piece, since
+the same words recur constantly in real text.
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import os
+import re
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import regex
+
+from lmarch.errors import LmarchError
+
+GPT2_SPLIT_PATTERN = (
+    r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+)
+"""GPT-2's pre-tokenization regex (also the ``tokenizers`` ByteLevel pre-tokenizer's)."""
+
+_SPLIT = regex.compile(GPT2_SPLIT_PATTERN)
+_CACHE_LIMIT = 200_000
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's table from each byte value to the printable character that stands for it.
+
+    Bytes that are visible Latin-1 characters (``!``..``~``, ``¡``..``¬``, ``®``..``ÿ``) map to
+    themselves; the remaining 68 bytes take code points 256, 257, ... in increasing byte order.
+    """
+    visible = set(range(ord("!"), ord("~") + 1))
+    visible |= set(range(ord("¡"), ord("¬") + 1))
+    visible |= set(range(ord("®"), ord("ÿ") + 1))
+    table: dict[int, str] = {}
+    shifted = 0
+    for byte in range(256):
+        if byte in visible:
+            table[byte] = chr(byte)
+        else:
+            table[byte] = chr(256 + shifted)
+            shifted += 1
+    return table
+
+
+_BYTE_TO_CHAR = bytes_to_unicode()
+_CHAR_TO_BYTE = {char: byte for byte, char in _BYTE_TO_CHAR.items()}
+
+
+def _special_splitter(special_tokens: Iterable[str]) -> re.Pattern[str] | None:
+    """A pattern whose ``split`` keeps special tokens as separate items (longest match first)."""
+    ordered = sorted(special_tokens, key=lambda tok: (-len(tok), tok))
+    if not ordered:
+        return None
+    return re.compile("(" + "|".join(re.escape(tok) for tok in ordered) + ")")
+
+
+def _merge_pair(word: list[int], left: int, right: int, new: int) -> list[int]:
+    """Replace every non-overlapping ``left right`` in ``word`` (scanning left to right) by ``new``."""
+    out: list[int] = []
+    i, n = 0, len(word)
+    while i < n:
+        if i + 1 < n and word[i] == left and word[i + 1] == right:
+            out.append(new)
+            i += 2
+        else:
+            out.append(word[i])
+            i += 1
+    return out
+
+
+class ByteLevelBPETokenizer:
+    """GPT-2-style byte-level BPE tokenizer (see the module docstring for the algorithm).
+
+    Args:
+        vocab: byte-level token string -> id, holding at least the 256 single-byte symbols.
+        merges: ordered pairs of token strings; the first pair is applied first.
+        special_tokens: special token text -> id (e.g. ``{"<|endoftext|>": 4352}``). These are
+            matched verbatim in the input and never split.
+
+    Together, ``vocab`` and ``special_tokens`` must use each id in ``0 .. vocab_size - 1`` once.
+    """
+
+    def __init__(
+        self,
+        vocab: Mapping[str, int],
+        merges: Sequence[tuple[str, str]],
+        special_tokens: Mapping[str, int] | None = None,
+    ) -> None:
+        special_tokens = dict(special_tokens or {})
+        self._vocab = dict(vocab)
+        self._special = special_tokens
+        _check_ids(self._vocab, special_tokens)
+        missing = [c for c in _BYTE_TO_CHAR.values() if c not in self._vocab]
+        if missing:
+            raise LmarchError(f"vocab lacks {len(missing)} of the 256 byte symbols, e.g. {missing[0]!r}")
+
+        self._id_to_token: list[str] = [""] * (len(self._vocab) + len(special_tokens))
+        for token, idx in self._vocab.items():
+            self._id_to_token[idx] = token
+        for token, idx in special_tokens.items():
+            self._id_to_token[idx] = token
+
+        # (left id, right id) -> (rank, merged id): everything encoding needs about the merges.
+        self._merges: dict[tuple[int, int], tuple[int, int]] = {}
+        for rank, pair in enumerate(merges):
+            left, right = pair
+            merged = left + right
+            for part in (left, right, merged):
+                if part not in self._vocab:
+                    raise LmarchError(f"merge {rank} ({left} {right}) uses {part!r}, not in vocab")
+            key = (self._vocab[left], self._vocab[right])
+            if key in self._merges:
+                raise LmarchError(f"merge {rank} ({left} {right}) appears twice")
+            self._merges[key] = (rank, self._vocab[merged])
+        self._merge_list = [(str(a), str(b)) for a, b in merges]
+
+        self._byte_ids = [self._vocab[_BYTE_TO_CHAR[b]] for b in range(256)]
+        # Decoding joins raw bytes per id; special tokens decode to their own text.
+        self._id_bytes: list[bytes] = [
+            bytes(_CHAR_TO_BYTE[c] for c in token) if token in self._vocab else token.encode()
+            for token in self._id_to_token
+        ]
+        for token in self._vocab:
+            if any(c not in _CHAR_TO_BYTE for c in token):
+                raise LmarchError(f"vocab token {token!r} is not written in the byte-level alphabet")
+        self._special_split = _special_splitter(special_tokens)
+        self._cache: dict[str, list[int]] = {}
+
+    # ------------------------------------------------------------------ training
+
+    @classmethod
+    def train(
+        cls,
+        text: str | Iterable[str],
+        vocab_size: int | None = None,
+        num_merges: int | None = None,
+        special_tokens: Sequence[str] = ("<|endoftext|>",),
+        show_progress: bool = False,
+    ) -> ByteLevelBPETokenizer:
+        """Learn merges from ``text`` (one string, or an iterable of documents).
+
+        Give either ``vocab_size`` (256 byte symbols + merges + special tokens) or ``num_merges``.
+        Training stops early if every word has become a single token. Special tokens found in
+        the text are cut out before counting, so no merge ever spans one; they take the ids after
+        the merges, in the order given.
+        """
+        special_tokens = list(special_tokens)
+        if len(set(special_tokens)) != len(special_tokens) or "" in special_tokens:
+            raise LmarchError(f"special tokens must be distinct and non-empty: {special_tokens}")
+        if (vocab_size is None) == (num_merges is None):
+            raise LmarchError("give exactly one of vocab_size and num_merges")
+        if num_merges is None:
+            assert vocab_size is not None
+            num_merges = vocab_size - 256 - len(special_tokens)
+            if num_merges < 0:
+                raise LmarchError(
+                    f"vocab_size {vocab_size} is below the 256 byte symbols plus "
+                    f"{len(special_tokens)} special tokens"
+                )
+        if num_merges < 0:
+            raise LmarchError(f"num_merges must be >= 0, got {num_merges}")
+
+        documents = [text] if isinstance(text, str) else text
+        piece_counts = _count_pieces(documents, _special_splitter(special_tokens))
+        merges = _learn_merges(piece_counts, num_merges, show_progress)
+
+        vocab = {_BYTE_TO_CHAR[b]: b for b in range(256)}
+        for left, right in merges:
+            vocab[left + right] = len(vocab)
+        specials = {tok: len(vocab) + i for i, tok in enumerate(special_tokens)}
+        return cls(vocab, merges, specials)
+
+    # ------------------------------------------------------------------ encoding
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids for ``text``; special tokens (exact matches) become their single id."""
+        if self._special_split is None:
+            return self._encode_ordinary(text)
+        ids: list[int] = []
+        for i, chunk in enumerate(self._special_split.split(text)):
+            if i % 2:  # split() puts captured separators (special tokens) at odd positions
+                ids.append(self._special[chunk])
+            elif chunk:
+                ids.extend(self._encode_ordinary(chunk))
+        return ids
+
+    def _encode_ordinary(self, text: str) -> list[int]:
+        ids: list[int] = []
+        cache = self._cache
+        for piece in _SPLIT.findall(text):
+            piece_ids = cache.get(piece)
+            if piece_ids is None:
+                piece_ids = self._encode_piece(piece)
+                if len(cache) >= _CACHE_LIMIT:
+                    cache.clear()
+                cache[piece] = piece_ids
+            ids.extend(piece_ids)
+        return ids
+
+    def _encode_piece(self, piece: str) -> list[int]:
+        """BPE on one pre-token: keep applying the lowest-ranked merge present."""
+        try:
+            raw = piece.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise LmarchError(f"text is not valid Unicode (lone surrogate?): {exc}") from exc
+        byte_ids = self._byte_ids
+        word = [byte_ids[b] for b in raw]
+        merges = self._merges
+        no_merge = (len(merges), -1)
+        while len(word) > 1:
+            best = min(zip(word, word[1:]), key=lambda pair: merges.get(pair, no_merge)[0])
+            if best not in merges:
+                break
+            word = _merge_pair(word, best[0], best[1], merges[best][1])
+        return word
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text for ``ids``: the exact inverse of :meth:`encode` on any valid Unicode string.
+
+        Byte sequences that are not valid UTF-8 (a multi-byte character cut in two) come out as
+        U+FFFD replacement characters.
+        """
+        if hasattr(ids, "tolist"):  # tensors and arrays
+            ids = ids.tolist()
+        table = self._id_bytes
+        try:
+            if ids and min(ids) < 0:
+                raise IndexError
+            data = b"".join([table[i] for i in ids])
+        except (IndexError, TypeError) as exc:
+            bad = next(i for i in ids if not (type(i) is int and 0 <= i < len(table)))
+            raise LmarchError(f"token id {bad!r} is not in 0..{len(table) - 1}") from exc
+        return data.decode("utf-8", errors="replace")
+
+    # ------------------------------------------------------------------ lookups
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of ids: byte symbols, merged tokens and special tokens."""
+        return len(self._id_to_token)
+
+    @property
+    def special_tokens(self) -> dict[str, int]:
+        """Special token text -> id."""
+        return dict(self._special)
+
+    @property
+    def merges(self) -> list[tuple[str, str]]:
+        """The merges in the order they were learned (and are applied)."""
+        return list(self._merge_list)
+
+    @property
+    def vocab(self) -> dict[str, int]:
+        """Byte-level token string -> id (special tokens not included)."""
+        return dict(self._vocab)
+
+    def token_to_id(self, token: str) -> int | None:
+        """Id of a byte-level token string or a special token; None if there is no such token."""
+        idx = self._vocab.get(token)
+        return self._special.get(token) if idx is None else idx
+
+    def id_to_token(self, idx: int) -> str | None:
+        """Token string for ``idx`` (byte-level form, or a special token's text); None if out of range."""
+        return self._id_to_token[idx] if 0 <= idx < len(self._id_to_token) else None
+
+    # ------------------------------------------------------------------ files
+
+    def save(self, path: str | Path) -> None:
+        """Write the tokenizer as one JSON file (``{"type": "byte_bpe", ...}``)."""
+        path = Path(path)
+        data = {
+            "type": "byte_bpe",
+            "vocab": self._vocab,
+            "merges": [f"{a} {b}" for a, b in self._merge_list],
+            "special_tokens": self._special,
+        }
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(data, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> ByteLevelBPETokenizer:
+        """Read a file written by :meth:`save`; a malformed file raises :class:`LmarchError`."""
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise LmarchError(f"cannot read tokenizer file {path}: {exc}") from exc
+        try:
+            vocab, merges, special = _parse_file(data)
+            return cls(vocab, merges, special)
+        except LmarchError as exc:
+            raise LmarchError(f"bad byte-level BPE file {path}: {exc}") from exc
+
+    def to_hf_tokenizer(self) -> Any:
+        """The same tokenizer as a ``tokenizers.Tokenizer`` (for parity checks and fast encoding)."""
+        from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+        vocab = dict(self._vocab)
+        vocab.update(self._special)
+        hf = Tokenizer(models.BPE(vocab=vocab, merges=list(self._merge_list)))
+        hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        hf.decoder = decoders.ByteLevel()
+        hf.add_special_tokens([AddedToken(tok, special=True) for tok in self._special])
+        return hf
+
+
+# ---------------------------------------------------------------------- training internals
+
+
+def _count_pieces(documents: Iterable[str], special_split: re.Pattern[str] | None) -> Counter[str]:
+    """Pre-token -> number of occurrences over all documents (special tokens skipped)."""
+    counts: Counter[str] = Counter()
+    for doc in documents:
+        chunks = [doc] if special_split is None else special_split.split(doc)[::2]
+        for chunk in chunks:
+            counts.update(_SPLIT.findall(chunk))
+    return counts
+
+
+def _learn_merges(
+    piece_counts: Mapping[str, int], num_merges: int, show_progress: bool
+) -> list[tuple[str, str]]:
+    """The incremental BPE training loop; returns merges as pairs of token strings."""
+    tokens = [_BYTE_TO_CHAR[b] for b in range(256)]  # id -> token string, grows with each merge
+    words: list[list[int]] = []
+    freqs: list[int] = []
+    for piece, freq in piece_counts.items():
+        word = list(piece.encode("utf-8"))
+        if len(word) > 1:  # a single byte has no pairs to contribute
+            words.append(word)
+            freqs.append(freq)
+
+    pair_counts: dict[tuple[int, int], int] = {}
+    words_with: dict[tuple[int, int], set[int]] = {}
+    for wi, (word, freq) in enumerate(zip(words, freqs)):
+        for pair in zip(word, word[1:]):
+            pair_counts[pair] = pair_counts.get(pair, 0) + freq
+            words_with.setdefault(pair, set()).add(wi)
+
+    # Max-heap via negated counts; the token strings break ties (smallest first).
+    heap = [(-count, tokens[a], tokens[b], a, b) for (a, b), count in pair_counts.items()]
+    heapq.heapify(heap)
+
+    merges: list[tuple[str, str]] = []
+    progress = None
+    if show_progress:
+        from rich.progress import Progress
+
+        progress = Progress()
+        progress.start()
+        task = progress.add_task("BPE merges", total=num_merges)
+    try:
+        while len(merges) < num_merges and heap:
+            neg_count, left_str, right_str, a, b = heapq.heappop(heap)
+            actual = pair_counts.get((a, b), 0)
+            if actual != -neg_count:
+                # Stale entry. Counts only rise with a fresh push, so a higher stale count just
+                # needs re-queuing at its true value; a lower one has a newer entry already.
+                if 0 < actual < -neg_count:
+                    heapq.heappush(heap, (-actual, left_str, right_str, a, b))
+                continue
+
+            new = len(tokens)
+            tokens.append(left_str + right_str)
+            merges.append((left_str, right_str))
+            touched: set[tuple[int, int]] = set()
+            for wi in words_with.pop((a, b)):
+                word = words[wi]
+                merged = _merge_pair(word, a, b, new)
+                if len(merged) == len(word):
+                    continue  # the pair left this word through an earlier merge
+                freq = freqs[wi]
+                for pair in zip(word, word[1:]):
+                    pair_counts[pair] -= freq
+                for pair in zip(merged, merged[1:]):
+                    pair_counts[pair] = pair_counts.get(pair, 0) + freq
+                    if new in pair:  # only pairs with the new symbol can be new to this word
+                        words_with.setdefault(pair, set()).add(wi)
+                        touched.add(pair)
+                words[wi] = merged
+            del pair_counts[(a, b)]
+            for pair in touched:
+                heapq.heappush(heap, (-pair_counts[pair], tokens[pair[0]], tokens[pair[1]], *pair))
+            if progress is not None:
+                progress.advance(task)
+    finally:
+        if progress is not None:
+            progress.stop()
+    return merges
+
+
+# ---------------------------------------------------------------------- file checks
+
+
+def _check_ids(vocab: Mapping[str, int], special: Mapping[str, int]) -> None:
+    ids = list(vocab.values()) + list(special.values())
+    if any(type(i) is not int for i in ids):
+        raise LmarchError("token ids must be integers")
+    overlap = set(vocab) & set(special)
+    if overlap:
+        raise LmarchError(f"special tokens also in vocab: {sorted(overlap)[:5]}")
+    if sorted(ids) != list(range(len(ids))):
+        raise LmarchError(f"token ids must be 0..{len(ids) - 1}, each used once")
+
+
+def _parse_file(data: Any) -> tuple[dict[str, int], list[tuple[str, str]], dict[str, int]]:
+    if not isinstance(data, dict) or data.get("type") != "byte_bpe":
+        raise LmarchError('not a byte-level BPE tokenizer (expected "type": "byte_bpe")')
+    vocab = data.get("vocab")
+    merges = data.get("merges")
+    special = data.get("special_tokens", {})
+    for name, value in (("vocab", vocab), ("special_tokens", special)):
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise LmarchError(f'"{name}" must be an object of token -> id')
+    if not isinstance(merges, list) or not all(isinstance(m, str) for m in merges):
+        raise LmarchError('"merges" must be a list of "left right" strings')
+    pairs: list[tuple[str, str]] = []
+    for i, line in enumerate(merges):
+        parts = line.split(" ")
+        if len(parts) != 2 or not all(parts):
+            raise LmarchError(f"merge {i} {line!r} is not two tokens separated by one space")
+        pairs.append((parts[0], parts[1]))
+    return vocab, pairs, special

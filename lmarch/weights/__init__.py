@@ -1,0 +1,1 @@
+"""Weights on disk: safetensors, Hugging Face layouts (one name map per family), checkpoints."""
