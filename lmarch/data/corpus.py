@@ -15,8 +15,13 @@ Only what is spoken is kept. Headings (title, acts, scenes and their settings) a
 directions (entrances, exits, ``[Aside]``-style actions, the Henry VIII procession list) are
 dropped, as tinyshakespeare has none either; when a speech is interrupted by a dropped direction,
 the rest of it stays under the same speaker. Markdown escapes (``\\--``, ``\\[``) and HTML
-entities (``&amp;``) are decoded, hard-break spaces at line ends removed. A prologue or epilogue
-that the source gives without a speaker is attributed to ``PROLOGUE`` / ``EPILOGUE``.
+entities (``&amp;``) are decoded, hard-break spaces at line ends removed.
+
+A few repairs follow the source's quirks: a prologue or epilogue given without a speaker is
+attributed to ``PROLOGUE`` / ``EPILOGUE``; speakerless lines after an entrance of a single named
+character are that character's (Timon's soliloquies); names split over two paragraphs
+("BISHOP" / "**OF WINCHESTER**", "Ghost" / "**of BUCKINGHAM**") are joined. Speakerless lines
+that remain (wrapped scene settings, two songs with no named singer) are dropped.
 """
 
 from __future__ import annotations

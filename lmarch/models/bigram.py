@@ -39,6 +39,8 @@ class BigramLM(nn.Module):
         """Nothing to cache: the prediction depends on the last token only."""
         return None
 
-    def forward(self, input_ids: Tensor, *, cache=None, start: int = 0, attention_mask=None) -> Tensor:
+    def forward(
+        self, input_ids: Tensor, *, cache=None, start: int = 0, attention_mask=None
+    ) -> Tensor:
         """Logits [B, T, V] for ids [B, T]."""
         return self.table(input_ids)

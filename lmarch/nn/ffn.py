@@ -39,7 +39,12 @@ class MLP(nn.Module):
     """Two-layer feed-forward block: ``fc_out(dropout?(act(fc_in(x))))``."""
 
     def __init__(
-        self, dim: int, hidden: int, activation: str = "gelu", bias: bool = True, dropout: float = 0.0
+        self,
+        dim: int,
+        hidden: int,
+        activation: str = "gelu",
+        bias: bool = True,
+        dropout: float = 0.0,
     ) -> None:
         super().__init__()
         self.fc_in = nn.Linear(dim, hidden, bias=bias)

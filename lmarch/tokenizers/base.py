@@ -40,5 +40,7 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         raise LmarchError(f"cannot read tokenizer file {path}: {exc}") from exc
     classes = {"char": CharTokenizer, "byte_bpe": ByteLevelBPETokenizer}
     if kind not in classes:
-        raise LmarchError(f"{path}: unknown tokenizer type {kind!r}", hint=f"one of {sorted(classes)}")
+        raise LmarchError(
+            f"{path}: unknown tokenizer type {kind!r}", hint=f"one of {sorted(classes)}"
+        )
     return classes[kind].load(path)

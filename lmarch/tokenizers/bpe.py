@@ -50,6 +50,7 @@ import os
 import re
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +65,7 @@ GPT2_SPLIT_PATTERN = (
 
 _SPLIT = regex.compile(GPT2_SPLIT_PATTERN)
 _CACHE_LIMIT = 200_000
+_LONG_PIECE = 64  # bytes; longer pieces use the heap-based merge loop
 
 
 def bytes_to_unicode() -> dict[int, str]:
@@ -99,7 +101,7 @@ def _special_splitter(special_tokens: Iterable[str]) -> re.Pattern[str] | None:
 
 
 def _merge_pair(word: list[int], left: int, right: int, new: int) -> list[int]:
-    """Replace every non-overlapping ``left right`` in ``word`` (scanning left to right) by ``new``."""
+    """Replace each ``left right`` in ``word``, scanning left to right without overlap, by ``new``."""
     out: list[int] = []
     i, n = 0, len(word)
     while i < n:
@@ -136,7 +138,10 @@ class ByteLevelBPETokenizer:
         _check_ids(self._vocab, special_tokens)
         missing = [c for c in _BYTE_TO_CHAR.values() if c not in self._vocab]
         if missing:
-            raise LmarchError(f"vocab lacks {len(missing)} of the 256 byte symbols, e.g. {missing[0]!r}")
+            raise LmarchError(f"vocab lacks {len(missing)} of the 256 byte symbols: {missing[0]!r}")
+        for token in self._vocab:
+            if not token or any(c not in _CHAR_TO_BYTE for c in token):
+                raise LmarchError(f"vocab token {token!r} is not in the byte-level alphabet")
 
         self._id_to_token: list[str] = [""] * (len(self._vocab) + len(special_tokens))
         for token, idx in self._vocab.items():
@@ -164,9 +169,6 @@ class ByteLevelBPETokenizer:
             bytes(_CHAR_TO_BYTE[c] for c in token) if token in self._vocab else token.encode()
             for token in self._id_to_token
         ]
-        for token in self._vocab:
-            if any(c not in _CHAR_TO_BYTE for c in token):
-                raise LmarchError(f"vocab token {token!r} is not written in the byte-level alphabet")
         self._special_split = _special_splitter(special_tokens)
         self._cache: dict[str, list[int]] = {}
 
@@ -188,7 +190,9 @@ class ByteLevelBPETokenizer:
         the text are cut out before counting, so no merge ever spans one; they take the ids after
         the merges, in the order given.
         """
-        special_tokens = list(special_tokens)
+        special_tokens = (
+            [special_tokens] if isinstance(special_tokens, str) else list(special_tokens)
+        )
         if len(set(special_tokens)) != len(special_tokens) or "" in special_tokens:
             raise LmarchError(f"special tokens must be distinct and non-empty: {special_tokens}")
         if (vocab_size is None) == (num_merges is None):
@@ -249,14 +253,51 @@ class ByteLevelBPETokenizer:
             raise LmarchError(f"text is not valid Unicode (lone surrogate?): {exc}") from exc
         byte_ids = self._byte_ids
         word = [byte_ids[b] for b in raw]
+        if len(word) > _LONG_PIECE:
+            return self._encode_long_piece(word)
         merges = self._merges
         no_merge = (len(merges), -1)
         while len(word) > 1:
-            best = min(zip(word, word[1:]), key=lambda pair: merges.get(pair, no_merge)[0])
+            best = min(pairwise(word), key=lambda pair: merges.get(pair, no_merge)[0])
             if best not in merges:
                 break
             word = _merge_pair(word, best[0], best[1], merges[best][1])
         return word
+
+    def _encode_long_piece(self, word: list[int]) -> list[int]:
+        """The same BPE for long pieces in O(n log n), with a heap over positions.
+
+        Rescanning the whole piece for every merge is quadratic, which a single long run of
+        letters or symbols (a minified file, a base64 blob) would turn into a stall. Here the
+        symbols form a linked list and a heap holds ``(rank, position)`` of every mergeable
+        neighbour pair; equal ranks merge leftmost first, which for merges learned by BPE gives
+        the same tokens as merging every occurrence at once.
+        """
+        merges = self._merges
+        n = len(word)
+        nxt = list(range(1, n + 1))  # n marks the end
+        prv = list(range(-1, n - 1))  # -1 marks the start
+        alive = [True] * n
+        heap = [(merges[pair][0], i) for i, pair in enumerate(pairwise(word)) if pair in merges]
+        heapq.heapify(heap)
+        while heap:
+            rank, i = heapq.heappop(heap)
+            j = nxt[i] if alive[i] else n
+            if j == n or merges.get((word[i], word[j]), (-1,))[0] != rank:
+                continue  # stale: a neighbour changed since this entry was pushed
+            word[i] = merges[(word[i], word[j])][1]
+            alive[j] = False
+            nxt[i] = nxt[j]
+            if nxt[i] < n:
+                prv[nxt[i]] = i
+                right = merges.get((word[i], word[nxt[i]]))
+                if right is not None:
+                    heapq.heappush(heap, (right[0], i))
+            if prv[i] >= 0:
+                left = merges.get((word[prv[i]], word[i]))
+                if left is not None:
+                    heapq.heappush(heap, (left[0], prv[i]))
+        return [sym for sym, keep in zip(word, alive, strict=True) if keep]
 
     def decode(self, ids: Sequence[int]) -> str:
         """Text for ``ids``: the exact inverse of :meth:`encode` on any valid Unicode string.
@@ -304,7 +345,7 @@ class ByteLevelBPETokenizer:
         return self._special.get(token) if idx is None else idx
 
     def id_to_token(self, idx: int) -> str | None:
-        """Token string for ``idx`` (byte-level form, or a special token's text); None if out of range."""
+        """Token string for ``idx`` (byte-level form, or a special's text); None if out of range."""
         return self._id_to_token[idx] if 0 <= idx < len(self._id_to_token) else None
 
     # ------------------------------------------------------------------ files
@@ -337,7 +378,7 @@ class ByteLevelBPETokenizer:
             raise LmarchError(f"bad byte-level BPE file {path}: {exc}") from exc
 
     def to_hf_tokenizer(self) -> Any:
-        """The same tokenizer as a ``tokenizers.Tokenizer`` (for parity checks and fast encoding)."""
+        """The same tokenizer as a ``tokenizers.Tokenizer`` (for parity checks, fast encoding)."""
         from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
         vocab = dict(self._vocab)
@@ -377,8 +418,8 @@ def _learn_merges(
 
     pair_counts: dict[tuple[int, int], int] = {}
     words_with: dict[tuple[int, int], set[int]] = {}
-    for wi, (word, freq) in enumerate(zip(words, freqs)):
-        for pair in zip(word, word[1:]):
+    for wi, (word, freq) in enumerate(zip(words, freqs, strict=True)):
+        for pair in pairwise(word):
             pair_counts[pair] = pair_counts.get(pair, 0) + freq
             words_with.setdefault(pair, set()).add(wi)
 
@@ -415,9 +456,9 @@ def _learn_merges(
                 if len(merged) == len(word):
                     continue  # the pair left this word through an earlier merge
                 freq = freqs[wi]
-                for pair in zip(word, word[1:]):
+                for pair in pairwise(word):
                     pair_counts[pair] -= freq
-                for pair in zip(merged, merged[1:]):
+                for pair in pairwise(merged):
                     pair_counts[pair] = pair_counts.get(pair, 0) + freq
                     if new in pair:  # only pairs with the new symbol can be new to this word
                         words_with.setdefault(pair, set()).add(wi)

@@ -16,7 +16,9 @@ def read_hf_config(folder: str | Path) -> dict[str, Any]:
     """The folder's config.json as a dict."""
     path = Path(folder) / "config.json"
     if not path.is_file():
-        raise LmarchError(f"no config.json in {folder}", hint="is this a Hugging Face model folder?")
+        raise LmarchError(
+            f"no config.json in {folder}", hint="is this a Hugging Face model folder?"
+        )
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:

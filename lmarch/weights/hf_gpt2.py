@@ -41,7 +41,12 @@ GPT2_MAP = WeightMap(
     ignore=[r"^lm_head\.weight$", r"\.attn\.(masked_)?bias$"],
 )
 
-_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "relu": "relu"}
+_ACTIVATIONS = {
+    "gelu_new": "gelu_tanh",
+    "gelu_pytorch_tanh": "gelu_tanh",
+    "gelu": "gelu",
+    "relu": "relu",
+}
 
 
 def gpt_config_from_hf(hf: dict[str, Any]) -> GPTConfig:

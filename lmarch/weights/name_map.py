@@ -61,7 +61,9 @@ class WeightMap:
             out[dst] = t.t().contiguous() if r.transpose else t
             used.add(src)
         if to_ours:
-            extra = [k for k in source if k not in used and not any(p.search(k) for p in self.ignore)]
+            extra = [
+                k for k in source if k not in used and not any(p.search(k) for p in self.ignore)
+            ]
             if extra:
                 raise LmarchError(f"{where}: unexpected tensors {extra[:5]}")
         return out

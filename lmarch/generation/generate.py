@@ -1,0 +1,138 @@
+"""Autoregressive decoding: x_{t+1} ~ p(. | x_<=t), one token at a time.
+
+With a KV cache the prompt is run once (prefill) and every later step feeds only the newest
+token; without one (or past the model's position limit) each step re-runs the last
+``max_positions`` tokens, as nanoGPT's ``generate`` does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from lmarch.generation.sampling import SamplingConfig, StopStringMatcher, select_next_token
+from lmarch.tokenizers.base import Tokenizer
+
+GREEDY = SamplingConfig(temperature=0.0)
+
+
+@torch.no_grad()
+def iter_tokens(
+    model: nn.Module,
+    input_ids: Tensor,
+    max_new_tokens: int,
+    sampling: SamplingConfig = GREEDY,
+    *,
+    generator: torch.Generator | None = None,
+    use_cache: bool = True,
+) -> Iterator[Tensor]:
+    """Yield the next token ids [B] for ``max_new_tokens`` steps, continuing ``input_ids`` [B, T].
+
+    The model must provide ``forward(ids, cache=, start=)``, ``make_cache`` and
+    ``max_positions`` (every causal family in lmarch does).
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        limit = model.max_positions
+        ids = input_ids
+        cache = model.make_cache(ids.shape[0], limit) if use_cache else None
+        if cache is not None and ids.shape[1] > limit:
+            cache = None  # the prompt alone overflows the window: fall back to cropping
+        logits = model(ids[:, -limit:], cache=cache, start=0)[:, -1]
+        for step in range(max_new_tokens):
+            next_ids = select_next_token(logits, sampling, ids, generator)
+            ids = torch.cat([ids, next_ids[:, None]], dim=1)
+            yield next_ids
+            if step == max_new_tokens - 1:
+                break
+            if cache is not None and ids.shape[1] <= limit:
+                logits = model(ids[:, -1:], cache=cache, start=ids.shape[1] - 1)[:, -1]
+            else:
+                cache = None
+                logits = model(ids[:, -limit:], start=0)[:, -1]
+    finally:
+        model.train(was_training)
+
+
+def generate(
+    model: nn.Module,
+    input_ids: Tensor,
+    max_new_tokens: int,
+    sampling: SamplingConfig = GREEDY,
+    *,
+    generator: torch.Generator | None = None,
+    eos_token_id: int | None = None,
+    use_cache: bool = True,
+) -> Tensor:
+    """``input_ids`` [B, T] followed by up to ``max_new_tokens`` generated ids.
+
+    Rows that produce ``eos_token_id`` are padded with it afterwards; generation stops early
+    once every row has.
+    """
+    out = [input_ids]
+    done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+    for next_ids in iter_tokens(
+        model, input_ids, max_new_tokens, sampling, generator=generator, use_cache=use_cache
+    ):
+        if eos_token_id is not None:
+            next_ids = torch.where(done, torch.full_like(next_ids, eos_token_id), next_ids)
+            done |= next_ids == eos_token_id
+        out.append(next_ids[:, None])
+        if eos_token_id is not None and bool(done.all()):
+            break
+    return torch.cat(out, dim=1)
+
+
+def stream_text(
+    model: nn.Module,
+    tokenizer: Tokenizer,
+    prompt: str,
+    max_new_tokens: int,
+    sampling: SamplingConfig = GREEDY,
+    *,
+    stop: Sequence[str] = (),
+    seed: int | None = None,
+    eos_token_id: int | None = None,
+    device: torch.device | str = "cpu",
+) -> Iterator[str]:
+    """Yield the continuation of ``prompt`` as text pieces, as soon as they are safe to show.
+
+    Text is held back while it could still be the start of a stop string, or while the last
+    token ends inside a multi-byte character (its decoding ends in U+FFFD); generation ends at
+    the first stop string, which is not emitted.
+    """
+    generator = torch.Generator(device=device)
+    if seed is not None:
+        generator.manual_seed(seed)
+    else:
+        generator.seed()
+    prompt_ids = tokenizer.encode(prompt)
+    if not prompt_ids:
+        raise ValueError("the prompt encodes to no tokens; give at least one character")
+    ids = torch.tensor([prompt_ids], dtype=torch.long, device=device)
+    matcher = StopStringMatcher(list(stop))
+    new_ids: list[int] = []
+    shown = 0
+    text = ""
+    for next_ids in iter_tokens(model, ids, max_new_tokens, sampling, generator=generator):
+        token = int(next_ids[0])
+        if eos_token_id is not None and token == eos_token_id:
+            break
+        new_ids.append(token)
+        text = tokenizer.decode(new_ids)
+        cut = matcher.feed(text)
+        if cut is not None:
+            if cut > shown:
+                yield text[shown:cut]
+            return
+        if text.endswith("\ufffd"):
+            continue
+        safe = matcher.safe_prefix_len(text)
+        if safe > shown:
+            yield text[shown:safe]
+            shown = safe
+    if len(text) > shown:
+        yield text[shown:]

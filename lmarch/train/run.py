@@ -1,0 +1,188 @@
+"""A training run from names: preset + data + overrides -> tokenizer, model, Trainer, run folder.
+
+This is what ``lmarch train`` does; the CLI only parses arguments and calls :func:`train_run`.
+Overrides use nanoGPT's names and go to whichever config owns the key (model or training).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lmarch.data.batches import RandomBlockSampler
+from lmarch.data.corpus import load_documents, train_val_split
+from lmarch.errors import LmarchError
+from lmarch.models.registry import (
+    FAMILIES,
+    build_model,
+    config_from_dict,
+    config_to_dict,
+    count_parameters,
+    get_preset,
+    make_config,
+)
+from lmarch.tokenizers.base import Tokenizer, load_tokenizer
+from lmarch.tokenizers.bpe import ByteLevelBPETokenizer
+from lmarch.tokenizers.char import CharTokenizer
+from lmarch.train.callbacks import LossPlot, ProgressBar
+from lmarch.train.config import TrainConfig, coerce_value, field_names
+from lmarch.train.trainer import Callback, Trainer, TrainResult
+from lmarch.weights.checkpoint import read_json, write_json
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+
+def parse_set_options(items: Sequence[str]) -> dict[str, str]:
+    """``["n_layer=4", "dropout=0.1"]`` -> ``{"n_layer": "4", "dropout": "0.1"}``."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise LmarchError(f"--set expects key=value, got {item!r}", hint="e.g. --set n_layer=4")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """Overrides from a TOML file: top-level keys, or keys inside ``[model]`` / ``[train]``."""
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise LmarchError(f"config file not found: {path}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise LmarchError(f"{path} is not valid TOML: {exc}") from exc
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict) and key in ("model", "train"):
+            flat.update(value)
+        else:
+            flat[key] = value
+    return flat
+
+
+def split_overrides(
+    family: str, overrides: dict[str, Any]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Route each key to the model config or the training config, parsing strings by field type."""
+    model_cls = FAMILIES[family].config_cls
+    model_keys, train_keys = field_names(model_cls), field_names(TrainConfig)
+    model_over, train_over = {}, {}
+    for key, value in overrides.items():
+        if key in model_keys:
+            cls, target = model_cls, model_over
+        elif key in train_keys:
+            cls, target = TrainConfig, train_over
+        else:
+            valid = ", ".join(sorted(model_keys | train_keys))
+            raise LmarchError(f"unknown setting {key!r}", hint=f"valid keys: {valid}")
+        target[key] = coerce_value(cls, key, value) if isinstance(value, str) else value
+    return model_over, train_over
+
+
+def build_tokenizer(kind: str, train_text: str, val_text: str, vocab_size: int) -> Tokenizer:
+    """A char tokenizer over all the text's characters, or a byte-level BPE trained on the
+    training split up to ``vocab_size``."""
+    if kind == "char":
+        return CharTokenizer.from_text(train_text + val_text)
+    if kind == "bpe":
+        return ByteLevelBPETokenizer.train(train_text, vocab_size=vocab_size, show_progress=True)
+    raise LmarchError(f"unknown tokenizer kind {kind!r}")
+
+
+def encode(tokenizer: Tokenizer, text: str) -> Tensor:
+    """Token ids of ``text`` as a 1-D int64 tensor."""
+    return torch.tensor(tokenizer.encode(text), dtype=torch.long)
+
+
+def train_run(
+    preset: str | None,
+    data: str,
+    out: str | Path,
+    overrides: dict[str, Any] | None = None,
+    resume: bool = False,
+    callbacks: Sequence[Callback] | None = None,
+    log=print,
+) -> TrainResult:
+    """Train ``preset`` on ``data`` into run folder ``out`` (or continue it with ``resume``).
+
+    On resume the run's saved configs are used, with ``overrides`` applied on top (typically a
+    larger ``max_iters``). ``callbacks`` default to a progress bar and the loss plot.
+    """
+    out = Path(out)
+    overrides = dict(overrides or {})
+    if resume:
+        if not (out / "config.json").is_file():
+            raise LmarchError(f"nothing to resume in {out}", hint="drop --resume to start a run")
+        saved = read_json(out / "config.json")
+        family = saved["model"]["family"]
+        model_over, train_over = split_overrides(family, overrides)
+        if model_over:
+            raise LmarchError(f"cannot change model settings on resume: {sorted(model_over)}")
+        train_cfg = TrainConfig(**{**saved["train"], **train_over})
+        model_cfg = config_from_dict(saved["model"])
+        tokenizer = load_tokenizer(out / "tokenizer.json")
+        data = saved.get("data", data)
+        preset = saved.get("preset")
+        docs = load_documents(data)
+        train_text, val_text = train_val_split(docs, train_cfg.val_fraction)
+    else:
+        if preset is None:
+            raise LmarchError("no preset given", hint="e.g. --preset gpt-char-tiny")
+        p = get_preset(preset)
+        model_over, train_over = split_overrides(p.family, overrides)
+        train_cfg = TrainConfig(**{**p.train, **train_over})
+        docs = load_documents(data)
+        train_text, val_text = train_val_split(docs, train_cfg.val_fraction)
+        vocab_size = model_over.get("vocab_size", p.config.get("vocab_size", 50257))
+        tokenizer = build_tokenizer(p.tokenizer, train_text, val_text, vocab_size)
+        model_cfg = make_config(
+            p.family, {**p.config, **model_over, "vocab_size": tokenizer.vocab_size}
+        )
+    block_size = model_cfg.block_size
+    train_ids, val_ids = encode(tokenizer, train_text), encode(tokenizer, val_text)
+    if len(val_ids) <= block_size + 1:
+        raise LmarchError(
+            f"the validation split has only {len(val_ids)} tokens, too few for block_size "
+            f"{block_size}",
+            hint="give more text or --set block_size=SMALLER",
+        )
+    torch.manual_seed(train_cfg.seed)
+    model = build_model(model_cfg)
+    if not resume:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.jsonl").unlink(missing_ok=True)
+        tokenizer.save(out / "tokenizer.json")
+    write_json(
+        out / "config.json",
+        {
+            "preset": preset,
+            "data": data,
+            "model": config_to_dict(model_cfg),
+            "train": dataclasses.asdict(train_cfg),
+        },
+    )
+    log(
+        f"{preset}: {count_parameters(model_cfg) / 1e6:.2f}M parameters, vocab "
+        f"{tokenizer.vocab_size}, {len(train_ids):,} train / {len(val_ids):,} val tokens"
+    )
+    train_batches = RandomBlockSampler(train_ids, block_size, train_cfg.batch_size, train_cfg.seed)
+    val_batches = RandomBlockSampler(val_ids, block_size, train_cfg.batch_size, train_cfg.seed + 1)
+    trainer = Trainer(
+        model,
+        train_batches,
+        val_batches,
+        train_cfg,
+        out_dir=out,
+        callbacks=[ProgressBar(), LossPlot()] if callbacks is None else callbacks,
+    )
+    return trainer.fit(resume=resume)

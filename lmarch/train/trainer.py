@@ -1,0 +1,291 @@
+"""The training loop: mini-batch AdamW on a loss, with everything a real run needs around it.
+
+Per iteration: for each of ``gradient_accumulation_steps`` micro-batches, loss / steps is
+back-propagated (under bf16 autocast if asked); gradients are clipped to global norm
+``grad_clip`` (Pascanu et al. 2013); the learning rate is set from the schedule; AdamW steps.
+Around that: periodic evaluation, JSONL metrics, callbacks (progress bar, plots), atomic
+checkpoints and bit-identical resume.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lmarch.data.batches import RandomBlockSampler
+from lmarch.errors import LmarchError
+from lmarch.train.config import TrainConfig
+from lmarch.train.optim import build_optimizer, learning_rate_at
+from lmarch.train.state import (
+    optimizer_from_tensors,
+    optimizer_to_tensors,
+    rng_from_tensors,
+    rng_to_tensors,
+)
+from lmarch.weights.checkpoint import find_checkpoint, read_json, write_checkpoint, write_json
+from lmarch.weights.safetensors_io import (
+    load_into_model,
+    load_tensors,
+    save_tensors,
+    unique_state_dict,
+)
+
+LossFn = Callable[[nn.Module, tuple[Tensor, ...]], Tensor]
+
+
+def causal_lm_loss(model: nn.Module, batch: tuple[Tensor, ...]) -> Tensor:
+    """Mean next-token cross-entropy: -1/N sum_t log p(x_{t+1} | x_<=t)."""
+    inputs, targets = batch
+    logits = model(inputs)
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+
+
+class NonFiniteLossError(LmarchError):
+    """The loss became nan or inf."""
+
+
+class Callback:
+    """Hooks the Trainer calls; override the ones you need. ``metrics`` are plain dicts."""
+
+    def on_train_start(self, trainer: Trainer) -> None: ...
+
+    def on_log(self, trainer: Trainer, metrics: dict) -> None: ...
+
+    def on_eval(self, trainer: Trainer, metrics: dict) -> None: ...
+
+    def on_train_end(self, trainer: Trainer, result: TrainResult) -> None: ...
+
+
+@dataclass
+class TrainResult:
+    """What a finished run reports (``--json`` prints it)."""
+
+    iters: int
+    train_loss: float
+    val_loss: float
+    tokens_per_s: float
+
+    def as_dict(self) -> dict[str, float]:
+        return {
+            "iters": self.iters,
+            "train_loss": self.train_loss,
+            "val_loss": self.val_loss,
+            "val_perplexity": math.exp(min(self.val_loss, 50.0)),
+            "tokens_per_s": self.tokens_per_s,
+        }
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when present, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+class Trainer:
+    """Trains ``model`` on batches from ``train_batches``; evaluates on ``val_batches``.
+
+    ``out_dir`` (optional) receives checkpoints and ``metrics.jsonl``. The loss function maps
+    (model, batch) to a scalar, so other objectives (masked LM, classification) reuse the loop.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        train_batches: RandomBlockSampler,
+        val_batches: RandomBlockSampler,
+        config: TrainConfig,
+        out_dir: str | Path | None = None,
+        loss_fn: LossFn = causal_lm_loss,
+        callbacks: Sequence[Callback] = (),
+    ) -> None:
+        self.config = config
+        self.device = resolve_device(config.device)
+        self.model = model.to(self.device)
+        self.train_batches = train_batches
+        self.val_batches = val_batches
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.loss_fn = loss_fn
+        self.callbacks = list(callbacks)
+        self.optimizer = build_optimizer(self.model, config)
+        self.step = 0
+        self.tokens_per_s = 0.0
+        self.last_train_loss = float("nan")
+        self.last_val_loss = float("nan")
+        self._forward_model = torch.compile(self.model) if config.compile else self.model
+
+    # ---- pieces of one iteration ----------------------------------------------------------
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.config.dtype == "bfloat16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _to_device(self, batch: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+        return tuple(t.to(self.device, non_blocking=True) for t in batch)
+
+    def train_step(self) -> Tensor:
+        """One optimizer step over ``gradient_accumulation_steps`` micro-batches; returns the
+        mean loss as a tensor (not synchronised to the host)."""
+        cfg = self.config
+        self.model.train()
+        for group in self.optimizer.param_groups:
+            group["lr"] = learning_rate_at(self.step, cfg)
+        total = torch.zeros((), device=self.device)
+        for _ in range(cfg.gradient_accumulation_steps):
+            batch = self._to_device(self.train_batches.sample())
+            with self._autocast():
+                loss = self.loss_fn(self._forward_model, batch) / cfg.gradient_accumulation_steps
+            loss.backward()
+            total += loss.detach()
+        if cfg.skip_nonfinite and not torch.isfinite(total):
+            self.optimizer.zero_grad(set_to_none=True)
+            self.step += 1
+            return total
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return total
+
+    @torch.no_grad()
+    def evaluate(self, iters: int | None = None) -> dict[str, float]:
+        """Mean loss over ``eval_iters`` batches of each split. The batches come from a generator
+        seeded afresh each time, so every evaluation sees the same batches and the training
+        order is not disturbed."""
+        iters = iters or self.config.eval_iters
+        self.model.eval()
+        out = {}
+        for split, sampler in (("train", self.train_batches), ("val", self.val_batches)):
+            gen = torch.Generator().manual_seed(self.config.seed + 1)
+            losses = torch.zeros(iters)
+            for i in range(iters):
+                batch = self._to_device(sampler.sample(generator=gen))
+                with self._autocast():
+                    losses[i] = self.loss_fn(self._forward_model, batch).float()
+            out[f"{split}_loss"] = losses.mean().item()
+        self.model.train()
+        return out
+
+    # ---- checkpoints ------------------------------------------------------------------------
+
+    def save_checkpoint(self) -> None:
+        """Write model, optimizer and RNG state for the current step (atomically)."""
+        if self.out_dir is None:
+            return
+        optim_tensors, optim_meta = optimizer_to_tensors(self.optimizer)
+        rng = rng_to_tensors({"train_batches": self.train_batches.generator})
+        meta = {"step": self.step, "optimizer": optim_meta}
+        write_checkpoint(
+            self.out_dir,
+            {
+                "model.safetensors": lambda p: save_tensors(unique_state_dict(self.model), p),
+                "trainer.safetensors": lambda p: save_tensors({**optim_tensors, **rng}, p),
+                "trainer.json": lambda p: write_json(p, meta),
+            },
+        )
+
+    def load_checkpoint(self) -> bool:
+        """Restore the latest checkpoint of ``out_dir``; False when there is none."""
+        ckpt = find_checkpoint(self.out_dir) if self.out_dir is not None else None
+        if ckpt is None:
+            return False
+        load_into_model(self.model, load_tensors(ckpt / "model.safetensors"), str(ckpt))
+        meta = read_json(ckpt / "trainer.json")
+        state = load_tensors(ckpt / "trainer.safetensors")
+        optimizer_from_tensors(self.optimizer, state, meta["optimizer"])
+        rng_from_tensors(state, {"train_batches": self.train_batches.generator})
+        self.step = int(meta["step"])
+        return True
+
+    # ---- the loop ---------------------------------------------------------------------------
+
+    def _log(self, row: dict) -> None:
+        if self.out_dir is not None:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            with open(self.out_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
+                f.write(json.dumps(row) + "\n")
+
+    def _check_finite(self, loss: float) -> None:
+        if not math.isfinite(loss) and not self.config.skip_nonfinite:
+            raise NonFiniteLossError(
+                f"loss became {loss} at iteration {self.step}; the last good checkpoint is kept",
+                hint="lower learning_rate, enable grad_clip, or --set skip_nonfinite=true",
+            )
+
+    def fit(self, resume: bool = False, until: int | None = None) -> TrainResult:
+        """Train to ``max_iters`` (or stop early at iteration ``until``), then evaluate and save.
+
+        With ``resume`` the latest checkpoint in ``out_dir`` is restored first, and training
+        continues with the same data order, schedule and random state.
+        """
+        cfg = self.config
+        if resume and not self.load_checkpoint():
+            raise LmarchError(f"nothing to resume in {self.out_dir}", hint="drop --resume")
+        stop = min(until or cfg.max_iters, cfg.max_iters)
+        ckpt_every = cfg.checkpoint_interval or cfg.eval_interval
+        tokens_per_iter = self.train_batches.batch_size * self.train_batches.block_size
+        tokens_per_iter *= cfg.gradient_accumulation_steps
+        for cb in self.callbacks:
+            cb.on_train_start(self)
+        window_start, window_steps = time.perf_counter(), 0
+        interrupted = False
+        try:
+            while self.step < stop:
+                loss = self.train_step()
+                window_steps += 1
+                at_end = self.step == stop
+                if self.step % cfg.log_interval == 0 or at_end:
+                    value = loss.item()
+                    self._check_finite(value)
+                    elapsed = time.perf_counter() - window_start
+                    self.tokens_per_s = window_steps * tokens_per_iter / max(elapsed, 1e-9)
+                    self.last_train_loss = value
+                    row = {
+                        "iter": self.step,
+                        "loss": value,
+                        "lr": self.optimizer.param_groups[0]["lr"],
+                        "tokens_per_s": self.tokens_per_s,
+                    }
+                    self._log(row)
+                    for cb in self.callbacks:
+                        cb.on_log(self, row)
+                    window_start, window_steps = time.perf_counter(), 0
+                if self.step % cfg.eval_interval == 0 and not at_end:
+                    self._run_eval()
+                if self.step % ckpt_every == 0 and not at_end:
+                    self.save_checkpoint()
+        except KeyboardInterrupt:
+            interrupted = True
+        if not interrupted:
+            self._run_eval()
+        self.save_checkpoint()
+        result = TrainResult(self.step, self.last_train_loss, self.last_val_loss, self.tokens_per_s)
+        for cb in self.callbacks:
+            cb.on_train_end(self, result)
+        if interrupted:
+            raise KeyboardInterrupt
+        return result
+
+    def _run_eval(self) -> None:
+        metrics = self.evaluate()
+        self._check_finite(metrics["val_loss"])
+        self.last_val_loss = metrics["val_loss"]
+        row = {
+            "iter": self.step,
+            **metrics,
+            "val_perplexity": math.exp(min(metrics["val_loss"], 50)),
+        }
+        self._log(row)
+        for cb in self.callbacks:
+            cb.on_eval(self, row)
