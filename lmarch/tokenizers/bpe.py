@@ -1,4 +1,4 @@
-"""Byte-level byte-pair encoding (BPE), trained and applied by hand.
+r"""Byte-level byte-pair encoding (BPE), trained and applied by hand.
 
 Byte-pair encoding was a compression scheme before Sennrich, Haddow and Birch (2016, "Neural
 Machine Translation of Rare Words with Subword Units") turned it into a way to build a subword
@@ -40,6 +40,10 @@ Encoding (:meth:`ByteLevelBPETokenizer.encode`) cuts out special tokens by exact
 rest with the same regular expression, and within each piece repeatedly applies the
 earliest-learned merge that is present until none applies. Results are cached per piece, since
 the same words recur constantly in real text.
+
+The regular expression needs the ``regex`` package (``\p{L}``, ``\p{N}``). Its Unicode tables can
+be newer than those of the ``tokenizers`` library, so letters assigned in the latest Unicode
+versions may be split differently by the two; everything older tokenizes identically.
 """
 
 from __future__ import annotations
@@ -214,7 +218,7 @@ class ByteLevelBPETokenizer:
 
         vocab = {_BYTE_TO_CHAR[b]: b for b in range(256)}
         for left, right in merges:
-            vocab[left + right] = len(vocab)
+            vocab.setdefault(left + right, len(vocab))
         specials = {tok: len(vocab) + i for i, tok in enumerate(special_tokens)}
         return cls(vocab, merges, specials)
 
@@ -408,6 +412,7 @@ def _learn_merges(
 ) -> list[tuple[str, str]]:
     """The incremental BPE training loop; returns merges as pairs of token strings."""
     tokens = [_BYTE_TO_CHAR[b] for b in range(256)]  # id -> token string, grows with each merge
+    token_ids = {tok: i for i, tok in enumerate(tokens)}
     words: list[list[int]] = []
     freqs: list[int] = []
     for piece, freq in piece_counts.items():
@@ -446,9 +451,10 @@ def _learn_merges(
                     heapq.heappush(heap, (-actual, left_str, right_str, a, b))
                 continue
 
-            new = len(tokens)
-            tokens.append(left_str + right_str)
             merges.append((left_str, right_str))
+            new = token_ids.setdefault(left_str + right_str, len(tokens))
+            if new == len(tokens):  # (two merges spelling one string share its id)
+                tokens.append(left_str + right_str)
             touched: set[tuple[int, int]] = set()
             for wi in words_with.pop((a, b)):
                 word = words[wi]

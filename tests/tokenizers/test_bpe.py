@@ -162,6 +162,14 @@ def test_incremental_training_equals_recounting(plays: list[str]) -> None:
     assert tok.merges == reference_merges(text, 150)
 
 
+def test_progress_bar_leaves_result_unchanged(capsys: pytest.CaptureFixture[str]) -> None:
+    text = "the cat sat on the mat with the hat " * 5
+    quiet = ByteLevelBPETokenizer.train(text, num_merges=12)
+    shown = ByteLevelBPETokenizer.train(text, num_merges=12, show_progress=True)
+    assert shown.merges == quiet.merges and len(quiet.merges) == 12
+    assert "BPE merges" in capsys.readouterr().out
+
+
 def test_vocab_size_counts_bytes_merges_and_specials() -> None:
     text = "the cat sat on the mat with the hat " * 5
     tok = ByteLevelBPETokenizer.train(text, vocab_size=256 + 6 + 2, special_tokens=(EOT, "<pad>"))

@@ -1,0 +1,5 @@
+import sys
+
+from lmarch.cli.main import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""The ``lmarch`` command line."""

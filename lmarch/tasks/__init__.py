@@ -1,0 +1,1 @@
+"""What people use models for: sampling text, evaluating runs, the demo."""
