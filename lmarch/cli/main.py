@@ -25,9 +25,7 @@ class OneLineParser(argparse.ArgumentParser):
 
 def _add_sampling_options(p: argparse.ArgumentParser, temperature: float = 0.8) -> None:
     p.add_argument("--max-new-tokens", type=int, default=500, help="tokens to generate")
-    p.add_argument(
-        "--temperature", type=float, default=temperature, help="0 means greedy decoding"
-    )
+    p.add_argument("--temperature", type=float, default=temperature, help="0 means greedy decoding")
     p.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens")
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold")
     p.add_argument("--min-p", type=float, default=None, help="drop tokens below min_p * max prob")

@@ -14,7 +14,11 @@ from lmarch.nn.ffn import MLP, GatedMLP, get_activation, swiglu_hidden_dim
 from lmarch.nn.norm import LayerNorm, RMSNorm, build_norm
 from lmarch.nn.position import (
     LearnedPositionalEmbedding,
+    RotaryEmbedding,
     SinusoidalPositionalEmbedding,
+    apply_rotary,
+    rope_inverse_frequencies,
+    rotate_half,
     sinusoidal_table,
 )
 
@@ -26,14 +30,18 @@ __all__ = [
     "LearnedPositionalEmbedding",
     "MultiHeadAttention",
     "RMSNorm",
+    "RotaryEmbedding",
     "SinusoidalPositionalEmbedding",
     "TransformerBlock",
+    "apply_rotary",
     "build_norm",
     "causal_mask",
     "get_activation",
     "padding_mask",
     "reference_attention",
     "repeat_kv",
+    "rope_inverse_frequencies",
+    "rotate_half",
     "scaled_dot_product_attention",
     "sinusoidal_table",
     "swiglu_hidden_dim",

@@ -56,7 +56,11 @@ def reference_attention(
     scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
-    weights = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+    weights = torch.softmax(scores.float(), dim=-1)
+    if mask is not None:
+        # a query that may see no key (left padding) gets zeros, as the fused kernels give
+        weights = weights.masked_fill(~mask, 0.0)
+    weights = weights.to(q.dtype)
     if dropout_p > 0.0:
         weights = F.dropout(weights, p=dropout_p)
     return weights @ v
@@ -77,15 +81,18 @@ def scaled_dot_product_attention(
     explicit boolean mask. ``implementation`` is ``"sdpa"`` (fused: flash / memory-efficient /
     math kernels chosen by PyTorch) or ``"reference"`` (:func:`reference_attention`).
     """
-    if implementation == "reference":
-        if is_causal:
-            causal = causal_mask(q.shape[-2], k.shape[-2], q.device)
-            mask = causal if mask is None else mask & causal
-        return reference_attention(q, k, v, mask, dropout_p)
-    if implementation != "sdpa":
+    if implementation not in ("sdpa", "reference"):
         raise ValueError(f"unknown attention implementation {implementation!r}")
+    n_q, n_k = q.shape[-2], k.shape[-2]
+    if is_causal and (implementation == "reference" or mask is not None or n_q != n_k):
+        # one bottom-right aligned triangle for both paths (SDPA's own is top-left aligned)
+        causal = causal_mask(n_q, n_k, q.device)
+        mask = causal if mask is None else mask & causal
+        is_causal = False
+    if implementation == "reference":
+        return reference_attention(q, k, v, mask, dropout_p)
     return F.scaled_dot_product_attention(
-        q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal and mask is None
+        q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal
     )
 
 

@@ -1,11 +1,15 @@
-"""Absolute position encodings.
+"""Position encodings.
 
 Learned (GPT-2, BERT): a trainable table P in R^{T_max x d}, added to token embeddings.
 Sinusoidal (Vaswani et al. 2017, sec. 3.5):
     PE(pos, 2i) = sin(pos / 10000^(2i/d)),   PE(pos, 2i+1) = cos(pos / 10000^(2i/d)).
+Rotary (RoFormer, Su et al. 2021): queries and keys are rotated by position-dependent angles so
+their dot product depends only on relative position; see :class:`RotaryEmbedding`.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor, nn
@@ -41,3 +45,91 @@ class SinusoidalPositionalEmbedding(nn.Module):
 
     def forward(self, positions: Tensor) -> Tensor:
         return self.table[positions]
+
+
+# ---- rotary position embeddings ---------------------------------------------------------------
+
+
+def rope_inverse_frequencies(
+    rotary_dim: int, theta: float = 10000.0, scaling: dict | None = None
+) -> Tensor:
+    """Inverse frequencies omega_i = theta^(-2i / d_rot), i = 0 .. d_rot/2 - 1 (Su et al. 2021),
+    optionally rescaled for longer contexts:
+
+    - ``{"type": "linear", "factor": s}`` — position interpolation (Chen et al. 2023): omega / s.
+    - ``{"type": "ntk", "factor": s}`` — NTK-aware: theta' = theta * s^(d/(d-2)) (bloc97, 2023).
+    - ``{"type": "llama3", "factor", "low_freq_factor", "high_freq_factor",
+      "original_max_position_embeddings"}`` — Llama 3.1: long wavelengths divided by ``factor``,
+      short ones kept, a smooth blend between.
+    """
+    kind = (scaling or {}).get("type", (scaling or {}).get("rope_type", "default"))
+    if kind == "ntk":
+        theta = theta * scaling["factor"] ** (rotary_dim / (rotary_dim - 2))
+    # float32 throughout, as the reference implementations compute it, so angles agree bit for bit
+    inv_freq = 1.0 / (theta ** (torch.arange(0, rotary_dim, 2).float() / rotary_dim))
+    if kind == "linear":
+        inv_freq = inv_freq / scaling["factor"]
+    elif kind == "llama3":
+        factor = scaling["factor"]
+        low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_len = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        blended = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+        inv_freq = torch.where(medium, blended, scaled)
+    elif kind not in ("default", "ntk"):
+        raise ValueError(f"unknown RoPE scaling type {kind!r}")
+    return inv_freq
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    """(x1, x2) -> (-x2, x1) on the two halves of the last dim: multiplying by i in the pairing
+    (x_j, x_{j + d/2}) that the Hugging Face LLaMA layout uses."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate each pair (x_j, x_{j+d/2}) of the first ``cos.shape[-1]`` dims by angle pos * omega_j:
+    x' = x cos + rotate_half(x) sin. Dims beyond the rotary width pass through (partial RoPE)."""
+    rot = cos.shape[-1]
+    if rot == x.shape[-1]:
+        return x * cos + rotate_half(x) * sin
+    x_rot, x_pass = x[..., :rot], x[..., rot:]
+    return torch.cat((x_rot * cos + rotate_half(x_rot) * sin, x_pass), dim=-1)
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary position embedding (RoFormer, Su et al. 2021) for queries and keys.
+
+    The angle table for every position up to ``max_positions`` is computed once; calling the
+    module with (q, k, start) rotates both by the angles of positions start .. start+T-1, so the
+    dot product q_m . k_n depends only on the offset m - n. It plugs into
+    :class:`~lmarch.nn.attention.MultiHeadAttention` as its ``qk_transform``.
+    """
+
+    def __init__(
+        self,
+        head_dim: int,
+        max_positions: int,
+        theta: float = 10000.0,
+        rotary_dim: int | None = None,
+        scaling: dict | None = None,
+    ) -> None:
+        super().__init__()
+        rotary_dim = rotary_dim or head_dim
+        if rotary_dim % 2 or rotary_dim > head_dim:
+            raise ValueError(f"rotary_dim {rotary_dim} must be even and <= head_dim {head_dim}")
+        inv_freq = rope_inverse_frequencies(rotary_dim, theta, scaling)
+        angles = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)
+        angles = torch.cat((angles, angles), dim=-1)  # same angle for x_j and x_{j+d/2}
+        self.register_buffer("cos", angles.cos(), persistent=False)
+        self.register_buffer("sin", angles.sin(), persistent=False)
+
+    def forward(self, q: Tensor, k: Tensor, start: int) -> tuple[Tensor, Tensor]:
+        t = q.shape[-2]
+        cos = self.cos[start : start + t].to(q.dtype)
+        sin = self.sin[start : start + t].to(q.dtype)
+        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)

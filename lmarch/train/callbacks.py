@@ -31,7 +31,9 @@ class ProgressBar(Callback):
             TextColumn("[bold]train"),
             BarColumn(),
             MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]}  val {task.fields[val]}  {task.fields[tps]} tok/s"),
+            TextColumn(
+                "loss {task.fields[loss]}  val {task.fields[val]}  {task.fields[tps]} tok/s"
+            ),
             TimeElapsedColumn(),
             TextColumn("eta"),
             TimeRemainingColumn(),

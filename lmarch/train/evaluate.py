@@ -28,7 +28,9 @@ def evaluate_tokens(
     for i in range(0, len(starts), batch_size):
         chunk = [tokens[s : s + block_size + 1] for s in starts[i : i + batch_size]]
         full = [c for c in chunk if len(c) == block_size + 1]
-        pieces = ([torch.stack(full)] if full else []) + [c[None] for c in chunk if len(c) < block_size + 1]
+        pieces = ([torch.stack(full)] if full else []) + [
+            c[None] for c in chunk if len(c) < block_size + 1
+        ]
         for windows in pieces:
             windows = windows.to(device).long()
             logits = model(windows[:, :-1])

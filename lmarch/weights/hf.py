@@ -21,7 +21,7 @@ def read_hf_config(folder: str | Path) -> dict[str, Any]:
         )
     try:
         return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
+    except (OSError, ValueError) as exc:
         raise LmarchError(f"{path} is not valid JSON: {exc}") from exc
 
 
@@ -37,7 +37,7 @@ def read_hf_weights(folder: str | Path) -> dict[str, Tensor]:
         raise LmarchError(f"no model.safetensors or model.safetensors.index.json in {folder}")
     try:
         weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-    except (json.JSONDecodeError, KeyError) as exc:
+    except (OSError, ValueError, KeyError, TypeError) as exc:
         raise LmarchError(f"{index} is not a valid safetensors index: {exc}") from exc
     tensors: dict[str, Tensor] = {}
     for shard in sorted(set(weight_map.values())):
