@@ -2,6 +2,7 @@
 
 from lmarch.models.bigram import BigramConfig, BigramLM
 from lmarch.models.gpt import GPT, GPTConfig
+from lmarch.models.llama import Llama, LlamaConfig
 from lmarch.models.registry import (
     FAMILIES,
     PRESETS,
@@ -22,6 +23,8 @@ __all__ = [
     "BigramConfig",
     "BigramLM",
     "GPTConfig",
+    "Llama",
+    "LlamaConfig",
     "Preset",
     "build_model",
     "config_from_dict",

