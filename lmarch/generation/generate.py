@@ -38,8 +38,9 @@ def iter_tokens(
     try:
         limit = model.max_positions
         ids = input_ids
-        cache = model.make_cache(ids.shape[0], limit) if use_cache else None
-        if cache is not None and ids.shape[1] > limit:
+        cache_len = min(limit, ids.shape[1] + max_new_tokens)
+        cache = model.make_cache(ids.shape[0], cache_len) if use_cache else None
+        if cache is not None and ids.shape[1] > cache_len:
             cache = None  # the prompt alone overflows the window: fall back to cropping
         logits = model(ids[:, -limit:], cache=cache, start=0)[:, -1]
         for step in range(max_new_tokens):
@@ -48,7 +49,7 @@ def iter_tokens(
             yield next_ids
             if step == max_new_tokens - 1:
                 break
-            if cache is not None and ids.shape[1] <= limit:
+            if cache is not None and ids.shape[1] <= cache_len:
                 logits = model(ids[:, -1:], cache=cache, start=ids.shape[1] - 1)[:, -1]
             else:
                 cache = None

@@ -122,11 +122,25 @@ class RotaryEmbedding(nn.Module):
         rotary_dim = rotary_dim or head_dim
         if rotary_dim % 2 or rotary_dim > head_dim:
             raise ValueError(f"rotary_dim {rotary_dim} must be even and <= head_dim {head_dim}")
-        inv_freq = rope_inverse_frequencies(rotary_dim, theta, scaling)
-        angles = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)
+        self.max_positions, self.theta, self.rotary_dim, self.scaling = (
+            max_positions,
+            theta,
+            rotary_dim,
+            scaling,
+        )
+        self.register_buffer("cos", torch.empty(0), persistent=False)
+        self.register_buffer("sin", torch.empty(0), persistent=False)
+        self.reset_tables()
+
+    def reset_tables(self, device: torch.device | str | None = None) -> None:
+        """(Re)compute the cos/sin tables, e.g. after building the model on the meta device."""
+        inv_freq = rope_inverse_frequencies(self.rotary_dim, self.theta, self.scaling)
+        positions = torch.arange(self.max_positions, dtype=torch.float32)
+        angles = torch.outer(positions, inv_freq)
         angles = torch.cat((angles, angles), dim=-1)  # same angle for x_j and x_{j+d/2}
-        self.register_buffer("cos", angles.cos(), persistent=False)
-        self.register_buffer("sin", angles.sin(), persistent=False)
+        device = device if device is not None else self.cos.device
+        self.cos = angles.cos().to(device)
+        self.sin = angles.sin().to(device)
 
     def forward(self, q: Tensor, k: Tensor, start: int) -> tuple[Tensor, Tensor]:
         t = q.shape[-2]

@@ -44,6 +44,25 @@ the same words recur constantly in real text.
 The regular expression needs the ``regex`` package (``\p{L}``, ``\p{N}``). Its Unicode tables can
 be newer than those of the ``tokenizers`` library, so letters assigned in the latest Unicode
 versions may be split differently by the two; everything older tokenizes identically.
+
+**Vocabularies trained elsewhere.** A released model's vocabulary (read from a GGUF file, say, by
+:mod:`lmarch.tokenizers.gguf_vocab`) differs from one trained here in four ways, all of which the
+constructor takes as arguments:
+
+- ids are whatever the file says, not "bytes first, then merges in order";
+- the split regex is the one the vocabulary was trained with (``pattern``): SmolLM2 isolates
+  every digit, Llama 3 caps digit runs at three, and so on. Text the pattern does not match is
+  kept as pieces of its own, so no pattern can lose characters;
+- besides *special tokens* (control tokens such as ``<|im_start|>``, dropped by
+  ``decode(..., skip_special_tokens=True)``) there may be *added tokens* (user-defined ones such
+  as ``<think>``), matched whole in the text like special tokens but always decoded;
+- some vocabularies (Llama 3's) look a whole pre-token up in the vocabulary before running any
+  merge (``ignore_merges``), which matters for the few words the merges do not rebuild.
+
+The ids of the beginning- and end-of-sequence tokens, and whether the model wants a BOS in front of
+every prompt, travel with the tokenizer too, and everything is saved to and loaded from the same
+JSON file: optional fields written only when they differ from the defaults, so files of
+tokenizers trained here look exactly as they always have.
 """
 
 from __future__ import annotations
@@ -67,7 +86,6 @@ GPT2_SPLIT_PATTERN = (
 )
 """GPT-2's pre-tokenization regex (also the ``tokenizers`` ByteLevel pre-tokenizer's)."""
 
-_SPLIT = regex.compile(GPT2_SPLIT_PATTERN)
 _CACHE_LIMIT = 200_000
 _LONG_PIECE = 64  # bytes; longer pieces use the heap-based merge loop
 
@@ -94,6 +112,44 @@ def bytes_to_unicode() -> dict[int, str]:
 
 _BYTE_TO_CHAR = bytes_to_unicode()
 _CHAR_TO_BYTE = {char: byte for byte, char in _BYTE_TO_CHAR.items()}
+
+
+def compile_split_pattern(pattern: str) -> regex.Pattern[str]:
+    """Compile a pre-tokenization regex, rejecting what would make ``findall`` misbehave.
+
+    A capturing group would make ``findall`` return the group instead of the whole match, so
+    patterns must use ``(?:...)`` / ``(?i:...)`` groups only.
+    """
+    try:
+        compiled = regex.compile(pattern)
+    except (regex.error, TypeError) as exc:
+        raise LmarchError(f"split pattern {pattern!r} is not a valid regular expression: {exc}")
+    if compiled.groups:
+        raise LmarchError(
+            f"split pattern {pattern!r} has a capturing group",
+            hint="write groups as (?:...) so that every match is a whole piece",
+        )
+    return compiled
+
+
+def split_pieces(split: regex.Pattern[str], text: str) -> list[str]:
+    """Cut ``text`` into pre-tokens with ``split``; stretches it does not match become pieces too.
+
+    The patterns of real vocabularies match every character, so the common path is one
+    ``findall``; the slower gap-keeping path runs only when the lengths do not add up.
+    """
+    pieces = split.findall(text)
+    if sum(map(len, pieces)) == len(text):
+        return pieces
+    pieces, end = [], 0
+    for match in split.finditer(text):
+        if match.start() > end:
+            pieces.append(text[end : match.start()])
+        pieces.append(match.group())
+        end = match.end()
+    if end < len(text):
+        pieces.append(text[end:])
+    return pieces
 
 
 def _special_splitter(special_tokens: Iterable[str]) -> re.Pattern[str] | None:
