@@ -23,8 +23,10 @@ class OneLineParser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-def _add_sampling_options(p: argparse.ArgumentParser, temperature: float = 0.8) -> None:
-    p.add_argument("--max-new-tokens", type=int, default=500, help="tokens to generate")
+def _add_sampling_options(
+    p: argparse.ArgumentParser, temperature: float = 0.8, max_new_tokens: int = 500
+) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help="tokens to generate")
     p.add_argument("--temperature", type=float, default=temperature, help="0 means greedy decoding")
     p.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens")
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold")
@@ -65,6 +67,20 @@ def build_parser() -> OneLineParser:
 
     sub.add_parser("presets", help="list model presets with parameter counts")
 
+    g = sub.add_parser("generate", help="continue a raw prompt with a model")
+    g.add_argument(
+        "model", help="a preset with weights, a .gguf file, an HF folder or a run folder"
+    )
+    g.add_argument("prompt", help="raw text; special tokens written in it are parsed as such")
+    _add_sampling_options(g, temperature=0.0, max_new_tokens=128)
+    g.add_argument("--ignore-eos", action="store_true", help="keep going past end-of-text")
+    g.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
+
+    c = sub.add_parser("chat", help="chat with an instruction-tuned model (/reset, /system, /quit)")
+    c.add_argument("model", help="a preset with weights, a .gguf file or an HF folder")
+    c.add_argument("--system", default=None, help="system message")
+    _add_sampling_options(c, temperature=0.7, max_new_tokens=256)
+
     d = sub.add_parser("demo", help="train a small GPT on Shakespeare (~3 min) and sample it")
     d.add_argument("--out", default="runs/demo")
     d.add_argument("--max-iters", type=int, default=None)
@@ -93,17 +109,23 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_sample(args: argparse.Namespace) -> int:
-    from lmarch.generation import SamplingConfig, stream_text
-    from lmarch.weights.checkpoint import load_run
+def _sampling(args: argparse.Namespace):
+    from lmarch.generation import SamplingConfig
 
-    sampling = SamplingConfig(
+    return SamplingConfig(
         temperature=args.temperature,
         top_k=args.top_k,
         top_p=args.top_p,
         min_p=args.min_p,
         repetition_penalty=args.repetition_penalty,
     )
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from lmarch.generation import stream_text
+    from lmarch.weights.checkpoint import load_run
+
+    sampling = _sampling(args)
     model, tokenizer, _ = load_run(args.run_dir)
     sys.stdout.write(args.prompt)
     for piece in stream_text(
@@ -146,6 +168,80 @@ def cmd_presets(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_generate(args: argparse.Namespace) -> int:
+    from lmarch.generation import GenerationStats
+    from lmarch.tasks.generate import generate_text
+    from lmarch.weights.loader import load_model
+
+    sampling = _sampling(args)
+    loaded = load_model(args.model)
+    stats = GenerationStats()
+    pieces = []
+    out = sys.stderr if args.json else sys.stdout
+    for piece in generate_text(
+        loaded,
+        args.prompt,
+        args.max_new_tokens,
+        sampling,
+        seed=args.seed,
+        ignore_eos=args.ignore_eos,
+        stop=args.stop,
+        stats=stats,
+    ):
+        pieces.append(piece)
+        out.write(piece)
+        out.flush()
+    out.write("\n")
+    if args.json:
+        summary = {
+            "text": "".join(pieces),
+            "token_ids": stats.token_ids,
+            "prompt_tokens": stats.prompt_tokens,
+            "prefill_tokens_per_s": stats.prefill_tokens_per_s,
+            "decode_tokens_per_s": stats.decode_tokens_per_s,
+            "load_s": loaded.load_s,
+            "stopped_by": stats.stopped_by,
+        }
+        print(json.dumps(summary))
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from lmarch.tasks.chat import ChatSession
+    from lmarch.weights.loader import load_model
+
+    loaded = load_model(args.model)
+    session = ChatSession(loaded, _sampling(args), args.max_new_tokens, args.system, args.seed)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print(f"{loaded.name}: /reset clears the chat, /system TEXT sets the system message, /quit")
+    while True:
+        if interactive:
+            sys.stdout.write("> ")
+            sys.stdout.flush()
+        line = sys.stdin.readline()
+        if not line:
+            break
+        text = line.rstrip("\n")
+        if not text.strip():
+            continue
+        if text.strip() in ("/quit", "/exit"):
+            break
+        if text.strip() == "/reset":
+            session.reset()
+            print("(conversation cleared)")
+            continue
+        if text.startswith("/system"):
+            session.set_system(text[len("/system") :].strip())
+            print("(system message set; conversation cleared)")
+            continue
+        for piece in session.send(text):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from lmarch.tasks.demo import run_demo
 
@@ -158,6 +254,8 @@ COMMANDS = {
     "sample": cmd_sample,
     "eval": cmd_eval,
     "presets": cmd_presets,
+    "generate": cmd_generate,
+    "chat": cmd_chat,
     "demo": cmd_demo,
 }
 

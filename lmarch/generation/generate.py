@@ -7,7 +7,9 @@ token; without one (or past the model's position limit) each step re-runs the la
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Collection, Iterator, Sequence
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -87,45 +89,78 @@ def generate(
     return torch.cat(out, dim=1)
 
 
+@dataclass
+class GenerationStats:
+    """What one call of :func:`stream_text` did: ids and timings (prefill = the prompt's
+    forward pass up to the first new token; decode = every later token)."""
+
+    prompt_tokens: int = 0
+    token_ids: list[int] = field(default_factory=list)
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    stopped_by: str = "length"  # "length", "eos" or "stop_string"
+
+    @property
+    def prefill_tokens_per_s(self) -> float:
+        return self.prompt_tokens / self.prefill_s if self.prefill_s > 0 else 0.0
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        n = len(self.token_ids) - 1  # the first new token is timed with the prefill
+        return n / self.decode_s if n > 0 and self.decode_s > 0 else 0.0
+
+
 def stream_text(
     model: nn.Module,
     tokenizer: Tokenizer,
-    prompt: str,
+    prompt: str | Sequence[int],
     max_new_tokens: int,
     sampling: SamplingConfig = GREEDY,
     *,
     stop: Sequence[str] = (),
     seed: int | None = None,
-    eos_token_id: int | None = None,
+    stop_token_ids: Collection[int] = (),
+    stats: GenerationStats | None = None,
     device: torch.device | str = "cpu",
 ) -> Iterator[str]:
-    """Yield the continuation of ``prompt`` as text pieces, as soon as they are safe to show.
+    """Yield the continuation of ``prompt`` (text, or token ids) as text pieces, as soon as they
+    are safe to show.
 
     Text is held back while it could still be the start of a stop string, or while the last
-    token ends inside a multi-byte character (its decoding ends in U+FFFD); generation ends at
-    the first stop string, which is not emitted.
+    token ends inside a multi-byte character (its decoding ends in U+FFFD). Generation ends at
+    a token of ``stop_token_ids`` (end of turn / text; not shown) or at the first stop string
+    (not shown). ``stats``, if given, is filled in as generation goes.
     """
+    stats = stats if stats is not None else GenerationStats()
     generator = torch.Generator(device=device)
     if seed is not None:
         generator.manual_seed(seed)
     else:
         generator.seed()
-    prompt_ids = tokenizer.encode(prompt)
+    prompt_ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
     if not prompt_ids:
         raise ValueError("the prompt encodes to no tokens; give at least one character")
+    stats.prompt_tokens = len(prompt_ids)
     ids = torch.tensor([prompt_ids], dtype=torch.long, device=device)
     matcher = StopStringMatcher(list(stop))
-    new_ids: list[int] = []
     shown = 0
     text = ""
+    t0 = time.perf_counter()
     for next_ids in iter_tokens(model, ids, max_new_tokens, sampling, generator=generator):
+        now = time.perf_counter()
+        if not stats.token_ids:
+            stats.prefill_s = now - t0
+        else:
+            stats.decode_s = now - t0 - stats.prefill_s
         token = int(next_ids[0])
-        if eos_token_id is not None and token == eos_token_id:
+        stats.token_ids.append(token)
+        if token in stop_token_ids:
+            stats.stopped_by = "eos"
             break
-        new_ids.append(token)
-        text = tokenizer.decode(new_ids)
+        text = tokenizer.decode(stats.token_ids)
         cut = matcher.feed(text)
         if cut is not None:
+            stats.stopped_by = "stop_string"
             if cut > shown:
                 yield text[shown:cut]
             return

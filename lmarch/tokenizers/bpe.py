@@ -123,7 +123,9 @@ def compile_split_pattern(pattern: str) -> regex.Pattern[str]:
     try:
         compiled = regex.compile(pattern)
     except (regex.error, TypeError) as exc:
-        raise LmarchError(f"split pattern {pattern!r} is not a valid regular expression: {exc}")
+        raise LmarchError(
+            f"split pattern {pattern!r} is not a valid regular expression: {exc}"
+        ) from exc
     if compiled.groups:
         raise LmarchError(
             f"split pattern {pattern!r} has a capturing group",
@@ -181,9 +183,17 @@ class ByteLevelBPETokenizer:
         vocab: byte-level token string -> id, holding at least the 256 single-byte symbols.
         merges: ordered pairs of token strings; the first pair is applied first.
         special_tokens: special token text -> id (e.g. ``{"<|endoftext|>": 4352}``). These are
-            matched verbatim in the input and never split.
+            matched verbatim in the input and never split, and ``decode`` can skip them.
+        added_tokens: more tokens matched verbatim, text -> id, that ``decode`` always keeps
+            (GGUF's user-defined tokens).
+        pattern: the pre-tokenization regex (default GPT-2's); no capturing groups.
+        ignore_merges: look each pre-token up whole in ``vocab`` before merging (Llama 3).
+        bos_token_id, eos_token_id, pad_token_id: ids of those roles, if the vocabulary has them.
+        add_bos_token: whether the model expects a BOS in front of every prompt
+            (``encode(text, add_bos=tok.add_bos_token)``).
 
-    Together, ``vocab`` and ``special_tokens`` must use each id in ``0 .. vocab_size - 1`` once.
+    Together, ``vocab``, ``special_tokens`` and ``added_tokens`` must use each id in
+    ``0 .. vocab_size - 1`` exactly once.
     """
 
     def __init__(
@@ -191,11 +201,29 @@ class ByteLevelBPETokenizer:
         vocab: Mapping[str, int],
         merges: Sequence[tuple[str, str]],
         special_tokens: Mapping[str, int] | None = None,
+        *,
+        added_tokens: Mapping[str, int] | None = None,
+        pattern: str = GPT2_SPLIT_PATTERN,
+        ignore_merges: bool = False,
+        bos_token_id: int | None = None,
+        eos_token_id: int | None = None,
+        pad_token_id: int | None = None,
+        add_bos_token: bool = False,
     ) -> None:
         special_tokens = dict(special_tokens or {})
+        added_tokens = dict(added_tokens or {})
         self._vocab = dict(vocab)
         self._special = special_tokens
-        _check_ids(self._vocab, special_tokens)
+        self._added = added_tokens
+        both = sorted(set(special_tokens) & set(added_tokens))
+        if both:
+            raise LmarchError(f"tokens both special and added: {both[:5]}")
+        if "" in special_tokens or "" in added_tokens:
+            raise LmarchError("special and added tokens must be non-empty strings")
+        _check_ids(self._vocab, {**special_tokens, **added_tokens})
+        self._pattern = pattern
+        self._split = compile_split_pattern(pattern)
+        self._ignore_merges = bool(ignore_merges)
         missing = [c for c in _BYTE_TO_CHAR.values() if c not in self._vocab]
         if missing:
             raise LmarchError(f"vocab lacks {len(missing)} of the 256 byte symbols: {missing[0]!r}")
@@ -203,11 +231,22 @@ class ByteLevelBPETokenizer:
             if not token or any(c not in _CHAR_TO_BYTE for c in token):
                 raise LmarchError(f"vocab token {token!r} is not in the byte-level alphabet")
 
-        self._id_to_token: list[str] = [""] * (len(self._vocab) + len(special_tokens))
-        for token, idx in self._vocab.items():
-            self._id_to_token[idx] = token
-        for token, idx in special_tokens.items():
-            self._id_to_token[idx] = token
+        self._id_to_token: list[str] = [""] * (
+            len(self._vocab) + len(special_tokens) + len(added_tokens)
+        )
+        for table in (self._vocab, special_tokens, added_tokens):
+            for token, idx in table.items():
+                self._id_to_token[idx] = token
+        roles = {"bos": bos_token_id, "eos": eos_token_id, "pad": pad_token_id}
+        for role, idx in roles.items():
+            if idx is not None and not (type(idx) is int and 0 <= idx < len(self._id_to_token)):
+                raise LmarchError(
+                    f"{role}_token_id {idx!r} is not in 0..{len(self._id_to_token) - 1}"
+                )
+        self._bos_id = bos_token_id
+        self._eos_id = eos_token_id
+        self._pad_id = pad_token_id
+        self._add_bos = bool(add_bos_token)
 
         # (left id, right id) -> (rank, merged id): everything encoding needs about the merges.
         self._merges: dict[tuple[int, int], tuple[int, int]] = {}
@@ -224,12 +263,17 @@ class ByteLevelBPETokenizer:
         self._merge_list = [(str(a), str(b)) for a, b in merges]
 
         self._byte_ids = [self._vocab[_BYTE_TO_CHAR[b]] for b in range(256)]
-        # Decoding joins raw bytes per id; special tokens decode to their own text.
+        # Decoding joins raw bytes per id; special and added tokens decode to their own text.
         self._id_bytes: list[bytes] = [
             bytes(_CHAR_TO_BYTE[c] for c in token) if token in self._vocab else token.encode()
             for token in self._id_to_token
         ]
-        self._special_split = _special_splitter(special_tokens)
+        # What skip_special_tokens drops: control tokens and the BOS/EOS/padding roles.
+        self._skip_ids = frozenset(special_tokens.values()) | frozenset(
+            idx for idx in roles.values() if idx is not None
+        )
+        self._verbatim = {**special_tokens, **added_tokens}
+        self._special_split = _special_splitter(self._verbatim)
         self._cache: dict[str, list[int]] = {}
 
     # ------------------------------------------------------------------ training
@@ -242,13 +286,15 @@ class ByteLevelBPETokenizer:
         num_merges: int | None = None,
         special_tokens: Sequence[str] = ("<|endoftext|>",),
         show_progress: bool = False,
+        pattern: str = GPT2_SPLIT_PATTERN,
     ) -> ByteLevelBPETokenizer:
         """Learn merges from ``text`` (one string, or an iterable of documents).
 
         Give either ``vocab_size`` (256 byte symbols + merges + special tokens) or ``num_merges``.
         Training stops early if every word has become a single token. Special tokens found in
         the text are cut out before counting, so no merge ever spans one; they take the ids after
-        the merges, in the order given.
+        the merges, in the order given. ``pattern`` is the pre-tokenization regex, kept by the
+        tokenizer for encoding.
         """
         special_tokens = (
             [special_tokens] if isinstance(special_tokens, str) else list(special_tokens)
@@ -268,26 +314,38 @@ class ByteLevelBPETokenizer:
         if num_merges < 0:
             raise LmarchError(f"num_merges must be >= 0, got {num_merges}")
 
+        split = compile_split_pattern(pattern)
         documents = [text] if isinstance(text, str) else text
-        piece_counts = _count_pieces(documents, _special_splitter(special_tokens))
+        piece_counts = _count_pieces(documents, _special_splitter(special_tokens), split)
         merges = _learn_merges(piece_counts, num_merges, show_progress)
 
         vocab = {_BYTE_TO_CHAR[b]: b for b in range(256)}
         for left, right in merges:
             vocab.setdefault(left + right, len(vocab))
         specials = {tok: len(vocab) + i for i, tok in enumerate(special_tokens)}
-        return cls(vocab, merges, specials)
+        return cls(vocab, merges, specials, pattern=pattern)
 
     # ------------------------------------------------------------------ encoding
 
-    def encode(self, text: str) -> list[int]:
-        """Token ids for ``text``; special tokens (exact matches) become their single id."""
-        if self._special_split is None:
-            return self._encode_ordinary(text)
+    def encode(self, text: str, *, add_bos: bool = False, parse_special: bool = True) -> list[int]:
+        """Token ids for ``text``.
+
+        Special and added tokens written in the text (exact matches, longest first) become their
+        single id, unless ``parse_special`` is False, in which case they are tokenized as the plain
+        text they are (use that for text from an untrusted user inside a chat). ``add_bos``
+        puts the BOS id first; pass ``add_bos=tok.add_bos_token`` to do what the model expects.
+        """
         ids: list[int] = []
+        if add_bos:
+            if self._bos_id is None:
+                raise LmarchError("add_bos=True, but this tokenizer has no BOS token")
+            ids.append(self._bos_id)
+        if self._special_split is None or not parse_special:
+            ids.extend(self._encode_ordinary(text))
+            return ids
         for i, chunk in enumerate(self._special_split.split(text)):
             if i % 2:  # split() puts captured separators (special tokens) at odd positions
-                ids.append(self._special[chunk])
+                ids.append(self._verbatim[chunk])
             elif chunk:
                 ids.extend(self._encode_ordinary(chunk))
         return ids
@@ -295,7 +353,7 @@ class ByteLevelBPETokenizer:
     def _encode_ordinary(self, text: str) -> list[int]:
         ids: list[int] = []
         cache = self._cache
-        for piece in _SPLIT.findall(text):
+        for piece in split_pieces(self._split, text):
             piece_ids = cache.get(piece)
             if piece_ids is None:
                 piece_ids = self._encode_piece(piece)
@@ -311,6 +369,10 @@ class ByteLevelBPETokenizer:
             raw = piece.encode("utf-8")
         except UnicodeEncodeError as exc:
             raise LmarchError(f"text is not valid Unicode (lone surrogate?): {exc}") from exc
+        if self._ignore_merges:
+            whole = self._vocab.get("".join([_BYTE_TO_CHAR[b] for b in raw]))
+            if whole is not None:
+                return [whole]
         byte_ids = self._byte_ids
         word = [byte_ids[b] for b in raw]
         if len(word) > _LONG_PIECE:
@@ -359,11 +421,12 @@ class ByteLevelBPETokenizer:
                     heapq.heappush(heap, (left[0], prv[i]))
         return [sym for sym, keep in zip(word, alive, strict=True) if keep]
 
-    def decode(self, ids: Sequence[int]) -> str:
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         """Text for ``ids``: the exact inverse of :meth:`encode` on any valid Unicode string.
 
         Byte sequences that are not valid UTF-8 (a multi-byte character cut in two) come out as
-        U+FFFD replacement characters.
+        U+FFFD replacement characters. With ``skip_special_tokens`` the special (control) tokens
+        and the BOS, EOS and padding tokens are left out; added tokens are always kept.
         """
         if hasattr(ids, "tolist"):  # tensors and arrays
             ids = ids.tolist()
@@ -371,7 +434,11 @@ class ByteLevelBPETokenizer:
         try:
             if ids and min(ids) < 0:
                 raise IndexError
-            data = b"".join([table[i] for i in ids])
+            if skip_special_tokens:
+                skip = self._skip_ids
+                data = b"".join([table[i] for i in ids if i not in skip])
+            else:
+                data = b"".join([table[i] for i in ids])
         except (IndexError, TypeError) as exc:
             bad = next(i for i in ids if not (type(i) is int and 0 <= i < len(table)))
             raise LmarchError(f"token id {bad!r} is not in 0..{len(table) - 1}") from exc
@@ -390,6 +457,56 @@ class ByteLevelBPETokenizer:
         return dict(self._special)
 
     @property
+    def added_tokens(self) -> dict[str, int]:
+        """Added (matched whole, never skipped) token text -> id."""
+        return dict(self._added)
+
+    @property
+    def pattern(self) -> str:
+        """The pre-tokenization regex."""
+        return self._pattern
+
+    @property
+    def ignore_merges(self) -> bool:
+        """Whether a pre-token found whole in the vocabulary skips the merges."""
+        return self._ignore_merges
+
+    @property
+    def bos_token_id(self) -> int | None:
+        """Id of the beginning-of-sequence token, if any."""
+        return self._bos_id
+
+    @property
+    def eos_token_id(self) -> int | None:
+        """Id of the end-of-sequence token, if any (the one that stops generation)."""
+        return self._eos_id
+
+    @property
+    def pad_token_id(self) -> int | None:
+        """Id of the padding token, if any."""
+        return self._pad_id
+
+    @property
+    def add_bos_token(self) -> bool:
+        """Whether the model expects its BOS token in front of every prompt."""
+        return self._add_bos
+
+    @property
+    def bos_token(self) -> str | None:
+        """Text of the BOS token, if any."""
+        return None if self._bos_id is None else self._id_to_token[self._bos_id]
+
+    @property
+    def eos_token(self) -> str | None:
+        """Text of the EOS token, if any."""
+        return None if self._eos_id is None else self._id_to_token[self._eos_id]
+
+    @property
+    def pad_token(self) -> str | None:
+        """Text of the padding token, if any."""
+        return None if self._pad_id is None else self._id_to_token[self._pad_id]
+
+    @property
     def merges(self) -> list[tuple[str, str]]:
         """The merges in the order they were learned (and are applied)."""
         return list(self._merge_list)
@@ -400,9 +517,9 @@ class ByteLevelBPETokenizer:
         return dict(self._vocab)
 
     def token_to_id(self, token: str) -> int | None:
-        """Id of a byte-level token string or a special token; None if there is no such token."""
+        """Id of a byte-level token string, or a special or added token; None if there is none."""
         idx = self._vocab.get(token)
-        return self._special.get(token) if idx is None else idx
+        return self._verbatim.get(token) if idx is None else idx
 
     def id_to_token(self, idx: int) -> str | None:
         """Token string for ``idx`` (byte-level form, or a special's text); None if out of range."""
@@ -419,6 +536,17 @@ class ByteLevelBPETokenizer:
             "merges": [f"{a} {b}" for a, b in self._merge_list],
             "special_tokens": self._special,
         }
+        # Optional fields, written only when not at their defaults (older readers knew none).
+        optional: dict[str, Any] = {
+            "added_tokens": self._added or None,
+            "pattern": None if self._pattern == GPT2_SPLIT_PATTERN else self._pattern,
+            "ignore_merges": self._ignore_merges or None,
+            "bos_token_id": self._bos_id,
+            "eos_token_id": self._eos_id,
+            "pad_token_id": self._pad_id,
+            "add_bos_token": self._add_bos or None,
+        }
+        data.update({key: value for key, value in optional.items() if value is not None})
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text(json.dumps(data, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
         os.replace(tmp, path)
@@ -432,34 +560,48 @@ class ByteLevelBPETokenizer:
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise LmarchError(f"cannot read tokenizer file {path}: {exc}") from exc
         try:
-            vocab, merges, special = _parse_file(data)
-            return cls(vocab, merges, special)
+            vocab, merges, special, options = _parse_file(data)
+            return cls(vocab, merges, special, **options)
         except LmarchError as exc:
             raise LmarchError(f"bad byte-level BPE file {path}: {exc}") from exc
 
     def to_hf_tokenizer(self) -> Any:
         """The same tokenizer as a ``tokenizers.Tokenizer`` (for parity checks, fast encoding)."""
-        from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+        from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
 
         vocab = dict(self._vocab)
-        vocab.update(self._special)
-        hf = Tokenizer(models.BPE(vocab=vocab, merges=list(self._merge_list)))
-        hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        vocab.update(self._verbatim)
+        bpe = models.BPE(
+            vocab=vocab, merges=list(self._merge_list), ignore_merges=self._ignore_merges
+        )
+        hf = Tokenizer(bpe)
+        if self._pattern == GPT2_SPLIT_PATTERN:
+            hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        else:
+            hf.pre_tokenizer = pre_tokenizers.Sequence(
+                [
+                    pre_tokenizers.Split(Regex(self._pattern), behavior="isolated"),
+                    pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+                ]
+            )
         hf.decoder = decoders.ByteLevel()
         hf.add_special_tokens([AddedToken(tok, special=True) for tok in self._special])
+        hf.add_tokens([AddedToken(tok, special=False, normalized=False) for tok in self._added])
         return hf
 
 
 # ---------------------------------------------------------------------- training internals
 
 
-def _count_pieces(documents: Iterable[str], special_split: re.Pattern[str] | None) -> Counter[str]:
+def _count_pieces(
+    documents: Iterable[str], special_split: re.Pattern[str] | None, split: regex.Pattern[str]
+) -> Counter[str]:
     """Pre-token -> number of occurrences over all documents (special tokens skipped)."""
     counts: Counter[str] = Counter()
     for doc in documents:
         chunks = [doc] if special_split is None else special_split.split(doc)[::2]
         for chunk in chunks:
-            counts.update(_SPLIT.findall(chunk))
+            counts.update(split_pieces(split, chunk))
     return counts
 
 
@@ -551,15 +693,34 @@ def _check_ids(vocab: Mapping[str, int], special: Mapping[str, int]) -> None:
         raise LmarchError(f"token ids must be 0..{len(ids) - 1}, each used once")
 
 
-def _parse_file(data: Any) -> tuple[dict[str, int], list[tuple[str, str]], dict[str, int]]:
+def _parse_file(
+    data: Any,
+) -> tuple[dict[str, int], list[tuple[str, str]], dict[str, int], dict[str, Any]]:
+    """(vocab, merges, special tokens, keyword options) from a parsed JSON file."""
     if not isinstance(data, dict) or data.get("type") != "byte_bpe":
         raise LmarchError('not a byte-level BPE tokenizer (expected "type": "byte_bpe")')
     vocab = data.get("vocab")
     merges = data.get("merges")
     special = data.get("special_tokens", {})
-    for name, value in (("vocab", vocab), ("special_tokens", special)):
+    added = data.get("added_tokens", {})
+    for name, value in (("vocab", vocab), ("special_tokens", special), ("added_tokens", added)):
         if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
             raise LmarchError(f'"{name}" must be an object of token -> id')
+    options: dict[str, Any] = {"added_tokens": added}
+    expected = {
+        "pattern": (str,),
+        "ignore_merges": (bool,),
+        "bos_token_id": (int,),
+        "eos_token_id": (int,),
+        "pad_token_id": (int,),
+        "add_bos_token": (bool,),
+    }
+    for key, types in expected.items():
+        if key in data:
+            value = data[key]
+            if type(value) not in types:  # (bool is an int subclass: compare exact types)
+                raise LmarchError(f'"{key}" must be of type {types[0].__name__}, got {value!r}')
+            options[key] = value
     if not isinstance(merges, list) or not all(isinstance(m, str) for m in merges):
         raise LmarchError('"merges" must be a list of "left right" strings')
     pairs: list[tuple[str, str]] = []
@@ -568,4 +729,4 @@ def _parse_file(data: Any) -> tuple[dict[str, int], list[tuple[str, str]], dict[
         if len(parts) != 2 or not all(parts):
             raise LmarchError(f"merge {i} {line!r} is not two tokens separated by one space")
         pairs.append((parts[0], parts[1]))
-    return vocab, pairs, special
+    return vocab, pairs, special, options

