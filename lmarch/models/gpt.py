@@ -70,11 +70,12 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(c.n_embd, c.vocab_size, bias=False)
         if c.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
-        self.apply(self._init_weights)
-        residual_std = 0.02 / math.sqrt(2 * c.n_layer)
-        for block in self.blocks:
-            nn.init.normal_(block.attn.out.weight, std=residual_std)
-            nn.init.normal_(block.ffn.fc_out.weight, std=residual_std)
+        if self.tok_emb.weight.device.type != "meta":  # on meta, weights are loaded later
+            self.apply(self._init_weights)
+            residual_std = 0.02 / math.sqrt(2 * c.n_layer)
+            for block in self.blocks:
+                nn.init.normal_(block.attn.out.weight, std=residual_std)
+                nn.init.normal_(block.ffn.fc_out.weight, std=residual_std)
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:

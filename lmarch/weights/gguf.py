@@ -31,6 +31,7 @@ is the business of the weight maps, not of this reader.
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import stat
@@ -196,10 +197,8 @@ class _Malformed(Exception):
 
 def _close_quietly(buf: mmap.mmap) -> None:
     """Close a mapping unless numpy views still use it (then it goes with the last one)."""
-    try:
+    with contextlib.suppress(BufferError):
         buf.close()
-    except BufferError:
-        pass
 
 
 def _gguf_package() -> ModuleType:
@@ -273,7 +272,7 @@ class _Parser:
 
     def string(self, what: str) -> str:
         length = self.scalar("<Q", f"length of {what}")
-        self.need(length, f"{what} ({length} bytes)")
+        self.need(length, what)
         raw = self.buf[self.pos : self.pos + length]
         self.pos += length
         try:
@@ -308,7 +307,7 @@ class _Parser:
         if count * min_item > self.remaining():
             raise _Malformed(
                 f"{what} claims {count} {_VALUE_TYPE_NAMES[itype]} elements, more than the "
-                f"{self.remaining()} bytes left in the file can hold"
+                f"{self.remaining()} bytes left in the file can hold (file truncated or corrupt)"
             )
         if itype in _NUMPY_DTYPES:
             arr = np.frombuffer(self.buf, dtype=_NUMPY_DTYPES[itype], count=count, offset=self.pos)
@@ -340,7 +339,8 @@ def _parse(buf: mmap.mmap, size: int) -> tuple[dict[str, Any], dict[str, GGUFTen
     if least > p.remaining():
         raise _Malformed(
             f"header claims {tensor_count} tensors and {kv_count} metadata keys, which need "
-            f"at least {least} bytes, but the file has only {p.remaining()} after the header"
+            f"at least {least} bytes, but the file has only {p.remaining()} after the header "
+            "(file truncated or corrupt)"
         )
 
     metadata: dict[str, Any] = {}
@@ -404,7 +404,8 @@ def _parse(buf: mmap.mmap, size: int) -> tuple[dict[str, Any], dict[str, GGUFTen
         if rel_offset + nbytes > data_size:
             raise _Malformed(
                 f"tensor {name!r} ({qtype.name}, dims {list(dims)}, {nbytes} bytes at data "
-                f"offset {rel_offset}) runs past the end of the file ({data_size} data bytes)"
+                f"offset {rel_offset}) runs past the end of the file ({data_size} data bytes; "
+                "file truncated or corrupt)"
             )
         tensors[name] = GGUFTensorInfo(
             name=name,

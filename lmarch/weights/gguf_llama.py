@@ -132,9 +132,6 @@ def load_gguf_llama(
         model = Llama(config)
     tensors = {name: gguf.load(name, dtype=dtype) for name in gguf.tensor_names}
     ours = gguf_llama_map(config).to_ours(tensors, config.n_layer, where=str(path))
-    model = model.to_empty(device="cpu").to(dtype)
+    load_into_model(model, ours, source=str(path), assign=True)
     model.rotary.reset_tables("cpu")  # buffers are not in the file
-    if config.tie_embeddings:
-        model.lm_head.weight = model.tok_emb.weight
-    load_into_model(model, ours, source=str(path))
     return model.eval(), gguf

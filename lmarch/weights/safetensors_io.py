@@ -69,19 +69,24 @@ def load_tensors(path: str | Path, device: str | torch.device = "cpu") -> dict[s
         raise LmarchError(f"cannot read safetensors file {path}: {exc}") from exc
 
 
-def load_into_model(model: nn.Module, tensors: dict[str, Tensor], source: str = "weights") -> None:
+def load_into_model(
+    model: nn.Module, tensors: dict[str, Tensor], source: str = "weights", assign: bool = False
+) -> None:
     """Load ``tensors`` into ``model``; only names that alias another parameter may be missing.
 
-    Shapes and names are checked up front so a mismatch names the offending tensor.
+    Shapes and names are checked up front so a mismatch names the offending tensor. With
+    ``assign`` the tensors become the parameters (no copy: for models built on the meta device);
+    tied parameters are tied again afterwards.
     """
     expected = model.state_dict()
-    seen: set[int] = set()
-    alias_names: set[str] = set()
+    first_name: dict[int, str] = {}
+    alias_of: dict[str, str] = {}
     for name, param in model.named_parameters(remove_duplicate=False):
-        if id(param) in seen:
-            alias_names.add(name)  # a second name for a tied parameter
-        seen.add(id(param))
-    missing = set(expected) - set(tensors) - alias_names
+        if id(param) in first_name:
+            alias_of[name] = first_name[id(param)]  # a second name for a tied parameter
+        else:
+            first_name[id(param)] = name
+    missing = set(expected) - set(tensors) - set(alias_of)
     unexpected = set(tensors) - set(expected)
     if missing or unexpected:
         parts = []
@@ -96,4 +101,11 @@ def load_into_model(model: nn.Module, tensors: dict[str, Tensor], source: str = 
                 f"{source}: tensor {name} has shape {tuple(tensor.shape)}, "
                 f"model expects {tuple(expected[name].shape)}"
             )
-    model.load_state_dict(tensors, strict=False)
+    model.load_state_dict(tensors, strict=False, assign=assign)
+    if assign:
+        for alias, name in alias_of.items():
+            owner, _, attr = alias.rpartition(".")
+            src_owner, _, src_attr = name.rpartition(".")
+            setattr(
+                model.get_submodule(owner), attr, getattr(model.get_submodule(src_owner), src_attr)
+            )
