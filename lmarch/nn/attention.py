@@ -66,6 +66,10 @@ def reference_attention(
     return weights @ v
 
 
+# PyTorch >= 2.5 lets SDPA share key/value heads itself (no copies for grouped-query attention).
+_SDPA_HAS_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
+
+
 def scaled_dot_product_attention(
     q: Tensor,
     k: Tensor,
@@ -90,9 +94,11 @@ def scaled_dot_product_attention(
         mask = causal if mask is None else mask & causal
         is_causal = False
     if implementation == "reference":
-        return reference_attention(q, k, v, mask, dropout_p)
+        n_rep = q.shape[1] // k.shape[1]
+        return reference_attention(q, repeat_kv(k, n_rep), repeat_kv(v, n_rep), mask, dropout_p)
+    kwargs = {"enable_gqa": True} if k.shape[1] != q.shape[1] else {}
     return F.scaled_dot_product_attention(
-        q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal
+        q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal, **kwargs
     )
 
 
@@ -169,7 +175,8 @@ class MultiHeadAttention(nn.Module):
         if cache is not None:
             k, v = cache.update(layer_index, k, v, start)
         n_rep = self.n_heads // self.n_kv_heads
-        k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
+        if n_rep > 1 and not (self.implementation == "sdpa" and _SDPA_HAS_GQA):
+            k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
 
         mask, is_causal = attention_mask, False
         if self.causal and t > 1:

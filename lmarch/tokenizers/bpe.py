@@ -46,7 +46,7 @@ be newer than those of the ``tokenizers`` library, so letters assigned in the la
 versions may be split differently by the two; everything older tokenizes identically.
 
 **Vocabularies trained elsewhere.** A released model's vocabulary (read from a GGUF file, say, by
-:mod:`lmarch.tokenizers.gguf_vocab`) differs from one trained here in four ways, all of which the
+:mod:`lmarch.tokenizers.gguf_vocab`) differs from one trained here in five ways, all of which the
 constructor takes as arguments:
 
 - ids are whatever the file says, not "bytes first, then merges in order";
@@ -57,7 +57,11 @@ constructor takes as arguments:
   ``decode(..., skip_special_tokens=True)``) there may be *added tokens* (user-defined ones such
   as ``<think>``), matched whole in the text like special tokens but always decoded;
 - some vocabularies (Llama 3's) look a whole pre-token up in the vocabulary before running any
-  merge (``ignore_merges``), which matters for the few words the merges do not rebuild.
+  merge (``ignore_merges``), which matters for the few words the merges do not rebuild;
+- a byte that never occurred in the training text may have no token at all (SmolLM2 lacks 21
+  control bytes). With ``allow_missing_bytes`` such bytes are dropped before merging, as the
+  ``tokenizers`` library does for a BPE model without an unknown token (llama.cpp drops them
+  too), so they vanish from the round trip; otherwise a vocabulary must hold all 256.
 
 The ids of the beginning- and end-of-sequence tokens, and whether the model wants a BOS in front of
 every prompt, travel with the tokenizer too, and everything is saved to and loaded from the same
@@ -188,6 +192,8 @@ class ByteLevelBPETokenizer:
             (GGUF's user-defined tokens).
         pattern: the pre-tokenization regex (default GPT-2's); no capturing groups.
         ignore_merges: look each pre-token up whole in ``vocab`` before merging (Llama 3).
+        allow_missing_bytes: accept a vocabulary without some of the 256 byte symbols; those
+            bytes are dropped when encoding.
         bos_token_id, eos_token_id, pad_token_id: ids of those roles, if the vocabulary has them.
         add_bos_token: whether the model expects a BOS in front of every prompt
             (``encode(text, add_bos=tok.add_bos_token)``).
@@ -205,6 +211,7 @@ class ByteLevelBPETokenizer:
         added_tokens: Mapping[str, int] | None = None,
         pattern: str = GPT2_SPLIT_PATTERN,
         ignore_merges: bool = False,
+        allow_missing_bytes: bool = False,
         bos_token_id: int | None = None,
         eos_token_id: int | None = None,
         pad_token_id: int | None = None,
@@ -225,7 +232,8 @@ class ByteLevelBPETokenizer:
         self._split = compile_split_pattern(pattern)
         self._ignore_merges = bool(ignore_merges)
         missing = [c for c in _BYTE_TO_CHAR.values() if c not in self._vocab]
-        if missing:
+        self._allow_missing_bytes = bool(allow_missing_bytes)
+        if missing and not allow_missing_bytes:
             raise LmarchError(f"vocab lacks {len(missing)} of the 256 byte symbols: {missing[0]!r}")
         for token in self._vocab:
             if not token or any(c not in _CHAR_TO_BYTE for c in token):
@@ -262,7 +270,9 @@ class ByteLevelBPETokenizer:
             self._merges[key] = (rank, self._vocab[merged])
         self._merge_list = [(str(a), str(b)) for a, b in merges]
 
-        self._byte_ids = [self._vocab[_BYTE_TO_CHAR[b]] for b in range(256)]
+        # -1 marks a byte without a token (only with allow_missing_bytes).
+        self._byte_ids = [self._vocab.get(_BYTE_TO_CHAR[b], -1) for b in range(256)]
+        self._has_missing_bytes = bool(missing)
         # Decoding joins raw bytes per id; special and added tokens decode to their own text.
         self._id_bytes: list[bytes] = [
             bytes(_CHAR_TO_BYTE[c] for c in token) if token in self._vocab else token.encode()
@@ -375,6 +385,8 @@ class ByteLevelBPETokenizer:
                 return [whole]
         byte_ids = self._byte_ids
         word = [byte_ids[b] for b in raw]
+        if self._has_missing_bytes:
+            word = [i for i in word if i >= 0]
         if len(word) > _LONG_PIECE:
             return self._encode_long_piece(word)
         merges = self._merges
@@ -472,6 +484,11 @@ class ByteLevelBPETokenizer:
         return self._ignore_merges
 
     @property
+    def allow_missing_bytes(self) -> bool:
+        """Whether bytes without a token are accepted (and dropped when encoding)."""
+        return self._allow_missing_bytes
+
+    @property
     def bos_token_id(self) -> int | None:
         """Id of the beginning-of-sequence token, if any."""
         return self._bos_id
@@ -541,6 +558,7 @@ class ByteLevelBPETokenizer:
             "added_tokens": self._added or None,
             "pattern": None if self._pattern == GPT2_SPLIT_PATTERN else self._pattern,
             "ignore_merges": self._ignore_merges or None,
+            "allow_missing_bytes": self._allow_missing_bytes or None,
             "bos_token_id": self._bos_id,
             "eos_token_id": self._eos_id,
             "pad_token_id": self._pad_id,
@@ -710,6 +728,7 @@ def _parse_file(
     expected = {
         "pattern": (str,),
         "ignore_merges": (bool,),
+        "allow_missing_bytes": (bool,),
         "bos_token_id": (int,),
         "eos_token_id": (int,),
         "pad_token_id": (int,),
