@@ -8,6 +8,7 @@ token; without one (or past the model's position limit) each step re-runs the la
 from __future__ import annotations
 
 import time
+import weakref
 from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -18,6 +19,21 @@ from lmarch.generation.sampling import SamplingConfig, StopStringMatcher, select
 from lmarch.tokenizers.base import Tokenizer
 
 GREEDY = SamplingConfig(temperature=0.0)
+_COMPILED_STEPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+CACHE_ROUNDING = 256  # compiled steps see cache sizes in these steps, so few shapes recompile
+
+
+def compiled_step(model: nn.Module) -> nn.Module:
+    """``torch.compile`` of ``model`` for one-token decode steps, made once per model.
+
+    The step is called with a 0-d tensor position, so its shapes never change while a cache
+    lives (the whole cache is attended to, masked), and one compiled graph serves every step.
+    """
+    step = _COMPILED_STEPS.get(model)
+    if step is None:
+        step = torch.compile(model, dynamic=False)
+        _COMPILED_STEPS[model] = step
+    return step
 
 
 @torch.no_grad()
@@ -29,11 +45,13 @@ def iter_tokens(
     *,
     generator: torch.Generator | None = None,
     use_cache: bool = True,
+    compile: bool = False,
 ) -> Iterator[Tensor]:
     """Yield the next token ids [B] for ``max_new_tokens`` steps, continuing ``input_ids`` [B, T].
 
     The model must provide ``forward(ids, cache=, start=)``, ``make_cache`` and
-    ``max_positions`` (every causal family in lmarch does).
+    ``max_positions`` (every causal family in lmarch does). With ``compile`` the one-token
+    steps run through :func:`compiled_step` (the prompt itself runs eagerly).
     """
     was_training = model.training
     model.eval()
@@ -41,6 +59,9 @@ def iter_tokens(
         limit = model.max_positions
         ids = input_ids
         cache_len = min(limit, ids.shape[1] + max_new_tokens)
+        if compile:
+            cache_len = min(limit, -(-cache_len // CACHE_ROUNDING) * CACHE_ROUNDING)
+        step_fn = compiled_step(model) if compile and use_cache else None
         cache = model.make_cache(ids.shape[0], cache_len) if use_cache else None
         if cache is not None and ids.shape[1] > cache_len:
             cache = None  # the prompt alone overflows the window: fall back to cropping
@@ -52,7 +73,11 @@ def iter_tokens(
             if step == max_new_tokens - 1:
                 break
             if cache is not None and ids.shape[1] <= cache_len:
-                logits = model(ids[:, -1:], cache=cache, start=ids.shape[1] - 1)[:, -1]
+                if step_fn is not None:
+                    position = torch.tensor(ids.shape[1] - 1, device=ids.device)
+                    logits = step_fn(ids[:, -1:], cache=cache, start=position)[:, -1]
+                else:
+                    logits = model(ids[:, -1:], cache=cache, start=ids.shape[1] - 1)[:, -1]
             else:
                 cache = None
                 logits = model(ids[:, -limit:], start=0)[:, -1]

@@ -134,12 +134,12 @@ class Llama(nn.Module):
         input_ids: Tensor,
         *,
         cache: KVCache | None = None,
-        start: int = 0,
+        start: int | Tensor = 0,
         attention_mask: Tensor | None = None,
     ) -> Tensor:
         """The final normalised hidden states [B, T, n_embd] (before the output head)."""
         t = input_ids.shape[1]
-        if start + t > self.config.block_size:
+        if isinstance(start, int) and start + t > self.config.block_size:
             raise ValueError(
                 f"sequence of {start + t} tokens exceeds block_size {self.config.block_size}"
             )
@@ -160,7 +160,7 @@ class Llama(nn.Module):
         input_ids: Tensor,
         *,
         cache: KVCache | None = None,
-        start: int = 0,
+        start: int | Tensor = 0,
         attention_mask: Tensor | None = None,
     ) -> Tensor:
         """Logits [B, T, vocab] for ids [B, T] at positions ``start .. start+T-1``."""

@@ -153,7 +153,7 @@ class MultiHeadAttention(nn.Module):
         attention_mask: Tensor | None = None,
         cache: KVCache | None = None,
         layer_index: int = 0,
-        start: int = 0,
+        start: int | Tensor = 0,
         qk_transform: QKTransform | None = None,
     ) -> Tensor:
         """x: [B, T, dim] -> [B, T, dim].
@@ -179,7 +179,12 @@ class MultiHeadAttention(nn.Module):
             k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
 
         mask, is_causal = attention_mask, False
-        if self.causal and t > 1:
+        if isinstance(start, Tensor):
+            # static-shape step over the whole cache buffer: hide the positions not written yet
+            q_pos = start + torch.arange(t, device=x.device)
+            allowed = torch.arange(k.shape[2], device=x.device)[None, :] <= q_pos[:, None]
+            mask = allowed if mask is None else mask & allowed
+        elif self.causal and t > 1:
             if mask is None and k.shape[2] == t:
                 is_causal = True  # plain lower triangle: let the fused kernel build it
             else:

@@ -40,7 +40,7 @@ class TransformerBlock(nn.Module):
         attention_mask: Tensor | None = None,
         cache: KVCache | None = None,
         layer_index: int = 0,
-        start: int = 0,
+        start: int | Tensor = 0,
         qk_transform: QKTransform | None = None,
     ) -> Tensor:
         """x: [B, T, dim] -> [B, T, dim]; keyword arguments are passed to the attention."""

@@ -34,8 +34,20 @@ class KVCache:
         self.values = torch.zeros(shape, dtype=dtype, device=device)
         self.max_len = max_len
 
-    def update(self, layer: int, k: Tensor, v: Tensor, start: int) -> tuple[Tensor, Tensor]:
-        """Store ``k``/``v`` ([B, H_kv, T, D]) at ``start`` and return all keys/values so far."""
+    def update(
+        self, layer: int, k: Tensor, v: Tensor, start: int | Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """Store ``k``/``v`` ([B, H_kv, T, D]) at ``start`` and return all keys/values so far.
+
+        With ``start`` a 0-d tensor (the compiled decode step) the write is an ``index_copy_``
+        and the whole buffer is returned, so every step has the same shapes; positions past the
+        current one are then hidden by the attention mask.
+        """
+        if isinstance(start, Tensor):
+            index = start + torch.arange(k.shape[2], device=k.device)
+            self.keys[layer].index_copy_(2, index, k)
+            self.values[layer].index_copy_(2, index, v)
+            return self.keys[layer], self.values[layer]
         end = start + k.shape[2]
         if end > self.max_len:
             raise ValueError(f"KV cache holds {self.max_len} positions; asked to write up to {end}")

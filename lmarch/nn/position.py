@@ -142,8 +142,12 @@ class RotaryEmbedding(nn.Module):
         self.cos = angles.cos().to(device)
         self.sin = angles.sin().to(device)
 
-    def forward(self, q: Tensor, k: Tensor, start: int) -> tuple[Tensor, Tensor]:
+    def forward(self, q: Tensor, k: Tensor, start: int | Tensor) -> tuple[Tensor, Tensor]:
         t = q.shape[-2]
-        cos = self.cos[start : start + t].to(q.dtype)
-        sin = self.sin[start : start + t].to(q.dtype)
+        if isinstance(start, Tensor):  # compiled decode step: position as a tensor
+            index = start + torch.arange(t, device=q.device)
+            cos, sin = self.cos.index_select(0, index), self.sin.index_select(0, index)
+        else:
+            cos, sin = self.cos[start : start + t], self.sin[start : start + t]
+        cos, sin = cos.to(q.dtype), sin.to(q.dtype)
         return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)

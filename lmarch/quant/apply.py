@@ -1,0 +1,98 @@
+"""Quantise a model in place: every ``nn.Linear`` becomes a weight-only int8 or int4 layer.
+
+Any family works, because the swap happens from outside the model: the model file keeps its
+``nn.Linear`` layers, and ``quantize_`` walks the module tree and replaces them.
+
+    model = quantize_(model, "int4", group_size=32, skip=lambda name, m: name == "lm_head")
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import nn
+
+from lmarch.errors import LmarchError
+from lmarch.quant.int4 import Int4WeightOnlyLinear, check_int4_shape
+from lmarch.quant.int8 import Int8WeightOnlyLinear
+
+__all__ = ["SCHEMES", "quantize_", "quantize_linear"]
+
+SCHEMES = ("int8", "int4")
+
+SkipFn = Callable[[str, nn.Linear], bool]
+
+
+def quantize_linear(linear: nn.Linear, scheme: str = "int8", group_size: int = 32) -> nn.Module:
+    """One ``nn.Linear`` as its quantised counterpart (``linear`` itself is not changed)."""
+    if scheme == "int8":
+        return Int8WeightOnlyLinear.from_linear(linear)
+    if scheme == "int4":
+        return Int4WeightOnlyLinear.from_linear(linear, group_size=group_size)
+    raise LmarchError(f"unknown quantisation scheme {scheme!r}", hint=f"choose one of {SCHEMES}")
+
+
+def quantize_(
+    model: nn.Module,
+    scheme: str = "int8",
+    group_size: int = 32,
+    skip: SkipFn | None = None,
+) -> nn.Module:
+    """Replace every ``nn.Linear`` in ``model`` by a weight-only quantised layer, in place.
+
+    ``scheme`` is ``"int8"`` (per-output-channel) or ``"int4"`` (groups of ``group_size``
+    inputs). ``skip(name, linear)`` returning True keeps that layer in float; ``name`` is the
+    dotted module path (``"blocks.0.ffn.down"``, ``"lm_head"``).
+
+    Only exact ``nn.Linear`` instances are replaced: subclasses (such as the ``out_proj`` of
+    ``nn.MultiheadAttention``, whose parent reads the raw weight) are left alone. A layer
+    reached under several names is quantised once and stays shared. A Linear whose weight is
+    tied to an ``nn.Embedding`` (an output head sharing the token embeddings) gets its own
+    quantised copy; the embedding keeps the float weight, since a lookup table reads single
+    rows and gains nothing from the matmul kernels.
+
+    Every layer is checked before any is replaced, so a layer int4 cannot take (in_features
+    not divisible by ``group_size``) raises ``LmarchError`` naming it and leaves the model
+    untouched. Returns ``model`` — or the new layer, if ``model`` is itself an ``nn.Linear``.
+    """
+    if scheme not in SCHEMES:
+        raise LmarchError(
+            f"unknown quantisation scheme {scheme!r}", hint=f"choose one of {SCHEMES}"
+        )
+    if type(model) is nn.Linear:
+        if skip is not None and skip("", model):
+            return model
+        return quantize_linear(model, scheme, group_size)
+
+    # (parent, attribute, child, dotted name) for every place a Linear hangs in the tree
+    sites: list[tuple[nn.Module, str, nn.Linear, str]] = []
+    for parent_name, parent in model.named_modules(remove_duplicate=False):
+        for attr, child in parent._modules.items():  # named_children() would drop repeats
+            if type(child) is nn.Linear:
+                name = f"{parent_name}.{attr}" if parent_name else attr
+                sites.append((parent, attr, child, name))
+
+    chosen: dict[int, nn.Linear] = {}  # id -> layer, first name decides skip
+    decided: set[int] = set()
+    for _, _, child, name in sites:
+        if id(child) in decided:
+            continue
+        decided.add(id(child))
+        if skip is not None and skip(name, child):
+            continue
+        if scheme == "int4":
+            try:
+                check_int4_shape(child.in_features, child.out_features, group_size)
+            except LmarchError as err:
+                raise LmarchError(
+                    f"cannot quantise {name!r} to int4: {err.args[0]}",
+                    hint=f"keep it in float with skip=lambda name, m: name == {name!r}, "
+                    "or choose another group size",
+                ) from None
+        chosen[id(child)] = child
+
+    replacements = {key: quantize_linear(lin, scheme, group_size) for key, lin in chosen.items()}
+    for parent, attr, child, _ in sites:
+        if id(child) in replacements:
+            setattr(parent, attr, replacements[id(child)])
+    return model
