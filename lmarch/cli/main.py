@@ -36,6 +36,16 @@ def _add_sampling_options(
     p.add_argument("--seed", type=int, default=None, help="random seed for reproducible samples")
 
 
+def _add_speed_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--quant",
+        choices=["none", "int8", "int4"],
+        default="none",
+        help="weight-only quantisation for faster CPU decoding (bf16 activations)",
+    )
+    p.add_argument("--compile", action="store_true", help="torch.compile the decode step")
+
+
 def build_parser() -> OneLineParser:
     """The argument parser for every subcommand."""
     parser = OneLineParser(
@@ -74,12 +84,14 @@ def build_parser() -> OneLineParser:
     g.add_argument("prompt", help="raw text; special tokens written in it are parsed as such")
     _add_sampling_options(g, temperature=0.0, max_new_tokens=128)
     g.add_argument("--ignore-eos", action="store_true", help="keep going past end-of-text")
+    _add_speed_options(g)
     g.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
 
     c = sub.add_parser("chat", help="chat with an instruction-tuned model (/reset, /system, /quit)")
     c.add_argument("model", help="a preset with weights, a .gguf file or an HF folder")
     c.add_argument("--system", default=None, help="system message")
     _add_sampling_options(c, temperature=0.7, max_new_tokens=256)
+    _add_speed_options(c)
 
     d = sub.add_parser("demo", help="train a small GPT on Shakespeare (~3 min) and sample it")
     d.add_argument("--out", default="runs/demo")
@@ -170,11 +182,12 @@ def cmd_presets(args: argparse.Namespace) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from lmarch.generation import GenerationStats
-    from lmarch.tasks.generate import generate_text
+    from lmarch.tasks.generate import generate_text, prepare_for_decoding
     from lmarch.weights.loader import load_model
 
     sampling = _sampling(args)
     loaded = load_model(args.model)
+    prepare_for_decoding(loaded, args.quant, args.compile)
     stats = GenerationStats()
     pieces = []
     out = sys.stderr if args.json else sys.stdout
@@ -208,9 +221,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_chat(args: argparse.Namespace) -> int:
     from lmarch.tasks.chat import ChatSession
+    from lmarch.tasks.generate import prepare_for_decoding
     from lmarch.weights.loader import load_model
 
     loaded = load_model(args.model)
+    prepare_for_decoding(loaded, args.quant, args.compile)
     session = ChatSession(loaded, _sampling(args), args.max_new_tokens, args.system, args.seed)
     interactive = sys.stdin.isatty()
     if interactive:

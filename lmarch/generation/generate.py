@@ -147,6 +147,7 @@ def stream_text(
     stop_token_ids: Collection[int] = (),
     stats: GenerationStats | None = None,
     device: torch.device | str = "cpu",
+    compile: bool = False,
 ) -> Iterator[str]:
     """Yield the continuation of ``prompt`` (text, or token ids) as text pieces, as soon as they
     are safe to show.
@@ -171,7 +172,9 @@ def stream_text(
     shown = 0
     text = ""
     t0 = time.perf_counter()
-    for next_ids in iter_tokens(model, ids, max_new_tokens, sampling, generator=generator):
+    for next_ids in iter_tokens(
+        model, ids, max_new_tokens, sampling, generator=generator, compile=compile
+    ):
         now = time.perf_counter()
         if not stats.token_ids:
             stats.prefill_s = now - t0

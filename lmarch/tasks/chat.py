@@ -81,6 +81,7 @@ class ChatSession:
             seed=self.seed,
             stop_token_ids=self.loaded.stop_token_ids,
             stats=self.last_stats,
+            compile=self.loaded.extra.get("compile", False),
         ):
             reply.append(piece)
             yield piece
