@@ -43,7 +43,6 @@ def _add_speed_options(p: argparse.ArgumentParser) -> None:
         default="none",
         help="weight-only quantisation for faster CPU decoding (bf16 activations)",
     )
-    p.add_argument("--compile", action="store_true", help="torch.compile the decode step")
 
 
 def build_parser() -> OneLineParser:
@@ -187,7 +186,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     sampling = _sampling(args)
     loaded = load_model(args.model)
-    prepare_for_decoding(loaded, args.quant, args.compile)
+    prepare_for_decoding(loaded, args.quant)
     stats = GenerationStats()
     pieces = []
     out = sys.stderr if args.json else sys.stdout
@@ -225,7 +224,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from lmarch.weights.loader import load_model
 
     loaded = load_model(args.model)
-    prepare_for_decoding(loaded, args.quant, args.compile)
+    prepare_for_decoding(loaded, args.quant)
     session = ChatSession(loaded, _sampling(args), args.max_new_tokens, args.system, args.seed)
     interactive = sys.stdin.isatty()
     if interactive:
