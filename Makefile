@@ -27,6 +27,9 @@ test-slow: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/bpe_train.py
 	$(PY) benchmarks/train_gpt.py
+	$(PY) benchmarks/quant_linear.py
+	$(PY) benchmarks/decode.py
+	$(PY) benchmarks/quality_bar.py
 
 lint: $(STAMP)
 	.venv/bin/ruff check lmarch tests benchmarks
