@@ -25,6 +25,7 @@ from lmarch.nn import (
     MultiHeadAttention,
     TransformerBlock,
 )
+from lmarch.nn.init import init_normal
 
 
 @dataclass
@@ -71,18 +72,11 @@ class GPT(nn.Module):
         if c.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
         if self.tok_emb.weight.device.type != "meta":  # on meta, weights are loaded later
-            self.apply(self._init_weights)
+            self.apply(init_normal)
             residual_std = 0.02 / math.sqrt(2 * c.n_layer)
             for block in self.blocks:
                 nn.init.normal_(block.attn.out.weight, std=residual_std)
                 nn.init.normal_(block.ffn.fc_out.weight, std=residual_std)
-
-    @staticmethod
-    def _init_weights(module: nn.Module) -> None:
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
-        if isinstance(module, nn.Linear) and module.bias is not None:
-            nn.init.zeros_(module.bias)
 
     @property
     def max_positions(self) -> int:
@@ -94,15 +88,14 @@ class GPT(nn.Module):
     ) -> KVCache:
         """A static KV cache sized for this model (``max_len`` defaults to ``block_size``)."""
         c = self.config
-        weight = self.tok_emb.weight
-        return KVCache(
+        return KVCache.like(
+            self.tok_emb.weight,
             c.n_layer,
             batch_size,
             c.n_head,
             max_len or c.block_size,
             c.n_embd // c.n_head,
-            dtype=dtype or weight.dtype,
-            device=weight.device,
+            dtype,
         )
 
     def forward(

@@ -26,6 +26,7 @@ from lmarch.nn import (
     RotaryEmbedding,
     TransformerBlock,
 )
+from lmarch.nn.init import init_normal
 
 
 @dataclass
@@ -99,14 +100,7 @@ class Llama(nn.Module):
         if c.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
         if self.tok_emb.weight.device.type != "meta":  # on meta, weights are loaded later
-            self.apply(self._init_weights)
-
-    @staticmethod
-    def _init_weights(module: nn.Module) -> None:
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
-        if isinstance(module, nn.Linear) and module.bias is not None:
-            nn.init.zeros_(module.bias)
+            self.apply(init_normal)
 
     @property
     def max_positions(self) -> int:
@@ -118,15 +112,14 @@ class Llama(nn.Module):
     ) -> KVCache:
         """A static KV cache with ``n_kv_head`` heads per layer (GQA shrinks it n_head/n_kv_head x)."""
         c = self.config
-        weight = self.tok_emb.weight
-        return KVCache(
+        return KVCache.like(
+            self.tok_emb.weight,
             c.n_layer,
             batch_size,
             c.kv_heads,
             max_len or c.block_size,
             c.dim_per_head,
-            dtype=dtype or weight.dtype,
-            device=weight.device,
+            dtype,
         )
 
     def hidden_states(

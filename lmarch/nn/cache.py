@@ -34,6 +34,28 @@ class KVCache:
         self.values = torch.zeros(shape, dtype=dtype, device=device)
         self.max_len = max_len
 
+    @classmethod
+    def like(
+        cls,
+        reference: Tensor,
+        n_layers: int,
+        batch_size: int,
+        n_kv_heads: int,
+        max_len: int,
+        head_dim: int,
+        dtype: torch.dtype | None = None,
+    ) -> KVCache:
+        """A cache on ``reference``'s device, in its dtype unless ``dtype`` is given."""
+        return cls(
+            n_layers,
+            batch_size,
+            n_kv_heads,
+            max_len,
+            head_dim,
+            dtype=dtype or reference.dtype,
+            device=reference.device,
+        )
+
     def update(
         self, layer: int, k: Tensor, v: Tensor, start: int | Tensor
     ) -> tuple[Tensor, Tensor]:
