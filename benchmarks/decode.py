@@ -302,13 +302,19 @@ def profile_main(engine: str, threads: int, steps: int = 16) -> None:
     tokens = iter_tokens(loaded.model, ids, 16 + steps + 1, greedy, compile=compiled)
     for _ in range(16):  # prefill and warm-up steps
         next(tokens)
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         start = time.perf_counter()
         for _ in range(steps):
             next(tokens)
         wall = time.perf_counter() - start
     print(f"{engine}: {steps} decode steps, {wall / steps * 1e3:.2f} ms per step (under profiler)")
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+    print("The same, by input shapes (which matmul is which layer):")
+    print(
+        prof.key_averages(group_by_input_shape=True).table(
+            sort_by="self_cpu_time_total", row_limit=10, max_name_column_width=40
+        )
+    )
 
 
 # --------------------------------------------------------------------------- parent process
