@@ -38,8 +38,8 @@ Greedy agreement: the new token ids of each engine are compared with those of
 ``transformers`` (same float32 weights as ``lmarch-fp32``, so all should agree) and of
 ``lmarch-fp32``.
 
-    python benchmarks/decode.py [--repeats 3] [--new-tokens 128] [--threads 2]
-                                [--engines lmarch-fp32,transformers,llama.cpp] [--wait-idle 300] [--json]
+    python benchmarks/decode.py [--repeats 3] [--new-tokens 128] [--threads 2] [--json]
+                                [--engines lmarch-fp32,transformers,llama.cpp] [--wait-idle 300]
     python benchmarks/decode.py --profile [lmarch-fp32]   # torch.profiler over 16 decode steps
 
 ``--json`` prints one JSON object as the last line.
@@ -453,11 +453,19 @@ def markdown(summary: dict[str, dict], new_tokens: int) -> str:
         spread = f" ({m['decode_tok_s_min']:.1f}-{m['decode_tok_s_max']:.1f})" if dec else ""
         vs_tf = f"{dec / tf:.2f}x" if dec and tf else "-"
         vs_lc = f"{dec / lc:.2f}x" if dec and lc else "-"
-        lines.append(
-            f"| {engine} | {num(m.get('load_s'), '.2f')} | {num(m.get('prepare_s'), '.2f')} | "
-            f"{num(m.get('warmup_s'), '.2f')} | {num(m.get('prefill_tok_s'), '.0f')} | {num(dec, '.1f')}{spread} | {vs_tf} | "
-            f"{vs_lc} | {num(m.get('peak_rss_mb'), '.0f')} | {num(m.get('others_cores'), '.2f')} |"
-        )
+        cells = [
+            engine,
+            num(m.get("load_s"), ".2f"),
+            num(m.get("prepare_s"), ".2f"),
+            num(m.get("warmup_s"), ".2f"),
+            num(m.get("prefill_tok_s"), ".0f"),
+            num(dec, ".1f") + spread,
+            vs_tf,
+            vs_lc,
+            num(m.get("peak_rss_mb"), ".0f"),
+            num(m.get("others_cores"), ".2f"),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -481,7 +489,7 @@ def main() -> None:
     parser.add_argument(
         "--omp-wait-policy",
         choices=("passive", "active"),
-        help="OMP_WAIT_POLICY for the children (default: as inherited); see the note above",
+        help="OMP_WAIT_POLICY for the children (default: inherited; see the docstring)",
     )
     parser.add_argument(
         "--wait-idle",
@@ -491,7 +499,13 @@ def main() -> None:
         help="before each run wait up to S seconds for other processes to use < 0.3 cores",
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object last")
-    parser.add_argument("--profile", nargs="?", const="lmarch-fp32", metavar="ENGINE")
+    parser.add_argument(
+        "--profile",
+        nargs="?",
+        const="lmarch-fp32",
+        metavar="ENGINE",
+        help="instead: torch.profiler tables of 16 decode steps of an lmarch engine",
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
