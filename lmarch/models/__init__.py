@@ -1,5 +1,15 @@
 """Model families (one file each) and the preset registry."""
 
+from lmarch.models.bert import (
+    AlbertForPreTraining,
+    BertConfig,
+    BertForMaskedLM,
+    BertForQuestionAnswering,
+    BertForSequenceClassification,
+    BertForTokenClassification,
+    BertModel,
+    ElectraForPreTraining,
+)
 from lmarch.models.bigram import BigramConfig, BigramLM
 from lmarch.models.gpt import GPT, GPTConfig
 from lmarch.models.llama import Llama, LlamaConfig
@@ -20,8 +30,16 @@ __all__ = [
     "FAMILIES",
     "GPT",
     "PRESETS",
+    "AlbertForPreTraining",
+    "BertConfig",
+    "BertForMaskedLM",
+    "BertForQuestionAnswering",
+    "BertForSequenceClassification",
+    "BertForTokenClassification",
+    "BertModel",
     "BigramConfig",
     "BigramLM",
+    "ElectraForPreTraining",
     "GPTConfig",
     "Llama",
     "LlamaConfig",

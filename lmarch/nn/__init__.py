@@ -12,6 +12,7 @@ from lmarch.nn.block import TransformerBlock
 from lmarch.nn.cache import KVCache
 from lmarch.nn.ffn import MLP, GatedMLP, get_activation, swiglu_hidden_dim
 from lmarch.nn.norm import LayerNorm, RMSNorm, build_norm
+from lmarch.nn.pooling import l2_normalize, pool
 from lmarch.nn.position import (
     LearnedPositionalEmbedding,
     RotaryEmbedding,
@@ -37,7 +38,9 @@ __all__ = [
     "build_norm",
     "causal_mask",
     "get_activation",
+    "l2_normalize",
     "padding_mask",
+    "pool",
     "reference_attention",
     "repeat_kv",
     "rope_inverse_frequencies",

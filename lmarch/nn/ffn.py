@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -25,11 +26,12 @@ ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "gelu_tanh": gelu_tanh,
     "relu": F.relu,
     "silu": F.silu,
+    "tanh": torch.tanh,
 }
 
 
 def get_activation(name: str) -> Callable[[Tensor], Tensor]:
-    """Look up an activation by name (``gelu``, ``gelu_tanh``, ``relu``, ``silu``)."""
+    """Look up an activation by name (``gelu``, ``gelu_tanh``, ``relu``, ``silu``, ``tanh``)."""
     if name not in ACTIVATIONS:
         raise ValueError(f"unknown activation {name!r}; choose one of {sorted(ACTIVATIONS)}")
     return ACTIVATIONS[name]

@@ -1,0 +1,351 @@
+"""BERT: a bidirectional Transformer encoder (Devlin et al. 2019), and the variants built on it.
+
+    e_t = LN(W_tok[x_t] + W_pos[p_t] + W_type[s_t])       word + position + segment embeddings
+    h_0 = e W_proj  (only with a factorised embedding)     E -> H projection (ALBERT, ELECTRA)
+    h_l = Block(h_{l-1}),  l = 1..L                        post-LN blocks, attention sees both sides
+    pooled = tanh(h_L[CLS] W_pool + b_pool)                sentence vector for classification
+
+Every position attends to every real token (pad keys are masked out), so a token's state depends
+on its whole sentence — the encoder is trained by masked-language modelling instead of next-token
+prediction. The variants differ only in config fields (``variant`` and a few shapes):
+
+- RoBERTa (Liu et al. 2019): one token type; positions start at pad_token_id + 1 and count only
+  non-pad tokens, so a padded sentence gets the same positions as an unpadded one.
+- ALBERT (Lan et al. 2020): factorised embeddings (V x E, then E -> H with E << H) and cross-layer
+  sharing: ``n_layer_groups`` distinct blocks, layer l using block floor(l / (L / G)).
+- ELECTRA (Clark et al. 2020): an E -> H embedding projection when E != H, no pooler; the
+  discriminator scores each token as original or replaced.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from lmarch.models.bert_heads import DenseHead, MaskedLMHead, split_span_logits
+from lmarch.nn import (
+    MLP,
+    LayerNorm,
+    LearnedPositionalEmbedding,
+    MultiHeadAttention,
+    TransformerBlock,
+    padding_mask,
+)
+from lmarch.nn.init import init_normal
+
+VARIANTS = ("bert", "roberta", "albert", "electra")
+
+
+@dataclass
+class BertConfig:
+    """BERT-family hyper-parameters; defaults are BERT-base (110M, Devlin et al. 2019, sec. 3).
+
+    ``embedding_size`` set means a factorised embedding of that width followed by a projection
+    to ``n_embd`` (ALBERT always has the projection, ELECTRA only when the widths differ).
+    ``n_layer_groups`` set means ALBERT-style sharing: that many distinct blocks for ``n_layer``
+    layers. ``add_pooler`` keeps the tanh pooler on the bare encoder (heads that do not use it
+    build the encoder without it, as the Hugging Face checkpoints do).
+    """
+
+    vocab_size: int = 30522
+    block_size: int = 512  # rows of the position table (RoBERTa: 514, two of them unused)
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    intermediate_size: int = 3072
+    type_vocab_size: int = 2
+    embedding_size: int | None = None
+    n_layer_groups: int | None = None
+    variant: str = "bert"
+    activation: str = "gelu"  # exact erf GELU, as BERT's released code
+    layer_norm_eps: float = 1e-12
+    dropout: float = 0.1  # on embeddings, attention weights and every residual branch
+    pad_token_id: int = 0
+    add_pooler: bool = True
+    attention: str = "sdpa"
+
+    def __post_init__(self) -> None:
+        if self.variant not in VARIANTS:
+            raise ValueError(f"unknown BERT variant {self.variant!r}; choose one of {VARIANTS}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if self.n_layer_groups is not None and not 1 <= self.n_layer_groups <= self.n_layer:
+            raise ValueError(f"n_layer_groups must be in 1..n_layer, got {self.n_layer_groups}")
+
+    @property
+    def embedding_dim(self) -> int:
+        """Width of the token/position/type tables (E)."""
+        return self.embedding_size or self.n_embd
+
+    @property
+    def n_blocks(self) -> int:
+        """Number of distinct blocks (parameter sets) in the encoder."""
+        return self.n_layer_groups or self.n_layer
+
+    @property
+    def position_offset(self) -> int:
+        """First position id of a real token: pad_token_id + 1 for RoBERTa, 0 otherwise."""
+        return self.pad_token_id + 1 if self.variant == "roberta" else 0
+
+    @property
+    def max_positions(self) -> int:
+        """Longest sequence the position table covers."""
+        return self.block_size - self.position_offset
+
+
+def _init_weights(*modules: nn.Module) -> None:
+    """BERT's initialisation, N(0, 0.02^2) with zero biases — skipped on the meta device."""
+    for module in modules:
+        if next(module.parameters()).device.type != "meta":
+            module.apply(init_normal)
+
+
+def roberta_position_ids(input_ids: Tensor, pad_token_id: int) -> Tensor:
+    """Position ids counting only non-pad tokens, starting at pad_token_id + 1; pads get
+    pad_token_id (Liu et al. 2019's fairseq convention): p_t = pad + m_t * sum_{s<=t} m_s."""
+    real = (input_ids != pad_token_id).long()
+    return torch.cumsum(real, dim=1) * real + pad_token_id
+
+
+class BertModel(nn.Module):
+    """The encoder: ids [B, T] (with a 0/1 padding mask and segment ids) -> states [B, T, H]."""
+
+    def __init__(self, config: BertConfig, add_pooler: bool | None = None) -> None:
+        super().__init__()
+        self.config = c = config
+        e = c.embedding_dim
+        self.tok_emb = nn.Embedding(c.vocab_size, e)
+        self.pos_emb = LearnedPositionalEmbedding(c.block_size, e)
+        self.type_emb = nn.Embedding(c.type_vocab_size, e)
+        self.norm_emb = LayerNorm(e, c.layer_norm_eps)
+        self.drop = nn.Dropout(c.dropout)
+        self.emb_proj = nn.Linear(e, c.n_embd) if c.embedding_size is not None else None
+        self.blocks = nn.ModuleList(
+            TransformerBlock(
+                attn=MultiHeadAttention(
+                    c.n_embd,
+                    c.n_head,
+                    dropout=c.dropout,
+                    causal=False,
+                    implementation=c.attention,
+                ),
+                ffn=MLP(c.n_embd, c.intermediate_size, c.activation, dropout=c.dropout),
+                norm_attn=LayerNorm(c.n_embd, c.layer_norm_eps),
+                norm_ffn=LayerNorm(c.n_embd, c.layer_norm_eps),
+                pre_norm=False,
+            )
+            for _ in range(c.n_blocks)
+        )
+        use_pooler = c.add_pooler if add_pooler is None else add_pooler
+        self.pooler = nn.Linear(c.n_embd, c.n_embd) if use_pooler else None
+        _init_weights(self)
+
+    def block_for_layer(self, layer: int) -> TransformerBlock:
+        """The block applied at ``layer``: its own, or its group's shared one (ALBERT)."""
+        return self.blocks[int(layer / (self.config.n_layer / len(self.blocks)))]
+
+    def position_ids(self, input_ids: Tensor) -> Tensor:
+        """Absolute positions 0..T-1, or RoBERTa's pad-aware ones; [B or 1, T]."""
+        c = self.config
+        if c.variant == "roberta":
+            return roberta_position_ids(input_ids, c.pad_token_id)
+        return torch.arange(input_ids.shape[1], device=input_ids.device)[None, :]
+
+    def embed(self, input_ids: Tensor, token_type_ids: Tensor | None = None) -> Tensor:
+        """h_0: summed, normalised embeddings (projected to the hidden width if factorised)."""
+        if input_ids.shape[1] > self.config.max_positions:
+            raise ValueError(
+                f"sequence of {input_ids.shape[1]} tokens exceeds the {self.config.max_positions}"
+                " positions of this model"
+            )
+        if token_type_ids is None:
+            token_type_ids = torch.zeros_like(input_ids)
+        x = self.tok_emb(input_ids) + self.type_emb(token_type_ids)
+        x = self.drop(self.norm_emb(x + self.pos_emb(self.position_ids(input_ids))))
+        return x if self.emb_proj is None else self.emb_proj(x)
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        token_type_ids: Tensor | None = None,
+    ) -> Tensor:
+        """Last hidden states [B, T, H]; ``attention_mask`` is 1 for real tokens, 0 for pads."""
+        x = self.embed(input_ids, token_type_ids)
+        mask = padding_mask(attention_mask) if attention_mask is not None else None
+        for layer in range(self.config.n_layer):
+            x = self.block_for_layer(layer)(x, attention_mask=mask)
+        return x
+
+    def pooled(self, hidden: Tensor) -> Tensor:
+        """BERT's sentence vector tanh(h[CLS] W + b) [B, H] (next-sentence / SOP / classifiers)."""
+        if self.pooler is None:
+            raise RuntimeError("this encoder was built without a pooler")
+        return torch.tanh(self.pooler(hidden[:, 0]))
+
+
+def _mlm_head(config: BertConfig, bert: BertModel) -> MaskedLMHead:
+    # RoBERTa's and ELECTRA's heads use GELU whatever the encoder's activation is
+    act = config.activation if config.variant in ("bert", "albert") else "gelu"
+    head = MaskedLMHead(
+        config.n_embd, config.embedding_dim, config.vocab_size, act, config.layer_norm_eps
+    )
+    head.decoder.weight = bert.tok_emb.weight  # output embeddings tied to the input ones
+    return head
+
+
+class BertForMaskedLM(nn.Module):
+    """Masked-LM model (Devlin et al. 2019, sec. 3.1, task 1): logits [B, T, V] for every
+    position; the loss is taken where the input was masked. Also ELECTRA's generator."""
+
+    def __init__(self, config: BertConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.bert = BertModel(config, add_pooler=False)
+        self.mlm = _mlm_head(config, self.bert)
+        _init_weights(self.mlm)
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        token_type_ids: Tensor | None = None,
+    ) -> Tensor:
+        """Vocabulary logits [B, T, V]."""
+        return self.mlm(self.bert(input_ids, attention_mask, token_type_ids))
+
+
+class BertForSequenceClassification(nn.Module):
+    """Sentence(-pair) classifier [B, num_labels]. BERT and ALBERT classify the pooled [CLS]
+    vector with one linear layer (Devlin et al. 2019, sec. 4.1: softmax(C W^T)); RoBERTa and
+    ELECTRA use a two-layer head on the first token's state (tanh and GELU respectively)."""
+
+    def __init__(self, config: BertConfig, num_labels: int) -> None:
+        super().__init__()
+        self.config, self.num_labels = config, num_labels
+        self.uses_pooler = config.variant in ("bert", "albert")
+        self.bert = BertModel(config, add_pooler=self.uses_pooler)
+        if self.uses_pooler:
+            self.dropout = nn.Dropout(config.dropout)
+            self.classifier: nn.Module = nn.Linear(config.n_embd, num_labels)
+        else:
+            act = "tanh" if config.variant == "roberta" else "gelu"
+            self.classifier = DenseHead(config.n_embd, num_labels, act, config.dropout)
+        _init_weights(self.classifier)
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        token_type_ids: Tensor | None = None,
+    ) -> Tensor:
+        """Class logits [B, num_labels]."""
+        hidden = self.bert(input_ids, attention_mask, token_type_ids)
+        if self.uses_pooler:
+            return self.classifier(self.dropout(self.bert.pooled(hidden)))
+        return self.classifier(hidden[:, 0])
+
+
+class BertForTokenClassification(nn.Module):
+    """Per-token classifier (tagging, NER; Devlin et al. 2019, sec. 5.3): [B, T, num_labels]."""
+
+    def __init__(self, config: BertConfig, num_labels: int) -> None:
+        super().__init__()
+        self.config, self.num_labels = config, num_labels
+        self.bert = BertModel(config, add_pooler=False)
+        self.dropout = nn.Dropout(config.dropout)
+        self.classifier = nn.Linear(config.n_embd, num_labels)
+        _init_weights(self.classifier)
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        token_type_ids: Tensor | None = None,
+    ) -> Tensor:
+        """Tag logits [B, T, num_labels]."""
+        return self.classifier(self.dropout(self.bert(input_ids, attention_mask, token_type_ids)))
+
+
+class BertForQuestionAnswering(nn.Module):
+    """Extractive QA (SQuAD; Devlin et al. 2019, sec. 4.2): a start and an end vector score every
+    token, and the answer is the span [i, j] maximising S.T_i + E.T_j."""
+
+    def __init__(self, config: BertConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.bert = BertModel(config, add_pooler=False)
+        self.qa = nn.Linear(config.n_embd, 2)
+        _init_weights(self.qa)
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        token_type_ids: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """(start logits [B, T], end logits [B, T])."""
+        return split_span_logits(self.qa(self.bert(input_ids, attention_mask, token_type_ids)))
+
+
+class ElectraForPreTraining(nn.Module):
+    """ELECTRA's discriminator (Clark et al. 2020, sec. 2): for every token, the logit that it
+    was replaced by the generator, D(x, t) = sigmoid(w^T act(W h_t)); output [B, T]."""
+
+    def __init__(self, config: BertConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.bert = BertModel(config, add_pooler=False)
+        self.discriminator = DenseHead(config.n_embd, 1, config.activation)
+        _init_weights(self.discriminator)
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        token_type_ids: Tensor | None = None,
+    ) -> Tensor:
+        """Replaced-token-detection logits [B, T]."""
+        hidden = self.bert(input_ids, attention_mask, token_type_ids)
+        return self.discriminator(hidden).squeeze(-1)
+
+
+class AlbertForPreTraining(nn.Module):
+    """ALBERT's two pre-training heads (Lan et al. 2020, sec. 3.1): masked-LM logits [B, T, V]
+    and sentence-order prediction logits [B, 2] from the pooled [CLS] vector (were the two
+    segments swapped?)."""
+
+    def __init__(self, config: BertConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.bert = BertModel(config, add_pooler=True)
+        self.mlm = _mlm_head(config, self.bert)
+        self.dropout = nn.Dropout(config.dropout)
+        self.sop = nn.Linear(config.n_embd, 2)
+        _init_weights(self.mlm, self.sop)
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        token_type_ids: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """(masked-LM logits [B, T, V], sentence-order logits [B, 2])."""
+        hidden = self.bert(input_ids, attention_mask, token_type_ids)
+        return self.mlm(hidden), self.sop(self.dropout(self.bert.pooled(hidden)))
+
+
+__all__ = [
+    "VARIANTS",
+    "AlbertForPreTraining",
+    "BertConfig",
+    "BertForMaskedLM",
+    "BertForQuestionAnswering",
+    "BertForSequenceClassification",
+    "BertForTokenClassification",
+    "BertModel",
+    "ElectraForPreTraining",
+    "roberta_position_ids",
+]
