@@ -16,7 +16,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+from torch import Tensor
+
 from lmarch.data.corpus import Document, shakespeare_documents
+from lmarch.data.masking import pad_sequences
 from lmarch.errors import LmarchError
 
 SHAKESPEARE_GENRE = "shakespeare-genre"
@@ -232,8 +236,42 @@ def load_classification_data(
     return data
 
 
+class ClassificationBatches:
+    """Random batches of tokenised examples for the Trainer (the same interface as
+    :class:`lmarch.data.batches.RandomBlockSampler`): ``(input_ids, attention_mask,
+    token_type_ids, labels)``, padded to the longest row of the batch."""
+
+    def __init__(
+        self,
+        input_ids: Sequence[Sequence[int]],
+        token_type_ids: Sequence[Sequence[int]],
+        labels: Sequence[int],
+        batch_size: int,
+        pad_id: int,
+        seed: int = 0,
+    ) -> None:
+        if not input_ids or len(input_ids) != len(labels) or len(token_type_ids) != len(labels):
+            raise ValueError("need one id list, one type list and one label per example")
+        self.input_ids = [list(x) for x in input_ids]
+        self.token_type_ids = [list(x) for x in token_type_ids]
+        self.labels = torch.as_tensor(list(labels), dtype=torch.long)
+        self.batch_size = batch_size
+        self.block_size = max(len(x) for x in self.input_ids)
+        self.pad_id = pad_id
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def sample(self, generator: torch.Generator | None = None) -> tuple[Tensor, ...]:
+        """One batch drawn (with replacement) from ``generator`` (default: the sampler's own)."""
+        g = generator or self.generator
+        rows = torch.randint(len(self.labels), (self.batch_size,), generator=g)
+        ids, mask = pad_sequences([self.input_ids[r] for r in rows.tolist()], self.pad_id)
+        types, _ = pad_sequences([self.token_type_ids[r] for r in rows.tolist()], 0)
+        return ids, mask, types, self.labels[rows]
+
+
 __all__ = [
     "SHAKESPEARE_GENRE",
+    "ClassificationBatches",
     "ClassificationData",
     "Example",
     "load_classification_data",
