@@ -15,7 +15,7 @@ class Tokenizer(Protocol):
     """Maps text to integer ids and back.
 
     Implementations save themselves as one JSON file whose top-level ``"type"`` field names
-    the class (``"char"``, ``"byte_bpe"``), so :func:`load_tokenizer` can rebuild them.
+    the class (``"char"``, ``"byte_bpe"``, ``"wordpiece"``), so :func:`load_tokenizer` can rebuild them.
     """
 
     @property
@@ -32,13 +32,18 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     """Load a tokenizer saved by any lmarch tokenizer's ``save``."""
     from lmarch.tokenizers.bpe import ByteLevelBPETokenizer
     from lmarch.tokenizers.char import CharTokenizer
+    from lmarch.tokenizers.wordpiece import WordPieceTokenizer
 
     path = Path(path)
     try:
         kind = json.loads(path.read_text(encoding="utf-8")).get("type")
     except (OSError, json.JSONDecodeError, AttributeError) as exc:
         raise LmarchError(f"cannot read tokenizer file {path}: {exc}") from exc
-    classes = {"char": CharTokenizer, "byte_bpe": ByteLevelBPETokenizer}
+    classes = {
+        "char": CharTokenizer,
+        "byte_bpe": ByteLevelBPETokenizer,
+        "wordpiece": WordPieceTokenizer,
+    }
     if kind not in classes:
         raise LmarchError(
             f"{path}: unknown tokenizer type {kind!r}", hint=f"one of {sorted(classes)}"

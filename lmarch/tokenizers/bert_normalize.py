@@ -187,18 +187,23 @@ class BertNormalizer:
         return text
 
 
+_ASCII_PUNCT = r"!-/:-@\[-`{-~"
+_ASCII_SPACE = r"\t\n\x0b\x0c\r "
+# A run of characters that are neither punctuation nor whitespace, or one punctuation character.
+_ASCII_WORDS = re.compile(f"[^{_ASCII_PUNCT}{_ASCII_SPACE}]+|[{_ASCII_PUNCT}]")
+
+
 @cache
 def _word_pattern() -> re.Pattern[str]:
-    """One punctuation character, or a run of characters that are neither it nor whitespace."""
+    """:data:`_ASCII_WORDS` for all of Unicode (built on first use: it scans the code points)."""
     # Every punctuation character lies below U+20000; the ideograph, hangul and surrogate blocks
     # in between hold none, so they are skipped to keep the first call quick.
     codes = [*range(0x3400), *range(0xA000, 0xAC00), *range(0xD800 + 0x800, 0x20000)]
-    punct = [chr(c) for c in codes if is_punctuation(chr(c))]
-    punct_class = "".join(re.escape(c) for c in punct)
-    space_class = "".join(re.escape(c) for c in _WHITESPACE)
-    return re.compile(f"[{punct_class}]|[^{punct_class}{space_class}]+")
+    punct = "".join(re.escape(chr(c)) for c in codes if is_punctuation(chr(c)))
+    space = "".join(re.escape(c) for c in _WHITESPACE)
+    return re.compile(f"[^{punct}{space}]+|[{punct}]")
 
 
 def bert_pre_tokenize(text: str) -> list[str]:
     """BERT's words: split on whitespace (dropped) and around each punctuation character."""
-    return _word_pattern().findall(text)
+    return (_ASCII_WORDS if text.isascii() else _word_pattern()).findall(text)

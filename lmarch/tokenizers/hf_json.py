@@ -1,9 +1,10 @@
-"""Reading a Hugging Face ``tokenizer.json`` (byte-level BPE) into our tokenizer.
+"""Reading a Hugging Face ``tokenizer.json`` (byte-level BPE or WordPiece) into our tokenizer.
 
 The file holds the BPE model (vocab and merges), the pre-tokenizer (how text is cut before
 merging), and the added tokens; ``tokenizer_config.json`` beside it names the roles (BOS, EOS)
-and carries the chat template. Only byte-level BPE vocabularies (GPT-2, LLaMA 3, SmolLM2 ...)
-are read; the pre-tokenizer is translated into one split regex.
+and carries the chat template. Byte-level BPE vocabularies (GPT-2, LLaMA 3, SmolLM2 ...) are
+read with their pre-tokenizer translated into one split regex; WordPiece ones (BERT and its
+kin) go to :meth:`WordPieceTokenizer.from_tokenizer_json`.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 from lmarch.errors import LmarchError
 from lmarch.tokenizers.bpe import GPT2_SPLIT_PATTERN, ByteLevelBPETokenizer
 from lmarch.tokenizers.gguf_vocab import SMOLLM_SPLIT_PATTERN
+from lmarch.tokenizers.wordpiece import WordPieceTokenizer
 
 
 def _read(path: Path) -> Any:
@@ -43,15 +45,23 @@ def _split_pattern(pre: dict | None, where: Path) -> str:
     raise LmarchError(f"{where}: unsupported pre_tokenizer {json.dumps(pre)[:120]}")
 
 
-def tokenizer_from_hf_folder(folder: str | Path) -> tuple[ByteLevelBPETokenizer, dict[str, Any]]:
+def tokenizer_from_hf_folder(
+    folder: str | Path,
+) -> tuple[ByteLevelBPETokenizer | WordPieceTokenizer, dict[str, Any]]:
     """Our tokenizer for ``folder/tokenizer.json``, and what ``tokenizer_config.json`` says:
-    ``chat_template``, ``bos_token_id``, ``stop_token_ids`` (EOS), ``add_bos``."""
+    ``chat_template``, ``bos_token_id``, ``stop_token_ids`` (EOS), ``add_bos``.
+
+    A WordPiece model gives a :class:`WordPieceTokenizer` (with no BOS, EOS or chat template).
+    """
     folder = Path(folder)
     path = folder / "tokenizer.json"
     if not path.is_file():
         raise LmarchError(f"no tokenizer.json in {folder}")
     data = _read(path)
     model = data.get("model") or {}
+    if isinstance(model, dict) and model.get("type") == "WordPiece":
+        info = {"chat_template": None, "bos_token_id": None, "stop_token_ids": [], "add_bos": False}
+        return WordPieceTokenizer.from_hf_folder(folder), info
     if model.get("type") != "BPE":
         raise LmarchError(f"{path}: model type {model.get('type')!r} is not BPE")
     merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in model["merges"]]
