@@ -33,18 +33,23 @@ about 2.5 s), most of it spent normalising and counting the words.
 
 from __future__ import annotations
 
-import heapq
 import json
 import os
 import re
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
-from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
 from lmarch.errors import LmarchError
 from lmarch.tokenizers.bert_normalize import BertNormalizer, bert_pre_tokenize
+from lmarch.tokenizers.wordpiece_files import (
+    read_json,
+    read_vocab_lines,
+    tokenizer_json_options,
+    tokens_in_id_order,
+)
+from lmarch.tokenizers.wordpiece_train import learn_wordpiece_pieces
 
 BERT_SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 """BERT's special tokens, in the order its vocabularies list them."""
@@ -91,7 +96,7 @@ class WordPieceTokenizer:
         handle_chinese_chars: bool = True,
         clean_text: bool = True,
     ) -> None:
-        self._tokens = _tokens_in_id_order(vocab)
+        self._tokens = tokens_in_id_order(vocab)
         self._ids = {token: i for i, token in enumerate(self._tokens)}
         if unk_token not in self._ids:
             raise LmarchError(f"unknown-word token {unk_token!r} is not in the vocabulary")
@@ -182,7 +187,7 @@ class WordPieceTokenizer:
                 counts.update(bert_pre_tokenize(normalizer.normalize(chunk)))
         for word in [w for w in counts if len(w) > max_input_chars_per_word]:
             del counts[word]
-        learned = _learn_pieces(
+        learned = learn_wordpiece_pieces(
             counts, vocab_size - len(special), min_frequency, continuing_subword_prefix
         )
         vocab = special + [t for t in learned if t not in set(special)]
@@ -422,11 +427,22 @@ class WordPieceTokenizer:
         tmp.write_text(json.dumps(data, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
         os.replace(tmp, path)
 
+    def save_vocab(self, path: str | Path) -> None:
+        """Write BERT's ``vocab.txt``: one token per line, in id order (settings not included)."""
+        path = Path(path)
+        if any(t != t.strip() or "\n" in t or "\r" in t for t in self._tokens):
+            raise LmarchError(
+                "a token with surrounding or line-breaking whitespace cannot go in vocab.txt"
+            )
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(t + "\n" for t in self._tokens), encoding="utf-8")
+        os.replace(tmp, path)
+
     @classmethod
     def load(cls, path: str | Path) -> WordPieceTokenizer:
         """Read a file written by :meth:`save`; a malformed file raises one :class:`LmarchError`."""
         path = Path(path)
-        data = _read_json(path)
+        data = read_json(path)
         if not isinstance(data, dict) or data.get("type") != "wordpiece":
             raise LmarchError(f'{path}: not a WordPiece tokenizer (expected "type": "wordpiece")')
         types = {
@@ -455,7 +471,7 @@ class WordPieceTokenizer:
         """
         path = Path(path)
         try:
-            return cls(_read_vocab_lines(path), **options)
+            return cls(read_vocab_lines(path), **options)
         except LmarchError as exc:
             raise LmarchError(f"bad vocabulary file {path}: {exc}") from None
 
@@ -469,9 +485,9 @@ class WordPieceTokenizer:
         ``max_length`` when encoding). Anything else BERT does not use raises :class:`LmarchError`.
         """
         path = Path(path)
-        data = _read_json(path)
+        data = read_json(path)
         try:
-            return cls(**_tokenizer_json_options(data))
+            return cls(**tokenizer_json_options(data))
         except (LmarchError, TypeError, AttributeError, KeyError, ValueError) as exc:
             raise LmarchError(
                 f"unsupported or malformed WordPiece tokenizer file {path}: {exc}"
@@ -487,7 +503,7 @@ class WordPieceTokenizer:
         if not (folder / "vocab.txt").is_file():
             raise LmarchError(f"no tokenizer.json or vocab.txt in {folder}")
         config_path = folder / "tokenizer_config.json"
-        config = _read_json(config_path) if config_path.is_file() else {}
+        config = read_json(config_path) if config_path.is_file() else {}
         if not isinstance(config, dict):
             raise LmarchError(f"{config_path}: expected a JSON object")
         options: dict[str, Any] = {
@@ -501,7 +517,7 @@ class WordPieceTokenizer:
                 value = value.get("content")
             if isinstance(value, str):
                 options[f"{role}_token"] = value
-        present = set(_read_vocab_lines(folder / "vocab.txt"))
+        present = set(read_vocab_lines(folder / "vocab.txt"))
         names = [options.get(f"{role}_token", f"[{role.upper()}]") for role in _ROLE_ORDER]
         options["special_tokens"] = [name for name in names if name in present]
         return cls.from_vocab_file(folder / "vocab.txt", **options)
@@ -540,188 +556,3 @@ class WordPieceTokenizer:
                 special_tokens=[(cls, self.cls_id), (sep, self.sep_id)],
             )
         return hf
-
-
-# ---------------------------------------------------------------------- training internals
-
-
-def _learn_pieces(
-    word_counts: Mapping[str, int], budget: int, min_frequency: int, prefix: str
-) -> list[str]:
-    """The alphabet (both forms), then merged pieces until ``budget`` tokens; in order."""
-    alphabet = sorted({char for word in word_counts for char in word})
-    tokens = [*alphabet, *(prefix + char for char in alphabet)]
-    token_ids = {token: i for i, token in enumerate(tokens)}
-    words: list[list[int]] = []
-    freqs: list[int] = []
-    for word, freq in word_counts.items():
-        if len(word) > 1:  # a single character has no pairs
-            words.append([token_ids[word[0]], *(token_ids[prefix + c] for c in word[1:])])
-            freqs.append(freq)
-
-    pair_counts: dict[tuple[int, int], int] = {}
-    words_with: dict[tuple[int, int], set[int]] = {}
-    for wi, (word, freq) in enumerate(zip(words, freqs, strict=True)):
-        for pair in pairwise(word):
-            pair_counts[pair] = pair_counts.get(pair, 0) + freq
-            words_with.setdefault(pair, set()).add(wi)
-    # Max-heap by count (negated); ties go to the pair whose token strings sort first.
-    heap = [(-count, tokens[a], tokens[b], a, b) for (a, b), count in pair_counts.items()]
-    heapq.heapify(heap)
-    cut = len(prefix)
-    while len(tokens) < budget and heap:
-        neg_count, left, right, a, b = heapq.heappop(heap)
-        actual = pair_counts.get((a, b), 0)
-        if actual != -neg_count:  # stale: re-queue at the true (lower) count, if any is left
-            if 0 < actual < -neg_count:
-                heapq.heappush(heap, (-actual, left, right, a, b))
-            continue
-        if actual < min_frequency:
-            break  # every other pair is at most this frequent
-        merged = left + right[cut:]
-        new = token_ids.setdefault(merged, len(tokens))
-        if new == len(tokens):  # (two pairs can spell the same piece; they share its id)
-            tokens.append(merged)
-        touched: set[tuple[int, int]] = set()
-        for wi in words_with.pop((a, b)):
-            word = words[wi]
-            out, i, n = [], 0, len(word)
-            while i < n:
-                if i + 1 < n and word[i] == a and word[i + 1] == b:
-                    out.append(new)
-                    i += 2
-                else:
-                    out.append(word[i])
-                    i += 1
-            if len(out) == n:
-                continue  # an earlier merge took the pair out of this word
-            freq = freqs[wi]
-            for pair in pairwise(word):
-                pair_counts[pair] -= freq
-            for pair in pairwise(out):
-                pair_counts[pair] = pair_counts.get(pair, 0) + freq
-                if new in pair:
-                    words_with.setdefault(pair, set()).add(wi)
-                    touched.add(pair)
-            words[wi] = out
-        del pair_counts[(a, b)]
-        for pair in touched:
-            heapq.heappush(heap, (-pair_counts[pair], tokens[pair[0]], tokens[pair[1]], *pair))
-    return tokens
-
-
-# ---------------------------------------------------------------------- file checks
-
-
-def _read_vocab_lines(path: Path) -> list[str]:
-    try:
-        return [line.rstrip() for line in path.read_text(encoding="utf-8").splitlines()]
-    except (OSError, UnicodeDecodeError) as exc:
-        raise LmarchError(f"cannot read vocabulary file {path}: {exc}") from exc
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise LmarchError(f"cannot read tokenizer file {path}: {exc}") from exc
-
-
-def _tokens_in_id_order(vocab: Sequence[str] | Mapping[str, int] | Any) -> list[str]:
-    if isinstance(vocab, Mapping):
-        ids = list(vocab.values())
-        if not all(type(i) is int for i in ids) or sorted(ids) != list(range(len(ids))):
-            raise LmarchError(f"vocabulary ids must be 0..{len(ids) - 1}, each used once")
-        tokens = [""] * len(ids)
-        for token, idx in vocab.items():
-            tokens[idx] = token
-    elif isinstance(vocab, Sequence) and not isinstance(vocab, str):
-        tokens = list(vocab)
-    else:
-        raise LmarchError("the vocabulary must be a list of tokens or an object of token -> id")
-    if not all(isinstance(t, str) and t for t in tokens):
-        raise LmarchError("vocabulary tokens must be non-empty strings")
-    if len(set(tokens)) != len(tokens):
-        dup = next(t for t, c in Counter(tokens).items() if c > 1)
-        raise LmarchError(f"token {dup!r} appears twice in the vocabulary")
-    return tokens
-
-
-def _tokenizer_json_options(data: Any) -> dict[str, Any]:
-    """Constructor arguments for a parsed ``tokenizer.json`` (raises on what BERT lacks)."""
-    if not isinstance(data, dict):
-        raise LmarchError("expected a JSON object")
-    model = data.get("model") or {}
-    if model.get("type") != "WordPiece":
-        raise LmarchError(f"model type {model.get('type')!r} is not WordPiece")
-    options: dict[str, Any] = {
-        "vocab": model["vocab"],
-        "unk_token": model.get("unk_token", "[UNK]"),
-        "continuing_subword_prefix": model.get("continuing_subword_prefix", "##"),
-        "max_input_chars_per_word": model.get("max_input_chars_per_word", 100),
-    }
-    norm = data.get("normalizer")
-    if norm is None:
-        options.update(
-            lowercase=False, strip_accents=False, handle_chinese_chars=False, clean_text=False
-        )
-    elif norm.get("type") == "BertNormalizer":
-        options.update(
-            lowercase=norm.get("lowercase", True),
-            strip_accents=norm.get("strip_accents"),
-            handle_chinese_chars=norm.get("handle_chinese_chars", True),
-            clean_text=norm.get("clean_text", True),
-        )
-    else:
-        raise LmarchError(f"unsupported normalizer {json.dumps(norm)[:100]}")
-    pre = data.get("pre_tokenizer")
-    if not isinstance(pre, dict) or pre.get("type") != "BertPreTokenizer":
-        raise LmarchError(f"unsupported pre_tokenizer {json.dumps(pre)[:100]}")
-    special = []
-    for token in data.get("added_tokens") or []:
-        if (
-            not token.get("special")
-            or token.get("normalized")
-            or token.get("lstrip")
-            or token.get("rstrip")
-            or token.get("single_word")
-        ):
-            raise LmarchError(
-                f"unsupported added token {json.dumps(token)[:100]} (only plain special tokens are read)"
-            )
-        if options["vocab"].get(token["content"]) != token["id"]:
-            raise LmarchError(
-                f"added token {token['content']!r} has an id not in the WordPiece vocab"
-            )
-        special.append(token["content"])
-    options["special_tokens"] = special
-    options.update(_bert_template_roles(data.get("post_processor")))
-    pad = (data.get("padding") or {}).get("pad_token")
-    if isinstance(pad, str):
-        options["pad_token"] = pad
-    return options
-
-
-def _bert_template_roles(post: Any) -> dict[str, str]:
-    """``cls_token`` and ``sep_token`` from a BERT post-processor (``{}`` when there is none)."""
-    if post is None:
-        return {}
-    if post.get("type") == "BertProcessing":
-        return {"cls_token": post["cls"][0], "sep_token": post["sep"][0]}
-    if post.get("type") == "TemplateProcessing":
-
-        def shape(items: list[dict]) -> list[tuple[str, int]]:
-            return [
-                (item["SpecialToken"]["id"], item["SpecialToken"]["type_id"]) if "SpecialToken" in item
-                else ("$" + item["Sequence"]["id"], item["Sequence"]["type_id"])
-                for item in items
-            ]  # fmt: skip
-
-        single, pair = shape(post["single"]), shape(post["pair"])
-        if len(single) == 3 and single[1] == ("$A", 0):
-            cls, sep = single[0][0], single[2][0]
-            want_single = [(cls, 0), ("$A", 0), (sep, 0)]
-            want_pair = [*want_single, ("$B", 1), (sep, 1)]
-            if single == want_single and pair == want_pair:
-                return {"cls_token": cls, "sep_token": sep}
-    raise LmarchError(f"unsupported post_processor {json.dumps(post)[:120]} (BERT's template only)")
