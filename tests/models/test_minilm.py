@@ -13,6 +13,7 @@ from lmarch.data.corpus import shakespeare_documents
 from lmarch.models.bert import BertModel
 from lmarch.nn.pooling import l2_normalize, pool
 from lmarch.weights.hf_bert import load_hf_bert, read_sentence_transformers_pooling
+from lmarch.weights.loader import load_model
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -33,7 +34,7 @@ def minilm_folder() -> Path:
 
 
 def shakespeare_sentences(n: int = 200) -> list[str]:
-    """``n`` real lines spread over all the plays; every third joins three lines, so the batch
+    """``n`` real lines spread over all the plays; every fifth joins two lines, so the batch
     mixes short and long inputs (and so, much padding)."""
     lines = [
         line.strip()
@@ -42,7 +43,7 @@ def shakespeare_sentences(n: int = 200) -> list[str]:
         if len(line.strip()) >= 20 and not line.strip().endswith(":")
     ]
     step = len(lines) // n
-    return [" ".join(lines[i * step : i * step + (3 if i % 3 == 0 else 1)]) for i in range(n)]
+    return [" ".join(lines[i * step : i * step + (2 if i % 5 == 0 else 1)]) for i in range(n)]
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +53,12 @@ def ours() -> BertModel:
     return model
 
 
+@pytest.fixture(scope="module")
+def reference():
+    st = pytest.importorskip("sentence_transformers")
+    return st.SentenceTransformer(str(minilm_folder()), device="cpu")
+
+
 def test_pooling_config_is_read() -> None:
     assert read_sentence_transformers_pooling(minilm_folder()) == {
         "pooling": "mean",
@@ -59,10 +66,8 @@ def test_pooling_config_is_read() -> None:
     }
 
 
-def test_embeddings_equal_sentence_transformers(ours: BertModel) -> None:
-    st = pytest.importorskip("sentence_transformers")
+def test_embeddings_equal_sentence_transformers(ours: BertModel, reference) -> None:
     folder = minilm_folder()
-    reference = st.SentenceTransformer(str(folder), device="cpu")
     sentences = shakespeare_sentences()
     expected = reference.encode(sentences, batch_size=50, convert_to_tensor=True)
     info = read_sentence_transformers_pooling(folder)
@@ -93,3 +98,17 @@ def test_hidden_states_equal_transformers(ours: BertModel) -> None:
         got = ours(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
     # measured: 0.0 (bit for bit)
     assert (got - expected).abs().max().item() <= 1e-4
+
+
+def test_preset_loads_with_its_tokenizer_and_pooling(reference) -> None:
+    loaded = load_model("minilm-l6")
+    assert loaded.extra == {"pooling": "mean", "normalize": True, "max_seq_length": 256}
+    sentences = shakespeare_sentences(20)
+    batch = {k: torch.tensor(v) for k, v in loaded.tokenizer.encode_batch(sentences, 256).items()}
+    # our WordPiece gives the ids sentence-transformers' tokenizer gives
+    assert torch.equal(batch["input_ids"], reference.tokenize(sentences)["input_ids"])
+    with torch.no_grad():
+        hidden = loaded.model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+    emb = l2_normalize(pool(hidden, batch["attention_mask"], loaded.extra["pooling"]))
+    expected = reference.encode(sentences, convert_to_tensor=True)
+    assert torch.nn.functional.cosine_similarity(emb, expected).min().item() >= 0.9999
