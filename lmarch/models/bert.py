@@ -142,6 +142,11 @@ class BertModel(nn.Module):
         self.pooler = nn.Linear(c.n_embd, c.n_embd) if use_pooler else None
         _init_weights(self)
 
+    @property
+    def max_positions(self) -> int:
+        """Longest sequence the position table covers."""
+        return self.config.max_positions
+
     def block_for_layer(self, layer: int) -> TransformerBlock:
         """The block applied at ``layer``: its own, or its group's shared one (ALBERT)."""
         return self.blocks[int(layer / (self.config.n_layer / len(self.blocks)))]

@@ -318,7 +318,10 @@ def load_hf_bert(folder: str | Path, task: str | None = None) -> nn.Module:
     kind = config.variant
     archs = hf.get("architectures") or [_STEMS[kind] + "Model"]
     saved_task = _task_from_architecture(archs[0], kind)
-    task = task or saved_task
+    if task is None:
+        # BERT's own pre-training checkpoints: the MLM head is kept, next-sentence head dropped
+        no_pretraining_heads = saved_task == "pretraining" and kind in ("bert", "roberta")
+        task = "masked_lm" if no_pretraining_heads else saved_task
     theirs = read_hf_weights(folder)
     prefix = kind + "."
     if task == "base":

@@ -258,3 +258,14 @@ def test_preset_parameter_counts_equal_transformers(preset, hf_config) -> None:
     with torch.device("meta"):
         hf = transformers.AutoModel.from_config(hf_config())
     assert count_parameters(preset_config(preset)) == sum(p.numel() for p in hf.parameters())
+
+
+def test_bert_pretraining_checkpoint_loads_as_masked_lm(tmp_path) -> None:
+    torch.manual_seed(7)
+    hf = transformers.BertForPreTraining(transformers.BertConfig(**SMALL)).eval()
+    hf.save_pretrained(tmp_path)
+    ours = load_hf_bert(tmp_path).eval()
+    assert type(ours).__name__ == "BertForMaskedLM"
+    batch = make_batch("bert")
+    with torch.no_grad():
+        assert max_err([ours(**batch)], [hf(**batch).prediction_logits]) <= 1e-4

@@ -4,12 +4,14 @@ sentence-transformers' embeddings and transformers' hidden states."""
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
 import torch
 
 from lmarch.data.corpus import shakespeare_documents
+from lmarch.errors import LmarchError
 from lmarch.models.bert import BertModel
 from lmarch.nn.pooling import l2_normalize, pool
 from lmarch.weights.hf_bert import load_hf_bert, read_sentence_transformers_pooling
@@ -59,11 +61,23 @@ def reference():
     return st.SentenceTransformer(str(minilm_folder()), device="cpu")
 
 
-def test_pooling_config_is_read() -> None:
+def test_pooling_config_is_read(tmp_path: Path) -> None:
     assert read_sentence_transformers_pooling(minilm_folder()) == {
         "pooling": "mean",
         "normalize": True,
     }
+    assert read_sentence_transformers_pooling(tmp_path) == {}  # not a sentence-transformers folder
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "pool", "type": "sentence_transformers.models.Pooling"},
+    ]
+    (tmp_path / "modules.json").write_text(json.dumps(modules))
+    (tmp_path / "pool").mkdir()
+    (tmp_path / "pool" / "config.json").write_text(json.dumps({"pooling_mode_cls_token": True}))
+    assert read_sentence_transformers_pooling(tmp_path) == {"pooling": "cls", "normalize": False}
+    (tmp_path / "pool" / "config.json").write_text("{broken")
+    with pytest.raises(LmarchError, match="pooling config"):
+        read_sentence_transformers_pooling(tmp_path)
 
 
 def test_embeddings_equal_sentence_transformers(ours: BertModel, reference) -> None:
