@@ -62,6 +62,13 @@ def build_parser() -> OneLineParser:
     )
     t.add_argument("--config", default=None, help="TOML file of settings ([model] / [train])")
     t.add_argument("--resume", action="store_true", help="continue the run in --out")
+    t.add_argument(
+        "--objective",
+        choices=["clm", "mlm", "rtd"],
+        default=None,
+        help="next-token (decoders), masked LM or ELECTRA replaced-token detection (BERT family)",
+    )
+    t.add_argument("--whole-word", action="store_true", help="whole-word masking (mlm/rtd)")
     t.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
 
     s = sub.add_parser("sample", help="generate text from a trained run folder")
@@ -92,6 +99,40 @@ def build_parser() -> OneLineParser:
     _add_sampling_options(c, temperature=0.7, max_new_tokens=256)
     _add_speed_options(c)
 
+    k = sub.add_parser("classify", help="fine-tune an encoder to classify text, or use one")
+    ksub = k.add_subparsers(dest="classify_command", required=True, parser_class=OneLineParser)
+    kt = ksub.add_parser("train", help="fine-tune + TF-IDF baseline; accuracy, macro-F1, PNG")
+    kt.add_argument("--model", default="minilm-l6", help="encoder: preset, HF folder, mlm/rtd run")
+    kt.add_argument("--data", required=True, help="a .jsonl of {text, label} or shakespeare-genre")
+    kt.add_argument("--out", required=True, help="run folder for the classifier and its report")
+    kt.add_argument("--epochs", type=float, default=3.0)
+    kt.add_argument("--batch-size", type=int, default=16)
+    kt.add_argument("--lr", type=float, default=5e-5, help="peak learning rate")
+    kt.add_argument("--max-length", type=int, default=128, help="tokens per text (cut beyond)")
+    kt.add_argument("--passages-per-play", type=int, default=40, help="shakespeare-genre only")
+    kt.add_argument("--seed", type=int, default=0)
+    kt.add_argument("--no-baseline", action="store_true", help="skip the TF-IDF baseline")
+    kt.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
+    kp = ksub.add_parser("predict", help="label texts with a trained classifier")
+    kp.add_argument("run_dir", help="a folder written by 'lmarch classify train'")
+    kp.add_argument("texts", nargs="+", help="text(s) to classify")
+    kp.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
+
+    em = sub.add_parser("embed", help="embed each non-empty line of a file")
+    em.add_argument("model", help="encoder: a preset with weights (minilm-l6), HF folder, run")
+    em.add_argument("file", help="a UTF-8 text file, one sentence a line")
+    em.add_argument("--out", required=True, help="VECTORS.npy or VECTORS.safetensors")
+    em.add_argument("--batch-size", type=int, default=64)
+    em.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
+
+    se = sub.add_parser("search", help="the lines of a file nearest to a query (cosine)")
+    se.add_argument("model", help="encoder: a preset with weights (minilm-l6), HF folder, run")
+    se.add_argument("query", help="the text to search for")
+    se.add_argument("--index", required=True, help="a text file whose lines are searched")
+    se.add_argument("--top-k", type=int, default=5)
+    se.add_argument("--cache", default=None, help="where to keep the index embeddings")
+    se.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
+
     d = sub.add_parser("demo", help="train a small GPT on Shakespeare (~3 min) and sample it")
     d.add_argument("--out", default="runs/demo")
     d.add_argument("--max-iters", type=int, default=None)
@@ -109,7 +150,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.max_iters is not None:
         overrides["max_iters"] = args.max_iters
     result = train_run(
-        args.preset, args.data, args.out, overrides, resume=args.resume, log=console.print
+        args.preset,
+        args.data,
+        args.out,
+        overrides,
+        resume=args.resume,
+        log=console.print,
+        objective=args.objective,
+        whole_word=args.whole_word,
     )
     console.print(
         f"done: {result.iters} iterations, val loss {result.val_loss:.4f}, "
@@ -256,6 +304,86 @@ def cmd_chat(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_classify(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from lmarch.tasks.classify import ClassifyConfig, predict, train_classifier
+
+    console = Console(stderr=args.json)
+    if args.classify_command == "predict":
+        results = predict(args.run_dir, args.texts)
+        if args.json:
+            print(json.dumps(results))
+        else:
+            for row in results:
+                p = row["probabilities"][row["label"]]
+                console.print(f"{row['label']}\t{p:.3f}\t{row['text']}", markup=False)
+        return 0
+    config = ClassifyConfig(
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        learning_rate=args.lr,
+        max_length=args.max_length,
+        seed=args.seed,
+    )
+    options = {}
+    if args.data == "shakespeare-genre":
+        options = {
+            "train_passages_per_play": args.passages_per_play,
+            "test_passages_per_play": args.passages_per_play,
+        }
+    summary = train_classifier(
+        args.model,
+        args.data,
+        args.out,
+        config,
+        baseline=not args.no_baseline,
+        log=console.print,
+        data_options=options,
+    )
+    line = f"fine-tuned: accuracy {summary['accuracy']:.3f}, macro-F1 {summary['macro_f1']:.3f}"
+    if "baseline" in summary:
+        b = summary["baseline"]
+        line += f"; TF-IDF baseline: accuracy {b['accuracy']:.3f}, macro-F1 {b['macro_f1']:.3f}"
+    console.print(line + f" -> {args.out}")
+    if args.json:
+        print(json.dumps({k: v for k, v in summary.items() if k != "per_class"}))
+    return 0
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from lmarch.tasks.embed import embed_file
+
+    summary = embed_file(args.model, args.file, args.out, batch_size=args.batch_size)
+    Console(stderr=args.json).print(
+        f"{summary['lines']:,} lines -> {summary['dim']}-d vectors in {summary['out']}"
+    )
+    if args.json:
+        print(json.dumps(summary))
+    return 0
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from lmarch.tasks.embed import search
+
+    hits = search(args.model, args.index, args.query, top_k=args.top_k, cache=args.cache)
+    if args.json:
+        print(json.dumps(hits))
+    else:
+        console = Console()
+        for hit in hits:
+            console.print(
+                f"{hit['rank']:>2}. {hit['score']:.4f}  line {hit['line']}: {hit['text']}",
+                markup=False,
+                highlight=False,
+            )
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from lmarch.tasks.demo import run_demo
 
@@ -270,6 +398,9 @@ COMMANDS = {
     "presets": cmd_presets,
     "generate": cmd_generate,
     "chat": cmd_chat,
+    "classify": cmd_classify,
+    "embed": cmd_embed,
+    "search": cmd_search,
     "demo": cmd_demo,
 }
 

@@ -2,11 +2,18 @@
 
 This is what ``lmarch train`` does; the CLI only parses arguments and calls :func:`train_run`.
 Overrides use nanoGPT's names and go to whichever config owns the key (model or training).
+
+The objective picks the batches and the loss the one Trainer runs: next-token prediction
+(``clm``, decoders) on random windows of the token stream, or, for the BERT family, masked LM
+(``mlm``, Devlin et al. 2019) or ELECTRA's replaced-token detection (``rtd``, Clark et al.
+2020) on padded batches of ``[CLS] lines... [SEP]`` sequences (see
+:mod:`lmarch.train.objectives`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,13 +24,13 @@ from torch import Tensor
 
 from lmarch.data.batches import RandomBlockSampler
 from lmarch.data.corpus import load_documents, train_val_split
+from lmarch.data.masking import MaskedLMBatches, MaskedLMCollator, pack_lines
 from lmarch.errors import LmarchError
 from lmarch.models.registry import (
     FAMILIES,
     build_model,
     config_from_dict,
     config_to_dict,
-    count_parameters,
     get_preset,
     make_config,
 )
@@ -32,7 +39,8 @@ from lmarch.tokenizers.bpe import ByteLevelBPETokenizer
 from lmarch.tokenizers.char import CharTokenizer
 from lmarch.train.callbacks import LossPlot, ProgressBar
 from lmarch.train.config import TrainConfig, coerce_value, field_names
-from lmarch.train.trainer import Callback, Trainer, TrainResult
+from lmarch.train.objectives import masking_for, objective_loss, objective_model
+from lmarch.train.trainer import Callback, Trainer, TrainResult, causal_lm_loss
 from lmarch.weights.checkpoint import read_json, write_json
 
 if sys.version_info >= (3, 11):
@@ -90,13 +98,81 @@ def split_overrides(
 
 
 def build_tokenizer(kind: str, train_text: str, val_text: str, vocab_size: int) -> Tokenizer:
-    """A char tokenizer over all the text's characters, or a byte-level BPE trained on the
-    training split up to ``vocab_size``."""
+    """A char tokenizer over all the text's characters, or a byte-level BPE / WordPiece
+    trained on the training split up to ``vocab_size``."""
     if kind == "char":
         return CharTokenizer.from_text(train_text + val_text)
     if kind == "bpe":
         return ByteLevelBPETokenizer.train(train_text, vocab_size=vocab_size, show_progress=True)
+    if kind == "wordpiece":
+        from lmarch.tokenizers.wordpiece import WordPieceTokenizer
+
+        lines = [line for line in train_text.splitlines() if line.strip()]
+        return WordPieceTokenizer.train(lines, vocab_size=vocab_size)
     raise LmarchError(f"unknown tokenizer kind {kind!r}")
+
+
+ENCODER_OBJECTIVES = ("mlm", "rtd")
+
+
+def resolve_objective(family: str, objective: str | None) -> str:
+    """The objective of a run: ``clm`` for decoders, ``mlm`` (default) or ``rtd`` for the
+    BERT family; a mismatch is the user's error."""
+    if family == "bert":
+        objective = objective or "mlm"
+        if objective not in ENCODER_OBJECTIVES:
+            raise LmarchError(
+                f"a BERT-family model trains with --objective mlm or rtd, not {objective!r}"
+            )
+        return objective
+    objective = objective or "clm"
+    if objective != "clm":
+        raise LmarchError(
+            f"--objective {objective} needs a BERT-family preset, not the {family} family",
+            hint="e.g. --preset bert-tiny",
+        )
+    return objective
+
+
+def masked_lm_sequences(
+    tokenizer: Tokenizer, text: str, max_length: int, whole_word: bool = False
+) -> tuple[list[list[int]], list[list[int]] | None]:
+    """The text's non-empty lines tokenised and packed into ``[CLS] ... [SEP]`` sequences of
+    at most ``max_length`` tokens, with per-sequence word ids when ``whole_word``."""
+    lines = [line for line in text.splitlines() if line.strip()]
+    ids = [tokenizer.encode(line) for line in lines]
+    words = [tokenizer.word_ids(line) for line in lines] if whole_word else None
+    return pack_lines(ids, max_length, tokenizer.cls_id, tokenizer.sep_id, words)
+
+
+def masked_lm_batches(
+    tokenizer: Tokenizer,
+    text: str,
+    max_length: int,
+    batch_size: int,
+    objective: str,
+    whole_word: bool,
+    seed: int,
+) -> MaskedLMBatches:
+    """Masked batches of ``text`` for the ``mlm`` or ``rtd`` objective."""
+    seqs, words = masked_lm_sequences(tokenizer, text, max_length, whole_word)
+    if not seqs:
+        raise LmarchError("no text left to make masked-LM sequences from")
+    collator = MaskedLMCollator(
+        tokenizer.mask_id,
+        tokenizer.vocab_size,
+        tokenizer.special_ids,
+        masking_for(objective, whole_word),
+    )
+    return MaskedLMBatches(
+        seqs,
+        collator,
+        batch_size,
+        tokenizer.pad_id,
+        word_ids=words,
+        seed=seed,
+        with_noise=objective == "rtd",
+    )
 
 
 def encode(tokenizer: Tokenizer, text: str) -> Tensor:
@@ -112,11 +188,15 @@ def train_run(
     resume: bool = False,
     callbacks: Sequence[Callback] | None = None,
     log=print,
+    objective: str | None = None,
+    whole_word: bool = False,
 ) -> TrainResult:
     """Train ``preset`` on ``data`` into run folder ``out`` (or continue it with ``resume``).
 
     On resume the run's saved configs are used, with ``overrides`` applied on top (typically a
     larger ``max_iters``). ``callbacks`` default to a progress bar and the loss plot.
+    ``objective`` is ``clm`` (decoders; the default) or ``mlm`` (the BERT family's default) /
+    ``rtd``; ``whole_word`` switches masked LM to whole-word masking.
     """
     out = Path(out)
     overrides = dict(overrides or {})
@@ -133,12 +213,15 @@ def train_run(
         tokenizer = load_tokenizer(out / "tokenizer.json")
         data = saved.get("data", data)
         preset = saved.get("preset")
+        objective = resolve_objective(family, saved.get("objective"))
+        whole_word = bool(saved.get("whole_word", False))
         docs = load_documents(data)
         train_text, val_text = train_val_split(docs, train_cfg.val_fraction)
     else:
         if preset is None:
             raise LmarchError("no preset given", hint="e.g. --preset gpt-char-tiny")
         p = get_preset(preset)
+        objective = resolve_objective(p.family, objective)
         model_over, train_over = split_overrides(p.family, overrides)
         train_cfg = TrainConfig(**{**p.train, **train_over})
         docs = load_documents(data)
@@ -148,16 +231,39 @@ def train_run(
         model_cfg = make_config(
             p.family, {**p.config, **model_over, "vocab_size": tokenizer.vocab_size}
         )
-    block_size = model_cfg.block_size
-    train_ids, val_ids = encode(tokenizer, train_text), encode(tokenizer, val_text)
-    if len(val_ids) <= block_size + 1:
-        raise LmarchError(
-            f"the validation split has only {len(val_ids)} tokens, too few for block_size "
-            f"{block_size}",
-            hint="give more text or --set block_size=SMALLER",
+    if objective == "clm":
+        block_size = model_cfg.block_size
+        train_ids, val_ids = encode(tokenizer, train_text), encode(tokenizer, val_text)
+        if len(val_ids) <= block_size + 1:
+            raise LmarchError(
+                f"the validation split has only {len(val_ids)} tokens, too few for block_size "
+                f"{block_size}",
+                hint="give more text or --set block_size=SMALLER",
+            )
+        train_batches = RandomBlockSampler(
+            train_ids, block_size, train_cfg.batch_size, train_cfg.seed
+        )
+        val_batches = RandomBlockSampler(
+            val_ids, block_size, train_cfg.batch_size, train_cfg.seed + 1
+        )
+        sizes = f"{len(train_ids):,} train / {len(val_ids):,} val tokens"
+    else:
+        make = functools.partial(
+            masked_lm_batches,
+            tokenizer,
+            max_length=model_cfg.max_positions,
+            batch_size=train_cfg.batch_size,
+            objective=objective,
+            whole_word=whole_word,
+        )
+        train_batches = make(train_text, seed=train_cfg.seed)
+        val_batches = make(val_text, seed=train_cfg.seed + 1)
+        sizes = (
+            f"{len(train_batches.sequences):,} train / {len(val_batches.sequences):,} val "
+            f"sequences, objective {objective}"
         )
     torch.manual_seed(train_cfg.seed)
-    model = build_model(model_cfg)
+    model = build_model(model_cfg) if objective == "clm" else objective_model(objective, model_cfg)
     if not resume:
         out.mkdir(parents=True, exist_ok=True)
         (out / "metrics.jsonl").unlink(missing_ok=True)
@@ -167,22 +273,23 @@ def train_run(
         {
             "preset": preset,
             "data": data,
+            "objective": objective,
+            "whole_word": whole_word,
             "model": config_to_dict(model_cfg),
             "train": dataclasses.asdict(train_cfg),
         },
     )
     log(
-        f"{preset}: {count_parameters(model_cfg) / 1e6:.2f}M parameters, vocab "
-        f"{tokenizer.vocab_size}, {len(train_ids):,} train / {len(val_ids):,} val tokens"
+        f"{preset}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, vocab "
+        f"{tokenizer.vocab_size}, {sizes}"
     )
-    train_batches = RandomBlockSampler(train_ids, block_size, train_cfg.batch_size, train_cfg.seed)
-    val_batches = RandomBlockSampler(val_ids, block_size, train_cfg.batch_size, train_cfg.seed + 1)
     trainer = Trainer(
         model,
         train_batches,
         val_batches,
         train_cfg,
         out_dir=out,
+        loss_fn=causal_lm_loss if objective == "clm" else objective_loss(objective),
         callbacks=[ProgressBar(), LossPlot()] if callbacks is None else callbacks,
     )
     return trainer.fit(resume=resume)
