@@ -81,6 +81,8 @@ class SequenceClassifier(nn.Module):
         self, encoder: nn.Module, num_labels: int, pooling: str = "cls", dropout: float = 0.1
     ) -> None:
         super().__init__()
+        if getattr(encoder, "pooler", None) is not None:
+            encoder.pooler = None  # BERT's tanh pooler is not used by this head
         self.encoder = encoder
         self.pooling = pooling
         self.dropout = nn.Dropout(dropout)
@@ -392,7 +394,7 @@ def load_classifier(run_dir: str | Path) -> LoadedClassifier:
         pooling, max_length = str(info["pooling"]), int(info["max_length"])
     except (KeyError, TypeError, ValueError) as exc:
         raise LmarchError(f"{run_dir / RUN_FILE} is damaged: {exc}") from exc
-    model = SequenceClassifier(BertModel(encoder_cfg), len(labels), pooling)
+    model = SequenceClassifier(BertModel(encoder_cfg, add_pooler=False), len(labels), pooling)
     ckpt = find_checkpoint(run_dir)
     if ckpt is None:
         raise LmarchError(f"{run_dir} has no checkpoint", hint="did training finish?")
