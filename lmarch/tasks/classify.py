@@ -375,6 +375,7 @@ def train_classifier(
     )
     start = time.perf_counter()
     if cfg.probe_steps > 0:
+        log(f"linear probe: pooling {len(data.train):,} training texts with the frozen encoder")
         probe_loss = linear_probe(
             classifier, trainer.train_batches, cfg.probe_steps, cfg.probe_learning_rate
         )
