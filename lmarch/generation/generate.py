@@ -73,11 +73,14 @@ def iter_tokens(
             if step == max_new_tokens - 1:
                 break
             if cache is not None and ids.shape[1] <= cache_len:
+                # the newest token as a fresh [B, 1] tensor: a view into ``ids`` would change
+                # strides every step, and a compiled step would recompile for each new stride
+                last = next_ids.reshape(-1, 1).contiguous()
                 if step_fn is not None:
                     position = torch.tensor(ids.shape[1] - 1, device=ids.device)
-                    logits = step_fn(ids[:, -1:], cache=cache, start=position)[:, -1]
+                    logits = step_fn(last, cache=cache, start=position)[:, -1]
                 else:
-                    logits = model(ids[:, -1:], cache=cache, start=ids.shape[1] - 1)[:, -1]
+                    logits = model(last, cache=cache, start=ids.shape[1] - 1)[:, -1]
             else:
                 cache = None
                 logits = model(ids[:, -limit:], start=0)[:, -1]

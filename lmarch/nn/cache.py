@@ -33,6 +33,10 @@ class KVCache:
         self.keys = torch.zeros(shape, dtype=dtype, device=device)
         self.values = torch.zeros(shape, dtype=dtype, device=device)
         self.max_len = max_len
+        # one view per layer, made once: indexing the 5-d buffers on every call costs more
+        # than the copy itself when decoding one token
+        self._layer_keys = self.keys.unbind(0)
+        self._layer_values = self.values.unbind(0)
 
     @classmethod
     def like(
@@ -65,14 +69,16 @@ class KVCache:
         and the whole buffer is returned, so every step has the same shapes; positions past the
         current one are then hidden by the attention mask.
         """
+        keys, values = self._layer_keys[layer], self._layer_values[layer]
+        t = k.shape[2]
         if isinstance(start, Tensor):
-            index = start + torch.arange(k.shape[2], device=k.device)
-            self.keys[layer].index_copy_(2, index, k)
-            self.values[layer].index_copy_(2, index, v)
-            return self.keys[layer], self.values[layer]
-        end = start + k.shape[2]
+            index = start + torch.arange(t, device=k.device)
+            keys.index_copy_(2, index, k)
+            values.index_copy_(2, index, v)
+            return keys, values
+        end = start + t
         if end > self.max_len:
             raise ValueError(f"KV cache holds {self.max_len} positions; asked to write up to {end}")
-        self.keys[layer, :, :, start:end] = k
-        self.values[layer, :, :, start:end] = v
-        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+        keys.narrow(2, start, t).copy_(k)
+        values.narrow(2, start, t).copy_(v)
+        return keys.narrow(2, 0, end), values.narrow(2, 0, end)

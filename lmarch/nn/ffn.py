@@ -55,7 +55,8 @@ class MLP(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.dropout(self.fc_out(self.act(self.fc_in(x))))
+        y = self.fc_out(self.act(self.fc_in(x)))
+        return self.dropout(y) if self.training else y
 
 
 class GatedMLP(nn.Module):
@@ -82,7 +83,8 @@ class GatedMLP(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         gate, up = self.gate_up(x).split(self.hidden, dim=-1)
-        return self.dropout(self.down(self.act(gate) * up))
+        y = self.down(self.act(gate) * up)
+        return self.dropout(y) if self.training else y
 
 
 def swiglu_hidden_dim(dim: int, multiple_of: int = 256, multiplier: float = 1.0) -> int:

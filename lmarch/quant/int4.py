@@ -271,13 +271,22 @@ class Int4WeightOnlyLinear(nn.Module):
         if not use_kernel:
             bias = None if self.bias is None else self.bias.to(x.dtype)
             return F.linear(x, self.dequantized_weight().to(x.dtype), bias)
+        # dtype checks in Python, not no-op casts: at batch 1 every dispatched call counts
         lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()
-        sz = self.scales_and_zeros.to(torch.bfloat16)
-        y = torch._weight_int4pack_mm_for_cpu(x2, self.qweight, self.group_size, sz).to(x.dtype)
+        x2 = x.reshape(-1, self.in_features)
+        if x2.dtype != torch.bfloat16:
+            x2 = x2.to(torch.bfloat16)
+        if not x2.is_contiguous():
+            x2 = x2.contiguous()
+        sz = self.scales_and_zeros
+        if sz.dtype != torch.bfloat16:  # after a model-wide .float() / .half()
+            sz = sz.to(torch.bfloat16)
+        y = torch._weight_int4pack_mm_for_cpu(x2, self.qweight, self.group_size, sz)
+        if y.dtype != x.dtype:
+            y = y.to(x.dtype)
         if self.bias is not None:
             y = y + self.bias.to(x.dtype)
-        return y.reshape(*lead, self.out_features)
+        return y.view(*lead, self.out_features)
 
     # -- keeping the non-portable packing out of state dicts and off other devices ----------------
 

@@ -174,14 +174,18 @@ class Int8WeightOnlyLinear(nn.Module):
         if not self._use_kernel(x):
             return F.linear(x, self.dequantized_weight().to(x.dtype), self._bias_as(x.dtype))
         lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()
-        if not _is_aligned(x2):  # a view into a larger bf16 buffer: copy to aligned memory
-            x2 = x2.clone()
-        y = torch._weight_int8pack_mm(x2, self.qweight, self.scale.to(torch.bfloat16))
-        y = y.to(x.dtype)
+        x2 = x.reshape(-1, self.in_features)
+        if x2.dtype != torch.bfloat16:
+            x2 = x2.to(torch.bfloat16)
+        if not x2.is_contiguous() or not _is_aligned(x2):
+            x2 = x2.clone(memory_format=torch.contiguous_format)  # the kernel loads aligned rows
+        scale = self.scale if self.scale.dtype == torch.bfloat16 else self.scale.bfloat16()
+        y = torch._weight_int8pack_mm(x2, self.qweight, scale)
+        if y.dtype != x.dtype:
+            y = y.to(x.dtype)
         if self.bias is not None:
             y = y + self.bias.to(x.dtype)
-        return y.reshape(*lead, self.out_features)
+        return y.view(*lead, self.out_features)
 
     def _bias_as(self, dtype: torch.dtype) -> Tensor | None:
         return None if self.bias is None else self.bias.to(dtype)
