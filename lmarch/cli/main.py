@@ -229,12 +229,11 @@ def cmd_presets(args: argparse.Namespace) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from lmarch.generation import GenerationStats
-    from lmarch.tasks.generate import generate_text, prepare_for_decoding
+    from lmarch.tasks.generate import generate_text
     from lmarch.weights.loader import load_model
 
     sampling = _sampling(args)
-    loaded = load_model(args.model)
-    prepare_for_decoding(loaded, args.quant)
+    loaded = load_model(args.model, quant=args.quant)
     stats = GenerationStats()
     pieces = []
     out = sys.stderr if args.json else sys.stdout
@@ -268,11 +267,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_chat(args: argparse.Namespace) -> int:
     from lmarch.tasks.chat import ChatSession
-    from lmarch.tasks.generate import prepare_for_decoding
     from lmarch.weights.loader import load_model
 
-    loaded = load_model(args.model)
-    prepare_for_decoding(loaded, args.quant)
+    loaded = load_model(args.model, quant=args.quant)
     session = ChatSession(loaded, _sampling(args), args.max_new_tokens, args.system, args.seed)
     interactive = sys.stdin.isatty()
     if interactive:

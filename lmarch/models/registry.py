@@ -12,7 +12,6 @@ import difflib
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 from torch import nn
 
 from lmarch.errors import LmarchError
@@ -20,6 +19,7 @@ from lmarch.models.bert import BertConfig, BertModel
 from lmarch.models.bigram import BigramConfig, BigramLM
 from lmarch.models.gpt import GPT, GPTConfig
 from lmarch.models.llama import Llama, LlamaConfig
+from lmarch.nn.init import empty_weights
 
 
 @dataclass(frozen=True)
@@ -308,7 +308,7 @@ def build_model(config: Any) -> nn.Module:
 def count_parameters(config: Any) -> int:
     """Number of distinct parameters (tied weights counted once), built on the meta device so
     that even GPT-2 XL is counted without allocating memory."""
-    with torch.device("meta"):
+    with empty_weights():
         model = build_model(config)
     return sum(p.numel() for p in model.parameters())
 

@@ -135,11 +135,18 @@ class RotaryEmbedding(nn.Module):
 
     def reset_tables(self, device: torch.device | str | None = None) -> None:
         """(Re)compute the cos/sin tables, e.g. after building the model on the meta device."""
-        inv_freq = rope_inverse_frequencies(self.rotary_dim, self.theta, self.scaling)
-        positions = torch.arange(self.max_positions, dtype=torch.float32)
-        angles = torch.outer(positions, inv_freq)
-        angles = torch.cat((angles, angles), dim=-1)  # same angle for x_j and x_{j+d/2}
         device = device if device is not None else self.cos.device
+        if torch.device(device).type == "meta":  # shapes only: the tables come later
+            shape = (self.max_positions, self.rotary_dim)
+            self.cos = torch.empty(shape, device="meta")
+            self.sin = torch.empty(shape, device="meta")
+            self.sin_signed = torch.empty(shape, device="meta")
+            return
+        with torch.device("cpu"):  # not the ambient default device (meta while loading)
+            inv_freq = rope_inverse_frequencies(self.rotary_dim, self.theta, self.scaling)
+            positions = torch.arange(self.max_positions, dtype=torch.float32)
+            angles = torch.outer(positions, inv_freq)
+            angles = torch.cat((angles, angles), dim=-1)  # same angle for x_j and x_{j+d/2}
         self.cos = angles.cos().to(device)
         self.sin = angles.sin().to(device)
         half = self.rotary_dim // 2

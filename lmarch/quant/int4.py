@@ -211,6 +211,33 @@ class Int4WeightOnlyLinear(nn.Module):
             layer.bias.requires_grad_(linear.bias.requires_grad)
         return layer
 
+    @classmethod
+    def from_codes(
+        cls, codes: Tensor, scale: Tensor, zero: Tensor, group_size: int = 32
+    ) -> Int4WeightOnlyLinear:
+        """A bias-free layer from codes already chosen: ``codes`` uint8 [out, in] in 0..15,
+        ``scale`` and ``zero`` [out, in / group_size], so that W~ = (q - 8) * scale + zero.
+
+        This is how block-quantised files (llama.cpp's Q4_0 / Q4_1) become layers without
+        being quantised a second time; only scale and zero are rounded to bfloat16.
+        """
+        n, k = codes.shape
+        if scale.shape != (n, k // group_size) or zero.shape != scale.shape:
+            raise ValueError(
+                f"scale/zero must be [{n}, {k // group_size}], got {tuple(scale.shape)} "
+                f"and {tuple(zero.shape)}"
+            )
+        layer = cls(k, n, bias=False, group_size=group_size, device="meta")  # nothing to pack
+        sz = torch.stack([scale.float(), zero.float()], dim=-1).transpose(0, 1)
+        layer.scales_and_zeros = sz.to(torch.bfloat16).contiguous()
+        layer.qweight = codes.to(torch.uint8)  # placeholder on the CPU, for the checks below
+        if layer._kernel_can_take():
+            packed = torch._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1)
+            layer.qweight, layer._kernel_packed = packed, True
+        else:
+            layer.qweight, layer._kernel_packed = pack_int4(codes), False
+        return layer
+
     # -- storage -------------------------------------------------------------------------------
 
     @property

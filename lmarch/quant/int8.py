@@ -138,21 +138,26 @@ class Int8WeightOnlyLinear(nn.Module):
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> Int8WeightOnlyLinear:
         """Quantise ``linear``'s weight (its bias is copied as it is). ``linear`` is not changed."""
-        weight = linear.weight
+        return cls.from_weight(linear.weight, linear.bias)
+
+    @classmethod
+    def from_weight(cls, weight: Tensor, bias: Tensor | None = None) -> Int8WeightOnlyLinear:
+        """A layer computing x W^T + b with ``weight`` [out, in] quantised to int8 (``weight``
+        may also be an embedding table, for an output head tied to it)."""
         layer = cls(
-            linear.in_features,
-            linear.out_features,
-            bias=linear.bias is not None,
+            weight.shape[1],
+            weight.shape[0],
+            bias=bias is not None,
             device=weight.device,
-            bias_dtype=linear.bias.dtype if linear.bias is not None else torch.float32,
+            bias_dtype=bias.dtype if bias is not None else torch.float32,
         )
         q, scale = quantize_int8(weight)
         layer.qweight.copy_(q)
         layer.scale.copy_(scale)
-        if linear.bias is not None:
+        if bias is not None:
             with torch.no_grad():
-                layer.bias.copy_(linear.bias)
-            layer.bias.requires_grad_(linear.bias.requires_grad)
+                layer.bias.copy_(bias)
+            layer.bias.requires_grad_(bias.requires_grad)
         return layer
 
     def dequantized_weight(self) -> Tensor:

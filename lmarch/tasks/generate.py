@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 
 from lmarch.generation import GenerationStats, SamplingConfig, stream_text
-from lmarch.weights.loader import LoadedModel
+from lmarch.weights.loader import LoadedModel, quantize_loaded
 
 
 def generate_text(
@@ -35,31 +35,14 @@ def generate_text(
     )
 
 
-QUANT_SCHEMES = ("none", "int8", "int4")
-
-
 def prepare_for_decoding(loaded: LoadedModel, quant: str = "none", compile: bool = False) -> float:
-    """Make ``loaded`` fast to decode on a CPU and return the seconds it took.
-
-    ``quant="int8"`` / ``"int4"`` replace every Linear (output head included) by a weight-only
-    quantised layer and switch activations to bfloat16, the only input type the CPU kernels
-    are fast with; ``"none"`` keeps exact float32. ``compile`` is remembered on the loaded
-    model for the decode steps (see :func:`lmarch.generation.generate.compiled_step`).
-    """
+    """Make ``loaded`` fast to decode on a CPU and return the seconds it took: quantise it
+    (see :func:`lmarch.weights.loader.quantize_loaded`; prefer ``load_model(spec, quant=...)``,
+    which builds a GGUF file's int4 layers without a float copy) and remember ``compile`` for
+    the decode steps (see :func:`lmarch.generation.generate.compiled_step`)."""
     import time
 
-    import torch
-
-    from lmarch.errors import LmarchError
-    from lmarch.quant.apply import quantize_
-
-    if quant not in QUANT_SCHEMES:
-        raise LmarchError(
-            f"unknown quantisation {quant!r}", hint=f"one of {', '.join(QUANT_SCHEMES)}"
-        )
     start = time.perf_counter()
-    if quant != "none":
-        loaded.model.to(torch.bfloat16)
-        quantize_(loaded.model, quant)
+    quantize_loaded(loaded, quant)
     loaded.extra["compile"] = compile
     return time.perf_counter() - start

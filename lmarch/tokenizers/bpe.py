@@ -116,6 +116,9 @@ def bytes_to_unicode() -> dict[int, str]:
 
 _BYTE_TO_CHAR = bytes_to_unicode()
 _CHAR_TO_BYTE = {char: byte for byte, char in _BYTE_TO_CHAR.items()}
+# str.translate table: byte-level symbol -> the character whose code point is that byte, so
+# that ``token.translate(_TO_LATIN1).encode("latin-1")`` spells a token in raw bytes at C speed
+_TO_LATIN1 = {ord(char): byte for char, byte in _CHAR_TO_BYTE.items()}
 
 
 def compile_split_pattern(pattern: str) -> regex.Pattern[str]:
@@ -235,9 +238,10 @@ class ByteLevelBPETokenizer:
         self._allow_missing_bytes = bool(allow_missing_bytes)
         if missing and not allow_missing_bytes:
             raise LmarchError(f"vocab lacks {len(missing)} of the 256 byte symbols: {missing[0]!r}")
-        for token in self._vocab:
-            if not token or any(c not in _CHAR_TO_BYTE for c in token):
-                raise LmarchError(f"vocab token {token!r} is not in the byte-level alphabet")
+        if "" in self._vocab or not set("".join(self._vocab)) <= _CHAR_TO_BYTE.keys():
+            for token in self._vocab:
+                if not token or any(c not in _CHAR_TO_BYTE for c in token):
+                    raise LmarchError(f"vocab token {token!r} is not in the byte-level alphabet")
 
         self._id_to_token: list[str] = [""] * (
             len(self._vocab) + len(special_tokens) + len(added_tokens)
@@ -275,7 +279,9 @@ class ByteLevelBPETokenizer:
         self._has_missing_bytes = bool(missing)
         # Decoding joins raw bytes per id; special and added tokens decode to their own text.
         self._id_bytes: list[bytes] = [
-            bytes(_CHAR_TO_BYTE[c] for c in token) if token in self._vocab else token.encode()
+            token.translate(_TO_LATIN1).encode("latin-1")
+            if token in self._vocab
+            else token.encode()
             for token in self._id_to_token
         ]
         # What skip_special_tokens drops: control tokens and the BOS/EOS/padding roles.

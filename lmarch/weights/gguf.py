@@ -245,6 +245,9 @@ class GGUFTensorInfo:
         return self.shape[-1] // self.block_size * self.block_bytes
 
 
+_U64 = struct.Struct("<Q")
+
+
 class _Parser:
     """A cursor over the mapped file that checks every read against the file's end."""
 
@@ -314,8 +317,32 @@ class _Parser:
             self.pos += count * min_item
             return (arr != 0).tolist() if itype == _BOOL else arr.tolist()
         if itype == _STRING:
-            return [self.string(f"{what}[{i}]") for i in range(count)]
+            return self.strings(count, what)
         return [self.array(f"{what}[{i}]", depth + 1) for i in range(count)]
+
+    def strings(self, count: int, what: str) -> list[str]:
+        """``count`` length-prefixed strings: the same checks as :meth:`string`, in one loop
+        with local names (vocabularies hold ~10^5 of them; this halves a model's load time)."""
+        buf, pos, size = self.buf, self.pos, self.size
+        unpack = _U64.unpack_from
+        out: list[str] = []
+        append = out.append
+        for i in range(count):
+            if pos + 8 > size:
+                self.pos = pos
+                self.need(8, f"length of {what}[{i}]")
+            (length,) = unpack(buf, pos)
+            end = pos + 8 + length
+            if end > size:
+                self.pos = pos + 8
+                self.need(length, f"{what}[{i}]")
+            try:
+                append(buf[pos + 8 : end].decode("utf-8"))
+            except UnicodeDecodeError as err:
+                raise _Malformed(f"{what}[{i}] is not valid UTF-8 ({err.reason})") from None
+            pos = end
+        self.pos = pos
+        return out
 
 
 def _parse(buf: mmap.mmap, size: int) -> tuple[dict[str, Any], dict[str, GGUFTensorInfo]]:

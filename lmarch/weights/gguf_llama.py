@@ -17,6 +17,7 @@ from torch import Tensor
 
 from lmarch.errors import LmarchError
 from lmarch.models.llama import Llama, LlamaConfig
+from lmarch.nn.init import empty_weights
 from lmarch.weights.gguf import GGUFFile, read_gguf
 from lmarch.weights.name_map import Rule, WeightMap
 from lmarch.weights.safetensors_io import load_into_model
@@ -128,7 +129,7 @@ def load_gguf_llama(
     config = llama_config_from_gguf(gguf)
     if block_size is not None:
         config.block_size = min(block_size, config.block_size)
-    with torch.device("meta"):
+    with empty_weights():
         model = Llama(config)
     tensors = {name: gguf.load(name, dtype=dtype) for name in gguf.tensor_names}
     ours = gguf_llama_map(config).to_ours(tensors, config.n_layer, where=str(path))

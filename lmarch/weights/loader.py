@@ -8,6 +8,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from lmarch.errors import LmarchError
@@ -65,13 +66,24 @@ def package_folder(relative: str, requirement: str) -> Path:
     return path
 
 
-def load_gguf_model(path: str | Path, context: int = DEFAULT_CONTEXT) -> LoadedModel:
-    """A LLaMA-architecture GGUF file: weights, tokenizer and chat template from its metadata."""
+def load_gguf_model(
+    path: str | Path, context: int = DEFAULT_CONTEXT, quant: str = "none"
+) -> LoadedModel:
+    """A LLaMA-architecture GGUF file: weights, tokenizer and chat template from its metadata.
+
+    ``quant="int4"`` builds int4 layers straight from the file's 4-bit blocks
+    (:mod:`lmarch.weights.gguf_int4`); ``"none"`` dequantises to float32; ``"int8"`` quantises
+    the float32 weights per channel.
+    """
     from lmarch.tokenizers.gguf_vocab import tokenizer_from_gguf
+    from lmarch.weights.gguf_int4 import load_gguf_llama_int4
     from lmarch.weights.gguf_llama import load_gguf_llama
 
     start = time.perf_counter()
-    model, gguf = load_gguf_llama(path, block_size=context)
+    if quant == "int4":
+        model, gguf = load_gguf_llama_int4(path, block_size=context)
+    else:
+        model, gguf = load_gguf_llama(path, block_size=context)
     meta = gguf.metadata
     tokenizer = tokenizer_from_gguf(meta)
     stops = {meta.get("tokenizer.ggml.eos_token_id")}
@@ -87,6 +99,7 @@ def load_gguf_model(path: str | Path, context: int = DEFAULT_CONTEXT) -> LoadedM
         bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
         add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", False)),
         load_s=time.perf_counter() - start,
+        extra={"quant": "int4"} if quant == "int4" else {},
     )
 
 
@@ -172,9 +185,47 @@ def load_hf_encoder(path: str | Path, kind: str, name: str | None = None) -> Loa
     )
 
 
-def load_model(spec: str, context: int = DEFAULT_CONTEXT) -> LoadedModel:
+QUANT_SCHEMES = ("none", "int8", "int4")
+
+
+def _check_quant(quant: str) -> None:
+    if quant not in QUANT_SCHEMES:
+        raise LmarchError(
+            f"unknown quantisation {quant!r}", hint=f"one of {', '.join(QUANT_SCHEMES)}"
+        )
+
+
+def quantize_loaded(loaded: LoadedModel, quant: str) -> LoadedModel:
+    """Make ``loaded`` fast to decode on a CPU: ``"int8"`` / ``"int4"`` replace every Linear
+    (output head included) by a weight-only quantised layer and switch activations to
+    bfloat16, the only input type the CPU kernels are fast with; ``"none"`` keeps float32.
+    A model loaded already quantised (``extra["quant"]``) is left as it is."""
+    from lmarch.quant.apply import quantize_
+
+    _check_quant(quant)
+    have = loaded.extra.get("quant", "none")
+    if have == quant or quant == "none":
+        return loaded
+    if have != "none":
+        raise LmarchError(f"{loaded.name} is already quantised to {have}; load it again")
+    start = time.perf_counter()
+    loaded.model.to(torch.bfloat16)
+    quantize_(loaded.model, quant)
+    loaded.extra["quant"] = quant
+    loaded.load_s += time.perf_counter() - start
+    return loaded
+
+
+def load_model(spec: str, context: int = DEFAULT_CONTEXT, quant: str = "none") -> LoadedModel:
     """Resolve ``spec``: a preset with shipped weights, a ``.gguf`` file, a Hugging Face folder
-    (config.json with ``model_type``) or an lmarch run folder (config.json with ``model``)."""
+    (config.json with ``model_type``) or an lmarch run folder (config.json with ``model``),
+    quantised for CPU decoding when ``quant`` is ``"int8"`` or ``"int4"`` (see
+    :func:`quantize_loaded`; a GGUF file's 4-bit blocks become int4 layers directly)."""
+    _check_quant(quant)
+    return quantize_loaded(_load_float(spec, context, quant), quant)
+
+
+def _load_float(spec: str, context: int, quant: str) -> LoadedModel:
     if spec in PRESETS:
         preset = get_preset(spec)
         if preset.weights is None:
@@ -184,13 +235,13 @@ def load_model(spec: str, context: int = DEFAULT_CONTEXT) -> LoadedModel:
             )
         requirement = preset.weights_package or preset.weights
         if preset.weights.endswith(".gguf"):
-            return load_gguf_model(package_file(preset.weights, requirement), context)
+            return load_gguf_model(package_file(preset.weights, requirement), context, quant)
         return load_hf_model(package_folder(preset.weights, requirement), name=spec)
     path = Path(spec)
     if path.suffix == ".gguf":
         if not path.is_file():
             raise LmarchError(f"GGUF file not found: {path}")
-        return load_gguf_model(path, context)
+        return load_gguf_model(path, context, quant)
     if path.is_dir() and (path / "config.json").is_file():
         import json
 

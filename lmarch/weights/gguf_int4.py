@@ -1,0 +1,140 @@
+"""A llama.cpp GGUF straight into int4 layers: no float copy of the weights, no second rounding.
+
+llama.cpp's 4-bit block formats keep, for each block of 32 consecutive inputs of a row,
+4-bit codes q and one or two half-precision numbers:
+
+    Q4_0:  x = d (q - 8)          Q4_1:  x = d q + m
+
+Our :class:`~lmarch.quant.int4.Int4WeightOnlyLinear` computes W~ = (q - 8) s + z per group of
+inputs, so with groups of 32 both formats map onto it with the very same codes:
+
+    Q4_0:  s = d, z = 0           Q4_1:  s = d, z = m + 8 d
+
+The only change is that s and z are rounded to bfloat16 (the CPU kernel's type); quantising the
+dequantised weights afresh would instead move most weights by up to half a step. Tensors of any
+other type are dequantised and quantised with :func:`~lmarch.quant.int4.quantize_int4`.
+
+Rows are output features, so llama.cpp's per-head row order for Q and K and our fused
+``qkv`` / ``gate_up`` matrices are handled by the same name map as the float loader, applied
+to codes, scales and zeros alike.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from lmarch.errors import LmarchError
+from lmarch.models.llama import Llama
+from lmarch.nn.init import empty_weights
+from lmarch.quant.int4 import Int4WeightOnlyLinear, quantize_int4
+from lmarch.quant.int8 import Int8WeightOnlyLinear
+from lmarch.weights.gguf import GGUFFile, read_gguf
+from lmarch.weights.gguf_llama import gguf_llama_map, llama_config_from_gguf
+from lmarch.weights.name_map import Rule
+
+GROUP = 32  # llama.cpp's block length, and the int4 group size used here
+# bytes of the half-precision header of one block (d, or d and m), then 16 bytes of codes
+_HEADER = {"Q4_0": 2, "Q4_1": 4}
+HEAD_SCHEMES = ("int8", "int4", "bf16")
+
+
+def int4_rows(gguf: GGUFFile, name: str) -> tuple[Tensor, Tensor, Tensor]:
+    """Codes uint8 [N, K], scale and zero float32 [N, K/32] of the 2-D tensor ``name``, with
+    (q - 8) * scale + zero equal to the file's weights (exactly, for Q4_0 and Q4_1)."""
+    data, type_name, shape = gguf.raw(name)
+    if type_name in _HEADER and len(shape) == 2:
+        n, k = shape
+        header = _HEADER[type_name]
+        blocks = np.asarray(data).reshape(n, k // GROUP, header + GROUP // 2)
+        halves = blocks[..., :header].copy().view("<f2").astype(np.float32)
+        nibbles = blocks[..., header:]
+        codes = np.empty((n, k // GROUP, GROUP), dtype=np.uint8)
+        np.bitwise_and(nibbles, 15, out=codes[..., : GROUP // 2])  # elements 0..15
+        np.right_shift(nibbles, 4, out=codes[..., GROUP // 2 :])  # elements 16..31
+        scale = halves[..., 0]
+        zero = halves[..., 1] + 8.0 * scale if type_name == "Q4_1" else np.zeros_like(scale)
+        return (
+            torch.from_numpy(codes.reshape(n, k)),
+            torch.from_numpy(scale),
+            torch.from_numpy(zero),
+        )
+    q, sz = quantize_int4(gguf.load(name), GROUP)
+    return q, sz[..., 0].t().float(), sz[..., 1].t().float()
+
+
+def _map_rows(rule: Rule, parts: list[Tensor]) -> Tensor:
+    """Apply a name-map rule's per-part row transforms, then fuse the parts along rows."""
+    fns = rule.load_fns or (None,) * len(parts)
+    rows = [fn(p) if fn is not None else p for fn, p in zip(fns, parts)]
+    return rows[0] if len(rows) == 1 else torch.cat(rows, dim=0)
+
+
+def load_gguf_llama_int4(
+    path: str | Path, block_size: int | None = None, head: str = "int8"
+) -> tuple[Llama, GGUFFile]:
+    """A Llama for fast CPU decoding from a GGUF file: every projection an int4 layer built
+    from the file's own codes, norms and embeddings in bfloat16, and the output head in
+    ``head`` ("int8", "int4" or "bf16"; a head tied to the embeddings gets its own copy).
+
+    Peak memory stays near the size of the file: nothing is expanded to float32 except,
+    briefly, tensors stored in other formats.
+    """
+    if head not in HEAD_SCHEMES:
+        raise LmarchError(f"unknown head scheme {head!r}", hint=f"one of {HEAD_SCHEMES}")
+    gguf = read_gguf(path)
+    config = llama_config_from_gguf(gguf)
+    if block_size is not None:
+        config.block_size = min(block_size, config.block_size)
+    for dim in (config.n_embd, config.intermediate_size, config.n_head * config.dim_per_head):
+        if dim % GROUP:
+            raise LmarchError(f"{path}: width {dim} is not a multiple of {GROUP}; load as float")
+    with empty_weights():
+        model = Llama(config)
+
+    floats: dict[str, Tensor] = {}
+    for rule in gguf_llama_map(config)._expanded(config.n_layer):
+        owner, _, attr = rule.ours.rpartition(".")
+        module = model.get_submodule(owner) if owner else model
+        if isinstance(module, nn.Linear) and attr == "weight":
+            pieces = [int4_rows(gguf, name) for name in rule.parts]
+            codes, scale, zero = (_map_rows(rule, [p[j] for p in pieces]) for j in range(3))
+            parent, _, child = owner.rpartition(".")
+            layer = Int4WeightOnlyLinear.from_codes(codes, scale, zero, GROUP)
+            setattr(model.get_submodule(parent), child, layer)
+        else:
+            parts = [gguf.load(name, dtype=torch.bfloat16) for name in rule.parts]
+            floats[rule.ours] = _map_rows(rule, parts)
+    model.load_state_dict(floats, strict=False, assign=True)
+
+    head_weight = model.tok_emb.weight if config.tie_embeddings else None
+    if head_weight is None:
+        if "output.weight" not in gguf:
+            raise LmarchError(f"{path}: tensor 'output.weight' is missing")
+        head_weight = gguf.load("output.weight", dtype=torch.bfloat16)
+    if head == "int8":
+        model.lm_head = Int8WeightOnlyLinear.from_weight(head_weight.float())
+    elif head == "int4":
+        model.lm_head = Int4WeightOnlyLinear.from_codes(
+            *_quantized_rows(head_weight), group_size=GROUP
+        )
+    else:
+        model.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False, device="cpu")
+        model.lm_head.weight = nn.Parameter(head_weight, requires_grad=False)
+    model.rotary.reset_tables("cpu")
+    model.rotary.to(torch.bfloat16)
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise LmarchError(f"{path}: no weights for {left[:5]}")
+    return model.eval(), gguf
+
+
+def _quantized_rows(weight: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    q, sz = quantize_int4(weight, GROUP)
+    return q, sz[..., 0].t().float(), sz[..., 1].t().float()
+
+
+__all__ = ["HEAD_SCHEMES", "int4_rows", "load_gguf_llama_int4"]
