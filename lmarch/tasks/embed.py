@@ -49,9 +49,13 @@ def encoder_from_loaded(loaded: LoadedModel) -> Encoder:
         and hasattr(model.discriminator, "bert")
     ):
         encoder = model.discriminator.bert
-    if not hasattr(loaded.tokenizer, "encode_batch"):
+    from lmarch.models.bert import BertConfig
+
+    # byte-level BPE has encode_batch too (for RoBERTa), so the model decides as well
+    is_bert = isinstance(getattr(encoder, "config", None), BertConfig)
+    if not is_bert or not hasattr(loaded.tokenizer, "encode_batch"):
         raise LmarchError(
-            f"{loaded.name} is not an encoder with a WordPiece tokenizer",
+            f"{loaded.name} is not a BERT-family encoder with an encoder tokenizer",
             hint="use an encoder such as minilm-l6, a BERT-family HF folder or an mlm/rtd run",
         )
     pooling = loaded.extra.get("pooling", "cls")

@@ -15,7 +15,8 @@ class Tokenizer(Protocol):
     """Maps text to integer ids and back.
 
     Implementations save themselves as one JSON file whose top-level ``"type"`` field names
-    the class (``"char"``, ``"byte_bpe"``, ``"wordpiece"``), so :func:`load_tokenizer` can rebuild them.
+    the class (``"char"``, ``"byte_bpe"``, ``"wordpiece"``; ``"hf_tokenizers"`` for the
+    :mod:`~lmarch.tokenizers.hf_fallback` adapter), so :func:`load_tokenizer` can rebuild them.
     """
 
     @property
@@ -32,6 +33,7 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     """Load a tokenizer saved by any lmarch tokenizer's ``save``."""
     from lmarch.tokenizers.bpe import ByteLevelBPETokenizer
     from lmarch.tokenizers.char import CharTokenizer
+    from lmarch.tokenizers.hf_fallback import HFTokenizersFallback
     from lmarch.tokenizers.wordpiece import WordPieceTokenizer
 
     path = Path(path)
@@ -43,6 +45,7 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         "char": CharTokenizer,
         "byte_bpe": ByteLevelBPETokenizer,
         "wordpiece": WordPieceTokenizer,
+        "hf_tokenizers": HFTokenizersFallback,
     }
     if kind not in classes:
         raise LmarchError(

@@ -84,6 +84,7 @@ from typing import Any
 import regex
 
 from lmarch.errors import LmarchError
+from lmarch.tokenizers.encoder_input import EncoderInputMixin
 
 GPT2_SPLIT_PATTERN = (
     r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
@@ -183,8 +184,13 @@ def _merge_pair(word: list[int], left: int, right: int, new: int) -> list[int]:
     return out
 
 
-class ByteLevelBPETokenizer:
+class ByteLevelBPETokenizer(EncoderInputMixin):
     """GPT-2-style byte-level BPE tokenizer (see the module docstring for the algorithm).
+
+    As an encoder's tokenizer (RoBERTa), ``encode_pair`` / ``encode_batch`` build
+    ``<s> A </s>`` or ``<s> A </s> </s> B </s>`` with one token type, taking the BOS token as
+    ``cls_id``, the EOS token as ``sep_id`` and the padding token as ``pad_id``, as fairseq's
+    vocabularies (RoBERTa's, BART's) do.
 
     Args:
         vocab: byte-level token string -> id, holding at least the 256 single-byte symbols.
@@ -204,6 +210,9 @@ class ByteLevelBPETokenizer:
     Together, ``vocab``, ``special_tokens`` and ``added_tokens`` must use each id in
     ``0 .. vocab_size - 1`` exactly once.
     """
+
+    pair_separators = 2  # RoBERTa: <s> A </s> </s> B </s>
+    second_segment_type = 0
 
     def __init__(
         self,
@@ -508,6 +517,26 @@ class ByteLevelBPETokenizer:
     def pad_token_id(self) -> int | None:
         """Id of the padding token, if any."""
         return self._pad_id
+
+    @property
+    def cls_id(self) -> int | None:  # type: ignore[override]
+        """The token that opens an encoder's input: the BOS token (RoBERTa's ``<s>``)."""
+        return self._bos_id
+
+    @property
+    def sep_id(self) -> int | None:  # type: ignore[override]
+        """The token that closes each segment of an encoder's input: the EOS token (``</s>``)."""
+        return self._eos_id
+
+    @property
+    def pad_id(self) -> int | None:  # type: ignore[override]
+        """Same as :attr:`pad_token_id` (the name the encoder tasks use)."""
+        return self._pad_id
+
+    @property
+    def mask_id(self) -> int | None:
+        """Id of the special token ``<mask>`` (RoBERTa's masked-LM token), if there is one."""
+        return self._special.get("<mask>")
 
     @property
     def add_bos_token(self) -> bool:

@@ -15,8 +15,9 @@ Greedy matching is not guaranteed to find a split when one exists (``"abc"`` wit
 
 **Special tokens** (``[CLS]``, ``[SEP]``, ``[MASK]`` ...) written in the input text are matched
 verbatim before normalisation, longest first, and become their own id. :meth:`encode` adds none;
-:meth:`WordPieceTokenizer.encode_pair` builds BERT's input ``[CLS] A [SEP]`` or
-``[CLS] A [SEP] B [SEP]`` with token type ids 0 for the first segment and 1 for the second.
+``encode_pair`` (from :class:`~lmarch.tokenizers.encoder_input.EncoderInputMixin`) builds BERT's
+input ``[CLS] A [SEP]`` or ``[CLS] A [SEP] B [SEP]`` with token type ids 0 for the first segment
+and 1 for the second.
 
 **Training** (:meth:`WordPieceTokenizer.train`) follows the ``tokenizers`` library rather than
 the original likelihood criterion: the original picks, at each step, the pair of pieces whose
@@ -44,6 +45,7 @@ from typing import Any
 
 from lmarch.errors import LmarchError
 from lmarch.tokenizers.bert_normalize import BertNormalizer, bert_pre_tokenize
+from lmarch.tokenizers.encoder_input import EncoderInputMixin
 from lmarch.tokenizers.wordpiece_files import (
     read_json,
     read_vocab_lines,
@@ -62,7 +64,7 @@ _CACHE_LIMIT = 200_000
 _CLEANUP = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","))
 
 
-class WordPieceTokenizer:
+class WordPieceTokenizer(EncoderInputMixin):
     """BERT's WordPiece tokenizer (see the module docstring for the algorithm).
 
     Args:
@@ -269,75 +271,6 @@ class WordPieceTokenizer:
             count = 1 if isinstance(word, int) else len(self._encode_word(word))
             out.extend([index] * count)
         return out
-
-    def encode_pair(
-        self, text: str, pair: str | None = None, max_length: int | None = None
-    ) -> tuple[list[int], list[int]]:
-        """BERT's model input for one segment or a pair: ``(input ids, token type ids)``.
-
-        The ids are ``[CLS] A [SEP]`` or ``[CLS] A [SEP] B [SEP]``, type 0 up to and including
-        the first ``[SEP]`` and 1 after it. With ``max_length`` (counting the special tokens) the
-        segments are cut at their ends, longest first as the ``tokenizers`` library does: when a
-        pair does not fit, the shorter segment is kept whole if the longer one can take the rest,
-        otherwise both get half the room (the longer, or the first if equal, one more).
-        """
-        if self.cls_id is None or self.sep_id is None:
-            raise LmarchError("this vocabulary has no [CLS]/[SEP] tokens to build model input from")
-        first = self.encode(text)
-        second = None if pair is None else self.encode(pair)
-        if max_length is not None:
-            room = max_length - (2 if second is None else 3)
-            if room < 0:
-                raise LmarchError(f"max_length {max_length} leaves no room besides [CLS]/[SEP]")
-            if second is None:
-                first = first[:room]
-            elif len(first) + len(second) > room:
-                n1, n2 = len(first), len(second)
-                short, long = min(n1, n2), max(n1, n2)
-                long = max(short, room - short) if short <= room else short
-                if short + long > room:
-                    short, long = room // 2, room // 2 + room % 2
-                keep1, keep2 = (long, short) if n1 > n2 else (short, long)
-                first, second = first[:keep1], second[:keep2]
-        ids = [self.cls_id, *first, self.sep_id]
-        types = [0] * len(ids)
-        if second is not None:
-            ids += [*second, self.sep_id]
-            types += [1] * (len(second) + 1)
-        return ids, types
-
-    def encode_batch(
-        self,
-        texts: Sequence[str],
-        max_length: int | None = None,
-        pairs: Sequence[str] | None = None,
-    ) -> dict[str, list[list[int]]]:
-        """:meth:`encode_pair` for each text (with ``pairs[i]`` as its second segment, if given),
-        right-padded with ``pad_id`` to the longest row.
-
-        Returns ``input_ids``, ``attention_mask`` (1 for tokens, 0 for padding) and
-        ``token_type_ids`` (0 on padding), each a list of equally long rows.
-        """
-        if pairs is not None and len(pairs) != len(texts):
-            raise LmarchError(f"{len(texts)} texts but {len(pairs)} pairs")
-        rows = [
-            self.encode_pair(text, None if pairs is None else pairs[i], max_length)
-            for i, text in enumerate(texts)
-        ]
-        width = max((len(ids) for ids, _ in rows), default=0)
-        if self.pad_id is None and any(len(ids) < width for ids, _ in rows):
-            raise LmarchError("this vocabulary has no [PAD] token to pad the batch with")
-        batch: dict[str, list[list[int]]] = {
-            "input_ids": [],
-            "attention_mask": [],
-            "token_type_ids": [],
-        }
-        for ids, types in rows:
-            fill = width - len(ids)
-            batch["input_ids"].append(ids + [self.pad_id] * fill)  # type: ignore[list-item]
-            batch["attention_mask"].append([1] * len(ids) + [0] * fill)
-            batch["token_type_ids"].append(types + [0] * fill)
-        return batch
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         """Text for ``ids``: pieces joined, ``"##"`` pieces glued to the one before.

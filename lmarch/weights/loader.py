@@ -154,21 +154,17 @@ def load_hf_model(path: str | Path, name: str | None = None) -> LoadedModel:
 
 
 def load_hf_encoder(path: str | Path, kind: str, name: str | None = None) -> LoadedModel:
-    """A BERT-family folder: the model its ``architectures`` names, its tokenizer (WordPiece
-    for BERT and ELECTRA, ``tokenizer.json`` otherwise) and, for a sentence-transformers folder,
-    ``extra = {"pooling": ..., "normalize": ..., "max_seq_length": ...}``."""
+    """A BERT-family folder: the model its ``architectures`` names, its tokenizer (see
+    :func:`~lmarch.tokenizers.hf_json.encoder_tokenizer_from_hf_folder`: WordPiece, RoBERTa's
+    byte-level BPE, or the ``tokenizers`` library for ALBERT's Unigram) and, for a
+    sentence-transformers folder, ``extra = {"pooling": ..., "normalize": ..., "max_seq_length":
+    ...}``."""
+    from lmarch.tokenizers.hf_json import encoder_tokenizer_from_hf_folder
     from lmarch.weights.hf_bert import load_hf_bert, read_sentence_transformers_pooling
 
     start = time.perf_counter()
     model = load_hf_bert(path).eval()
-    if kind in ("bert", "electra"):
-        from lmarch.tokenizers.wordpiece import WordPieceTokenizer
-
-        tokenizer: Tokenizer = WordPieceTokenizer.from_hf_folder(path)
-    else:
-        from lmarch.tokenizers.hf_json import tokenizer_from_hf_folder
-
-        tokenizer = tokenizer_from_hf_folder(path)[0]
+    tokenizer = encoder_tokenizer_from_hf_folder(path)
     extra = read_sentence_transformers_pooling(path)
     st_config = Path(path) / "sentence_bert_config.json"
     if extra and st_config.is_file():
