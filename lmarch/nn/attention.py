@@ -203,6 +203,8 @@ class MultiHeadAttention(nn.Module):
             q, k = qk_transform(q, k, start)
         if cache is not None:
             k, v = cache.update(layer_index, k, v, start)
+            if k.dtype != q.dtype:  # a float32 cache under half-precision weights (CPU)
+                q = q.to(k.dtype)
         n_rep = self.n_heads // self.n_kv_heads
         if n_rep > 1 and not (self.implementation == "sdpa" and _SDPA_HAS_GQA):
             k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
@@ -214,6 +216,8 @@ class MultiHeadAttention(nn.Module):
             if isinstance(start, Tensor):  # static shapes: hide the slots not written yet
                 allowed = torch.arange(k.shape[2], device=x.device)[None, :] <= start
             y = grouped_query_decode_attention(q, k, v, allowed)
+            if y.dtype != x.dtype:
+                y = y.to(x.dtype)
             return self.out(y.transpose(1, 2).reshape(b, t, self.n_heads * hd))
         if isinstance(start, Tensor):
             # static-shape step over the whole cache buffer: hide the positions not written yet
@@ -237,5 +241,7 @@ class MultiHeadAttention(nn.Module):
             dropout_p=self.dropout if self.training else 0.0,
             implementation=self.implementation,
         )
+        if y.dtype != x.dtype:
+            y = y.to(x.dtype)
         y = y.transpose(1, 2).reshape(b, t, self.n_heads * hd)
         return self.resid_dropout(self.out(y))

@@ -49,7 +49,12 @@ class KVCache:
         head_dim: int,
         dtype: torch.dtype | None = None,
     ) -> KVCache:
-        """A cache on ``reference``'s device, in its dtype unless ``dtype`` is given."""
+        """A cache on ``reference``'s device, in its dtype unless ``dtype`` is given — except
+        that half-precision weights on a CPU get a float32 cache: attention's batched products
+        run ~6x faster in float32 there (CPUs without bf16 arithmetic emulate it), and the
+        cache of a small model is small."""
+        if dtype is None and reference.device.type == "cpu" and reference.element_size() < 4:
+            dtype = torch.float32
         return cls(
             n_layers,
             batch_size,

@@ -10,10 +10,8 @@ import pytest
 import torch
 
 from lmarch.errors import LmarchError
-from lmarch.generation import generate
 from lmarch.quant.int4 import Int4WeightOnlyLinear
 from lmarch.quant.int8 import Int8WeightOnlyLinear
-from lmarch.tokenizers.chat import render_chat
 from lmarch.weights.gguf import read_gguf
 from lmarch.weights.gguf_int4 import int4_rows, load_gguf_llama_int4
 from lmarch.weights.loader import load_model, package_file
@@ -88,20 +86,30 @@ def test_every_projection_is_the_float_model_up_to_bf16_scales(float_model, int4
     assert int4_model.tok_emb.weight.dtype == torch.bfloat16
 
 
-def test_int4_model_stays_close_to_float_and_answers(float_model, int4_model) -> None:
-    """Logits within 2.0 of the float model (measured 0.80; re-quantising the dequantised
-    weights instead gave 2.67) and the same answer to a factual question."""
+def test_int4_model_predicts_like_the_float_model(float_model, int4_model) -> None:
+    """Teacher-forced over 400 tokens of Shakespeare, through the KV cache: the int4 model's
+    top-1 next token equals the float model's at >= 90% of positions (measured 96%) and the
+    logits differ by <= 0.2 on average (measured 0.128; with bf16 activations, the greedy
+    answer to a single prompt can flip on a near tie, so one answer is not the criterion)."""
     loaded = load_model("smollm2-135m", context=512, quant="int4")
     assert loaded.extra["quant"] == "int4"
-    chat = render_chat(
-        loaded.chat_template, [{"role": "user", "content": "What is the capital of France?"}], True
-    )
-    ids = torch.tensor([loaded.encode_prompt(chat)])
+    text = " ".join(line for line in _shakespeare_lines()[:200])
+    ids = torch.tensor([loaded.tokenizer.encode(text)[:400]])
     with torch.no_grad():
-        err = (int4_model(ids)[0, -1].float() - float_model(ids)[0, -1]).abs().max().item()
-        out = generate(loaded.model, ids, 12)[0, ids.shape[1] :].tolist()
-    assert err <= 2.0
-    assert "Paris" in loaded.tokenizer.decode(out)
+        reference = float_model(ids)[0]
+        cache = int4_model.make_cache(1, 512)
+        logits = int4_model(ids, cache=cache, start=0)[0].float()
+    assert cache.keys.dtype == torch.float32  # half-precision weights, float32 cache on CPU
+    agree = (logits.argmax(-1) == reference.argmax(-1)).float().mean().item()
+    assert agree >= 0.90
+    assert (logits - reference).abs().mean().item() <= 0.2
+
+
+def _shakespeare_lines() -> list[str]:
+    from lmarch.data.corpus import shakespeare_documents
+
+    play = shakespeare_documents()[0]
+    return [line for line in play.text.splitlines() if line.strip()]
 
 
 def test_bad_quant_name_is_one_clear_error() -> None:
