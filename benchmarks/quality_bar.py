@@ -11,7 +11,7 @@ validation loss of 1.88. Both recipes are trained by lmarch's Trainer, built exa
 Our recipe is a TOML file (``lmarch/train/recipes/shakespeare_char_fast.toml`` by default) that
 ``lmarch train --preset gpt-char-tiny --config FILE --data tinyshakespeare.txt`` also reads. Its
 iteration count was chosen so that it trains in no more time than nanoGPT's recipe: it has the
-same model and batch, so the same cost per step, and it spends on 100 extra steps what nanoGPT's
+same model and batch, so the same cost per step, and it spends on 80 extra steps what nanoGPT's
 recipe spends on seven intermediate evaluations. Both wall times are measured in this run and
 printed side by side, with the CPU time of the process and the share of the CPUs that other
 processes took meanwhile. On a shared machine the wall times can be far apart for no fault of
