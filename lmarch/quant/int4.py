@@ -335,6 +335,9 @@ class Int4WeightOnlyLinear(nn.Module):
             if target != self.qweight.device:
                 self._unpack_from_kernel()  # the kernel's packing only means something on CPU
         super()._apply(fn, recurse)
+        # scales and zeros are the kernel's operands, bf16 whatever dtype the model moves to
+        if self.scales_and_zeros.dtype != torch.bfloat16:
+            self.scales_and_zeros = self.scales_and_zeros.to(torch.bfloat16)
         self._pack_for_kernel()
         return self
 

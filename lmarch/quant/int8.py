@@ -35,6 +35,7 @@ formula either, so an input that requires grad also takes the plain path.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -201,6 +202,12 @@ class Int8WeightOnlyLinear(nn.Module):
         # aligned loads need the allocator's 64-byte alignment.
         if not _is_aligned(self.qweight) or not self.qweight.is_contiguous():
             self.qweight = self.qweight.contiguous().clone()
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> Int8WeightOnlyLinear:
+        super()._apply(fn, recurse)
+        if self.scale.dtype != torch.bfloat16:  # the kernel's operand, whatever the model's dtype
+            self.scale = self.scale.to(torch.bfloat16)
+        return self
 
     def extra_repr(self) -> str:
         return (

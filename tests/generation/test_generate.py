@@ -8,6 +8,7 @@ import torch
 import transformers
 
 from lmarch.generation import SamplingConfig, generate, stream_text
+from lmarch.generation.generate import iter_tokens
 from lmarch.models import GPT, GPTConfig
 from lmarch.tokenizers import CharTokenizer
 from lmarch.weights.hf_gpt2 import GPT2_MAP, gpt_config_from_hf
@@ -130,3 +131,28 @@ def test_static_shape_step_equals_the_dynamic_path() -> None:
                 a = model(ids[:, pos : pos + 1], cache=dyn, start=pos)
                 b = model(ids[:, pos : pos + 1], cache=static, start=torch.tensor(pos))
                 assert (a - b).abs().max().item() <= 1e-5
+
+
+def test_compiled_int4_decoding_compiles_once_and_matches_eager() -> None:
+    """``iter_tokens(compile=True)`` on an int4 LLaMA with float32 activations (what
+    ``prepare_for_decoding(compile=True)`` sets up): one graph for every step (no recompile per
+    token, the bug a strided input once caused) and the same 12 greedy tokens as eager."""
+    import torch._dynamo
+
+    from lmarch.models import Llama, LlamaConfig
+    from lmarch.quant.apply import quantize_
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=64, block_size=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=64,
+        intermediate_size=128,
+    )  # fmt: skip
+    model = Llama(config).eval()
+    quantize_(model, "int4")
+    ids = torch.randint(0, 64, (1, 6), generator=torch.Generator().manual_seed(2))
+    eager = [int(t) for t in iter_tokens(model, ids, 12)]
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    compiled = [int(t) for t in iter_tokens(model, ids, 12, compile=True)]
+    assert compiled == eager
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
