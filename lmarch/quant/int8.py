@@ -64,6 +64,9 @@ def round_up_to_bfloat16(x: Tensor) -> Tensor:
     return torch.where(too_small, bumped, nearest)
 
 
+_ROWS_PER_BLOCK = 4096
+
+
 def quantize_int8(weight: Tensor) -> tuple[Tensor, Tensor]:
     """Symmetric per-output-channel int8 quantisation of a [N, K] weight.
 
@@ -73,11 +76,17 @@ def quantize_int8(weight: Tensor) -> tuple[Tensor, Tensor]:
     """
     if weight.dim() != 2:
         raise ValueError(f"expected a 2-D weight [out, in], got shape {tuple(weight.shape)}")
-    w = weight.detach().float()
-    scale = round_up_to_bfloat16(w.abs().amax(dim=1) / 127.0)
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    q = torch.round(w / scale.float()[:, None]).clamp_(-127, 127).to(torch.int8)
-    return q, scale
+    # rows are independent: work through them in blocks so a large matrix (a 49152-row output
+    # head) never has several float32 copies alive at once
+    q = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
+    scales = []
+    for start in range(0, weight.shape[0], _ROWS_PER_BLOCK):
+        w = weight[start : start + _ROWS_PER_BLOCK].detach().float()
+        scale = round_up_to_bfloat16(w.abs().amax(dim=1) / 127.0)
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        q[start : start + len(w)] = torch.round(w / scale.float()[:, None]).clamp_(-127, 127)
+        scales.append(scale)
+    return q, torch.cat(scales)
 
 
 def dequantize_int8(q: Tensor, scale: Tensor) -> Tensor:

@@ -534,8 +534,18 @@ class GGUFFile:
             values = np.array(data).view(_PLAIN_DTYPES[type_name]).reshape(shape)
             return torch.from_numpy(values).to(dtype)
         if type_name in _FAST_DEQUANT:
-            values = _FAST_DEQUANT[type_name](data)
-            return torch.from_numpy(values.reshape(shape)).to(dtype)
+            if dtype == torch.float32 or len(shape) < 2:
+                values = _FAST_DEQUANT[type_name](data)
+                return torch.from_numpy(values.reshape(shape)).to(dtype)
+            # narrower targets (bf16 embeddings): convert a block of rows at a time, so the
+            # whole float32 tensor never exists
+            out = torch.empty(shape, dtype=dtype)
+            rows, flat = data.reshape(-1, data.shape[-1]), out.view(-1, shape[-1])
+            step = max(1, (1 << 22) // shape[-1])
+            for start in range(0, rows.shape[0], step):
+                block = _FAST_DEQUANT[type_name](rows[start : start + step])
+                flat[start : start + step] = torch.from_numpy(block.reshape(-1, shape[-1]))
+            return out
         gguf = _gguf_package()
         qtype = gguf.GGMLQuantizationType[type_name]
         try:

@@ -116,7 +116,7 @@ def load_gguf_llama_int4(
             raise LmarchError(f"{path}: tensor 'output.weight' is missing")
         head_weight = gguf.load("output.weight", dtype=torch.bfloat16)
     if head == "int8":
-        model.lm_head = Int8WeightOnlyLinear.from_weight(head_weight.float())
+        model.lm_head = Int8WeightOnlyLinear.from_weight(head_weight)
     elif head == "int4":
         model.lm_head = Int4WeightOnlyLinear.from_codes(
             *_quantized_rows(head_weight), group_size=GROUP
