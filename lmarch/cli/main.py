@@ -46,7 +46,7 @@ def _add_speed_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--compile",
         action="store_true",
-        help="torch.compile the decode step (with --quant: fastest; the first run compiles ~1 min)",
+        help="torch.compile the decode step (with --quant: fastest; the first run compiles ~2 min)",
     )
 
 
