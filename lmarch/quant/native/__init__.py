@@ -1,0 +1,186 @@
+"""lmarch's own CPU kernels (``blockq.c``): built on first use with the system C compiler.
+
+The C file is small and has no dependency but libc (and OpenMP, shared with torch), so it
+compiles in about a second. The shared library is cached under ``$LMARCH_CACHE_DIR`` (default
+``~/.cache/lmarch``) by a hash of the source, the compiler and the flags, and loaded with
+``ctypes``. Without a compiler, or with ``LMARCH_NATIVE=0``, :func:`native_library` returns
+None and the block-quantised layers fall back to dequantising in PyTorch (correct, slower).
+
+The matrix products are also registered as PyTorch operators (``torch.ops.lmarch.*``) so that
+``torch.compile`` keeps them as single opaque calls inside a compiled decode step.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import warnings
+from functools import cache
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+SOURCE = Path(__file__).with_name("blockq.c")
+QK = 32  # inputs per block, as in llama.cpp's formats
+
+
+def cache_dir() -> Path:
+    """Where built kernels are kept: ``$LMARCH_CACHE_DIR`` or ``~/.cache/lmarch``."""
+    root = os.environ.get("LMARCH_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "lmarch"
+    )
+    return Path(root) / "kernels"
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def simd_flags() -> list[str]:
+    """Compiler flags for the vector path when this CPU has AVX2, FMA and F16C (x86-64)."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return []
+    have = _cpu_flags()
+    return ["-mavx2", "-mfma", "-mf16c"] if {"avx2", "fma", "f16c"} <= have else []
+
+
+def build(extra_flags: list[str] | None = None, out_dir: Path | None = None) -> Path:
+    """Compile ``blockq.c`` into a shared library (cached) and return its path.
+
+    ``extra_flags`` defaults to :func:`simd_flags`; pass ``[]`` for the portable C path.
+    Raises ``RuntimeError`` with the compiler's message when compiling fails.
+    """
+    flags = simd_flags() if extra_flags is None else list(extra_flags)
+    compiler = os.environ.get("CC", "cc")
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(b"\0".join([source, compiler.encode(), *map(str.encode, flags)]))
+    out_dir = out_dir or cache_dir()
+    target = out_dir / f"blockq-{key.hexdigest()[:16]}.so"
+    if target.is_file():
+        return target
+    out_dir.mkdir(parents=True, exist_ok=True)
+    base = [compiler, "-O3", "-shared", "-fPIC", *flags, str(SOURCE)]
+    errors = []
+    # OpenMP splits rows across threads; a compiler without it still gives a working library
+    for omp in (["-fopenmp"], []):
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
+        os.close(fd)
+        try:
+            run = subprocess.run([*base, *omp, "-o", tmp, "-lm"], capture_output=True, text=True)
+        except OSError as exc:  # no compiler at all
+            os.unlink(tmp)
+            raise RuntimeError(f"cannot run the C compiler {compiler!r}: {exc}") from exc
+        if run.returncode == 0:
+            os.replace(tmp, target)  # atomic: a concurrent build never sees half a file
+            return target
+        os.unlink(tmp)
+        errors.append(run.stderr.strip().splitlines()[-1:] or ["(no message)"])
+    raise RuntimeError(f"compiling {SOURCE.name} failed: {errors[-1][0]}")
+
+
+def load(path: Path) -> ctypes.CDLL:
+    """Load a library built by :func:`build` and declare its functions' signatures."""
+    lib = ctypes.CDLL(str(path))
+    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    for name in ("lmarch_q4_1_matmul", "lmarch_q8_0_matmul"):
+        getattr(lib, name).argtypes = [p, i64, i64, p, p, i64, p, i32]
+        getattr(lib, name).restype = i32
+    lib.lmarch_blockq_simd.restype = i32
+    return lib
+
+
+@cache
+def native_library() -> ctypes.CDLL | None:
+    """The block-quantisation kernels for this machine, built once; None when unavailable
+    (``LMARCH_NATIVE=0``, not Linux/macOS, or no working C compiler — a warning says why)."""
+    if os.environ.get("LMARCH_NATIVE", "1") == "0" or sys.platform not in ("linux", "darwin"):
+        return None
+    try:
+        return load(build())
+    except (RuntimeError, OSError) as exc:
+        warnings.warn(f"lmarch native kernels unavailable, using PyTorch: {exc}", stacklevel=2)
+        return None
+
+
+def native_available() -> bool:
+    """True when :func:`native_library` could be built and loaded."""
+    return native_library() is not None
+
+
+def block_matmul(function: str, x: Tensor, codes: Tensor, constants: Tensor, lib=None) -> Tensor:  # type: ignore[no-untyped-def]
+    """y [M, N] = x W^T by ``lib.<function>`` (``lmarch_q4_1_matmul`` / ``lmarch_q8_0_matmul``)
+    for x float [M, K] and the weight's ``codes`` and block ``constants``; ``lib`` defaults to
+    :func:`native_library` (tests pass a library built with other flags)."""
+    lib = lib or native_library()
+    if lib is None:
+        raise RuntimeError("lmarch native kernels are not available")
+    if x.dtype != torch.float32:
+        x = x.float()
+    if not x.is_contiguous():
+        x = x.contiguous()
+    m, k = x.shape
+    n = codes.shape[0]
+    y = torch.empty(m, n)
+    status = getattr(lib, function)(
+        x.data_ptr(), m, k, codes.data_ptr(), constants.data_ptr(), n, y.data_ptr(),
+        torch.get_num_threads(),
+    )  # fmt: skip
+    if status:
+        raise MemoryError(f"{function}: no memory for the quantised activations [{m}, {k}]")
+    return y
+
+
+def q4_1_matmul_eager(x: Tensor, codes: Tensor, dm_bits: Tensor) -> Tensor:
+    """y [M, N] = x W^T, W in Q4_1 blocks (see ``blockq.c``); x float [M, K] on the CPU."""
+    return block_matmul("lmarch_q4_1_matmul", x, codes, dm_bits)
+
+
+def q8_0_matmul_eager(x: Tensor, codes: Tensor, d_bits: Tensor) -> Tensor:
+    """y [M, N] = x W^T, W in Q8_0 blocks (see ``blockq.c``); x float [M, K] on the CPU."""
+    return block_matmul("lmarch_q8_0_matmul", x, codes, d_bits)
+
+
+# The same products as PyTorch operators, so torch.compile treats each as one opaque call.
+# (The low-level registration costs ~10 us a call; ``torch.library.custom_op`` ~40 us, which
+# over SmolLM2's 121 products a token would be a tenth of the whole step.)
+_LIBRARY = torch.library.Library("lmarch", "DEF")
+for _name, _fn in (("q4_1_matmul", q4_1_matmul_eager), ("q8_0_matmul", q8_0_matmul_eager)):
+    _LIBRARY.define(f"{_name}(Tensor x, Tensor codes, Tensor constants) -> Tensor")
+    _LIBRARY.impl(_name, _fn, "CPU")
+
+    @torch.library.register_fake(f"lmarch::{_name}")
+    def _fake(x: Tensor, codes: Tensor, constants: Tensor) -> Tensor:
+        return x.new_empty(x.shape[0], codes.shape[0], dtype=torch.float32)
+
+
+q4_1_matmul = torch.ops.lmarch.q4_1_matmul.default
+q8_0_matmul = torch.ops.lmarch.q8_0_matmul.default
+
+
+__all__ = [
+    "QK",
+    "block_matmul",
+    "build",
+    "cache_dir",
+    "load",
+    "native_available",
+    "native_library",
+    "q4_1_matmul",
+    "q4_1_matmul_eager",
+    "q8_0_matmul",
+    "q8_0_matmul_eager",
+    "simd_flags",
+]
