@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from lmarch.errors import LmarchError
+from lmarch.quant.blockq import BlockQ4Linear, BlockQ8Linear
 from lmarch.quant.int4 import Int4WeightOnlyLinear
 from lmarch.quant.int8 import Int8WeightOnlyLinear
 from lmarch.weights.gguf import read_gguf
-from lmarch.quant.blockq import BlockQ4Linear, BlockQ8Linear
 from lmarch.weights.gguf_int4 import (
     int4_rows,
     load_gguf_llama_blocks,
