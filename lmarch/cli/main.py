@@ -118,6 +118,13 @@ def build_parser() -> OneLineParser:
     kt.add_argument("--max-length", type=int, default=128, help="tokens per text (cut beyond)")
     kt.add_argument("--passages-per-play", type=int, default=40, help="shakespeare-genre only")
     kt.add_argument("--seed", type=int, default=0)
+    kt.add_argument(
+        "--probe-steps",
+        type=int,
+        default=None,
+        help="fit the head alone on frozen features first (LP-FT); default: only for runs "
+        "under 100 steps; 0 never",
+    )
     kt.add_argument("--no-baseline", action="store_true", help="skip the TF-IDF baseline")
     kt.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
     kp = ksub.add_parser("predict", help="label texts with a trained classifier")
@@ -332,6 +339,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
         learning_rate=args.lr,
         max_length=args.max_length,
         seed=args.seed,
+        probe_steps=args.probe_steps,
     )
     options = {}
     if args.data == "shakespeare-genre":

@@ -134,6 +134,8 @@ def block_matmul(function: str, x: Tensor, codes: Tensor, constants: Tensor, lib
     m, k = x.shape
     n = codes.shape[0]
     y = torch.empty(m, n)
+    if m == 0:
+        return y
     status = getattr(lib, function)(
         x.data_ptr(), m, k, codes.data_ptr(), constants.data_ptr(), n, y.data_ptr(),
         torch.get_num_threads(),

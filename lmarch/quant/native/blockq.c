@@ -91,27 +91,54 @@ static inline __m256i block_dot16(__m256i q_lo, __m256i q_hi, const int16_t *p) 
 }
 #endif
 
-/* One Q4_1 row (nb blocks) against one quantised activation row. */
+#ifdef __AVX2__
+/* Eight blocks' (d, m) pairs, stored interleaved as float16, as two float vectors. */
+static inline void load_dm8(const uint16_t *dm, __m256 *d, __m256 *m) {
+    __m256 a = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)dm));       /* d0 m0 .. d3 m3 */
+    __m256 c = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(dm + 8))); /* d4 m4 .. d7 m7 */
+    /* per 128-bit lane: [d0 d1 d4 d5 | d2 d3 d6 d7]; then put the 64-bit pairs in order */
+    __m256 ds = _mm256_shuffle_ps(a, c, 0x88), ms = _mm256_shuffle_ps(a, c, 0xDD);
+    *d = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(ds), 0xD8));
+    *m = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(ms), 0xD8));
+}
+
+static inline __m256 q4_block(const uint8_t *w, const int16_t *p) {
+    const __m128i low = _mm_set1_epi8(0x0f);
+    __m128i r = _mm_loadu_si128((const __m128i *)w);
+    __m256i q_lo = _mm256_cvtepu8_epi16(_mm_and_si128(r, low));                    /* q 0..15 */
+    __m256i q_hi = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(r, 4), low)); /* 16..31 */
+    return _mm256_cvtepi32_ps(block_dot16(q_lo, q_hi, p));
+}
+#endif
+
+/* One Q4_1 row (nb blocks) against one quantised activation row. With AVX2 the block
+ * constants are handled eight blocks at a time (d e and m sum(x) as vectors), leaving each
+ * block one load, one widening pair, two vpmaddwd and one fused multiply-add. */
 static inline float dot_q4_1(const uint8_t *w, const uint16_t *dm, const int16_t *p,
                              const float *e, const float *sx, int64_t nb) {
     float tail = 0.0f;
 #ifdef __AVX2__
-    const __m128i low = _mm_set1_epi8(0x0f);
-    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps(), tails = _mm256_setzero_ps();
     int64_t b = 0;
+    for (; b + 8 <= nb; b += 8) {
+        __m256 d, m;
+        load_dm8(dm + 2 * b, &d, &m);
+        float scale[8] __attribute__((aligned(32)));
+        _mm256_store_ps(scale, _mm256_mul_ps(d, _mm256_loadu_ps(e + b)));
+        tails = _mm256_fmadd_ps(m, _mm256_loadu_ps(sx + b), tails);
+        for (int i = 0; i < 8; i += 2) {
+            acc0 = _mm256_fmadd_ps(_mm256_broadcast_ss(scale + i),
+                                   q4_block(w + (b + i) * 16, p + (b + i) * QK), acc0);
+            acc1 = _mm256_fmadd_ps(_mm256_broadcast_ss(scale + i + 1),
+                                   q4_block(w + (b + i + 1) * 16, p + (b + i + 1) * QK), acc1);
+        }
+    }
     for (; b < nb; b++) {
-        __m128i r = _mm_loadu_si128((const __m128i *)(w + b * 16));
-        __m256i q_lo = _mm256_cvtepu8_epi16(_mm_and_si128(r, low));                    /* q 0..15 */
-        __m256i q_hi = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(r, 4), low)); /* 16..31 */
-        __m256 f = _mm256_cvtepi32_ps(block_dot16(q_lo, q_hi, p + b * QK));
-        __m256 scale = _mm256_set1_ps(half_to_float(dm[2 * b]) * e[b]);
-        if (b & 1)
-            acc1 = _mm256_fmadd_ps(scale, f, acc1);
-        else
-            acc0 = _mm256_fmadd_ps(scale, f, acc0);
+        __m256 f = q4_block(w + b * 16, p + b * QK);
+        acc0 = _mm256_fmadd_ps(_mm256_set1_ps(half_to_float(dm[2 * b]) * e[b]), f, acc0);
         tail += half_to_float(dm[2 * b + 1]) * sx[b];
     }
-    return hsum8(_mm256_add_ps(acc0, acc1)) + tail;
+    return hsum8(_mm256_add_ps(_mm256_add_ps(acc0, acc1), tails)) + tail;
 #else
     float total = 0.0f;
     for (int64_t b = 0; b < nb; b++) {
@@ -127,20 +154,35 @@ static inline float dot_q4_1(const uint8_t *w, const uint16_t *dm, const int16_t
 #endif
 }
 
+#ifdef __AVX2__
+static inline __m256 q8_block(const int8_t *w, const int16_t *p) {
+    __m128i w_lo = _mm_loadu_si128((const __m128i *)w);
+    __m128i w_hi = _mm_loadu_si128((const __m128i *)(w + 16));
+    return _mm256_cvtepi32_ps(
+        block_dot16(_mm256_cvtepi8_epi16(w_lo), _mm256_cvtepi8_epi16(w_hi), p));
+}
+#endif
+
 /* One Q8_0 row against one quantised activation row. */
 static inline float dot_q8_0(const int8_t *w, const uint16_t *d, const int16_t *p, const float *e,
                              int64_t nb) {
 #ifdef __AVX2__
     __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-    for (int64_t b = 0; b < nb; b++) {
-        __m128i w_lo = _mm_loadu_si128((const __m128i *)(w + b * QK));
-        __m128i w_hi = _mm_loadu_si128((const __m128i *)(w + b * QK + 16));
-        __m256i s = block_dot16(_mm256_cvtepi8_epi16(w_lo), _mm256_cvtepi8_epi16(w_hi), p + b * QK);
+    int64_t b = 0;
+    for (; b + 8 <= nb; b += 8) {
+        float scale[8] __attribute__((aligned(32)));
+        __m256 d8 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(d + b)));
+        _mm256_store_ps(scale, _mm256_mul_ps(d8, _mm256_loadu_ps(e + b)));
+        for (int i = 0; i < 8; i += 2) {
+            acc0 = _mm256_fmadd_ps(_mm256_broadcast_ss(scale + i),
+                                   q8_block(w + (b + i) * QK, p + (b + i) * QK), acc0);
+            acc1 = _mm256_fmadd_ps(_mm256_broadcast_ss(scale + i + 1),
+                                   q8_block(w + (b + i + 1) * QK, p + (b + i + 1) * QK), acc1);
+        }
+    }
+    for (; b < nb; b++) {
         __m256 scale = _mm256_set1_ps(half_to_float(d[b]) * e[b]);
-        if (b & 1)
-            acc1 = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(s), acc1);
-        else
-            acc0 = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(s), acc0);
+        acc0 = _mm256_fmadd_ps(scale, q8_block(w + b * QK, p + b * QK), acc0);
     }
     return hsum8(_mm256_add_ps(acc0, acc1));
 #else
