@@ -191,6 +191,14 @@ def _check_quant(quant: str) -> None:
         raise LmarchError(
             f"unknown quantisation {quant!r}", hint=f"one of {', '.join(QUANT_SCHEMES)}"
         )
+    if quant in ("q4", "q8"):
+        from lmarch.quant import native
+
+        if not native.native_available():  # the PyTorch fallback is for training, not decoding
+            raise LmarchError(
+                f"--quant {quant} needs lmarch's native kernels, which could not be built here",
+                hint="install a C compiler (or set CC), or use --quant int4 / int8",
+            )
 
 
 def quantize_loaded(loaded: LoadedModel, quant: str) -> LoadedModel:

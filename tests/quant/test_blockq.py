@@ -173,3 +173,12 @@ def test_a_failed_build_is_reported(monkeypatch, tmp_path: Path) -> None:
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
     with pytest.raises(RuntimeError, match="cannot run the C compiler"):
         native.build([], tmp_path)
+
+
+def test_q4_without_native_kernels_is_one_clear_error(monkeypatch) -> None:
+    """Decoding through the dequantising fallback would be slower than float32: refuse it."""
+    from lmarch.weights.loader import load_model
+
+    monkeypatch.setattr(native, "native_available", lambda: False)
+    with pytest.raises(LmarchError, match="--quant q4 needs lmarch's native kernels"):
+        load_model("smollm2-135m", quant="q4")
