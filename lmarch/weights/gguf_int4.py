@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from lmarch.errors import LmarchError
 from lmarch.models.llama import Llama, LlamaConfig
 from lmarch.nn.init import empty_weights
-from lmarch.quant.blockq import BlockQ4Linear, BlockQ8Linear, quantize_q4_1
+from lmarch.quant.blockq import BlockQ4Linear, BlockQ8Linear, fuse_block_mlps_, quantize_q4_1
 from lmarch.quant.int4 import Int4WeightOnlyLinear, quantize_int4
 from lmarch.quant.int8 import Int8WeightOnlyLinear
 from lmarch.weights.gguf import GGUFFile, read_gguf
@@ -168,7 +168,8 @@ def load_gguf_llama_blocks(
     """A Llama for fast CPU decoding with lmarch's native block kernels: every projection a
     :class:`~lmarch.quant.blockq.BlockQ4Linear` holding the file's own Q4_1 / Q4_0 blocks, the
     output head a :class:`~lmarch.quant.blockq.BlockQ8Linear` (the file's Q8_0 blocks when it
-    stores them so, as llama.cpp's Q4 files do), everything else in float32."""
+    stores them so, as llama.cpp's Q4 files do), each feed-forward block fused into one
+    :class:`~lmarch.quant.blockq.BlockQ4GatedMLP`, everything else in float32."""
 
     def make_linear(gguf: GGUFFile, rule: Rule) -> nn.Module:
         pieces = [q4_blocks(gguf, name) for name in rule.parts]
@@ -177,6 +178,7 @@ def load_gguf_llama_blocks(
 
     model, gguf, config = _load_quantized(path, block_size, make_linear, torch.float32)
     model.lm_head = BlockQ8Linear.from_blocks(*q8_blocks(gguf, _head_name(gguf, config, path)))
+    fuse_block_mlps_(model)  # each SwiGLU block one native call
     return _finish(model, path, torch.float32), gguf
 
 

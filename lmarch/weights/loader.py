@@ -220,6 +220,10 @@ def quantize_loaded(loaded: LoadedModel, quant: str) -> LoadedModel:
     if quant in ("int8", "int4"):
         loaded.model.to(torch.bfloat16)
     quantize_(loaded.model, quant)
+    if quant == "q4":
+        from lmarch.quant.blockq import fuse_block_mlps_
+
+        fuse_block_mlps_(loaded.model)
     loaded.extra["quant"] = quant
     loaded.load_s += time.perf_counter() - start
     return loaded

@@ -133,7 +133,7 @@ def test_static_shape_step_equals_the_dynamic_path() -> None:
                 assert (a - b).abs().max().item() <= 1e-5
 
 
-@pytest.mark.parametrize("scheme", ["int4", "q4"])
+@pytest.mark.parametrize("scheme", ["int4", "q4", "q4-fused"])
 def test_compiled_quantised_decoding_compiles_once_and_matches_eager(scheme: str) -> None:
     """``iter_tokens(compile=True)`` on an int4 (PyTorch kernel) or q4 (lmarch's native
     kernel, an opaque operator in the graph) LLaMA with float32 activations (what
@@ -150,7 +150,11 @@ def test_compiled_quantised_decoding_compiles_once_and_matches_eager(scheme: str
         intermediate_size=128,
     )  # fmt: skip
     model = Llama(config).eval()
-    quantize_(model, scheme)
+    quantize_(model, scheme.removesuffix("-fused"))
+    if scheme.endswith("-fused"):
+        from lmarch.quant.blockq import fuse_block_mlps_
+
+        assert fuse_block_mlps_(model) == 2
     ids = torch.randint(0, 64, (1, 6), generator=torch.Generator().manual_seed(2))
     eager = [int(t) for t in iter_tokens(model, ids, 12)]
     torch._dynamo.reset()

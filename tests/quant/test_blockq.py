@@ -104,6 +104,31 @@ def test_layers_approximate_the_dequantised_product() -> None:
         assert torch.allclose(y, rows, rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("rows", [1, 4])
+def test_fused_swiglu_block_equals_its_two_layers(rows: int, portable_library) -> None:
+    """One native call for W_down (SiLU(W_gate x) * (W_up x)) gives what the two Q4_1 layers
+    give with PyTorch's SiLU in between (the hidden units are rounded to 16-bit codes in
+    both), in the SIMD and the portable build; with gradients it is the layers themselves."""
+    from lmarch.nn.ffn import GatedMLP
+    from lmarch.quant.blockq import BlockQ4GatedMLP, fuse_block_mlps_
+
+    torch.manual_seed(0)
+    model = nn.Sequential(GatedMLP(64, 96), nn.Identity())
+    quantize_(model, "q4")
+    x = torch.randn(rows, 64)
+    unfused = model(x)
+    assert fuse_block_mlps_(model) == 1 and isinstance(model[0], BlockQ4GatedMLP)
+    fused = model(x)
+    assert torch.allclose(fused, unfused, rtol=1e-4, atol=1e-5)
+    block = model[0]
+    args = (block.gate_up.codes, block.gate_up.dm, block.down.codes, block.down.dm)
+    portable = native.q4_1_swiglu_eager(x, *args, lib=portable_library)
+    assert torch.allclose(portable, unfused, rtol=1e-4, atol=1e-5)
+    xg = x.clone().requires_grad_()
+    model(xg).sum().backward()
+    assert xg.grad is not None and xg.grad.shape == x.shape
+
+
 def test_q4_1_quantisation_bounds_and_packing() -> None:
     """|w - (d q + m)| <= d / 2 (+ float16 rounding of m), codes in 0..15, packing lossless."""
     w = torch.randn(64, 128, generator=torch.Generator().manual_seed(4))

@@ -98,6 +98,8 @@ def load(path: Path) -> ctypes.CDLL:
     for name in ("lmarch_q4_1_matmul", "lmarch_q8_0_matmul"):
         getattr(lib, name).argtypes = [p, i64, i64, p, p, i64, p, i32]
         getattr(lib, name).restype = i32
+    lib.lmarch_q4_1_swiglu.argtypes = [p, i64, i64, p, p, i64, p, p, p, i32]
+    lib.lmarch_q4_1_swiglu.restype = i32
     lib.lmarch_blockq_simd.restype = i32
     return lib
 
@@ -155,6 +157,31 @@ def q8_0_matmul_eager(x: Tensor, codes: Tensor, d_bits: Tensor) -> Tensor:
     return block_matmul("lmarch_q8_0_matmul", x, codes, d_bits)
 
 
+def q4_1_swiglu_eager(
+    x: Tensor, gu_codes: Tensor, gu_dm: Tensor, down_codes: Tensor, down_dm: Tensor, lib=None
+) -> Tensor:  # type: ignore[no-untyped-def]
+    """y [M, K] = W_down (SiLU(W_gate x) * (W_up x)) in one native call; ``gu_*`` hold the fused
+    [2H, K] gate/up matrix (gate rows first), ``down_*`` the [K, H] down matrix, all Q4_1."""
+    lib = lib or native_library()
+    if lib is None:
+        raise RuntimeError("lmarch native kernels are not available")
+    if x.dtype != torch.float32:
+        x = x.float()
+    if not x.is_contiguous():
+        x = x.contiguous()
+    m, k = x.shape
+    y = torch.empty(m, k)
+    if m == 0:
+        return y
+    status = lib.lmarch_q4_1_swiglu(
+        x.data_ptr(), m, k, gu_codes.data_ptr(), gu_dm.data_ptr(), gu_codes.shape[0] // 2,
+        down_codes.data_ptr(), down_dm.data_ptr(), y.data_ptr(), torch.get_num_threads(),
+    )  # fmt: skip
+    if status:
+        raise MemoryError(f"lmarch_q4_1_swiglu: no memory for activations [{m}, {k}]")
+    return y
+
+
 # The same products as PyTorch operators, so torch.compile treats each as one opaque call.
 # (The low-level registration costs ~10 us a call; ``torch.library.custom_op`` ~40 us, which
 # over SmolLM2's 121 products a token would be a tenth of the whole step.)
@@ -168,7 +195,20 @@ for _name, _fn in (("q4_1_matmul", q4_1_matmul_eager), ("q8_0_matmul", q8_0_matm
         return x.new_empty(x.shape[0], codes.shape[0], dtype=torch.float32)
 
 
+_LIBRARY.define(
+    "q4_1_swiglu(Tensor x, Tensor gu_codes, Tensor gu_dm, Tensor down_codes, Tensor down_dm)"
+    " -> Tensor"
+)
+_LIBRARY.impl("q4_1_swiglu", q4_1_swiglu_eager, "CPU")
+
+
+@torch.library.register_fake("lmarch::q4_1_swiglu")
+def _fake_swiglu(x: Tensor, gu_codes: Tensor, gu_dm: Tensor, dc: Tensor, dd: Tensor) -> Tensor:
+    return x.new_empty(x.shape[0], x.shape[1], dtype=torch.float32)
+
+
 q4_1_matmul = torch.ops.lmarch.q4_1_matmul.default
+q4_1_swiglu = torch.ops.lmarch.q4_1_swiglu.default
 q8_0_matmul = torch.ops.lmarch.q8_0_matmul.default
 
 
@@ -183,6 +223,8 @@ __all__ = [
     "q4_1_matmul",
     "q4_1_matmul_eager",
     "q8_0_matmul",
+    "q4_1_swiglu",
+    "q4_1_swiglu_eager",
     "q8_0_matmul_eager",
     "simd_flags",
 ]

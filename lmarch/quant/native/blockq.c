@@ -249,6 +249,57 @@ int lmarch_q8_0_matmul(const float *x, int64_t m, int64_t k, const int8_t *codes
     return 0;
 }
 
+/*
+ * A SwiGLU feed-forward block in one call: y = W_down (SiLU(W_gate x) * (W_up x)), with
+ * W_gate and W_up the two halves (rows 0..h-1 and h..2h-1) of one Q4_1 matrix gu [2h, k]
+ * and W_down a Q4_1 matrix [k, h]. One parallel region: each thread computes its share of the
+ * hidden units, then (after a barrier) its share of the outputs. h must be a multiple of 32.
+ */
+int lmarch_q4_1_swiglu(const float *x, int64_t m, int64_t k, const uint8_t *gu_codes,
+                       const uint16_t *gu_dm, int64_t h, const uint8_t *dn_codes,
+                       const uint16_t *dn_dm, float *y, int threads) {
+    const int64_t nb = k / QK, hb = h / QK;
+    act_rows r, rh;
+    if (act_rows_make(&r, x, m, k)) return -1;
+    float *hidden = (float *)malloc((size_t)(m * h) * sizeof(float));
+    rh.mem = malloc((size_t)(m * hb * 2 * sizeof(float) + m * h * sizeof(int16_t)));
+    if (!hidden || !rh.mem) {
+        free(r.mem);
+        free(hidden);
+        free(rh.mem);
+        return -1;
+    }
+    rh.e = (float *)rh.mem;
+    rh.sx = rh.e + m * hb;
+    rh.p = (int16_t *)(rh.sx + m * hb);
+#pragma omp parallel num_threads(threads) if (threads > 1)
+    {
+#pragma omp for schedule(static)
+        for (int64_t j = 0; j < h; j++) {
+            for (int64_t i = 0; i < m; i++) {
+                const int16_t *p = r.p + i * k;
+                float g = dot_q4_1(gu_codes + j * (k / 2), gu_dm + j * nb * 2, p, r.e + i * nb,
+                                   r.sx + i * nb, nb);
+                float u = dot_q4_1(gu_codes + (h + j) * (k / 2), gu_dm + (h + j) * nb * 2, p,
+                                   r.e + i * nb, r.sx + i * nb, nb);
+                hidden[i * h + j] = g / (1.0f + expf(-g)) * u;
+            }
+        }
+#pragma omp single
+        lmarch_quantize_act(hidden, m, h, rh.p, rh.e, rh.sx);
+#pragma omp for schedule(static)
+        for (int64_t j = 0; j < k; j++) {
+            for (int64_t i = 0; i < m; i++)
+                y[i * k + j] = dot_q4_1(dn_codes + j * (h / 2), dn_dm + j * hb * 2, rh.p + i * h,
+                                        rh.e + i * hb, rh.sx + i * hb, hb);
+        }
+    }
+    free(r.mem);
+    free(hidden);
+    free(rh.mem);
+    return 0;
+}
+
 /* 2 when built with AVX2, 0 for the portable C path (reported by lmarch for the record). */
 int lmarch_blockq_simd(void) {
 #ifdef __AVX2__
