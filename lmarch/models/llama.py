@@ -113,7 +113,7 @@ class Llama(nn.Module):
         """A static KV cache with ``n_kv_head`` heads per layer (GQA shrinks it n_head/n_kv_head x)."""
         c = self.config
         return KVCache.like(
-            self.tok_emb.weight,
+            self.norm_f.weight,  # the activations' dtype (the embedding may be quantised)
             c.n_layer,
             batch_size,
             c.kv_heads,

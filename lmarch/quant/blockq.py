@@ -235,6 +235,30 @@ class BlockQ8Linear(_BlockLinear):
         return native.q8_0_matmul_eager(x, self.codes, self.d)
 
 
+class BlockQ8Embedding(nn.Module):
+    """A token-embedding table kept in Q8_0 blocks: row i is d q for the codes and scales of
+    row i. Built from a :class:`BlockQ8Linear` output head it shares that head's buffers, so a
+    model whose head is tied to its embeddings (SmolLM2, stored as Q8_0 in llama.cpp's files)
+    holds the table once, in 8.5 bits a weight, instead of adding a float32 copy."""
+
+    def __init__(self, codes: Tensor, d_bits: Tensor) -> None:
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = codes.shape
+        check_block_shape(self.embedding_dim)
+        self.register_buffer("codes", codes)
+        self.register_buffer("d", d_bits)
+
+    @classmethod
+    def tied_to(cls, head: BlockQ8Linear) -> BlockQ8Embedding:
+        """The embedding table that ``head``'s weight is (same storage)."""
+        return cls(head.codes, head.d)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        """ids [...] -> float32 rows [..., D], exactly d q."""
+        q = self.codes[ids].float().unflatten(-1, (self.embedding_dim // QK, QK))
+        return (q * _from_bits(self.d[ids])[..., None]).flatten(-2)
+
+
 class BlockQ4GatedMLP(nn.Module):
     """SwiGLU feed-forward, W_down (SiLU(W_gate x) * (W_up x)), over two Q4_1 layers: the fused
     ``gate_up`` [2H, K] (gate rows first, as :class:`~lmarch.nn.ffn.GatedMLP` lays it out) and
@@ -295,6 +319,7 @@ def fuse_block_mlps_(model: nn.Module) -> int:
 
 
 __all__ = [
+    "BlockQ8Embedding",
     "BlockQ4GatedMLP",
     "BlockQ4Linear",
     "BlockQ8Linear",

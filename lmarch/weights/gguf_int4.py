@@ -36,7 +36,13 @@ from torch import Tensor, nn
 from lmarch.errors import LmarchError
 from lmarch.models.llama import Llama, LlamaConfig
 from lmarch.nn.init import empty_weights
-from lmarch.quant.blockq import BlockQ4Linear, BlockQ8Linear, fuse_block_mlps_, quantize_q4_1
+from lmarch.quant.blockq import (
+    BlockQ4Linear,
+    BlockQ8Embedding,
+    BlockQ8Linear,
+    fuse_block_mlps_,
+    quantize_q4_1,
+)
 from lmarch.quant.int4 import Int4WeightOnlyLinear, quantize_int4
 from lmarch.quant.int8 import Int8WeightOnlyLinear
 from lmarch.weights.gguf import GGUFFile, read_gguf
@@ -117,10 +123,15 @@ LinearFactory = Callable[[GGUFFile, Rule], nn.Module]
 
 
 def _load_quantized(
-    path: str | Path, block_size: int | None, make_linear: LinearFactory, dtype: torch.dtype
+    path: str | Path,
+    block_size: int | None,
+    make_linear: LinearFactory,
+    dtype: torch.dtype,
+    skip: Callable[[LlamaConfig, str], bool] = lambda config, ours: False,
 ) -> tuple[Llama, GGUFFile, LlamaConfig]:
-    """A Llama whose every projection is ``make_linear(gguf, rule)``, other weights in ``dtype``;
-    the output head is left for the caller (it is still the meta Linear)."""
+    """A Llama whose every projection is ``make_linear(gguf, rule)``, other weights in ``dtype``
+    except those ``skip(config, our_name)`` leaves to the caller; the output head is left for the
+    caller too (it is still the meta Linear)."""
     gguf = read_gguf(path)
     config = llama_config_from_gguf(gguf)
     if block_size is not None:
@@ -138,7 +149,7 @@ def _load_quantized(
         if isinstance(module, nn.Linear) and attr == "weight":
             parent, _, child = owner.rpartition(".")
             setattr(model.get_submodule(parent), child, make_linear(gguf, rule))
-        else:
+        elif not skip(config, rule.ours):
             parts = [gguf.load(name, dtype=dtype) for name in rule.parts]
             floats[rule.ours] = _map_rows(rule, parts)
     model.load_state_dict(floats, strict=False, assign=True)
@@ -168,16 +179,24 @@ def load_gguf_llama_blocks(
     """A Llama for fast CPU decoding with lmarch's native block kernels: every projection a
     :class:`~lmarch.quant.blockq.BlockQ4Linear` holding the file's own Q4_1 / Q4_0 blocks, the
     output head a :class:`~lmarch.quant.blockq.BlockQ8Linear` (the file's Q8_0 blocks when it
-    stores them so, as llama.cpp's Q4 files do), each feed-forward block fused into one
-    :class:`~lmarch.quant.blockq.BlockQ4GatedMLP`, everything else in float32."""
+    stores them so, as llama.cpp's Q4 files do; a tied embedding table shares its blocks), each
+    feed-forward block fused into one :class:`~lmarch.quant.blockq.BlockQ4GatedMLP`,
+    everything else in float32."""
 
     def make_linear(gguf: GGUFFile, rule: Rule) -> nn.Module:
         pieces = [q4_blocks(gguf, name) for name in rule.parts]
         packed, dm = (_map_rows(rule, [p[j] for p in pieces]) for j in range(2))
         return BlockQ4Linear.from_blocks(packed, dm)
 
-    model, gguf, config = _load_quantized(path, block_size, make_linear, torch.float32)
+    def tied_table(config: LlamaConfig, ours: str) -> bool:
+        return config.tie_embeddings and ours == "tok_emb.weight"
+
+    model, gguf, config = _load_quantized(
+        path, block_size, make_linear, torch.float32, skip=tied_table
+    )
     model.lm_head = BlockQ8Linear.from_blocks(*q8_blocks(gguf, _head_name(gguf, config, path)))
+    if config.tie_embeddings:  # one Q8_0 table serves as embedding and head
+        model.tok_emb = BlockQ8Embedding.tied_to(model.lm_head)
     fuse_block_mlps_(model)  # each SwiGLU block one native call
     return _finish(model, path, torch.float32), gguf
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from lmarch.errors import LmarchError
-from lmarch.quant.blockq import BlockQ4Linear, BlockQ8Linear
+from lmarch.quant.blockq import BlockQ4Linear, BlockQ8Embedding, BlockQ8Linear
 from lmarch.quant.int4 import Int4WeightOnlyLinear
 from lmarch.quant.int8 import Int8WeightOnlyLinear
 from lmarch.weights.gguf import read_gguf
@@ -167,6 +167,11 @@ def test_q4_model_holds_the_file_and_predicts_like_the_float_model(float_model, 
         assert isinstance(layer, BlockQ4Linear)
         assert torch.equal(layer.dequantized_weight(), float_model.get_submodule(name).weight)
     assert isinstance(q4_model.lm_head, BlockQ8Linear)
+    # the tied embedding table is the head's Q8_0 blocks (one copy), rows exactly the file's
+    assert isinstance(q4_model.tok_emb, BlockQ8Embedding)
+    assert q4_model.tok_emb.codes.data_ptr() == q4_model.lm_head.codes.data_ptr()
+    rows = torch.tensor([[0, 1, 5000, 49151]])
+    assert torch.equal(q4_model.tok_emb(rows), float_model.tok_emb(rows))
     loaded = load_model("smollm2-135m", context=512, quant="q4")
     assert loaded.extra["quant"] == "q4"
     text = " ".join(line for line in _shakespeare_lines()[:200])
