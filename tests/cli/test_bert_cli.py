@@ -151,6 +151,10 @@ def bad_jsonl(tmp_path):
             ["classify", "train", "--model", "nope", "--data", "{good}", "--out", "{tmp}/c"],
             "'nope'",
         ),
+        (
+            ["classify", "train", "--data", "{good}", "--out", "{tmp}/c", "--probe-steps", "-1"],
+            "--probe-steps must be >= 0",
+        ),
         (["classify", "predict", "{tmp}", "some text"], "no classifier"),
         (["classify", "frobnicate"], "frobnicate"),
         (
