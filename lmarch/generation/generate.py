@@ -49,7 +49,7 @@ def iter_tokens(
 ) -> Iterator[Tensor]:
     """Yield the next token ids [B] for ``max_new_tokens`` steps, continuing ``input_ids`` [B, T].
 
-    The model must provide ``forward(ids, cache=, start=)``, ``make_cache`` and
+    The model must provide ``forward(ids, cache=, start=, last_only=)``, ``make_cache`` and
     ``max_positions`` (every causal family in lmarch does). With ``compile`` the one-token
     steps run through :func:`compiled_step` (the prompt itself runs eagerly).
     """
@@ -65,7 +65,7 @@ def iter_tokens(
         cache = model.make_cache(ids.shape[0], cache_len) if use_cache else None
         if cache is not None and ids.shape[1] > cache_len:
             cache = None  # the prompt alone overflows the window: fall back to cropping
-        logits = model(ids[:, -limit:], cache=cache, start=0)[:, -1]
+        logits = model(ids[:, -limit:], cache=cache, start=0, last_only=True)[:, -1]
         for step in range(max_new_tokens):
             next_ids = select_next_token(logits, sampling, ids, generator)
             ids = torch.cat([ids, next_ids[:, None]], dim=1)
@@ -83,7 +83,7 @@ def iter_tokens(
                     logits = model(last, cache=cache, start=ids.shape[1] - 1)[:, -1]
             else:
                 cache = None
-                logits = model(ids[:, -limit:], start=0)[:, -1]
+                logits = model(ids[:, -limit:], start=0, last_only=True)[:, -1]
     finally:
         model.train(was_training)
 

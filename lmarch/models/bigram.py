@@ -40,7 +40,13 @@ class BigramLM(nn.Module):
         return None
 
     def forward(
-        self, input_ids: Tensor, *, cache=None, start: int = 0, attention_mask=None
+        self,
+        input_ids: Tensor,
+        *,
+        cache=None,
+        start: int = 0,
+        attention_mask=None,
+        last_only: bool = False,
     ) -> Tensor:
         """Logits [B, T, V] for ids [B, T]."""
-        return self.table(input_ids)
+        return self.table(input_ids[:, -1:] if last_only else input_ids)

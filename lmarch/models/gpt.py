@@ -105,8 +105,10 @@ class GPT(nn.Module):
         cache: KVCache | None = None,
         start: int = 0,
         attention_mask: Tensor | None = None,
+        last_only: bool = False,
     ) -> Tensor:
-        """Logits [B, T, vocab] for ids [B, T] that sit at positions ``start .. start+T-1``."""
+        """Logits [B, T, vocab] for ids [B, T] that sit at positions ``start .. start+T-1``
+        (with ``last_only``, [B, 1, vocab] for the last position: what a prompt's prefill needs)."""
         t = input_ids.shape[1]
         if start + t > self.config.block_size:
             raise ValueError(
@@ -116,4 +118,6 @@ class GPT(nn.Module):
         x = self.drop(self.tok_emb(input_ids) + self.pos_emb(positions))
         for i, block in enumerate(self.blocks):
             x = block(x, attention_mask=attention_mask, cache=cache, layer_index=i, start=start)
+        if last_only:
+            x = x[:, -1:]
         return self.lm_head(self.norm_f(x))

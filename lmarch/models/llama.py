@@ -155,7 +155,10 @@ class Llama(nn.Module):
         cache: KVCache | None = None,
         start: int | Tensor = 0,
         attention_mask: Tensor | None = None,
+        last_only: bool = False,
     ) -> Tensor:
-        """Logits [B, T, vocab] for ids [B, T] at positions ``start .. start+T-1``."""
+        """Logits [B, T, vocab] for ids [B, T] at positions ``start .. start+T-1`` (with
+        ``last_only``, [B, 1, vocab] for the last position: a prompt's prefill then applies the
+        output head once, not once per prompt token)."""
         h = self.hidden_states(input_ids, cache=cache, start=start, attention_mask=attention_mask)
-        return self.lm_head(h)
+        return self.lm_head(h[:, -1:] if last_only else h)

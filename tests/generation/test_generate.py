@@ -162,3 +162,35 @@ def test_compiled_quantised_decoding_compiles_once_and_matches_eager(scheme: str
     compiled = [int(t) for t in iter_tokens(model, ids, 12, compile=True)]
     assert compiled == eager
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+
+
+def test_last_only_logits_are_the_last_row_of_the_full_logits() -> None:
+    """``forward(..., last_only=True)`` (what a prompt's prefill asks for, so the output head
+    runs once per prompt) equals the last position of the full logits, in every causal family."""
+    from lmarch.models import Llama, LlamaConfig
+    from lmarch.models.bigram import BigramConfig, BigramLM
+
+    torch.manual_seed(0)
+    models = [
+        GPT(GPTConfig(vocab_size=40, block_size=32, n_layer=2, n_head=2, n_embd=32)),
+        Llama(
+            LlamaConfig(
+                vocab_size=40,
+                block_size=32,
+                n_layer=2,
+                n_head=4,
+                n_kv_head=2,
+                n_embd=32,
+                intermediate_size=64,
+            )
+        ),  # fmt: skip
+        BigramLM(BigramConfig(vocab_size=40)),
+    ]
+    ids = torch.randint(0, 40, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        for model in models:
+            model.eval()
+            full = model(ids)
+            last = model(ids, last_only=True)
+            assert last.shape == (2, 1, 40)
+            assert torch.allclose(last, full[:, -1:], rtol=0, atol=1e-6), type(model).__name__
