@@ -54,7 +54,9 @@ def iter_tokens(
 
     The model must provide ``forward(ids, cache=, start=, last_only=)``, ``make_cache`` and
     ``max_positions`` (every causal family in lmarch does). With ``compile`` the one-token
-    steps run through :func:`compiled_step` (the prompt itself runs eagerly).
+    steps run through :func:`compiled_step` (the prompt itself runs eagerly), except in a model
+    with native decoder layers (``decodes_natively``, e.g. after ``--quant q4``): those already
+    are one call per layer, and they run eagerly.
     """
     was_training = model.training
     model.eval()
@@ -64,7 +66,10 @@ def iter_tokens(
         cache_len = min(limit, ids.shape[1] + max_new_tokens)
         if compile:
             cache_len = min(limit, -(-cache_len // CACHE_ROUNDING) * CACHE_ROUNDING)
-        step_fn = compiled_step(model) if compile and use_cache else None
+        # a model whose layers decode natively (one call each) has nothing left to compile
+        # that would pay for Dynamo's per-step guard check
+        native = any(getattr(m, "decodes_natively", False) for m in model.modules())
+        step_fn = compiled_step(model) if compile and use_cache and not native else None
         cache = model.make_cache(ids.shape[0], cache_len) if use_cache else None
         if cache is not None and ids.shape[1] > cache_len:
             cache = None  # the prompt alone overflows the window: fall back to cropping

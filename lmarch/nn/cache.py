@@ -65,6 +65,11 @@ class KVCache:
             device=reference.device,
         )
 
+    def buffers(self, layer: int) -> tuple[Tensor, Tensor]:
+        """Layer ``layer``'s whole key and value buffers, [B, H_kv, max_len, D] each (for kernels
+        that write and read the cache themselves)."""
+        return self._layer_keys[layer], self._layer_values[layer]
+
     def update(
         self, layer: int, k: Tensor, v: Tensor, start: int | Tensor
     ) -> tuple[Tensor, Tensor]:

@@ -131,11 +131,13 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", torch.empty(0), persistent=False)
         self.register_buffer("sin", torch.empty(0), persistent=False)
         self.register_buffer("sin_signed", torch.empty(0), persistent=False)
+        self.tables_version = 0  # bumped by every reset_tables (kernels cache the tables)
         self.reset_tables()
 
     def reset_tables(self, device: torch.device | str | None = None) -> None:
         """(Re)compute the cos/sin tables, e.g. after building the model on the meta device."""
         device = device if device is not None else self.cos.device
+        self.tables_version += 1
         if torch.device(device).type == "meta":  # shapes only: the tables come later
             shape = (self.max_positions, self.rotary_dim)
             self.cos = torch.empty(shape, device="meta")

@@ -43,6 +43,7 @@ from lmarch.quant.blockq import (
     fuse_block_mlps_,
     quantize_q4_1,
 )
+from lmarch.quant.decoder import fuse_decoder_blocks_
 from lmarch.quant.int4 import Int4WeightOnlyLinear, quantize_int4
 from lmarch.quant.int8 import Int8WeightOnlyLinear
 from lmarch.weights.gguf import GGUFFile, read_gguf
@@ -180,8 +181,9 @@ def load_gguf_llama_blocks(
     :class:`~lmarch.quant.blockq.BlockQ4Linear` holding the file's own Q4_1 / Q4_0 blocks, the
     output head a :class:`~lmarch.quant.blockq.BlockQ8Linear` (the file's Q8_0 blocks when it
     stores them so, as llama.cpp's Q4 files do; a tied embedding table shares its blocks), each
-    feed-forward block fused into one :class:`~lmarch.quant.blockq.BlockQ4GatedMLP`,
-    everything else in float32."""
+    feed-forward block fused into one :class:`~lmarch.quant.blockq.BlockQ4GatedMLP` and each
+    layer into a :class:`~lmarch.quant.decoder.NativeDecoderBlock` (one native call per decoded
+    token), everything else in float32."""
 
     def make_linear(gguf: GGUFFile, rule: Rule) -> nn.Module:
         pieces = [q4_blocks(gguf, name) for name in rule.parts]
@@ -198,6 +200,7 @@ def load_gguf_llama_blocks(
     if config.tie_embeddings:  # one Q8_0 table serves as embedding and head
         model.tok_emb = BlockQ8Embedding.tied_to(model.lm_head)
     fuse_block_mlps_(model)  # each SwiGLU block one native call
+    fuse_decoder_blocks_(model)  # and each layer one native call per decoded token
     return _finish(model, path, torch.float32), gguf
 
 

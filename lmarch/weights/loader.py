@@ -220,10 +220,12 @@ def quantize_loaded(loaded: LoadedModel, quant: str) -> LoadedModel:
     if quant in ("int8", "int4"):
         loaded.model.to(torch.bfloat16)
     quantize_(loaded.model, quant)
-    if quant == "q4":
+    if quant in ("q4", "q8"):
         from lmarch.quant.blockq import fuse_block_mlps_
+        from lmarch.quant.decoder import fuse_decoder_blocks_
 
-        fuse_block_mlps_(loaded.model)
+        fuse_block_mlps_(loaded.model)  # q4: each SwiGLU block one native call
+        fuse_decoder_blocks_(loaded.model)  # each LLaMA layer one native call per token
     loaded.extra["quant"] = quant
     loaded.load_s += time.perf_counter() - start
     return loaded

@@ -1,7 +1,8 @@
-"""lmarch's own CPU kernels (``blockq.c``): built on first use with the system C compiler.
+"""lmarch's own CPU kernels (``blockq.c``, ``decoder.c``): built on first use with the system C
+compiler.
 
-The C file is small and has no dependency but libc (and OpenMP, shared with torch), so it
-compiles in about a second. The shared library is cached under ``$LMARCH_CACHE_DIR`` (default
+The C files are small and have no dependency but libc (and OpenMP, shared with torch), so they
+compile in about a second. The shared library is cached under ``$LMARCH_CACHE_DIR`` (default
 ``~/.cache/lmarch``) by a hash of the source, the compiler and the flags, and loaded with
 ``ctypes``. Without a compiler, or with ``LMARCH_NATIVE=0``, :func:`native_library` returns
 None and the block-quantised layers fall back to dequantising in PyTorch (correct, slower).
@@ -26,7 +27,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-SOURCE = Path(__file__).with_name("blockq.c")
+HERE = Path(__file__).parent
+SOURCES = (HERE / "blockq.c", HERE / "decoder.c")
+HEADERS = (HERE / "blockq.h",)
 QK = 32  # inputs per block, as in llama.cpp's formats
 
 
@@ -58,21 +61,21 @@ def simd_flags() -> list[str]:
 
 
 def build(extra_flags: list[str] | None = None, out_dir: Path | None = None) -> Path:
-    """Compile ``blockq.c`` into a shared library (cached) and return its path.
+    """Compile the C sources into one shared library (cached) and return its path.
 
     ``extra_flags`` defaults to :func:`simd_flags`; pass ``[]`` for the portable C path.
     Raises ``RuntimeError`` with the compiler's message when compiling fails.
     """
     flags = simd_flags() if extra_flags is None else list(extra_flags)
     compiler = os.environ.get("CC", "cc")
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(b"\0".join([source, compiler.encode(), *map(str.encode, flags)]))
+    sources = [path.read_bytes() for path in (*SOURCES, *HEADERS)]
+    key = hashlib.sha256(b"\0".join([*sources, compiler.encode(), *map(str.encode, flags)]))
     out_dir = out_dir or cache_dir()
     target = out_dir / f"blockq-{key.hexdigest()[:16]}.so"
     if target.is_file():
         return target
     out_dir.mkdir(parents=True, exist_ok=True)
-    base = [compiler, "-O3", "-shared", "-fPIC", *flags, str(SOURCE)]
+    base = [compiler, "-O3", "-fno-math-errno", "-shared", "-fPIC", *flags, *map(str, SOURCES)]
     errors = []
     # OpenMP splits rows across threads; a compiler without it still gives a working library
     for omp in (["-fopenmp"], []):
@@ -88,7 +91,7 @@ def build(extra_flags: list[str] | None = None, out_dir: Path | None = None) -> 
             return target
         os.unlink(tmp)
         errors.append(run.stderr.strip().splitlines()[-1:] or ["(no message)"])
-    raise RuntimeError(f"compiling {SOURCE.name} failed: {errors[-1][0]}")
+    raise RuntimeError(f"compiling lmarch's kernels failed: {errors[-1][0]}")
 
 
 def load(path: Path) -> ctypes.CDLL:
@@ -101,6 +104,8 @@ def load(path: Path) -> ctypes.CDLL:
     lib.lmarch_q4_1_swiglu.argtypes = [p, i64, i64, p, p, i64, p, p, p, i32]
     lib.lmarch_q4_1_swiglu.restype = i32
     lib.lmarch_blockq_simd.restype = i32
+    lib.lmarch_decoder_layer.argtypes = [p, p, p, p, i64, p, p, i64, i32]
+    lib.lmarch_decoder_layer.restype = i32
     return lib
 
 
