@@ -118,6 +118,11 @@ class NativeDecoderBlock(TransformerBlock):
         self._held: list[Tensor] = []  # the tensors whose addresses _spec holds
         self._rope: tuple = (None,)
 
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()  # copies and pickles re-read the addresses
+        state.update(_spec=None, _held=[], _rope=(None,))
+        return state
+
     def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
         self.refresh()  # .to(), .float(), .cpu() ... may move every weight
         return super()._apply(fn, recurse)
