@@ -7,7 +7,8 @@ Every engine answers the same ChatML question (46 prompt tokens) greedily, produ
 - ``lmarch-fp32``, ``lmarch-int8``, ``lmarch-int4``, ``lmarch-q4``:
   ``load_model("smollm2-135m", quant=...)`` (fp32: dequantised to float32; int8: float32 then
   per-channel int8; int4: the file's 4-bit blocks repacked for PyTorch's int4 kernel, head in
-  int8; q4: the file's Q4_1 blocks and Q8_0 head as they are, on lmarch's native kernels), then
+  int8; q4: the file's Q4_1 blocks and Q8_0 head as they are, on lmarch's native kernels, each
+  layer one native call per decoded token), then
   ``generate_text`` with a ``GenerationStats``. ``lmarch-q8`` and ``lmarch-<mode>-compile`` (the
   decode step through ``torch.compile``) run only when named in ``--engines``;
 - ``transformers``: ``AutoModelForCausalLM.from_pretrained(..., gguf_file=...)`` in float32,

@@ -48,7 +48,7 @@ def _add_speed_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--compile",
         action="store_true",
-        help="torch.compile the decode step (with --quant: fastest; the first run compiles ~2 min)",
+        help="torch.compile the decode step (for --quant int4/int8; q4/q8 layers run natively)",
     )
 
 
