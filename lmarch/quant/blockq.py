@@ -25,9 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lmarch import native
 from lmarch.errors import LmarchError
-from lmarch.quant import native
-from lmarch.quant.native import QK
+from lmarch.native import QK
 
 
 def check_block_shape(in_features: int) -> None:

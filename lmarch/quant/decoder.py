@@ -23,13 +23,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lmarch import native
 from lmarch.nn.attention import MultiHeadAttention
 from lmarch.nn.block import TransformerBlock
 from lmarch.nn.cache import KVCache
 from lmarch.nn.ffn import GatedMLP
 from lmarch.nn.norm import RMSNorm
 from lmarch.nn.position import RotaryEmbedding
-from lmarch.quant import native
 from lmarch.quant.blockq import BlockQ4GatedMLP, BlockQ4Linear, BlockQ8Linear
 
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p

@@ -192,7 +192,7 @@ def _check_quant(quant: str) -> None:
             f"unknown quantisation {quant!r}", hint=f"one of {', '.join(QUANT_SCHEMES)}"
         )
     if quant in ("q4", "q8"):
-        from lmarch.quant import native
+        from lmarch import native
 
         if not native.native_available():  # the PyTorch fallback is for training, not decoding
             raise LmarchError(

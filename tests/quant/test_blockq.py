@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmarch import native
 from lmarch.errors import LmarchError
-from lmarch.quant import native
 from lmarch.quant.apply import quantize_
 from lmarch.quant.blockq import (
     BlockQ4Linear,

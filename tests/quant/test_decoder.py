@@ -14,14 +14,12 @@ import copy
 import pytest
 import torch
 
+from lmarch import native
 from lmarch.generation.generate import _COMPILED_STEPS, iter_tokens
 from lmarch.models.llama import Llama, LlamaConfig
-from lmarch.quant import native
 from lmarch.quant.apply import quantize_
 from lmarch.quant.blockq import fuse_block_mlps_
 from lmarch.quant.decoder import NativeDecoderBlock, can_fuse, fuse_decoder_blocks_
-
-pytestmark = pytest.mark.skipif(not native.native_available(), reason="no C compiler")
 
 LAYER = 1e-5  # max |native - pytorch| / max |pytorch| for one layer (measured ~1e-7)
 RELATIVE = 5e-4  # the same for logits after 12 steps of 3 layers (measured <= 1.8e-4)
