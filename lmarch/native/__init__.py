@@ -1,5 +1,5 @@
-"""lmarch's own CPU kernels (``blockq.c``, ``decoder.c``): built on first use with the system C
-compiler.
+"""lmarch's own CPU kernels (``blockq.c``, ``decoder.c``, ``activations.c``): built on first use
+with the system C compiler.
 
 The C files are small and have no dependency but libc (and OpenMP, shared with torch), so they
 compile in about a second. The shared library is cached under ``$LMARCH_CACHE_DIR`` (default
@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 HERE = Path(__file__).parent
-SOURCES = (HERE / "blockq.c", HERE / "decoder.c")
+SOURCES = (HERE / "blockq.c", HERE / "decoder.c", HERE / "activations.c")
 HEADERS = (HERE / "blockq.h",)
 QK = 32  # inputs per block, as in llama.cpp's formats
 
@@ -106,6 +106,10 @@ def load(path: Path) -> ctypes.CDLL:
     lib.lmarch_blockq_simd.restype = i32
     lib.lmarch_decoder_layer.argtypes = [p, p, p, p, i64, p, p, i64, i32]
     lib.lmarch_decoder_layer.restype = i32
+    lib.lmarch_gelu_tanh_forward.argtypes = [p, p, i64, i32]
+    lib.lmarch_gelu_tanh_forward.restype = None
+    lib.lmarch_gelu_tanh_backward.argtypes = [p, p, p, i64, i32]
+    lib.lmarch_gelu_tanh_backward.restype = None
     return lib
 
 
@@ -187,6 +191,27 @@ def q4_1_swiglu_eager(
     return y
 
 
+def gelu_tanh_forward(x: Tensor, lib=None) -> Tensor:  # type: ignore[no-untyped-def]
+    """GELU(x) = 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) for float32 x on the CPU
+    (``activations.c``)."""
+    lib = lib or native_library()
+    x = x.contiguous()
+    y = torch.empty_like(x)
+    lib.lmarch_gelu_tanh_forward(x.data_ptr(), y.data_ptr(), x.numel(), torch.get_num_threads())
+    return y
+
+
+def gelu_tanh_backward(x: Tensor, grad: Tensor, lib=None) -> Tensor:  # type: ignore[no-untyped-def]
+    """grad * GELU'(x) for float32 tensors of one shape on the CPU (``activations.c``)."""
+    lib = lib or native_library()
+    x, grad = x.contiguous(), grad.contiguous()
+    dx = torch.empty_like(x)
+    lib.lmarch_gelu_tanh_backward(
+        x.data_ptr(), grad.data_ptr(), dx.data_ptr(), x.numel(), torch.get_num_threads()
+    )
+    return dx
+
+
 # The same products as PyTorch operators, so torch.compile treats each as one opaque call.
 # (The low-level registration costs ~10 us a call; ``torch.library.custom_op`` ~40 us, which
 # over SmolLM2's 121 products a token would be a tenth of the whole step.)
@@ -222,6 +247,8 @@ __all__ = [
     "block_matmul",
     "build",
     "cache_dir",
+    "gelu_tanh_backward",
+    "gelu_tanh_forward",
     "load",
     "native_available",
     "native_library",

@@ -1,0 +1,111 @@
+/*
+ * GELU with the tanh approximation (Hendrycks & Gimpel 2016; GPT-2, BERT), forward and backward:
+ *
+ *     z = sqrt(2/pi) (x + 0.044715 x^3)
+ *     GELU(x) = 0.5 x (1 + tanh z) = x s,           s = sigmoid(2z) = e / (1 + e),  e = exp(2z)
+ *     GELU'(x) = s + 2 x s (1 - s) dz/dx,          dz/dx = sqrt(2/pi) (1 + 3 * 0.044715 x^2)
+ *
+ * with 1 - s taken as 1 / (1 + e), not by subtraction, so the slope keeps its digits where s is
+ * near 1.
+ * (0.5 (1 + tanh z) = sigmoid(2z), which needs one exponential and no cancellation: 1 + tanh z
+ * loses the low digits where tanh z is near -1.) PyTorch's CPU kernel evaluates tanh value by
+ * value; here eight values go through one polynomial exponential (AVX2), so the activation of a
+ * small GPT costs a memory pass instead of a large part of its training step.
+ */
+#include "blockq.h"
+
+#define GELU_C 0.7978845608028654f /* sqrt(2 / pi) */
+#define GELU_A 0.044715f
+#define EXP_LO -87.0f /* exp stays a normal float above this */
+#define EXP_HI 88.0f
+
+/* s = sigmoid(2z); *rest = 1 - s; *dz = dz/dx. */
+static inline float gelu_s(float x, float *rest, float *dz) {
+    const float x2 = x * x;
+    float two_z = 2.0f * GELU_C * x * (1.0f + GELU_A * x2);
+    two_z = two_z < EXP_LO ? EXP_LO : (two_z > EXP_HI ? EXP_HI : two_z);
+    const float e = expf(two_z);
+    *dz = GELU_C * (1.0f + 3.0f * GELU_A * x2);
+    *rest = 1.0f / (1.0f + e);
+    return e * *rest;
+}
+
+#ifdef __AVX2__
+/* exp(x) for x in [EXP_LO, EXP_HI]: x = n ln2 + r, |r| <= ln2 / 2, exp(r) by a degree-6
+ * polynomial (Cephes' coefficients), 2^n built in the exponent bits. ~1 ulp. */
+static inline __m256 exp8(__m256 x) {
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x); /* ln2 in two parts */
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    __m256i bits = _mm256_slli_epi32(
+        _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
+}
+
+/* s = sigmoid(2z), 1 - s and dz/dx for eight values. */
+static inline __m256 gelu_s8(__m256 x, __m256 *rest, __m256 *dz) {
+    const __m256 x2 = _mm256_mul_ps(x, x);
+    __m256 two_z = _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(2.0f * GELU_C), x),
+                                 _mm256_fmadd_ps(_mm256_set1_ps(GELU_A), x2, _mm256_set1_ps(1.0f)));
+    two_z = _mm256_min_ps(_mm256_max_ps(two_z, _mm256_set1_ps(EXP_LO)), _mm256_set1_ps(EXP_HI));
+    const __m256 e = exp8(two_z);
+    *dz = _mm256_mul_ps(_mm256_set1_ps(GELU_C),
+                        _mm256_fmadd_ps(_mm256_set1_ps(3.0f * GELU_A), x2, _mm256_set1_ps(1.0f)));
+    *rest = _mm256_div_ps(_mm256_set1_ps(1.0f), _mm256_add_ps(_mm256_set1_ps(1.0f), e));
+    return _mm256_mul_ps(e, *rest);
+}
+#endif
+
+/* y[i] = GELU(x[i]) for i < n. */
+void lmarch_gelu_tanh_forward(const float *x, float *y, int64_t n, int threads) {
+    const int64_t chunks = (n + 255) / 256;
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && n >= 32768)
+    for (int64_t c = 0; c < chunks; c++) {
+        int64_t i = c * 256;
+        const int64_t end = i + 256 < n ? i + 256 : n;
+#ifdef __AVX2__
+        for (; i + 8 <= end; i += 8) {
+            __m256 rest, dz, v = _mm256_loadu_ps(x + i);
+            _mm256_storeu_ps(y + i, _mm256_mul_ps(v, gelu_s8(v, &rest, &dz)));
+        }
+#endif
+        for (; i < end; i++) {
+            float rest, dz;
+            y[i] = x[i] * gelu_s(x[i], &rest, &dz);
+        }
+    }
+}
+
+/* dx[i] = g[i] GELU'(x[i]) for i < n. */
+void lmarch_gelu_tanh_backward(const float *x, const float *g, float *dx, int64_t n, int threads) {
+    const int64_t chunks = (n + 255) / 256;
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && n >= 32768)
+    for (int64_t c = 0; c < chunks; c++) {
+        int64_t i = c * 256;
+        const int64_t end = i + 256 < n ? i + 256 : n;
+#ifdef __AVX2__
+        const __m256 two = _mm256_set1_ps(2.0f);
+        for (; i + 8 <= end; i += 8) {
+            __m256 rest, dz, v = _mm256_loadu_ps(x + i);
+            const __m256 s = gelu_s8(v, &rest, &dz);
+            /* s + 2 x s (1 - s) dz */
+            const __m256 slope = _mm256_mul_ps(_mm256_mul_ps(two, v),
+                                               _mm256_mul_ps(_mm256_mul_ps(s, rest), dz));
+            _mm256_storeu_ps(dx + i, _mm256_mul_ps(_mm256_loadu_ps(g + i), _mm256_add_ps(s, slope)));
+        }
+#endif
+        for (; i < end; i++) {
+            float rest, dz;
+            const float s = gelu_s(x[i], &rest, &dz);
+            dx[i] = g[i] * (s + 2.0f * x[i] * s * rest * dz);
+        }
+    }
+}

@@ -1,0 +1,72 @@
+"""GELU-tanh on lmarch's native kernel (activations.c) against the equation in float64."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lmarch import native
+from lmarch.nn.ffn import NATIVE_MIN_ELEMENTS, _NativeGeluTanh, gelu_tanh
+
+# |ours - exact| / (1 + |x|) forward, / (1 + |grad|) backward; measured 1.1e-7 and 1.5e-7
+# (PyTorch's own kernel: 8e-8 and 7.5e-7)
+TOLERANCE = 3e-7
+
+
+def _inputs() -> torch.Tensor:
+    torch.manual_seed(0)
+    edges = torch.tensor([0.0, -0.0, 1e-30, -1e-30, 5.0, -5.0, 88.0, -88.0, 1e4, -1e4])
+    return torch.cat([torch.linspace(-30, 30, 20001), torch.randn(50000) * 3, edges])
+
+
+@pytest.fixture(scope="module")
+def portable(tmp_path_factory) -> object:
+    return native.load(native.build([], tmp_path_factory.mktemp("kernels")))
+
+
+@pytest.mark.parametrize("build", ["simd", "portable"])
+def test_forward_and_backward_equal_the_equation(build: str, portable) -> None:
+    lib = native.native_library() if build == "simd" else portable
+    x = _inputs()
+    grad = torch.randn_like(x)
+    exact_x = x.double().requires_grad_()
+    exact = F.gelu(exact_x, approximate="tanh")
+    exact.backward(grad.double())
+    y = native.gelu_tanh_forward(x, lib)
+    dx = native.gelu_tanh_backward(x, grad, lib)
+    assert ((y.double() - exact).abs() / (1 + x.double().abs())).max().item() <= TOLERANCE
+    assert ((dx.double() - exact_x.grad).abs() / (1 + grad.double().abs())).max() <= TOLERANCE
+
+
+def test_autograd_uses_the_native_kernel_for_large_float32_tensors(monkeypatch) -> None:
+    calls = []
+    forward = native.gelu_tanh_forward
+    monkeypatch.setattr(native, "gelu_tanh_forward", lambda x: calls.append(1) or forward(x))
+    x = torch.randn(4, NATIVE_MIN_ELEMENTS // 4, requires_grad=True)
+    y = gelu_tanh(x)
+    assert calls and y.grad_fn.name() == "_NativeGeluTanhBackward"
+    y.sum().backward()
+    reference = x.detach().double().requires_grad_()
+    F.gelu(reference, approximate="tanh").sum().backward()
+    assert (x.grad.double() - reference.grad).abs().max().item() <= TOLERANCE
+    # non-contiguous input: the same values
+    t = torch.randn(64, 128)[:, ::2]
+    assert (gelu_tanh(t) - F.gelu(t, approximate="tanh")).abs().max().item() <= 1e-6
+
+
+def test_small_half_precision_and_compiled_inputs_use_pytorch() -> None:
+    small = torch.randn(8)
+    assert torch.equal(gelu_tanh(small), F.gelu(small, approximate="tanh"))
+    half = torch.randn(NATIVE_MIN_ELEMENTS, dtype=torch.bfloat16)
+    assert torch.equal(gelu_tanh(half), F.gelu(half, approximate="tanh"))
+    x = torch.randn(NATIVE_MIN_ELEMENTS)
+    compiled = torch.compile(gelu_tanh, backend="eager", fullgraph=True)
+    assert torch.equal(compiled(x), F.gelu(x, approximate="tanh"))
+
+
+def test_second_derivatives_are_refused() -> None:
+    x = torch.randn(NATIVE_MIN_ELEMENTS, requires_grad=True)
+    (g,) = torch.autograd.grad(_NativeGeluTanh.apply(x).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError):
+        g.sum().backward()
