@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 HERE = Path(__file__).parent
-SOURCES = (HERE / "blockq.c", HERE / "decoder.c", HERE / "activations.c")
+SOURCES = tuple(HERE / name for name in ("blockq.c", "decoder.c", "activations.c"))
 HEADERS = (HERE / "blockq.h",)
 QK = 32  # inputs per block, as in llama.cpp's formats
 

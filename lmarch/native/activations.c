@@ -16,8 +16,6 @@
 
 #define GELU_C 0.7978845608028654f /* sqrt(2 / pi) */
 #define GELU_A 0.044715f
-#define EXP_LO -87.0f /* exp stays a normal float above this */
-#define EXP_HI 88.0f
 
 /* s = sigmoid(2z); *rest = 1 - s; *dz = dz/dx. */
 static inline float gelu_s(float x, float *rest, float *dz) {
@@ -31,25 +29,6 @@ static inline float gelu_s(float x, float *rest, float *dz) {
 }
 
 #ifdef __AVX2__
-/* exp(x) for x in [EXP_LO, EXP_HI]: x = n ln2 + r, |r| <= ln2 / 2, exp(r) by a degree-6
- * polynomial (Cephes' coefficients), 2^n built in the exponent bits. ~1 ulp. */
-static inline __m256 exp8(__m256 x) {
-    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x); /* ln2 in two parts */
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-    p = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-    __m256i bits = _mm256_slli_epi32(
-        _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    return _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
-}
-
 /* s = sigmoid(2z), 1 - s and dz/dx for eight values. */
 static inline __m256 gelu_s8(__m256 x, __m256 *rest, __m256 *dz) {
     const __m256 x2 = _mm256_mul_ps(x, x);

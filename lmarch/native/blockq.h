@@ -77,6 +77,55 @@ static inline __m256i block_dot16(__m256i q_lo, __m256i q_hi, const int16_t *p) 
 }
 #endif
 
+#define EXP_LO -87.0f /* exp stays a normal float above this */
+#define EXP_HI 88.0f
+
+#ifdef __AVX2__
+/* exp(x) for x in [EXP_LO, EXP_HI] (clamp first): x = n ln2 + r, |r| <= ln2 / 2, exp(r) by a degree-6
+ * polynomial (Cephes' coefficients), 2^n built in the exponent bits. ~1 ulp. */
+static inline __m256 exp8(__m256 x) {
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x); /* ln2 in two parts */
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    __m256i bits = _mm256_slli_epi32(
+        _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
+}
+
+#endif
+
+/* a . b over n floats; with AVX2 as two 8-wide accumulators (a plain loop would be one long
+ * chain of dependent additions: C may not reorder a float sum by itself). */
+static inline float dot_f32(const float *a, const float *b, int64_t n) {
+    int64_t i = 0;
+    float total = 0.0f;
+#ifdef __AVX2__
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    for (; i + 16 <= n; i += 16) {
+        acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
+        acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), acc1);
+    }
+    for (; i + 8 <= n; i += 8)
+        acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
+    total = hsum8(_mm256_add_ps(acc0, acc1));
+#else
+    float part[8] = {0.0f};
+    for (; i + 8 <= n; i += 8)
+        for (int j = 0; j < 8; j++) part[j] += a[i + j] * b[i + j];
+    for (int j = 0; j < 8; j++) total += part[j];
+#endif
+    for (; i < n; i++) total += a[i] * b[i];
+    return total;
+}
+
 /* x [m, k] float32 -> codes int16 [m, k], scales e [m, k/32], block sums of x [m, k/32]. */
 static inline void quantize_act(const float *x, int64_t m, int64_t k, int16_t *codes,
                                 float *scale, float *sums) {

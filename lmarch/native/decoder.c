@@ -54,30 +54,6 @@ static size_t act_row_at(act_rows *a, char *mem, int64_t k) {
     return (size_t)(2 * (k / QK) * sizeof(float) + k * sizeof(int16_t));
 }
 
-/* a . b over n floats; with AVX2 as two 8-wide accumulators (a plain loop would be one long
- * chain of dependent additions: C may not reorder a float sum by itself). */
-static inline float dot_f32(const float *a, const float *b, int64_t n) {
-    int64_t i = 0;
-    float total = 0.0f;
-#ifdef __AVX2__
-    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-    for (; i + 16 <= n; i += 16) {
-        acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
-        acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), acc1);
-    }
-    for (; i + 8 <= n; i += 8)
-        acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
-    total = hsum8(_mm256_add_ps(acc0, acc1));
-#else
-    float part[8] = {0.0f};
-    for (; i + 8 <= n; i += 8)
-        for (int j = 0; j < 8; j++) part[j] += a[i + j] * b[i + j];
-    for (int j = 0; j < 8; j++) total += part[j];
-#endif
-    for (; i < n; i++) total += a[i] * b[i];
-    return total;
-}
-
 static void rms_norm(const float *x, const float *g, int64_t n, float eps, float *y) {
     const float ss = dot_f32(x, x, n);
     const float inv = 1.0f / sqrtf(ss / (float)n + eps);
