@@ -1,5 +1,5 @@
-"""lmarch's own CPU kernels (``blockq.c``, ``decoder.c``, ``activations.c``): built on first use
-with the system C compiler.
+"""lmarch's own CPU kernels (``blockq.c``, ``decoder.c``, ``activations.c``, ``attention.c``):
+built on first use with the system C compiler.
 
 The C files are small and have no dependency but libc (and OpenMP, shared with torch), so they
 compile in about a second. The shared library is cached under ``$LMARCH_CACHE_DIR`` (default
@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 HERE = Path(__file__).parent
-SOURCES = tuple(HERE / name for name in ("blockq.c", "decoder.c", "activations.c"))
+SOURCES = tuple(HERE / name for name in ("blockq.c", "decoder.c", "activations.c", "attention.c"))
 HEADERS = (HERE / "blockq.h",)
 QK = 32  # inputs per block, as in llama.cpp's formats
 
@@ -110,6 +110,10 @@ def load(path: Path) -> ctypes.CDLL:
     lib.lmarch_gelu_tanh_forward.restype = None
     lib.lmarch_gelu_tanh_backward.argtypes = [p, p, p, i64, i32]
     lib.lmarch_gelu_tanh_backward.restype = None
+    lib.lmarch_causal_attention_forward.argtypes = [p, i64, i64, i64, i64, i64, p, p, i32]
+    lib.lmarch_causal_attention_forward.restype = i32
+    lib.lmarch_causal_attention_backward.argtypes = [p, p, p, p, i64, i64, i64, i64, i64, p, i32]
+    lib.lmarch_causal_attention_backward.restype = i32
     return lib
 
 

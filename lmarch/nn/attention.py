@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lmarch import native
+from lmarch.native.attention import packed_causal_attention
 from lmarch.nn.cache import KVCache
 
 # A hook applied to queries and keys after projection, before attention: rotary embeddings
@@ -65,6 +67,10 @@ def reference_attention(
         weights = F.dropout(weights, p=dropout_p)
     return weights @ v
 
+
+# Causal self-attention up to this length runs on lmarch's CPU kernel (lmarch/native/attention.c:
+# ~2x PyTorch's fused kernel, forward + backward, at a small GPT's T = 64); longer, PyTorch's.
+NATIVE_MAX_LEN = 512
 
 # PyTorch >= 2.5 lets SDPA share key/value heads itself (no copies for grouped-query attention).
 _SDPA_HAS_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
@@ -175,6 +181,31 @@ class MultiHeadAttention(nn.Module):
         self.out = nn.Linear(n_heads * head_dim, dim, bias=bias if out_bias is None else out_bias)
         self.resid_dropout = nn.Dropout(dropout)
 
+    def _native_causal(
+        self,
+        qkv: Tensor,
+        attention_mask: Tensor | None,
+        cache: KVCache | None,
+        qk_transform: QKTransform | None,
+    ) -> bool:
+        """Whether this call is plain causal self-attention that lmarch's CPU kernel takes: the
+        projection ``qkv`` float32 on the CPU (not under bf16 autocast), no cache, mask, position hook or dropout, 2 <= T <= NATIVE_MAX_LEN,
+        head width a multiple of 16, the ``sdpa`` implementation (``reference`` stays written
+        out)."""
+        return (
+            cache is None
+            and attention_mask is None
+            and qk_transform is None
+            and self.causal
+            and self.implementation == "sdpa"
+            and (self.dropout == 0.0 or not self.training)
+            and qkv.is_cpu
+            and qkv.dtype == torch.float32
+            and 2 <= qkv.shape[1] <= NATIVE_MAX_LEN
+            and self.head_dim % 16 == 0
+            and native.native_available()
+        )
+
     def forward(
         self,
         x: Tensor,
@@ -193,9 +224,11 @@ class MultiHeadAttention(nn.Module):
         """
         b, t, _ = x.shape
         hd = self.head_dim
-        q, k, v = self.qkv(x).split(
-            [self.n_heads * hd, self.n_kv_heads * hd, self.n_kv_heads * hd], dim=-1
-        )
+        qkv = self.qkv(x)
+        if self._native_causal(qkv, attention_mask, cache, qk_transform):
+            y = packed_causal_attention(qkv, self.n_heads, self.n_kv_heads, hd)
+            return self.resid_dropout(self.out(y))
+        q, k, v = qkv.split([self.n_heads * hd, self.n_kv_heads * hd, self.n_kv_heads * hd], dim=-1)
         q = q.view(b, t, self.n_heads, hd).transpose(1, 2)
         k = k.view(b, t, self.n_kv_heads, hd).transpose(1, 2)
         v = v.view(b, t, self.n_kv_heads, hd).transpose(1, 2)

@@ -1,0 +1,131 @@
+"""Causal self-attention on lmarch's CPU kernel (attention.c) against PyTorch's SDPA in float64."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lmarch import native
+from lmarch.native import attention as native_attention
+from lmarch.native.attention import attention_backward, attention_forward, packed_causal_attention
+from lmarch.nn.attention import NATIVE_MAX_LEN, MultiHeadAttention
+
+# float32 kernel against float64 SDPA: |error| / max|exact|; measured <= 2.9e-7 forward and
+# <= 6e-7 backward over these shapes
+TOLERANCE = 1e-5
+SHAPES = [  # (B, T, H, H_kv, D)
+    (12, 64, 4, 4, 32),  # the tiny GPT's training shape
+    (2, 37, 6, 2, 16),  # grouped-query, T not a multiple of the 16-row tiles
+    (3, 5, 4, 1, 16),  # multi-query
+    (2, 200, 3, 3, 64),
+    (1, 2, 2, 2, 16),
+]
+
+
+def _sdpa(qkv: torch.Tensor, heads: int, kv_heads: int, d: int) -> torch.Tensor:
+    b, t, _ = qkv.shape
+    q, k, v = qkv.split([heads * d, kv_heads * d, kv_heads * d], dim=-1)
+    q = q.view(b, t, heads, d).transpose(1, 2)
+    k = k.view(b, t, kv_heads, d).transpose(1, 2)
+    v = v.view(b, t, kv_heads, d).transpose(1, 2)
+    gqa = {"enable_gqa": True} if kv_heads != heads else {}
+    y = F.scaled_dot_product_attention(q, k, v, is_causal=True, **gqa)
+    return y.transpose(1, 2).reshape(b, t, heads * d)
+
+
+def _error(ours: torch.Tensor, exact: torch.Tensor) -> float:
+    return ((ours.double() - exact).abs().max() / exact.abs().max()).item()
+
+
+@pytest.fixture(scope="module")
+def portable(tmp_path_factory) -> object:
+    return native.load(native.build([], tmp_path_factory.mktemp("kernels")))
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_forward_and_backward_equal_sdpa(shape: tuple[int, ...]) -> None:
+    b, t, heads, kv_heads, d = shape
+    torch.manual_seed(0)
+    exact_in = torch.randn(b, t, (heads + 2 * kv_heads) * d, dtype=torch.float64)
+    grad = torch.randn(b, t, heads * d, dtype=torch.float64)
+    ours_in = exact_in.float().requires_grad_()
+    exact_in.requires_grad_()
+    exact = _sdpa(exact_in, heads, kv_heads, d)
+    exact.backward(grad)
+    ours = packed_causal_attention(ours_in, heads, kv_heads, d)
+    ours.backward(grad.float())
+    assert _error(ours, exact) <= TOLERANCE
+    assert _error(ours_in.grad, exact_in.grad) <= TOLERANCE
+
+
+def test_portable_c_path_agrees(portable, monkeypatch) -> None:
+    torch.manual_seed(1)
+    qkv = torch.randn(2, 37, 10 * 16)
+    grad = torch.randn(2, 37, 6 * 16)
+    y, lse = attention_forward(qkv, 6, 2, 16)
+    dqkv = attention_backward(qkv, y, lse, grad, 6, 2, 16)
+    monkeypatch.setattr(native_attention, "native_library", lambda: portable)
+    y2, lse2 = attention_forward(qkv, 6, 2, 16)
+    dqkv2 = attention_backward(qkv, y2, lse2, grad, 6, 2, 16)
+    assert _error(y2, y.double()) <= TOLERANCE and _error(dqkv2, dqkv.double()) <= TOLERANCE
+
+
+def test_compiled_graphs_call_the_operator() -> None:
+    torch.manual_seed(2)
+    qkv = torch.randn(2, 24, 3 * 2 * 16, requires_grad=True)
+
+    def loss(x: torch.Tensor) -> torch.Tensor:
+        return packed_causal_attention(x * 1.5, 2, 2, 16).square().sum()
+
+    loss(qkv).backward()
+    want = qkv.grad.clone()
+    qkv.grad = None
+    torch.compile(loss, backend="aot_eager", fullgraph=True)(qkv).backward()
+    assert torch.allclose(qkv.grad, want, atol=1e-6, rtol=1e-5)
+
+
+def test_bad_input_is_one_clear_error() -> None:
+    with pytest.raises(ValueError, match="float32 CPU qkv"):
+        attention_forward(torch.randn(1, 4, 48, dtype=torch.float64), 1, 1, 16)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        attention_forward(torch.randn(1, 4, 24), 1, 1, 8)
+
+
+def _attention(**kw) -> MultiHeadAttention:
+    torch.manual_seed(3)
+    return MultiHeadAttention(64, 4, **{"n_kv_heads": 2, **kw})
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_multi_head_attention_takes_the_kernel_and_matches_reference(train, monkeypatch) -> None:
+    calls = []
+    real = native_attention._PackedCausalAttention.apply
+    monkeypatch.setattr(
+        native_attention._PackedCausalAttention,
+        "apply",
+        staticmethod(lambda *a: calls.append(1) or real(*a)),
+    )
+    fast, slow = _attention(), _attention(implementation="reference")
+    fast.train(train), slow.train(train)
+    x = torch.randn(3, 20, 64, requires_grad=True)
+    y_fast = fast(x)
+    assert calls  # the kernel ran
+    y_slow = slow(x)
+    assert (y_fast - y_slow).abs().max().item() <= 1e-5
+    if train:
+        (g_fast,) = torch.autograd.grad(y_fast.sum(), x)
+        (g_slow,) = torch.autograd.grad(y_slow.sum(), x)
+        assert (g_fast - g_slow).abs().max().item() <= 1e-5
+
+
+def test_other_calls_keep_pytorch(monkeypatch) -> None:
+    monkeypatch.setattr(native_attention._PackedCausalAttention, "apply", None)  # must not run
+    x = torch.randn(2, 8, 64)
+    _attention()(x, attention_mask=torch.ones(2, 1, 1, 8, dtype=torch.bool))
+    _attention(dropout=0.1).train()(x)
+    _attention(n_kv_heads=4, head_dim=8)(x)  # head width not a multiple of 16
+    _attention()(torch.randn(1, NATIVE_MAX_LEN + 1, 64))
+    _attention()(x[:, :1])  # one token
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _attention()(x)  # the projection comes out in bf16
