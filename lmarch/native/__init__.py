@@ -130,6 +130,7 @@ def native_library() -> ctypes.CDLL | None:
         return None
 
 
+@torch.compiler.assume_constant_result  # a constant to torch.compile: no graph break
 def native_available() -> bool:
     """True when :func:`native_library` could be built and loaded."""
     return native_library() is not None

@@ -35,6 +35,35 @@ class _NativeGeluTanh(torch.autograd.Function):
         return native.gelu_tanh_backward(x, grad)
 
 
+@torch.library.custom_op("lmarch::gelu_tanh", mutates_args=())
+def _gelu_tanh_op(x: Tensor) -> Tensor:
+    return native.gelu_tanh_forward(x)
+
+
+@_gelu_tanh_op.register_fake
+def _(x: Tensor) -> Tensor:
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("lmarch::gelu_tanh_backward", mutates_args=())
+def _gelu_tanh_backward_op(x: Tensor, grad: Tensor) -> Tensor:
+    return native.gelu_tanh_backward(x, grad)
+
+
+@_gelu_tanh_backward_op.register_fake
+def _(x: Tensor, grad: Tensor) -> Tensor:
+    return torch.empty_like(x)
+
+
+def _save_input(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]
+    ctx.save_for_backward(inputs[0])
+
+
+_gelu_tanh_op.register_autograd(
+    lambda ctx, grad: _gelu_tanh_backward_op(ctx.saved_tensors[0], grad),
+    setup_context=_save_input,
+)
+
 NATIVE_MIN_ELEMENTS = 4096  # below this a native call costs more than PyTorch's kernel
 
 
@@ -42,15 +71,17 @@ def gelu_tanh(x: Tensor) -> Tensor:
     """GELU with the tanh approximation used by GPT-2 and BERT's TF code (Hendrycks & Gimpel 2016):
     0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))).
 
-    Large float32 CPU tensors go to lmarch's native kernel (same values to ~1e-7); everything
-    else, and every graph ``torch.compile`` traces (Inductor fuses it), to ``F.gelu``."""
+    Large float32 CPU tensors go to lmarch's native kernel (same values to ~1e-7; in a graph
+    ``torch.compile`` traces, as the operator ``lmarch::gelu_tanh``: Inductor's own CPU code for
+    it is no faster than PyTorch's); everything else to ``F.gelu``."""
     if (
         x.is_cpu
         and x.dtype == torch.float32
         and x.numel() >= NATIVE_MIN_ELEMENTS
-        and not torch.compiler.is_compiling()
         and native.native_available()
     ):
+        if torch.compiler.is_compiling():
+            return _gelu_tanh_op(x)
         return _NativeGeluTanh.apply(x)
     return F.gelu(x, approximate="tanh")
 
