@@ -28,10 +28,12 @@ enum {
     UPPER_A = 3,   /* A is upper triangular: p >= i only (dV = P^T dY, dK = dS^T Q) */
 };
 
-/* C [m, n] (+)= A [m, k] B [k, n], row-major; m % 4 == 0, n % 16 == 0. Columns a LOWER_OUT
- * product skips are left unwritten. */
+/* C [m, n] (+)= A [m, k] B [k, n], row-major; m % 4 == 0, n % 16 == 0. With trans_a, A is
+ * stored transposed ([k, m]: the same tile reads four neighbours of one row, no copy needed).
+ * Columns a LOWER_OUT product skips are left unwritten. */
 static void matmul(const float *a, const float *b, float *c, int64_t m, int64_t k, int64_t n,
-                   int accumulate, int tri) {
+                   int accumulate, int tri, int trans_a) {
+    const int64_t a_row = trans_a ? 1 : k, a_inner = trans_a ? m : 1; /* A(i, p) strides */
     for (int64_t i = 0; i < m; i += 4) {
         const int64_t n_end = tri == LOWER_OUT && i + 4 < n ? (i + 4 + 15) / 16 * 16 : n;
         const int64_t p_begin = tri == UPPER_A ? i : 0;
@@ -47,7 +49,7 @@ static void matmul(const float *a, const float *b, float *c, int64_t m, int64_t 
                 const __m256 b0 = _mm256_loadu_ps(b + p * n + j);
                 const __m256 b1 = _mm256_loadu_ps(b + p * n + j + 8);
                 for (int r = 0; r < 4; r++) {
-                    const __m256 av = _mm256_broadcast_ss(a + (i + r) * k + p);
+                    const __m256 av = _mm256_broadcast_ss(a + (i + r) * a_row + p * a_inner);
                     acc[r][0] = _mm256_fmadd_ps(av, b0, acc[r][0]);
                     acc[r][1] = _mm256_fmadd_ps(av, b1, acc[r][1]);
                 }
@@ -60,7 +62,7 @@ static void matmul(const float *a, const float *b, float *c, int64_t m, int64_t 
                 for (int64_t q = 0; q < 16; q++) {
                     float sum = accumulate ? c[(i + r) * n + j + q] : 0.0f;
                     for (int64_t p = p_begin; p < p_end; p++)
-                        sum += a[(i + r) * k + p] * b[p * n + j + q];
+                        sum += a[(i + r) * a_row + p * a_inner] * b[p * n + j + q];
                     c[(i + r) * n + j + q] = sum;
                 }
 #endif
@@ -76,8 +78,12 @@ static void transpose(const float *a, float *out, int64_t rows, int64_t cols) {
 /* rows [t, d] at src (row stride `stride`) times `scale` into dst [tp, d], zero rows past t. */
 static void gather(const float *src, int64_t stride, int64_t t, int64_t tp, int64_t d,
                    float scale, float *dst) {
-    for (int64_t i = 0; i < tp; i++)
-        for (int64_t c = 0; c < d; c++) dst[i * d + c] = i < t ? src[i * stride + c] * scale : 0.0f;
+    for (int64_t i = 0; i < t; i++) {
+        const float *from = src + i * stride;
+        float *to = dst + i * d;
+        for (int64_t c = 0; c < d; c++) to[c] = from[c] * scale;
+    }
+    memset(dst + t * d, 0, (size_t)((tp - t) * d) * sizeof(float));
 }
 
 /* row[j] = exp(row[j] - by) for j < n, rounded up to 8 values (the caller zeroes past n). */
@@ -122,12 +128,12 @@ static void causal_softmax(float *s, int64_t t, int64_t tp, const float *shift, 
 }
 
 typedef struct {
-    float *q, *k, *kt, *v, *vt, *s, *s2, *st, *dy, *dq, *dk, *dv;
+    float *q, *k, *kt, *v, *vt, *s, *s2, *dy, *dq, *dk, *dv;
 } scratch;
 
 static float *scratch_make(scratch *w, int64_t tp, int64_t d) {
     const int64_t td = tp * d, tt = tp * tp;
-    float *mem = (float *)malloc((size_t)(9 * td + 3 * tt) * sizeof(float));
+    float *mem = (float *)malloc((size_t)(9 * td + 2 * tt) * sizeof(float));
     if (!mem) return NULL;
     float *p = mem;
     w->q = p, p += td;
@@ -140,8 +146,7 @@ static float *scratch_make(scratch *w, int64_t tp, int64_t d) {
     w->dk = p, p += td;
     w->dv = p, p += td;
     w->s = p, p += tt;
-    w->s2 = p, p += tt;
-    w->st = p;
+    w->s2 = p;
     return mem;
 }
 
@@ -171,9 +176,9 @@ int lmarch_causal_attention_forward(const float *qkv, int64_t batch, int64_t t, 
                 gather(base + (heads + kv_heads + g) * d, row, t, tp, d, 1.0f, w.v);
                 for (int64_t h = g * rep; h < (g + 1) * rep; h++) {
                     gather(base + h * d, row, t, tp, d, scale, w.q);
-                    matmul(w.q, w.kt, w.s, tp, d, tp, 0, LOWER_OUT);
+                    matmul(w.q, w.kt, w.s, tp, d, tp, 0, LOWER_OUT, 0);
                     causal_softmax(w.s, t, tp, NULL, lse + (b * heads + h) * t);
-                    matmul(w.s, w.v, w.dq, tp, tp, d, 0, LOWER_A);
+                    matmul(w.s, w.v, w.dq, tp, tp, d, 0, LOWER_A, 0);
                     for (int64_t i = 0; i < t; i++)
                         memcpy(y + (b * t + i) * heads * d + h * d, w.dq + i * d,
                                (size_t)d * sizeof(float));
@@ -216,9 +221,9 @@ int lmarch_causal_attention_backward(const float *qkv, const float *y, const flo
                     const float *yh = y + b * t * out_row + h * d;
                     gather(base + h * d, row, t, tp, d, scale, w.q);
                     gather(dy + b * t * out_row + h * d, out_row, t, tp, d, 1.0f, w.dy);
-                    matmul(w.q, w.kt, w.s, tp, d, tp, 0, LOWER_OUT); /* S, then P from L */
+                    matmul(w.q, w.kt, w.s, tp, d, tp, 0, LOWER_OUT, 0); /* S, then P from L */
                     causal_softmax(w.s, t, tp, lse + (b * heads + h) * t, NULL);
-                    matmul(w.dy, w.vt, w.s2, tp, d, tp, 0, LOWER_OUT); /* dP */
+                    matmul(w.dy, w.vt, w.s2, tp, d, tp, 0, LOWER_OUT, 0); /* dP */
                     for (int64_t i = 0; i < tp; i++) {      /* dS = P (dP - delta) */
                         const float delta = i < t ? dot_f32(w.dy + i * d, yh + i * out_row, d) : 0;
                         const int64_t n = i < t ? i + 1 : 0; /* P is 0 elsewhere */
@@ -226,14 +231,12 @@ int lmarch_causal_attention_backward(const float *qkv, const float *y, const flo
                             w.s2[i * tp + j] = w.s[i * tp + j] * (w.s2[i * tp + j] - delta);
                         memset(w.s2 + i * tp + n, 0, (size_t)(tp - n) * sizeof(float));
                     }
-                    matmul(w.s2, w.k, w.dq, tp, tp, d, 0, LOWER_A); /* dQ (scale below) */
+                    matmul(w.s2, w.k, w.dq, tp, tp, d, 0, LOWER_A, 0); /* dQ (scale below) */
                     for (int64_t i = 0; i < t; i++)
                         for (int64_t c = 0; c < d; c++)
                             dbase[i * row + h * d + c] = w.dq[i * d + c] * scale;
-                    transpose(w.s, w.st, tp, tp); /* dV += P^T dY */
-                    matmul(w.st, w.dy, w.dv, tp, tp, d, 1, UPPER_A);
-                    transpose(w.s2, w.st, tp, tp); /* dK += dS^T Q / sqrt(D) */
-                    matmul(w.st, w.q, w.dk, tp, tp, d, 1, UPPER_A);
+                    matmul(w.s, w.dy, w.dv, tp, tp, d, 1, UPPER_A, 1); /* dV += P^T dY */
+                    matmul(w.s2, w.q, w.dk, tp, tp, d, 1, UPPER_A, 1); /* dK += dS^T Q/sqrt(D) */
                 }
                 for (int64_t i = 0; i < t; i++) {
                     memcpy(dbase + i * row + (heads + g) * d, w.dk + i * d, (size_t)d * sizeof(float));
