@@ -13,56 +13,9 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.autograd.function import once_differentiable
 
 from lmarch import native
-
-
-class _NativeGeluTanh(torch.autograd.Function):
-    """GELU-tanh forward and backward by ``lmarch/native/activations.c`` (PyTorch's CPU kernel
-    evaluates tanh one value at a time: ~4x slower, about a tenth of a small GPT's training
-    step). The backward is not itself differentiable."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor) -> Tensor:  # type: ignore[override]
-        ctx.save_for_backward(x)
-        return native.gelu_tanh_forward(x)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad: Tensor) -> Tensor:  # type: ignore[override]
-        (x,) = ctx.saved_tensors
-        return native.gelu_tanh_backward(x, grad)
-
-
-@torch.library.custom_op("lmarch::gelu_tanh", mutates_args=())
-def _gelu_tanh_op(x: Tensor) -> Tensor:
-    return native.gelu_tanh_forward(x)
-
-
-@_gelu_tanh_op.register_fake
-def _(x: Tensor) -> Tensor:
-    return torch.empty_like(x)
-
-
-@torch.library.custom_op("lmarch::gelu_tanh_backward", mutates_args=())
-def _gelu_tanh_backward_op(x: Tensor, grad: Tensor) -> Tensor:
-    return native.gelu_tanh_backward(x, grad)
-
-
-@_gelu_tanh_backward_op.register_fake
-def _(x: Tensor, grad: Tensor) -> Tensor:
-    return torch.empty_like(x)
-
-
-def _save_input(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]
-    ctx.save_for_backward(inputs[0])
-
-
-_gelu_tanh_op.register_autograd(
-    lambda ctx, grad: _gelu_tanh_backward_op(ctx.saved_tensors[0], grad),
-    setup_context=_save_input,
-)
+from lmarch.native.activations import native_gelu_tanh
 
 NATIVE_MIN_ELEMENTS = 4096  # below this a native call costs more than PyTorch's kernel
 
@@ -80,9 +33,7 @@ def gelu_tanh(x: Tensor) -> Tensor:
         and x.numel() >= NATIVE_MIN_ELEMENTS
         and native.native_available()
     ):
-        if torch.compiler.is_compiling():
-            return _gelu_tanh_op(x)
-        return _NativeGeluTanh.apply(x)
+        return native_gelu_tanh(x)
     return F.gelu(x, approximate="tanh")
 
 

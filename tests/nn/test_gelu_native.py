@@ -7,7 +7,9 @@ import torch
 import torch.nn.functional as F
 
 from lmarch import native
-from lmarch.nn.ffn import NATIVE_MIN_ELEMENTS, _NativeGeluTanh, gelu_tanh
+from lmarch.native import activations as native_activations
+from lmarch.native.activations import _NativeGeluTanh
+from lmarch.nn.ffn import NATIVE_MIN_ELEMENTS, gelu_tanh
 
 # |ours - exact| / (1 + |x|) forward, / (1 + |grad|) backward; measured 1.1e-7 and 1.5e-7
 # (PyTorch's own kernel: 8e-8 and 7.5e-7)
@@ -41,8 +43,10 @@ def test_forward_and_backward_equal_the_equation(build: str, portable) -> None:
 
 def test_autograd_uses_the_native_kernel_for_large_float32_tensors(monkeypatch) -> None:
     calls = []
-    forward = native.gelu_tanh_forward
-    monkeypatch.setattr(native, "gelu_tanh_forward", lambda x: calls.append(1) or forward(x))
+    forward = native_activations.gelu_tanh_forward
+    monkeypatch.setattr(
+        native_activations, "gelu_tanh_forward", lambda x: calls.append(1) or forward(x)
+    )
     x = torch.randn(4, NATIVE_MIN_ELEMENTS // 4, requires_grad=True)
     y = gelu_tanh(x)
     assert calls and y.grad_fn.name() == "_NativeGeluTanhBackward"
