@@ -10,7 +10,8 @@ Every engine answers the same ChatML question (46 prompt tokens) greedily, produ
   int8; q4: the file's Q4_1 blocks and Q8_0 head as they are, on lmarch's native kernels, each
   layer one native call per decoded token), then
   ``generate_text`` with a ``GenerationStats``. ``lmarch-q8`` and ``lmarch-<mode>-compile`` (the
-  decode step through ``torch.compile``) run only when named in ``--engines``;
+  decode step through ``torch.compile``; for q4/q8, whose layers decode natively, the same as
+  eager) run only when named in ``--engines``;
 - ``transformers``: ``AutoModelForCausalLM.from_pretrained(..., gguf_file=...)`` in float32,
   ``generate(do_sample=False, min_new_tokens=max_new_tokens=N)``, timed by a streamer;
 - ``llama.cpp``: ``llama_cpp.Llama`` on the quantised file itself (Q4_1 kernels), greedy
