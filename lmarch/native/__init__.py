@@ -28,7 +28,9 @@ import torch
 from torch import Tensor
 
 HERE = Path(__file__).parent
-SOURCES = tuple(HERE / name for name in ("blockq.c", "decoder.c", "activations.c", "attention.c"))
+SOURCES = tuple(
+    HERE / name for name in ("blockq.c", "decoder.c", "activations.c", "attention.c", "layernorm.c")
+)
 HEADERS = (HERE / "blockq.h",)
 QK = 32  # inputs per block, as in llama.cpp's formats
 
@@ -114,6 +116,17 @@ def load(path: Path) -> ctypes.CDLL:
     lib.lmarch_causal_attention_forward.restype = i32
     lib.lmarch_causal_attention_backward.argtypes = [p, p, p, p, i64, i64, i64, i64, i64, p, i32]
     lib.lmarch_causal_attention_backward.restype = i32
+    f32 = ctypes.c_float
+    lib.lmarch_layer_norm_forward.argtypes = [p, p, p, p, p, p, i64, i64, f32, i32]
+    lib.lmarch_layer_norm_forward.restype = None
+    lib.lmarch_layer_norm_backward.argtypes = [p, p, p, p, p, p, p, p, p, i64, i64, i32]
+    lib.lmarch_layer_norm_backward.restype = i32
+    lib.lmarch_rows_plus_bias.argtypes = [p, p, p, i64, i64, i32]
+    lib.lmarch_rows_plus_bias.restype = None
+    lib.lmarch_mul_column_sums.argtypes = [p, p, p, i64, i64, i32]
+    lib.lmarch_mul_column_sums.restype = i32
+    lib.lmarch_gelu_tanh_forward_slope.argtypes = [p, p, p, i64, i32]
+    lib.lmarch_gelu_tanh_forward_slope.restype = None
     return lib
 
 

@@ -1,0 +1,279 @@
+"""A whole GPT-2 block (pre-LN) as one differentiable call: lmarch's kernels between MKL's products.
+
+For x [N, C] (N = batch x time) the block of Radford et al. 2019 computes
+
+    x1 = x + Attn(LN1(x)) W_o^T + b_o,        Attn = causal softmax(q k^T / sqrt(D)) v per head
+    y  = x1 + GELU_tanh(LN2(x1) W_fc^T + b_fc) W_pr^T + b_pr
+
+and its backward, in the order below, with every gradient written once:
+
+    db_pr = sum_rows dy        dW_pr = dy^T a              da = dy W_pr        (a = GELU(h))
+    dh = GELU'(h) * da         db_fc = sum_rows dh         dW_fc = dh^T LN2(x1)
+    (the forward keeps GELU'(h), computed with GELU(h) from the same exponential, not h)
+    dx1 = dy + LN2'(dh W_fc)   db_o = sum_rows dx1         dW_o = dx1^T att    datt = dx1 W_o
+    dqkv = Attn'(datt)         db_qkv = sum_rows dqkv      dW_qkv = dqkv^T LN1(x)
+    dx = dx1 + LN1'(dqkv W_qkv)
+
+Built from modules, the same block is about twenty autograd nodes, each allocating its output
+and some (residual adds, bias broadcasts, bias-gradient sums) a pass over memory of their own;
+at a small model's sizes the time between the matrix products was a quarter of a training step.
+Here the products are PyTorch's (MKL: the same calls the module version makes), and LayerNorm,
+the residual and bias passes, attention and GELU are lmarch's C kernels (``layernorm.c``,
+``attention.c``, ``activations.c``). :class:`lmarch.nn.TransformerBlock` routes float32 CPU
+GPT-2 blocks here; everything else takes the module path, which the tests hold this one to.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from lmarch.native import native_library
+from lmarch.native.attention import attention_backward, attention_forward
+
+
+class BlockShape(NamedTuple):
+    """What the block's tensors do not say: heads, key/value heads, head width, the two eps."""
+
+    heads: int
+    kv_heads: int
+    head_dim: int
+    eps1: float
+    eps2: float
+
+
+# Parameter order everywhere below (None for an absent bias):
+# ln1.weight, ln1.bias, qkv.weight, qkv.bias, out.weight, out.bias,
+# ln2.weight, ln2.bias, fc.weight, fc.bias, proj.weight, proj.bias
+N_PARAMS = 12
+
+
+def _ptr(t: Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _layer_norm(x: Tensor, g: Tensor, b: Tensor | None, eps: float) -> tuple[Tensor, ...]:
+    n, c = x.shape
+    y, mean, rstd = torch.empty_like(x), x.new_empty(n), x.new_empty(n)
+    native_library().lmarch_layer_norm_forward(
+        x.data_ptr(), g.data_ptr(), _ptr(b), y.data_ptr(), mean.data_ptr(), rstd.data_ptr(),
+        n, c, eps, torch.get_num_threads(),
+    )  # fmt: skip
+    return y, mean, rstd
+
+
+def _layer_norm_backward(
+    dy: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, g: Tensor, residual: Tensor, has_bias: bool
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    n, c = x.shape
+    dx, dg = torch.empty_like(x), g.new_empty(c)
+    db = g.new_empty(c) if has_bias else None
+    status = native_library().lmarch_layer_norm_backward(
+        dy.data_ptr(), x.data_ptr(), mean.data_ptr(), rstd.data_ptr(), g.data_ptr(),
+        residual.data_ptr(), dx.data_ptr(), dg.data_ptr(), _ptr(db), n, c,
+        torch.get_num_threads(),
+    )  # fmt: skip
+    if status:
+        raise MemoryError("lmarch_layer_norm_backward: out of memory")
+    return dx, dg, db
+
+
+def _plus_bias(base: Tensor, bias: Tensor | None) -> Tensor:
+    """base + bias broadcast over rows, into a new tensor (the product is then added in place)."""
+    n, c = base.shape
+    out = torch.empty_like(base)
+    native_library().lmarch_rows_plus_bias(
+        base.data_ptr(), _ptr(bias), out.data_ptr(), n, c, torch.get_num_threads()
+    )
+    return out
+
+
+def _linear(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+    return x @ w.t() if b is None else torch.addmm(b, x, w.t())
+
+
+def _bias_grad(d: Tensor, bias: Tensor | None, scale: Tensor | None = None) -> Tensor | None:
+    """The gradient of ``bias`` (sum of d's rows), after d *= scale in place when given."""
+    if bias is None and scale is None:
+        return None
+    out = None if bias is None else bias.new_empty(d.shape[1])
+    if native_library().lmarch_mul_column_sums(
+        d.data_ptr(), _ptr(scale), _ptr(out), d.shape[0], d.shape[1], torch.get_num_threads()
+    ):
+        raise MemoryError("lmarch_mul_column_sums: out of memory")
+    return out
+
+
+def _gelu_with_slope(h: Tensor) -> tuple[Tensor, Tensor]:
+    a, slope = torch.empty_like(h), torch.empty_like(h)
+    native_library().lmarch_gelu_tanh_forward_slope(
+        h.data_ptr(), a.data_ptr(), slope.data_ptr(), h.numel(), torch.get_num_threads()
+    )
+    return a, slope
+
+
+def block_forward(
+    x: Tensor, params: list[Tensor | None], shape: BlockShape
+) -> tuple[Tensor, list[Tensor]]:
+    """(y [B, T, C], the tensors the backward needs besides x) for a contiguous float32 CPU x."""
+    ln1_w, ln1_b, qkv_w, qkv_b, out_w, out_b, ln2_w, ln2_b, fc_w, fc_b, pr_w, pr_b = params
+    b, t, c = x.shape
+    x2 = x.reshape(b * t, c)
+    ln1, mean1, rstd1 = _layer_norm(x2, ln1_w, ln1_b, shape.eps1)
+    qkv = _linear(ln1, qkv_w, qkv_b)
+    att, lse = attention_forward(qkv.view(b, t, -1), shape.heads, shape.kv_heads, shape.head_dim)
+    att = att.view(b * t, -1)
+    x1 = _plus_bias(x2, out_b).addmm_(att, out_w.t())
+    ln2, mean2, rstd2 = _layer_norm(x1, ln2_w, ln2_b, shape.eps2)
+    a, slope = _gelu_with_slope(_linear(ln2, fc_w, fc_b))
+    y = _plus_bias(x1, pr_b).addmm_(a, pr_w.t())
+    return y.view(b, t, c), [ln1, mean1, rstd1, qkv, att, lse, x1, ln2, mean2, rstd2, slope, a]
+
+
+def block_backward(
+    grad: Tensor, x: Tensor, saved: list[Tensor], params: list[Tensor | None], shape: BlockShape
+) -> tuple[Tensor, list[Tensor | None]]:
+    """(dx [B, T, C], the parameters' gradients in the order of ``params``) from dy."""
+    ln1_w, ln1_b, qkv_w, qkv_b, out_w, out_b, ln2_w, ln2_b, fc_w, fc_b, pr_w, pr_b = params
+    ln1, mean1, rstd1, qkv, att, lse, x1, ln2, mean2, rstd2, slope, a = saved
+    b, t, c = grad.shape
+    x2 = x.contiguous().view(b * t, c)
+    dy = grad.reshape(b * t, c).contiguous()
+    # MLP: y = x1 + a W_pr^T + b_pr, a = GELU(h), h = LN2(x1) W_fc^T + b_fc
+    d_pr_b, d_pr_w = _bias_grad(dy, pr_b), dy.t() @ a
+    dh = dy @ pr_w
+    d_fc_b = _bias_grad(dh, fc_b, scale=slope)  # dh = GELU'(h) * da, in place
+    d_fc_w = dh.t() @ ln2
+    dx1, d_ln2_w, d_ln2_b = _layer_norm_backward(
+        dh @ fc_w, x1, mean2, rstd2, ln2_w, dy, ln2_b is not None
+    )
+    # attention: x1 = x + att W_o^T + b_o, att = Attn(qkv), qkv = LN1(x) W_qkv^T + b_qkv
+    d_out_b, d_out_w = _bias_grad(dx1, out_b), dx1.t() @ att
+    d_att = (dx1 @ out_w).view(b, t, -1)
+    dqkv = attention_backward(qkv.view(b, t, -1), att.view(b, t, -1), lse, d_att, *shape[:3]).view(
+        b * t, -1
+    )
+    d_qkv_b, d_qkv_w = _bias_grad(dqkv, qkv_b), dqkv.t() @ ln1
+    dx, d_ln1_w, d_ln1_b = _layer_norm_backward(
+        dqkv @ qkv_w, x2, mean1, rstd1, ln1_w, dx1, ln1_b is not None
+    )
+    grads = [d_ln1_w, d_ln1_b, d_qkv_w, d_qkv_b, d_out_w, d_out_b]
+    grads += [d_ln2_w, d_ln2_b, d_fc_w, d_fc_b, d_pr_w, d_pr_b]
+    return dx.view(b, t, c), grads
+
+
+class _GPTBlock(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, shape: BlockShape, *params: Tensor | None) -> Tensor:  # type: ignore[override]
+        x = x.contiguous()
+        y, saved = block_forward(x, list(params), shape)
+        ctx.save_for_backward(x, *saved, *params)
+        ctx.shape = shape
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor):  # type: ignore[no-untyped-def, override]
+        x, *tensors = ctx.saved_tensors
+        saved, params = tensors[:-N_PARAMS], tensors[-N_PARAMS:]
+        dx, grads = block_backward(grad, x, saved, params, ctx.shape)
+        return (dx, None, *grads)
+
+
+# The same two directions as PyTorch operators, so a compiled graph keeps the block as one call.
+# Operator signatures take no optional tensors in lists: ``weights`` are the parameters that
+# exist and ``present`` says which of the twelve they are.
+def _expand(weights: list[Tensor], present: list[int]) -> list[Tensor | None]:
+    it = iter(weights)
+    return [next(it) if p else None for p in present]
+
+
+def _shape(values: list[float]) -> BlockShape:
+    heads, kv_heads, head_dim, eps1, eps2 = values
+    return BlockShape(int(heads), int(kv_heads), int(head_dim), eps1, eps2)
+
+
+# Registered with the low-level API: ``torch.library.custom_op`` checks every output against every
+# input for aliasing on each call, ~0.5 ms for this operator's thirteen outputs.
+_LIBRARY = torch.library.Library("lmarch", "FRAGMENT")
+_LIBRARY.define(
+    "gpt_block(Tensor x, Tensor[] weights, int[] present, float[] shape) -> (Tensor, Tensor[])"
+)
+_LIBRARY.define(
+    "gpt_block_backward(Tensor grad, Tensor x, Tensor[] saved, Tensor[] weights, int[] present,"
+    " float[] shape) -> (Tensor, Tensor[])"
+)
+
+
+def _forward_impl(
+    x: Tensor, weights: list[Tensor], present: list[int], shape: list[float]
+) -> tuple[Tensor, list[Tensor]]:
+    return block_forward(x.contiguous(), _expand(weights, present), _shape(shape))
+
+
+def _backward_impl(
+    grad: Tensor,
+    x: Tensor,
+    saved: list[Tensor],
+    weights: list[Tensor],
+    present: list[int],
+    shape: list[float],
+) -> tuple[Tensor, list[Tensor]]:
+    dx, grads = block_backward(grad, x, saved, _expand(weights, present), _shape(shape))
+    return dx, [g for g in grads if g is not None]
+
+
+_LIBRARY.impl("gpt_block", _forward_impl, "CPU")
+_LIBRARY.impl("gpt_block_backward", _backward_impl, "CPU")
+
+
+@torch.library.register_fake("lmarch::gpt_block")
+def _(x, weights, present, shape):  # type: ignore[no-untyped-def]
+    b, t, c = x.shape
+    n, s, params = b * t, _shape(shape), _expand(weights, present)
+    width, att, hidden = params[2].shape[0], s.heads * s.head_dim, params[8].shape[0]
+    sizes = [(n, c), (n,), (n,), (n, width), (n, att), (b, s.heads, t)]
+    sizes += [(n, c), (n, c), (n,), (n,), (n, hidden), (n, hidden)]
+    return x.new_empty(b, t, c), [x.new_empty(size) for size in sizes]
+
+
+@torch.library.register_fake("lmarch::gpt_block_backward")
+def _(grad, x, saved, weights, present, shape):  # type: ignore[no-untyped-def]
+    return torch.empty_like(grad), [torch.empty_like(w) for w in weights]
+
+
+_gpt_block_op = torch.ops.lmarch.gpt_block.default
+_gpt_block_backward_op = torch.ops.lmarch.gpt_block_backward.default
+
+
+def _setup(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]
+    x, weights, present, shape = inputs
+    ctx.save_for_backward(x, *output[1], *weights)
+    ctx.n_saved, ctx.present, ctx.block_shape = len(output[1]), present, shape
+
+
+def _backward(ctx, grad, _grad_saved):  # type: ignore[no-untyped-def]
+    x, *tensors = ctx.saved_tensors
+    saved, weights = tensors[: ctx.n_saved], tensors[ctx.n_saved :]
+    dx, grads = _gpt_block_backward_op(grad, x, saved, weights, ctx.present, ctx.block_shape)
+    return dx, grads, None, None
+
+
+torch.library.register_autograd("lmarch::gpt_block", _backward, setup_context=_setup)
+
+
+def gpt_block(x: Tensor, params: list[Tensor | None], shape: BlockShape) -> Tensor:
+    """The pre-LN GPT-2 block above for float32 CPU x [B, T, C] (see the module docstring):
+    ``params`` in the order ln1 weight/bias, qkv, out, ln2, fc, proj (weight then bias, None for
+    an absent bias); weights in ``nn.Linear``'s [out, in] layout."""
+    if torch.compiler.is_compiling():
+        weights = [p for p in params if p is not None]
+        present = [int(p is not None) for p in params]
+        return _gpt_block_op(x, weights, present, [float(v) for v in shape])[0]
+    return _GPTBlock.apply(x, shape, *params)
+
+
+__all__ = ["BlockShape", "block_backward", "block_forward", "gpt_block"]

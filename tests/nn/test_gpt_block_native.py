@@ -1,0 +1,156 @@
+"""The fused GPT-2 block (lmarch/native/gpt_block.py) against the module path in float64."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lmarch import native
+from lmarch.native import gpt_block as fused
+from lmarch.nn import block as block_module
+from lmarch.nn.attention import MultiHeadAttention
+from lmarch.nn.block import TransformerBlock
+from lmarch.nn.cache import KVCache
+from lmarch.nn.ffn import MLP
+from lmarch.nn.norm import LayerNorm
+
+# float32 fused block against the float64 module path: |error| / max|exact| of the output, of
+# dx and of every parameter's gradient; measured <= 8.1e-7 over these shapes
+TOLERANCE = 1e-5
+
+
+def _block(dim: int, heads: int, kv_heads: int, bias: bool, dropout: float = 0.0):
+    attn = MultiHeadAttention(dim, heads, n_kv_heads=kv_heads, bias=bias, dropout=dropout)
+    ffn = MLP(dim, 4 * dim, activation="gelu_tanh", bias=bias, dropout=dropout)
+    return TransformerBlock(attn, ffn, LayerNorm(dim, bias=bias), LayerNorm(dim, bias=bias))
+
+
+def _randomise(block: TransformerBlock) -> None:
+    """Non-trivial LayerNorm gains and biases (they start at 1 and 0)."""
+    with torch.no_grad():
+        for p in block.parameters():
+            if p.dim() == 1:
+                p.add_(0.2 * torch.randn_like(p))
+
+
+def _run(block: TransformerBlock, x: torch.Tensor, grad: torch.Tensor):
+    x = x.clone().requires_grad_()
+    block.zero_grad(set_to_none=True)
+    y = block(x)
+    y.backward(grad)
+    return y.detach(), x.grad, {n: p.grad for n, p in block.named_parameters()}
+
+
+def _error(ours: torch.Tensor, exact: torch.Tensor) -> float:
+    return ((ours.double() - exact).abs().max() / exact.abs().max()).item()
+
+
+@pytest.fixture
+def calls(monkeypatch) -> list[int]:
+    """Counts the block's native calls."""
+    seen: list[int] = []
+    real = block_module.gpt_block
+    monkeypatch.setattr(block_module, "gpt_block", lambda *a: seen.append(1) or real(*a))
+    return seen
+
+
+SHAPES = [  # (B, T, dim, heads, kv_heads, bias)
+    (12, 64, 128, 4, 4, True),  # nanoGPT's CPU shape
+    (2, 37, 96, 6, 2, True),  # grouped-query; T not a multiple of the kernels' tiles
+    (3, 20, 64, 4, 4, False),  # no biases anywhere (nanoGPT's bias=False)
+    (1, 2, 32, 2, 1, True),  # two tokens, multi-query
+]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_fused_block_equals_module_path_in_float64(shape, calls) -> None:
+    b, t, dim, heads, kv_heads, bias = shape
+    torch.manual_seed(0)
+    block = _block(dim, heads, kv_heads, bias)
+    _randomise(block)
+    x, grad = torch.randn(b, t, dim), torch.randn(b, t, dim)
+    y, dx, grads = _run(block, x, grad)
+    assert calls == [1]  # the fused call ran
+    y64, dx64, grads64 = _run(block.double(), x.double(), grad.double())
+    assert calls == [1]  # float64 takes the module path
+    assert _error(y, y64) <= TOLERANCE
+    assert _error(dx, dx64) <= TOLERANCE
+    assert grads.keys() == grads64.keys()
+    for name, g in grads.items():
+        assert _error(g, grads64[name]) <= TOLERANCE, name
+
+
+def test_eval_and_no_grad_forward_is_the_same_function(calls) -> None:
+    torch.manual_seed(1)
+    block = _block(64, 4, 4, True, dropout=0.1).eval()  # dropout is off in eval
+    x = torch.randn(2, 16, 64)
+    with torch.no_grad():
+        y = block(x)
+    assert calls == [1]
+    y64 = block.double()(x.double())
+    assert _error(y, y64) <= TOLERANCE
+
+
+def test_compiled_graph_calls_the_operator_and_agrees(calls) -> None:
+    torch.manual_seed(2)
+    block = _block(64, 4, 2, True)
+    _randomise(block)
+    x, grad = torch.randn(2, 24, 64), torch.randn(2, 24, 64)
+    y, dx, grads = _run(block, x, grad)
+    compiled = torch.compile(block, backend="aot_eager", fullgraph=True)
+    x2 = x.clone().requires_grad_()
+    block.zero_grad(set_to_none=True)
+    y2 = compiled(x2)
+    y2.backward(grad)
+    assert len(calls) == 2
+    assert torch.allclose(y2, y, atol=1e-6, rtol=1e-5)
+    assert torch.allclose(x2.grad, dx, atol=1e-6, rtol=1e-5)
+    for name, p in block.named_parameters():
+        assert torch.allclose(p.grad, grads[name], atol=1e-6, rtol=1e-5), name
+
+
+def test_other_calls_keep_the_module_path(calls) -> None:
+    torch.manual_seed(3)
+    x = torch.randn(2, 8, 64)
+    _block(64, 4, 4, True, dropout=0.1).train()(x)  # dropout in training
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _block(64, 4, 4, True)(x)
+    _block(64, 4, 4, True)(x, attention_mask=torch.ones(2, 1, 1, 8, dtype=torch.bool))
+    with torch.no_grad():  # decoding
+        _block(64, 4, 4, True).eval()(x, cache=KVCache(1, 2, 4, 16, 16), layer_index=0, start=0)
+    hooked = _block(64, 4, 4, True)
+    seen = []
+    hooked.ffn.fc_in.register_forward_hook(lambda *a: seen.append(1))
+    hooked(x)
+    assert seen == [1]  # a hook on a part still runs
+    other = _block(64, 4, 4, True)
+    other.ffn.act = F.gelu  # exact GELU, not the tanh form
+    other(x)
+    assert calls == []
+
+
+def test_native_off_keeps_the_module_path(calls, monkeypatch) -> None:
+    monkeypatch.setattr(native, "native_library", lambda: None)
+    _block(64, 4, 4, True)(torch.randn(1, 8, 64))
+    assert calls == []
+
+
+@pytest.fixture(scope="module")
+def portable(tmp_path_factory) -> object:
+    return native.load(native.build([], tmp_path_factory.mktemp("kernels")))
+
+
+def test_portable_c_path_agrees(portable, monkeypatch) -> None:
+    """The same block through the kernels built without AVX2 (plain C loops)."""
+    torch.manual_seed(4)
+    block = _block(64, 4, 2, True)
+    _randomise(block)
+    x, grad = torch.randn(2, 21, 64), torch.randn(2, 21, 64)
+    y, dx, grads = _run(block, x, grad)
+    monkeypatch.setattr(fused, "native_library", lambda: portable)
+    monkeypatch.setattr("lmarch.native.attention.native_library", lambda: portable)
+    y2, dx2, grads2 = _run(block, x, grad)
+    assert _error(y2, y.double()) <= TOLERANCE and _error(dx2, dx.double()) <= TOLERANCE
+    for name, g in grads.items():
+        assert _error(grads2[name], g.double()) <= TOLERANCE, name
