@@ -29,7 +29,15 @@ from torch import Tensor
 
 HERE = Path(__file__).parent
 SOURCES = tuple(
-    HERE / name for name in ("blockq.c", "decoder.c", "activations.c", "attention.c", "layernorm.c")
+    HERE / name
+    for name in (
+        "blockq.c",
+        "decoder.c",
+        "activations.c",
+        "attention.c",
+        "layernorm.c",
+        "gpt_block.c",
+    )
 )
 HEADERS = (HERE / "blockq.h",)
 QK = 32  # inputs per block, as in llama.cpp's formats
@@ -127,7 +135,40 @@ def load(path: Path) -> ctypes.CDLL:
     lib.lmarch_mul_column_sums.restype = i32
     lib.lmarch_gelu_tanh_forward_slope.argtypes = [p, p, p, i64, i32]
     lib.lmarch_gelu_tanh_forward_slope.restype = None
+    lib.lmarch_set_sgemm.argtypes = [p]
+    lib.lmarch_set_sgemm.restype = None
+    lib.lmarch_sgemm_check.restype = i32
+    lib.lmarch_gpt_block_forward.argtypes = [p, p, p, p, p, p, i32]
+    lib.lmarch_gpt_block_forward.restype = i32
+    lib.lmarch_gpt_block_backward.argtypes = [p, p, p, p, p, p, p, i32]
+    lib.lmarch_gpt_block_backward.restype = i32
+    sgemm = torch_sgemm()
+    if sgemm is not None:
+        lib.lmarch_set_sgemm(sgemm)
+        if not lib.lmarch_sgemm_check():
+            lib.lmarch_set_sgemm(None)
     return lib
+
+
+def torch_sgemm() -> int | None:
+    """The address of the Fortran ``sgemm_`` of the BLAS PyTorch was built with (MKL in the
+    x86 wheels, 32-bit sizes), or None where it cannot be found: lmarch's fused GPT-2 block
+    calls it from its own threads (``gpt_block.c``)."""
+    if not torch.backends.mkl.is_available():
+        return None
+    for path in sorted((Path(torch.__file__).parent / "lib").glob("libtorch_cpu.*")):
+        try:
+            return ctypes.cast(ctypes.CDLL(str(path)).sgemm_, ctypes.c_void_p).value
+        except (OSError, AttributeError):
+            continue
+    return None
+
+
+@cache
+def blas_ready() -> bool:
+    """True when the native library has PyTorch's sgemm to call (and it passed a check)."""
+    lib = native_library()
+    return lib is not None and bool(lib.lmarch_sgemm_check())
 
 
 @cache
@@ -262,6 +303,7 @@ q8_0_matmul = torch.ops.lmarch.q8_0_matmul.default
 
 __all__ = [
     "QK",
+    "blas_ready",
     "block_matmul",
     "build",
     "cache_dir",
@@ -277,4 +319,5 @@ __all__ = [
     "q4_1_swiglu_eager",
     "q8_0_matmul_eager",
     "simd_flags",
+    "torch_sgemm",
 ]

@@ -89,8 +89,9 @@ void lmarch_gelu_tanh_backward(const float *x, const float *g, float *dx, int64_
     }
 }
 
-/* y[i] = GELU(x[i]) and slope[i] = GELU'(x[i]): a training step that keeps the slope instead of
- * x turns the backward into one product, dx = g * slope (see lmarch_mul_column_sums). */
+/* y[i] = GELU(x[i]) and slope[i] = GELU'(x[i]) (y may be x): a training step that keeps the
+ * slope instead of x turns the backward into one product, dx = g * slope (see
+ * lmarch_mul_column_sums). */
 void lmarch_gelu_tanh_forward_slope(const float *x, float *y, float *slope, int64_t n,
                                     int threads) {
     const int64_t chunks = (n + 255) / 256;
@@ -109,11 +110,11 @@ void lmarch_gelu_tanh_forward_slope(const float *x, float *y, float *slope, int6
             _mm256_storeu_ps(slope + i, _mm256_add_ps(s, tail));
         }
 #endif
-        for (; i < end; i++) {
+        for (; i < end; i++) { /* x may be y: read it once */
             float rest, dz;
-            const float s = gelu_s(x[i], &rest, &dz);
-            y[i] = x[i] * s;
-            slope[i] = s + 2.0f * x[i] * s * rest * dz;
+            const float v = x[i], s = gelu_s(v, &rest, &dz);
+            y[i] = v * s;
+            slope[i] = s + 2.0f * v * s * rest * dz;
         }
     }
 }

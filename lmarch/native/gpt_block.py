@@ -25,13 +25,14 @@ GPT-2 blocks here; everything else takes the module path, which the tests hold t
 
 from __future__ import annotations
 
+import ctypes
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from lmarch.native import native_library
+from lmarch.native import blas_ready, native_library
 from lmarch.native.attention import attention_backward, attention_forward
 
 
@@ -115,10 +116,61 @@ def _gelu_with_slope(h: Tensor) -> tuple[Tensor, Tensor]:
     return a, slope
 
 
+def _threaded(batch: int) -> bool:
+    """Whether to run the block with whole sequences per thread (``gpt_block.c``): PyTorch's BLAS
+    is callable from C and the sequences split evenly enough across the threads."""
+    threads = torch.get_num_threads()
+    return blas_ready() and (batch % threads == 0 or batch >= 4 * threads)
+
+
+def _pointers(tensors: list[Tensor | None]) -> ctypes.Array:
+    return (ctypes.c_void_p * len(tensors))(*[_ptr(t) for t in tensors])
+
+
+def _dims(x: Tensor, params: list[Tensor | None], shape: BlockShape) -> ctypes.Array:
+    b, t, c = x.shape
+    hidden = params[8].shape[0]
+    return (ctypes.c_int64 * 7)(b, t, c, shape.heads, shape.kv_heads, shape.head_dim, hidden)
+
+
+def _threaded_forward(
+    x: Tensor, params: list[Tensor | None], shape: BlockShape
+) -> tuple[Tensor, list[Tensor]]:
+    b, t, c = x.shape
+    n, width, hidden = b * t, params[2].shape[0], params[8].shape[0]
+    sizes = [(n, c), (n,), (n,), (n, width), (n, shape.heads * shape.head_dim)]
+    sizes += [(b, shape.heads, t), (n, c), (n, c), (n,), (n,), (n, hidden), (n, hidden)]
+    saved = [x.new_empty(size) for size in sizes]
+    y = torch.empty_like(x)
+    status = native_library().lmarch_gpt_block_forward(
+        x.data_ptr(), _pointers(params), _pointers(saved), y.data_ptr(), _dims(x, params, shape),
+        (ctypes.c_float * 2)(shape.eps1, shape.eps2), torch.get_num_threads(),
+    )  # fmt: skip
+    if status:
+        raise MemoryError("lmarch_gpt_block_forward: out of memory")
+    return y, saved
+
+
+def _threaded_backward(
+    grad: Tensor, x: Tensor, saved: list[Tensor], params: list[Tensor | None], shape: BlockShape
+) -> tuple[Tensor, list[Tensor | None]]:
+    grads = [None if p is None else torch.empty_like(p) for p in params]
+    dx = torch.empty_like(x)
+    status = native_library().lmarch_gpt_block_backward(
+        grad.contiguous().data_ptr(), x.data_ptr(), _pointers(params), _pointers(saved),
+        dx.data_ptr(), _pointers(grads), _dims(x, params, shape), torch.get_num_threads(),
+    )  # fmt: skip
+    if status:
+        raise MemoryError("lmarch_gpt_block_backward: out of memory")
+    return dx, grads
+
+
 def block_forward(
     x: Tensor, params: list[Tensor | None], shape: BlockShape
 ) -> tuple[Tensor, list[Tensor]]:
     """(y [B, T, C], the tensors the backward needs besides x) for a contiguous float32 CPU x."""
+    if _threaded(x.shape[0]):
+        return _threaded_forward(x, params, shape)
     ln1_w, ln1_b, qkv_w, qkv_b, out_w, out_b, ln2_w, ln2_b, fc_w, fc_b, pr_w, pr_b = params
     b, t, c = x.shape
     x2 = x.reshape(b * t, c)
@@ -137,6 +189,8 @@ def block_backward(
     grad: Tensor, x: Tensor, saved: list[Tensor], params: list[Tensor | None], shape: BlockShape
 ) -> tuple[Tensor, list[Tensor | None]]:
     """(dx [B, T, C], the parameters' gradients in the order of ``params``) from dy."""
+    if _threaded(x.shape[0]):
+        return _threaded_backward(grad, x.contiguous(), saved, params, shape)
     ln1_w, ln1_b, qkv_w, qkv_b, out_w, out_b, ln2_w, ln2_b, fc_w, fc_b, pr_w, pr_b = params
     ln1, mean1, rstd1, qkv, att, lse, x1, ln2, mean2, rstd2, slope, a = saved
     b, t, c = grad.shape

@@ -63,8 +63,21 @@ SHAPES = [  # (B, T, dim, heads, kv_heads, bias)
 ]
 
 
+def test_torch_blas_is_found_where_torch_has_mkl() -> None:
+    """The x86 wheels of PyTorch carry MKL; its sgemm must be found and pass the check, or the
+    threaded block below would silently never run."""
+    assert native.blas_ready() == (torch.backends.mkl.is_available() and native.native_available())
+
+
+@pytest.mark.parametrize(
+    "threaded", [True, False], ids=["sequences-per-thread", "pytorch-products"]
+)
 @pytest.mark.parametrize("shape", SHAPES)
-def test_fused_block_equals_module_path_in_float64(shape, calls) -> None:
+def test_fused_block_equals_module_path_in_float64(shape, threaded, calls, monkeypatch) -> None:
+    """Both ways of running the fused block: whole sequences per thread with the BLAS called
+    from C (gpt_block.c; with B=1 one thread has no rows), and PyTorch's products in between
+    lmarch's kernels."""
+    monkeypatch.setattr(fused, "_threaded", lambda batch: threaded and native.blas_ready())
     b, t, dim, heads, kv_heads, bias = shape
     torch.manual_seed(0)
     block = _block(dim, heads, kv_heads, bias)
