@@ -43,6 +43,23 @@ static inline __m256 gelu_s8(__m256 x, __m256 *rest, __m256 *dz) {
 }
 #endif
 
+/* GELU'(x) = s + 2 x s (1 - s) dz/dx, with s = GELU(x) / x also returned. */
+static inline float gelu_slope(float x, float *s) {
+    float rest, dz;
+    *s = gelu_s(x, &rest, &dz);
+    return *s + 2.0f * x * *s * rest * dz;
+}
+
+#ifdef __AVX2__
+static inline __m256 gelu_slope8(__m256 x, __m256 *s) {
+    __m256 rest, dz;
+    *s = gelu_s8(x, &rest, &dz);
+    const __m256 tail = _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(2.0f), x),
+                                      _mm256_mul_ps(_mm256_mul_ps(*s, rest), dz));
+    return _mm256_add_ps(*s, tail);
+}
+#endif
+
 /* y[i] = GELU(x[i]) for i < n. */
 void lmarch_gelu_tanh_forward(const float *x, float *y, int64_t n, int threads) {
     const int64_t chunks = (n + 255) / 256;
@@ -71,20 +88,15 @@ void lmarch_gelu_tanh_backward(const float *x, const float *g, float *dx, int64_
         int64_t i = c * 256;
         const int64_t end = i + 256 < n ? i + 256 : n;
 #ifdef __AVX2__
-        const __m256 two = _mm256_set1_ps(2.0f);
         for (; i + 8 <= end; i += 8) {
-            __m256 rest, dz, v = _mm256_loadu_ps(x + i);
-            const __m256 s = gelu_s8(v, &rest, &dz);
-            /* s + 2 x s (1 - s) dz */
-            const __m256 slope = _mm256_mul_ps(_mm256_mul_ps(two, v),
-                                               _mm256_mul_ps(_mm256_mul_ps(s, rest), dz));
-            _mm256_storeu_ps(dx + i, _mm256_mul_ps(_mm256_loadu_ps(g + i), _mm256_add_ps(s, slope)));
+            __m256 s;
+            const __m256 slope = gelu_slope8(_mm256_loadu_ps(x + i), &s);
+            _mm256_storeu_ps(dx + i, _mm256_mul_ps(_mm256_loadu_ps(g + i), slope));
         }
 #endif
         for (; i < end; i++) {
-            float rest, dz;
-            const float s = gelu_s(x[i], &rest, &dz);
-            dx[i] = g[i] * (s + 2.0f * x[i] * s * rest * dz);
+            float s;
+            dx[i] = g[i] * gelu_slope(x[i], &s);
         }
     }
 }
@@ -100,21 +112,18 @@ void lmarch_gelu_tanh_forward_slope(const float *x, float *y, float *slope, int6
         int64_t i = c * 256;
         const int64_t end = i + 256 < n ? i + 256 : n;
 #ifdef __AVX2__
-        const __m256 two = _mm256_set1_ps(2.0f);
         for (; i + 8 <= end; i += 8) {
-            __m256 rest, dz, v = _mm256_loadu_ps(x + i);
-            const __m256 s = gelu_s8(v, &rest, &dz);
-            const __m256 tail = _mm256_mul_ps(_mm256_mul_ps(two, v),
-                                              _mm256_mul_ps(_mm256_mul_ps(s, rest), dz));
+            __m256 s;
+            const __m256 v = _mm256_loadu_ps(x + i), slope_v = gelu_slope8(v, &s);
             _mm256_storeu_ps(y + i, _mm256_mul_ps(v, s));
-            _mm256_storeu_ps(slope + i, _mm256_add_ps(s, tail));
+            _mm256_storeu_ps(slope + i, slope_v);
         }
 #endif
         for (; i < end; i++) { /* x may be y: read it once */
-            float rest, dz;
-            const float v = x[i], s = gelu_s(v, &rest, &dz);
+            float s;
+            const float v = x[i];
+            slope[i] = gelu_slope(v, &s);
             y[i] = v * s;
-            slope[i] = s + 2.0f * v * s * rest * dz;
         }
     }
 }
