@@ -17,10 +17,17 @@ and its backward, in the order below, with every gradient written once:
 Built from modules, the same block is about twenty autograd nodes, each allocating its output
 and some (residual adds, bias broadcasts, bias-gradient sums) a pass over memory of their own;
 at a small model's sizes the time between the matrix products was a quarter of a training step.
-Here the products are PyTorch's (MKL: the same calls the module version makes), and LayerNorm,
-the residual and bias passes, attention and GELU are lmarch's C kernels (``layernorm.c``,
-``attention.c``, ``activations.c``). :class:`lmarch.nn.TransformerBlock` routes float32 CPU
-GPT-2 blocks here; everything else takes the module path, which the tests hold this one to.
+Here LayerNorm, the residual and bias passes, attention and GELU are lmarch's C kernels
+(``layernorm.c``, ``attention.c``, ``activations.c``) and the products are the BLAS PyTorch
+uses (MKL's sgemm: the same products the module version computes). Two ways to run it:
+
+- whole sequences per thread (``gpt_block.c``), when PyTorch's sgemm can be called from C
+  (:func:`lmarch.native.blas_ready`) and the batch splits evenly: each thread runs the block
+  over its sequences from start to finish, no barrier between operations;
+- otherwise PyTorch's products (``addmm``, ``mm``) between the same kernels.
+
+:class:`lmarch.nn.TransformerBlock` routes float32 CPU GPT-2 blocks here; everything else takes
+the module path, which the tests hold both ways to (in float64).
 """
 
 from __future__ import annotations
