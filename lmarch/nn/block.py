@@ -7,7 +7,7 @@ The block does not know which attention, feed-forward or norm it holds: families
 their config and pass them in, so pre-LN vs post-LN is a flag here, not a second class.
 One combination has a fast path: a GPT-2 block (pre-LN, LayerNorm, tanh-GELU MLP, plain causal
 self-attention) on float32 CPU tensors runs as one native call (:mod:`lmarch.native.gpt_block`),
-the same function to ~1e-6, about 1.5x faster to train at a small model's sizes.
+the same function to ~1e-6 (its speed: benchmarks/RESULTS.md, "GPT training throughput").
 """
 
 from __future__ import annotations
