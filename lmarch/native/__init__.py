@@ -120,11 +120,15 @@ def load(path: Path) -> ctypes.CDLL:
     lib.lmarch_gelu_tanh_forward.restype = None
     lib.lmarch_gelu_tanh_backward.argtypes = [p, p, p, i64, i32]
     lib.lmarch_gelu_tanh_backward.restype = None
-    lib.lmarch_causal_attention_forward.argtypes = [p, i64, i64, i64, i64, i64, p, p, i32]
+    u64, f32 = ctypes.c_uint64, ctypes.c_float
+    drop = [f32, u64, i64]  # dropout p, its seed, the first batch row
+    lib.lmarch_causal_attention_forward.argtypes = [p, i64, i64, i64, i64, i64, p, p, i32, *drop]
     lib.lmarch_causal_attention_forward.restype = i32
-    lib.lmarch_causal_attention_backward.argtypes = [p, p, p, p, i64, i64, i64, i64, i64, p, i32]
+    lib.lmarch_causal_attention_backward.argtypes = [
+        *[p, p, p, p, i64, i64, i64, i64, i64, p, i32],
+        *drop,
+    ]
     lib.lmarch_causal_attention_backward.restype = i32
-    f32 = ctypes.c_float
     lib.lmarch_layer_norm_forward.argtypes = [p, p, p, p, p, p, i64, i64, f32, i32]
     lib.lmarch_layer_norm_forward.restype = None
     lib.lmarch_layer_norm_backward.argtypes = [p, p, p, p, p, p, p, p, p, i64, i64, i32]
@@ -135,12 +139,14 @@ def load(path: Path) -> ctypes.CDLL:
     lib.lmarch_mul_column_sums.restype = i32
     lib.lmarch_gelu_tanh_forward_slope.argtypes = [p, p, p, i64, i32]
     lib.lmarch_gelu_tanh_forward_slope.restype = None
+    lib.lmarch_add_dropped.argtypes = [p, p, p, i64, i64, i64, f32, u64, i32]
+    lib.lmarch_add_dropped.restype = None
     lib.lmarch_set_sgemm.argtypes = [p]
     lib.lmarch_set_sgemm.restype = None
     lib.lmarch_sgemm_check.restype = i32
-    lib.lmarch_gpt_block_forward.argtypes = [p, p, p, p, p, p, i32]
+    lib.lmarch_gpt_block_forward.argtypes = [p, p, p, p, p, p, p, p, i32]
     lib.lmarch_gpt_block_forward.restype = i32
-    lib.lmarch_gpt_block_backward.argtypes = [p, p, p, p, p, p, p, i32]
+    lib.lmarch_gpt_block_backward.argtypes = [p, p, p, p, p, p, p, p, p, i32]
     lib.lmarch_gpt_block_backward.restype = i32
     sgemm = torch_sgemm()
     if sgemm is not None:

@@ -13,6 +13,10 @@
  *     dV = P^T dY,   dP = dY V^T,   dS = P * (dP - delta),   dQ = dS K / sqrt(D),
  *     dK = dS^T Q / sqrt(D)
  *
+ * With dropout p on the probabilities (training), P is replaced by Pd = P * M / (1 - p) in Y = Pd V,
+ * M the keep mask drawn from a seed (dropout_keep in blockq.h: nothing stored, the backward
+ * redraws it); then dV = Pd^T dY, dP = (dY V^T) * M / (1 - p), and delta_i = dY_i . Y_i still.
+ *
  * One task is one (batch row, key/value head): it copies its heads into small padded matrices
  * (T rounded up to 16) and runs every product above through one register-tiled kernel, so at
  * a small model's lengths the work is arithmetic, not set-up. PyTorch's fused CPU kernel
@@ -127,6 +131,17 @@ static void causal_softmax(float *s, int64_t t, int64_t tp, const float *shift, 
     }
 }
 
+/* Dropout on the probabilities of one head: P_ij *= M_ij / (1 - p) for j <= i < t; the mask
+ * index of (i, j) is (first + i) t + j, first = (batch row * H + head) * T. */
+static void drop_probabilities(float *s, int64_t t, int64_t tp, uint64_t seed, uint64_t first,
+                               float p) {
+    const uint32_t threshold = keep_threshold(p);
+    const float scale = 1.0f / (1.0f - p);
+    for (int64_t i = 0; i < t; i++)
+        for (int64_t j = 0; j <= i; j++)
+            s[i * tp + j] *= dropout_keep(seed, (first + i) * t + j, threshold) ? scale : 0.0f;
+}
+
 typedef struct {
     float *q, *k, *kt, *v, *vt, *s, *s2, *dy, *dq, *dk, *dv;
 } scratch;
@@ -150,10 +165,11 @@ static float *scratch_make(scratch *w, int64_t tp, int64_t d) {
     return mem;
 }
 
-/* Y and L (see above). Returns 0, or -1 when out of memory. */
+/* Y and L (see above); dropout p on the probabilities when p > 0, its mask drawn from seed, with
+ * batch row 0 here being row b_first of the whole batch. Returns 0, or -1 when out of memory. */
 int lmarch_causal_attention_forward(const float *qkv, int64_t batch, int64_t t, int64_t heads,
                                     int64_t kv_heads, int64_t d, float *y, float *lse,
-                                    int threads) {
+                                    int threads, float p, uint64_t seed, int64_t b_first) {
     const int64_t row = (heads + 2 * kv_heads) * d, rep = heads / kv_heads;
     const int64_t tp = (t + 15) / 16 * 16;
     const float scale = 1.0f / sqrtf((float)d);
@@ -178,6 +194,8 @@ int lmarch_causal_attention_forward(const float *qkv, int64_t batch, int64_t t, 
                     gather(base + h * d, row, t, tp, d, scale, w.q);
                     matmul(w.q, w.kt, w.s, tp, d, tp, 0, LOWER_OUT, 0);
                     causal_softmax(w.s, t, tp, NULL, lse + (b * heads + h) * t);
+                    if (p > 0.0f)
+                        drop_probabilities(w.s, t, tp, seed, ((b_first + b) * heads + h) * t, p);
                     matmul(w.s, w.v, w.dq, tp, tp, d, 0, LOWER_A, 0);
                     for (int64_t i = 0; i < t; i++)
                         memcpy(y + (b * t + i) * heads * d + h * d, w.dq + i * d,
@@ -189,10 +207,14 @@ int lmarch_causal_attention_forward(const float *qkv, int64_t batch, int64_t t, 
     return failed ? -1 : 0;
 }
 
-/* dqkv (same layout as qkv, every element written) from dy, given y and L of the forward. */
+/* dqkv (same layout as qkv, every element written) from dy, given y and L of the forward (and
+ * its p, seed and b_first). */
 int lmarch_causal_attention_backward(const float *qkv, const float *y, const float *dy,
                                      const float *lse, int64_t batch, int64_t t, int64_t heads,
-                                     int64_t kv_heads, int64_t d, float *dqkv, int threads) {
+                                     int64_t kv_heads, int64_t d, float *dqkv, int threads,
+                                     float p, uint64_t seed, int64_t b_first) {
+    const uint32_t threshold = keep_threshold(p);
+    const float keep_scale = p > 0.0f ? 1.0f / (1.0f - p) : 1.0f;
     const int64_t row = (heads + 2 * kv_heads) * d, rep = heads / kv_heads;
     const int64_t tp = (t + 15) / 16 * 16, out_row = heads * d;
     const float scale = 1.0f / sqrtf((float)d);
@@ -224,18 +246,28 @@ int lmarch_causal_attention_backward(const float *qkv, const float *y, const flo
                     matmul(w.q, w.kt, w.s, tp, d, tp, 0, LOWER_OUT, 0); /* S, then P from L */
                     causal_softmax(w.s, t, tp, lse + (b * heads + h) * t, NULL);
                     matmul(w.dy, w.vt, w.s2, tp, d, tp, 0, LOWER_OUT, 0); /* dP */
+                    const uint64_t first = ((b_first + b) * heads + h) * t;
                     for (int64_t i = 0; i < tp; i++) {      /* dS = P (dP - delta) */
                         const float delta = i < t ? dot_f32(w.dy + i * d, yh + i * out_row, d) : 0;
                         const int64_t n = i < t ? i + 1 : 0; /* P is 0 elsewhere */
-                        for (int64_t j = 0; j < n; j++)
-                            w.s2[i * tp + j] = w.s[i * tp + j] * (w.s2[i * tp + j] - delta);
-                        memset(w.s2 + i * tp + n, 0, (size_t)(tp - n) * sizeof(float));
+                        float *si = w.s + i * tp, *s2i = w.s2 + i * tp;
+                        if (p > 0.0f) /* dP = dPd M / (1 - p); then P becomes Pd for dV */
+                            for (int64_t j = 0; j < n; j++) {
+                                const float m =
+                                    dropout_keep(seed, (first + i) * t + j, threshold) ? keep_scale
+                                                                                       : 0.0f;
+                                s2i[j] = si[j] * (s2i[j] * m - delta);
+                                si[j] *= m;
+                            }
+                        else
+                            for (int64_t j = 0; j < n; j++) s2i[j] = si[j] * (s2i[j] - delta);
+                        memset(s2i + n, 0, (size_t)(tp - n) * sizeof(float));
                     }
                     matmul(w.s2, w.k, w.dq, tp, tp, d, 0, LOWER_A, 0); /* dQ (scale below) */
                     for (int64_t i = 0; i < t; i++)
                         for (int64_t c = 0; c < d; c++)
                             dbase[i * row + h * d + c] = w.dq[i * d + c] * scale;
-                    matmul(w.s, w.dy, w.dv, tp, tp, d, 1, UPPER_A, 1); /* dV += P^T dY */
+                    matmul(w.s, w.dy, w.dv, tp, tp, d, 1, UPPER_A, 1); /* dV += Pd^T dY */
                     matmul(w.s2, w.q, w.dk, tp, tp, d, 1, UPPER_A, 1); /* dK += dS^T Q/sqrt(D) */
                 }
                 for (int64_t i = 0; i < t; i++) {

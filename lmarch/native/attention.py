@@ -18,9 +18,16 @@ from lmarch.native import native_library
 
 
 def attention_forward(
-    qkv: Tensor, heads: int, kv_heads: int, head_dim: int
+    qkv: Tensor,
+    heads: int,
+    kv_heads: int,
+    head_dim: int,
+    dropout: float = 0.0,
+    seed: int = 0,
 ) -> tuple[Tensor, Tensor]:
-    """(y [B, T, H D], log-sum-exp [B, H, T]) for a contiguous float32 qkv [B, T, (H+2H_kv) D]."""
+    """(y [B, T, H D], log-sum-exp [B, H, T]) for a contiguous float32 qkv [B, T, (H+2H_kv) D];
+    with ``dropout`` > 0 the probabilities are dropped by the mask drawn from ``seed`` (the
+    backward must get the same two)."""
     b, t, width = qkv.shape
     if (
         qkv.dtype != torch.float32
@@ -39,7 +46,7 @@ def attention_forward(
     lse = qkv.new_empty(b, heads, t)
     status = native_library().lmarch_causal_attention_forward(
         qkv.data_ptr(), b, t, heads, kv_heads, head_dim, y.data_ptr(), lse.data_ptr(),
-        torch.get_num_threads(),
+        torch.get_num_threads(), dropout, seed, 0,
     )  # fmt: skip
     if status:
         raise MemoryError("lmarch_causal_attention_forward: out of memory")
@@ -47,7 +54,15 @@ def attention_forward(
 
 
 def attention_backward(
-    qkv: Tensor, y: Tensor, lse: Tensor, grad: Tensor, heads: int, kv_heads: int, head_dim: int
+    qkv: Tensor,
+    y: Tensor,
+    lse: Tensor,
+    grad: Tensor,
+    heads: int,
+    kv_heads: int,
+    head_dim: int,
+    dropout: float = 0.0,
+    seed: int = 0,
 ) -> Tensor:
     """d loss / d qkv from d loss / d y (see ``attention.c``)."""
     b, t, _ = qkv.shape
@@ -55,7 +70,7 @@ def attention_backward(
     dqkv = torch.empty_like(qkv)
     status = native_library().lmarch_causal_attention_backward(
         qkv.data_ptr(), y.data_ptr(), grad.data_ptr(), lse.data_ptr(), b, t, heads, kv_heads,
-        head_dim, dqkv.data_ptr(), torch.get_num_threads(),
+        head_dim, dqkv.data_ptr(), torch.get_num_threads(), dropout, seed, 0,
     )  # fmt: skip
     if status:
         raise MemoryError("lmarch_causal_attention_backward: out of memory")

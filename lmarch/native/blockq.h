@@ -293,4 +293,25 @@ static inline int act_rows_make(act_rows *r, const float *x, int64_t m, int64_t 
     return 0;
 }
 
+/* Dropout without a stored mask (Srivastava et al. 2014): element `index` of the stream `seed`
+ * is kept when a counter-based hash of (seed, index) falls below keep * 2^24 (two rounds of
+ * MurmurHash3's 32-bit finaliser), so the forward and the backward, on any thread, draw the
+ * same mask from the seed alone (FlashAttention does the same with Philox counters). */
+static inline uint32_t mix32(uint32_t h) {
+    h ^= h >> 16;
+    h *= 0x85ebca6bu;
+    h ^= h >> 13;
+    h *= 0xc2b2ae35u;
+    return h ^ (h >> 16);
+}
+
+/* The threshold for keeping with probability 1 - p. */
+static inline uint32_t keep_threshold(float p) { return (uint32_t)((1.0 - (double)p) * 16777216.0); }
+
+static inline int dropout_keep(uint64_t seed, uint64_t index, uint32_t threshold) {
+    const uint32_t h = mix32((uint32_t)index ^ (uint32_t)seed);
+    return (mix32(h + (uint32_t)(index >> 32) * 0x9e3779b9u + (uint32_t)(seed >> 32)) >> 8) <
+           threshold;
+}
+
 #endif /* LMARCH_BLOCKQ_H */

@@ -64,9 +64,12 @@ void lmarch_rows_plus_bias(const float *, const float *, float *, int64_t, int64
 int lmarch_mul_column_sums(float *, const float *, float *, int64_t, int64_t, int);
 void lmarch_gelu_tanh_forward_slope(const float *, float *, float *, int64_t, int);
 int lmarch_causal_attention_forward(const float *, int64_t, int64_t, int64_t, int64_t, int64_t,
-                                    float *, float *, int);
+                                    float *, float *, int, float, uint64_t, int64_t);
 int lmarch_causal_attention_backward(const float *, const float *, const float *, const float *,
-                                     int64_t, int64_t, int64_t, int64_t, int64_t, float *, int);
+                                     int64_t, int64_t, int64_t, int64_t, int64_t, float *, int,
+                                     float, uint64_t, int64_t);
+void lmarch_add_dropped(const float *, const float *, float *, int64_t, int64_t, int64_t, float,
+                        uint64_t, int);
 
 /* Parameter and saved-tensor slots (a NULL bias is absent). */
 enum { LN1_W, LN1_B, QKV_W, QKV_B, OUT_W, OUT_B, LN2_W, LN2_B, FC_W, FC_B, PR_W, PR_B, N_PARAMS };
@@ -94,11 +97,15 @@ static inline void thread_info(int *id, int *count) {
 }
 
 /* dims: B, T, C, H, H_kv, D, F (hidden width). p: the 12 parameters. s: the 12 saved tensors,
- * written. Returns 0, or -1 when out of memory (or no sgemm). */
+ * written. drop: dropout on the attention (probabilities and its residual branch) and on the
+ * MLP's residual branch, 0 when off; seeds: the masks' streams for the probabilities and the two
+ * branches (dropout_keep in blockq.h). Returns 0, or -1 when out of memory (or no sgemm). */
 int lmarch_gpt_block_forward(const float *x, const float *const *p, float *const *s, float *y,
-                             const int64_t *dims, const float *eps, int threads) {
+                             const int64_t *dims, const float *eps, const float *drop,
+                             const uint64_t *seeds, int threads) {
     if (!sgemm) return -1;
     const dims_t z = read_dims(dims);
+    const int dropping = drop[0] > 0.0f || drop[1] > 0.0f;
     int failed = 0;
 #pragma omp parallel num_threads(threads)
     {
@@ -106,7 +113,12 @@ int lmarch_gpt_block_forward(const float *x, const float *const *p, float *const
         thread_info(&id, &count);
         const int64_t b0 = z.batch * id / count, b1 = z.batch * (id + 1) / count;
         const int64_t r = b0 * z.t, n = (b1 - b0) * z.t; /* this thread's rows */
-        if (n > 0) {
+        float *branch = dropping ? malloc((size_t)(n * z.c + 1) * sizeof(float)) : NULL;
+        if (dropping && !branch) {
+#pragma omp atomic write
+            failed = 1;
+        }
+        if (n > 0 && (branch || !dropping)) {
             const float *xr = x + r * z.c;
             float *ln1 = s[LN1] + r * z.c, *qkv = s[QKV] + r * z.width, *att = s[ATT] + r * z.att;
             float *x1 = s[X1] + r * z.c, *ln2 = s[LN2] + r * z.c, *act = s[ACT] + r * z.hidden;
@@ -115,20 +127,34 @@ int lmarch_gpt_block_forward(const float *x, const float *const *p, float *const
             lmarch_rows_plus_bias(NULL, p[QKV_B], qkv, n, z.width, 1);
             gemm(0, 1, n, z.width, z.c, ln1, p[QKV_W], 1.0f, qkv);
             if (lmarch_causal_attention_forward(qkv, b1 - b0, z.t, z.heads, z.kv_heads, z.d, att,
-                                                s[LSE] + b0 * z.heads * z.t, 1)) {
+                                                s[LSE] + b0 * z.heads * z.t, 1, drop[0],
+                                                seeds[0], b0)) {
 #pragma omp atomic write
                 failed = 1;
             }
-            lmarch_rows_plus_bias(xr, p[OUT_B], x1, n, z.c, 1);
-            gemm(0, 1, n, z.c, z.att, att, p[OUT_W], 1.0f, x1);
+            if (drop[0] > 0.0f) { /* x1 = x + Dropout(att W_o^T + b_o) */
+                lmarch_rows_plus_bias(NULL, p[OUT_B], branch, n, z.c, 1);
+                gemm(0, 1, n, z.c, z.att, att, p[OUT_W], 1.0f, branch);
+                lmarch_add_dropped(xr, branch, x1, n, z.c, r, drop[0], seeds[1], 1);
+            } else {
+                lmarch_rows_plus_bias(xr, p[OUT_B], x1, n, z.c, 1);
+                gemm(0, 1, n, z.c, z.att, att, p[OUT_W], 1.0f, x1);
+            }
             lmarch_layer_norm_forward(x1, p[LN2_W], p[LN2_B], ln2, s[MEAN2] + r, s[RSTD2] + r, n,
                                       z.c, eps[1], 1);
             lmarch_rows_plus_bias(NULL, p[FC_B], act, n, z.hidden, 1);
             gemm(0, 1, n, z.hidden, z.c, ln2, p[FC_W], 1.0f, act); /* h, then GELU(h) in place */
             lmarch_gelu_tanh_forward_slope(act, act, s[SLOPE] + r * z.hidden, n * z.hidden, 1);
-            lmarch_rows_plus_bias(x1, p[PR_B], y + r * z.c, n, z.c, 1);
-            gemm(0, 1, n, z.c, z.hidden, act, p[PR_W], 1.0f, y + r * z.c);
+            if (drop[1] > 0.0f) { /* y = x1 + Dropout(a W_pr^T + b_pr) */
+                lmarch_rows_plus_bias(NULL, p[PR_B], branch, n, z.c, 1);
+                gemm(0, 1, n, z.c, z.hidden, act, p[PR_W], 1.0f, branch);
+                lmarch_add_dropped(x1, branch, y + r * z.c, n, z.c, r, drop[1], seeds[2], 1);
+            } else {
+                lmarch_rows_plus_bias(x1, p[PR_B], y + r * z.c, n, z.c, 1);
+                gemm(0, 1, n, z.c, z.hidden, act, p[PR_W], 1.0f, y + r * z.c);
+            }
         }
+        free(branch);
     }
     return failed ? -1 : 0;
 }
@@ -141,10 +167,12 @@ static void grad_sizes(const dims_t *z, const float *const *p, int64_t *size) {
     for (int i = 0; i < N_PARAMS; i++) size[i] = p[i] ? full[i] : 0;
 }
 
-/* dx and the 12 gradients g (NULL where p is NULL), written, from dy. */
+/* dx and the 12 gradients g (NULL where p is NULL), written, from dy; drop and seeds as given
+ * to the forward. */
 int lmarch_gpt_block_backward(const float *dy, const float *x, const float *const *p,
                               const float *const *s, float *dx, float *const *g,
-                              const int64_t *dims, int threads) {
+                              const int64_t *dims, const float *drop, const uint64_t *seeds,
+                              int threads) {
     if (!sgemm) return -1;
     const dims_t z = read_dims(dims);
     int64_t size[N_PARAMS], total = 0;
@@ -168,8 +196,8 @@ int lmarch_gpt_block_backward(const float *dy, const float *x, const float *cons
         }
         const int64_t b0 = z.batch * id / count, b1 = z.batch * (id + 1) / count;
         const int64_t r = b0 * z.t, n = (b1 - b0) * z.t;
-        /* this thread's scratch: dh [n, F], dx1 [n, C], dln [n, C], datt [n, HD], dqkv [n, W] */
-        float *mem = malloc((size_t)(n * (z.hidden + 2 * z.c + z.att + z.width) + 1) * sizeof(float));
+        /* this thread's scratch: dh [n, F], dx1, dln, dbranch [n, C], datt [n, HD], dqkv [n, W] */
+        float *mem = malloc((size_t)(n * (z.hidden + 3 * z.c + z.att + z.width) + 1) * sizeof(float));
         if (!mem) {
 #pragma omp atomic write
             failed = 1;
@@ -179,14 +207,19 @@ int lmarch_gpt_block_backward(const float *dy, const float *x, const float *cons
                 if (mine[i]) memset(mine[i], 0, (size_t)size[i] * sizeof(float));
         if (mem && n > 0) {
             float *dh = mem, *dx1 = dh + n * z.hidden, *dln = dx1 + n * z.c;
-            float *datt = dln + n * z.c, *dqkv = datt + n * z.att;
+            float *dbranch = dln + n * z.c, *datt = dbranch + n * z.c, *dqkv = datt + n * z.att;
             const float *dyr = dy + r * z.c, *ln1 = s[LN1] + r * z.c, *qkv = s[QKV] + r * z.width;
             const float *att = s[ATT] + r * z.att, *x1 = s[X1] + r * z.c, *ln2 = s[LN2] + r * z.c;
             const float *act = s[ACT] + r * z.hidden, *lse = s[LSE] + b0 * z.heads * z.t;
-            /* MLP */
-            gemm(1, 0, z.c, z.hidden, n, dyr, act, 0.0f, mine[PR_W]); /* dW_pr = dy^T a */
-            if (mine[PR_B]) lmarch_mul_column_sums((float *)dyr, NULL, mine[PR_B], n, z.c, 1);
-            gemm(0, 0, n, z.hidden, z.c, dyr, p[PR_W], 0.0f, dh); /* da = dy W_pr */
+            /* MLP; its branch's gradient is dy, or dy M / (1 - p) under dropout */
+            const float *dmlp = dyr;
+            if (drop[1] > 0.0f) {
+                lmarch_add_dropped(NULL, dyr, dbranch, n, z.c, r, drop[1], seeds[2], 1);
+                dmlp = dbranch;
+            }
+            gemm(1, 0, z.c, z.hidden, n, dmlp, act, 0.0f, mine[PR_W]); /* dW_pr = dy^T a */
+            if (mine[PR_B]) lmarch_mul_column_sums((float *)dmlp, NULL, mine[PR_B], n, z.c, 1);
+            gemm(0, 0, n, z.hidden, z.c, dmlp, p[PR_W], 0.0f, dh); /* da = dy W_pr */
             if (lmarch_mul_column_sums(dh, s[SLOPE] + r * z.hidden, mine[FC_B], n, z.hidden, 1)) {
 #pragma omp atomic write
                 failed = 1;
@@ -198,12 +231,18 @@ int lmarch_gpt_block_backward(const float *dy, const float *x, const float *cons
 #pragma omp atomic write
                 failed = 1;
             }
-            /* attention */
-            if (mine[OUT_B]) lmarch_mul_column_sums(dx1, NULL, mine[OUT_B], n, z.c, 1);
-            gemm(1, 0, z.c, z.att, n, dx1, att, 0.0f, mine[OUT_W]); /* dW_o = dx1^T att */
-            gemm(0, 0, n, z.att, z.c, dx1, p[OUT_W], 0.0f, datt);   /* datt = dx1 W_o */
+            /* attention; its branch's gradient is dx1, or dx1 M / (1 - p) under dropout */
+            float *dattn = dx1;
+            if (drop[0] > 0.0f) {
+                lmarch_add_dropped(NULL, dx1, dbranch, n, z.c, r, drop[0], seeds[1], 1);
+                dattn = dbranch;
+            }
+            if (mine[OUT_B]) lmarch_mul_column_sums(dattn, NULL, mine[OUT_B], n, z.c, 1);
+            gemm(1, 0, z.c, z.att, n, dattn, att, 0.0f, mine[OUT_W]); /* dW_o = dx1^T att */
+            gemm(0, 0, n, z.att, z.c, dattn, p[OUT_W], 0.0f, datt);   /* datt = dx1 W_o */
             if (lmarch_causal_attention_backward(qkv, att, datt, lse, b1 - b0, z.t, z.heads,
-                                                 z.kv_heads, z.d, dqkv, 1)) {
+                                                 z.kv_heads, z.d, dqkv, 1, drop[0], seeds[0],
+                                                 b0)) {
 #pragma omp atomic write
                 failed = 1;
             }

@@ -44,13 +44,33 @@ from lmarch.native.attention import attention_backward, attention_forward
 
 
 class BlockShape(NamedTuple):
-    """What the block's tensors do not say: heads, key/value heads, head width, the two eps."""
+    """What the block's tensors do not say: heads, key/value heads, head width, the two eps, and
+    the dropout rates in training (attention: its probabilities and its residual branch; MLP:
+    its residual branch; 0 when off)."""
 
     heads: int
     kv_heads: int
     head_dim: int
     eps1: float
     eps2: float
+    dropout_attn: float = 0.0
+    dropout_mlp: float = 0.0
+
+
+def _seeds(seed: int) -> tuple[int, int, int]:
+    """Three mask streams (probabilities, attention branch, MLP branch) from one drawn seed."""
+    mask = (1 << 64) - 1
+    return seed & mask, (seed ^ 0x9E3779B97F4A7C15) & mask, (seed ^ 0xBF58476D1CE4E5B9) & mask
+
+
+def _add_dropped(base: Tensor | None, o: Tensor, p: float, seed: int) -> Tensor:
+    """base + Dropout_p(o) with the mask of stream ``seed`` (``layernorm.c``)."""
+    n, c = o.shape
+    out = torch.empty_like(o)
+    native_library().lmarch_add_dropped(
+        _ptr(base), o.data_ptr(), out.data_ptr(), n, c, 0, p, seed, torch.get_num_threads()
+    )
+    return out
 
 
 # Parameter order everywhere below (None for an absent bias):
@@ -140,8 +160,14 @@ def _dims(x: Tensor, params: list[Tensor | None], shape: BlockShape) -> ctypes.A
     return (ctypes.c_int64 * 7)(b, t, c, shape.heads, shape.kv_heads, shape.head_dim, hidden)
 
 
+def _dropout_args(shape: BlockShape, seed: int) -> tuple[ctypes.Array, ctypes.Array]:
+    return (ctypes.c_float * 2)(shape.dropout_attn, shape.dropout_mlp), (ctypes.c_uint64 * 3)(
+        *_seeds(seed)
+    )
+
+
 def _threaded_forward(
-    x: Tensor, params: list[Tensor | None], shape: BlockShape
+    x: Tensor, params: list[Tensor | None], shape: BlockShape, seed: int
 ) -> tuple[Tensor, list[Tensor]]:
     b, t, c = x.shape
     n, width, hidden = b * t, params[2].shape[0], params[8].shape[0]
@@ -151,7 +177,8 @@ def _threaded_forward(
     y = torch.empty_like(x)
     status = native_library().lmarch_gpt_block_forward(
         x.data_ptr(), _pointers(params), _pointers(saved), y.data_ptr(), _dims(x, params, shape),
-        (ctypes.c_float * 2)(shape.eps1, shape.eps2), torch.get_num_threads(),
+        (ctypes.c_float * 2)(shape.eps1, shape.eps2), *_dropout_args(shape, seed),
+        torch.get_num_threads(),
     )  # fmt: skip
     if status:
         raise MemoryError("lmarch_gpt_block_forward: out of memory")
@@ -159,13 +186,19 @@ def _threaded_forward(
 
 
 def _threaded_backward(
-    grad: Tensor, x: Tensor, saved: list[Tensor], params: list[Tensor | None], shape: BlockShape
+    grad: Tensor,
+    x: Tensor,
+    saved: list[Tensor],
+    params: list[Tensor | None],
+    shape: BlockShape,
+    seed: int,
 ) -> tuple[Tensor, list[Tensor | None]]:
     grads = [None if p is None else torch.empty_like(p) for p in params]
     dx = torch.empty_like(x)
     status = native_library().lmarch_gpt_block_backward(
         grad.contiguous().data_ptr(), x.data_ptr(), _pointers(params), _pointers(saved),
-        dx.data_ptr(), _pointers(grads), _dims(x, params, shape), torch.get_num_threads(),
+        dx.data_ptr(), _pointers(grads), _dims(x, params, shape), *_dropout_args(shape, seed),
+        torch.get_num_threads(),
     )  # fmt: skip
     if status:
         raise MemoryError("lmarch_gpt_block_backward: out of memory")
@@ -173,50 +206,68 @@ def _threaded_backward(
 
 
 def block_forward(
-    x: Tensor, params: list[Tensor | None], shape: BlockShape
+    x: Tensor, params: list[Tensor | None], shape: BlockShape, seed: int = 0
 ) -> tuple[Tensor, list[Tensor]]:
-    """(y [B, T, C], the tensors the backward needs besides x) for a contiguous float32 CPU x."""
+    """(y [B, T, C], the tensors the backward needs besides x) for a contiguous float32 CPU x;
+    ``seed`` draws the dropout masks when ``shape`` has dropout (the backward needs it too)."""
     if _threaded(x.shape[0]):
-        return _threaded_forward(x, params, shape)
+        return _threaded_forward(x, params, shape, seed)
     ln1_w, ln1_b, qkv_w, qkv_b, out_w, out_b, ln2_w, ln2_b, fc_w, fc_b, pr_w, pr_b = params
+    p_attn, p_mlp = shape.dropout_attn, shape.dropout_mlp
+    seed_p, seed_attn, seed_mlp = _seeds(seed)
     b, t, c = x.shape
     x2 = x.reshape(b * t, c)
     ln1, mean1, rstd1 = _layer_norm(x2, ln1_w, ln1_b, shape.eps1)
     qkv = _linear(ln1, qkv_w, qkv_b)
-    att, lse = attention_forward(qkv.view(b, t, -1), shape.heads, shape.kv_heads, shape.head_dim)
+    att, lse = attention_forward(qkv.view(b, t, -1), *shape[:3], p_attn, seed_p)
     att = att.view(b * t, -1)
-    x1 = _plus_bias(x2, out_b).addmm_(att, out_w.t())
+    if p_attn > 0:
+        x1 = _add_dropped(x2, _linear(att, out_w, out_b), p_attn, seed_attn)
+    else:
+        x1 = _plus_bias(x2, out_b).addmm_(att, out_w.t())
     ln2, mean2, rstd2 = _layer_norm(x1, ln2_w, ln2_b, shape.eps2)
     a, slope = _gelu_with_slope(_linear(ln2, fc_w, fc_b))
-    y = _plus_bias(x1, pr_b).addmm_(a, pr_w.t())
+    if p_mlp > 0:
+        y = _add_dropped(x1, _linear(a, pr_w, pr_b), p_mlp, seed_mlp)
+    else:
+        y = _plus_bias(x1, pr_b).addmm_(a, pr_w.t())
     return y.view(b, t, c), [ln1, mean1, rstd1, qkv, att, lse, x1, ln2, mean2, rstd2, slope, a]
 
 
 def block_backward(
-    grad: Tensor, x: Tensor, saved: list[Tensor], params: list[Tensor | None], shape: BlockShape
+    grad: Tensor,
+    x: Tensor,
+    saved: list[Tensor],
+    params: list[Tensor | None],
+    shape: BlockShape,
+    seed: int = 0,
 ) -> tuple[Tensor, list[Tensor | None]]:
     """(dx [B, T, C], the parameters' gradients in the order of ``params``) from dy."""
     if _threaded(x.shape[0]):
-        return _threaded_backward(grad, x.contiguous(), saved, params, shape)
+        return _threaded_backward(grad, x.contiguous(), saved, params, shape, seed)
     ln1_w, ln1_b, qkv_w, qkv_b, out_w, out_b, ln2_w, ln2_b, fc_w, fc_b, pr_w, pr_b = params
     ln1, mean1, rstd1, qkv, att, lse, x1, ln2, mean2, rstd2, slope, a = saved
+    p_attn, p_mlp = shape.dropout_attn, shape.dropout_mlp
+    seed_p, seed_attn, seed_mlp = _seeds(seed)
     b, t, c = grad.shape
     x2 = x.contiguous().view(b * t, c)
     dy = grad.reshape(b * t, c).contiguous()
-    # MLP: y = x1 + a W_pr^T + b_pr, a = GELU(h), h = LN2(x1) W_fc^T + b_fc
-    d_pr_b, d_pr_w = _bias_grad(dy, pr_b), dy.t() @ a
-    dh = dy @ pr_w
+    # MLP: y = x1 + Dropout(a W_pr^T + b_pr), a = GELU(h), h = LN2(x1) W_fc^T + b_fc
+    d_mlp = _add_dropped(None, dy, p_mlp, seed_mlp) if p_mlp > 0 else dy
+    d_pr_b, d_pr_w = _bias_grad(d_mlp, pr_b), d_mlp.t() @ a
+    dh = d_mlp @ pr_w
     d_fc_b = _bias_grad(dh, fc_b, scale=slope)  # dh = GELU'(h) * da, in place
     d_fc_w = dh.t() @ ln2
     dx1, d_ln2_w, d_ln2_b = _layer_norm_backward(
         dh @ fc_w, x1, mean2, rstd2, ln2_w, dy, ln2_b is not None
     )
-    # attention: x1 = x + att W_o^T + b_o, att = Attn(qkv), qkv = LN1(x) W_qkv^T + b_qkv
-    d_out_b, d_out_w = _bias_grad(dx1, out_b), dx1.t() @ att
-    d_att = (dx1 @ out_w).view(b, t, -1)
-    dqkv = attention_backward(qkv.view(b, t, -1), att.view(b, t, -1), lse, d_att, *shape[:3]).view(
-        b * t, -1
-    )
+    # attention: x1 = x + Dropout(att W_o^T + b_o), att = Attn(qkv), qkv = LN1(x) W_qkv^T + b_qkv
+    d_attn = _add_dropped(None, dx1, p_attn, seed_attn) if p_attn > 0 else dx1
+    d_out_b, d_out_w = _bias_grad(d_attn, out_b), d_attn.t() @ att
+    d_att = (d_attn @ out_w).view(b, t, -1)
+    dqkv = attention_backward(
+        qkv.view(b, t, -1), att.view(b, t, -1), lse, d_att, *shape[:3], p_attn, seed_p
+    ).view(b * t, -1)
     d_qkv_b, d_qkv_w = _bias_grad(dqkv, qkv_b), dqkv.t() @ ln1
     dx, d_ln1_w, d_ln1_b = _layer_norm_backward(
         dqkv @ qkv_w, x2, mean1, rstd1, ln1_w, dx1, ln1_b is not None
@@ -228,11 +279,11 @@ def block_backward(
 
 class _GPTBlock(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: Tensor, shape: BlockShape, *params: Tensor | None) -> Tensor:  # type: ignore[override]
+    def forward(ctx, x: Tensor, shape: BlockShape, seed: int, *params: Tensor | None) -> Tensor:  # type: ignore[override]
         x = x.contiguous()
-        y, saved = block_forward(x, list(params), shape)
+        y, saved = block_forward(x, list(params), shape, seed)
         ctx.save_for_backward(x, *saved, *params)
-        ctx.shape = shape
+        ctx.shape, ctx.seed = shape, seed
         return y
 
     @staticmethod
@@ -240,8 +291,8 @@ class _GPTBlock(torch.autograd.Function):
     def backward(ctx, grad: Tensor):  # type: ignore[no-untyped-def, override]
         x, *tensors = ctx.saved_tensors
         saved, params = tensors[:-N_PARAMS], tensors[-N_PARAMS:]
-        dx, grads = block_backward(grad, x, saved, params, ctx.shape)
-        return (dx, None, *grads)
+        dx, grads = block_backward(grad, x, saved, params, ctx.shape, ctx.seed)
+        return (dx, None, None, *grads)
 
 
 # The same two directions as PyTorch operators, so a compiled graph keeps the block as one call.
@@ -253,26 +304,28 @@ def _expand(weights: list[Tensor], present: list[int]) -> list[Tensor | None]:
 
 
 def _shape(values: list[float]) -> BlockShape:
-    heads, kv_heads, head_dim, eps1, eps2 = values
-    return BlockShape(int(heads), int(kv_heads), int(head_dim), eps1, eps2)
+    heads, kv_heads, head_dim, *rest = values
+    return BlockShape(int(heads), int(kv_heads), int(head_dim), *rest)
 
 
 # Registered with the low-level API: ``torch.library.custom_op`` checks every output against every
 # input for aliasing on each call, ~0.5 ms for this operator's thirteen outputs.
 _LIBRARY = torch.library.Library("lmarch", "FRAGMENT")
 _LIBRARY.define(
-    "gpt_block(Tensor x, Tensor[] weights, int[] present, float[] shape) -> (Tensor, Tensor[])"
+    "gpt_block(Tensor x, Tensor[] weights, int[] present, float[] shape, Tensor seed)"
+    " -> (Tensor, Tensor[])"
 )
 _LIBRARY.define(
     "gpt_block_backward(Tensor grad, Tensor x, Tensor[] saved, Tensor[] weights, int[] present,"
-    " float[] shape) -> (Tensor, Tensor[])"
+    " float[] shape, Tensor seed) -> (Tensor, Tensor[])"
 )
 
 
 def _forward_impl(
-    x: Tensor, weights: list[Tensor], present: list[int], shape: list[float]
+    x: Tensor, weights: list[Tensor], present: list[int], shape: list[float], seed: Tensor
 ) -> tuple[Tensor, list[Tensor]]:
-    return block_forward(x.contiguous(), _expand(weights, present), _shape(shape))
+    params = _expand(weights, present)
+    return block_forward(x.contiguous(), params, _shape(shape), int(seed))
 
 
 def _backward_impl(
@@ -282,8 +335,10 @@ def _backward_impl(
     weights: list[Tensor],
     present: list[int],
     shape: list[float],
+    seed: Tensor,
 ) -> tuple[Tensor, list[Tensor]]:
-    dx, grads = block_backward(grad, x, saved, _expand(weights, present), _shape(shape))
+    params = _expand(weights, present)
+    dx, grads = block_backward(grad, x, saved, params, _shape(shape), int(seed))
     return dx, [g for g in grads if g is not None]
 
 
@@ -292,7 +347,7 @@ _LIBRARY.impl("gpt_block_backward", _backward_impl, "CPU")
 
 
 @torch.library.register_fake("lmarch::gpt_block")
-def _(x, weights, present, shape):  # type: ignore[no-untyped-def]
+def _(x, weights, present, shape, seed):  # type: ignore[no-untyped-def]
     b, t, c = x.shape
     n, s, params = b * t, _shape(shape), _expand(weights, present)
     width, att, hidden = params[2].shape[0], s.heads * s.head_dim, params[8].shape[0]
@@ -302,7 +357,7 @@ def _(x, weights, present, shape):  # type: ignore[no-untyped-def]
 
 
 @torch.library.register_fake("lmarch::gpt_block_backward")
-def _(grad, x, saved, weights, present, shape):  # type: ignore[no-untyped-def]
+def _(grad, x, saved, weights, present, shape, seed):  # type: ignore[no-untyped-def]
     return torch.empty_like(grad), [torch.empty_like(w) for w in weights]
 
 
@@ -311,16 +366,16 @@ _gpt_block_backward_op = torch.ops.lmarch.gpt_block_backward.default
 
 
 def _setup(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]
-    x, weights, present, shape = inputs
-    ctx.save_for_backward(x, *output[1], *weights)
+    x, weights, present, shape, seed = inputs
+    ctx.save_for_backward(x, seed, *output[1], *weights)
     ctx.n_saved, ctx.present, ctx.block_shape = len(output[1]), present, shape
 
 
 def _backward(ctx, grad, _grad_saved):  # type: ignore[no-untyped-def]
-    x, *tensors = ctx.saved_tensors
+    x, seed, *tensors = ctx.saved_tensors
     saved, weights = tensors[: ctx.n_saved], tensors[ctx.n_saved :]
-    dx, grads = _gpt_block_backward_op(grad, x, saved, weights, ctx.present, ctx.block_shape)
-    return dx, grads, None, None
+    dx, grads = _gpt_block_backward_op(grad, x, saved, weights, ctx.present, ctx.block_shape, seed)
+    return dx, grads, None, None, None
 
 
 torch.library.register_autograd("lmarch::gpt_block", _backward, setup_context=_setup)
@@ -329,12 +384,20 @@ torch.library.register_autograd("lmarch::gpt_block", _backward, setup_context=_s
 def gpt_block(x: Tensor, params: list[Tensor | None], shape: BlockShape) -> Tensor:
     """The pre-LN GPT-2 block above for float32 CPU x [B, T, C] (see the module docstring):
     ``params`` in the order ln1 weight/bias, qkv, out, ln2, fc, proj (weight then bias, None for
-    an absent bias); weights in ``nn.Linear``'s [out, in] layout."""
+    an absent bias); weights in ``nn.Linear``'s [out, in] layout. With dropout in ``shape`` the
+    masks come from a seed drawn from PyTorch's generator (so runs repeat and resume)."""
+    dropping = shape.dropout_attn > 0 or shape.dropout_mlp > 0
     if torch.compiler.is_compiling():
         weights = [p for p in params if p is not None]
         present = [int(p is not None) for p in params]
-        return _gpt_block_op(x, weights, present, [float(v) for v in shape])[0]
-    return _GPTBlock.apply(x, shape, *params)
+        seed = draw_seed() if dropping else torch.zeros((), dtype=torch.int64)
+        return _gpt_block_op(x, weights, present, [float(v) for v in shape], seed)[0]
+    return _GPTBlock.apply(x, shape, int(draw_seed()) if dropping else 0, *params)
 
 
-__all__ = ["BlockShape", "block_backward", "block_forward", "gpt_block"]
+def draw_seed() -> Tensor:
+    """The dropout masks' seed for one block call, from PyTorch's default generator."""
+    return torch.randint(0, 2**62, (), dtype=torch.int64)
+
+
+__all__ = ["BlockShape", "block_backward", "block_forward", "draw_seed", "gpt_block"]

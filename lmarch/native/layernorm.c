@@ -168,3 +168,18 @@ int lmarch_mul_column_sums(float *x, const float *scale, float *sums, int64_t n,
     free(partial);
     return 0;
 }
+
+/* out = base + o * M / (1 - p) for the n rows (base may be NULL: zero), M the dropout mask of
+ * stream `seed` at element (row0 + i) c + j (dropout_keep in blockq.h): a residual branch's
+ * dropout, forward (base = the residual) and backward (base = NULL, o = the gradient). */
+void lmarch_add_dropped(const float *base, const float *o, float *out, int64_t n, int64_t c,
+                        int64_t row0, float p, uint64_t seed, int threads) {
+    const uint32_t threshold = keep_threshold(p);
+    const float scale = 1.0f / (1.0f - p);
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && n * c >= 65536)
+    for (int64_t i = 0; i < n; i++)
+        for (int64_t j = 0; j < c; j++) {
+            const float m = dropout_keep(seed, (uint64_t)(row0 + i) * c + j, threshold) ? scale : 0;
+            out[i * c + j] = (base ? base[i * c + j] : 0.0f) + o[i * c + j] * m;
+        }
+}

@@ -187,18 +187,20 @@ class MultiHeadAttention(nn.Module):
         attention_mask: Tensor | None,
         cache: KVCache | None,
         qk_transform: QKTransform | None,
+        allow_dropout: bool = False,
     ) -> bool:
         """Whether this call is plain causal self-attention that lmarch's CPU kernel takes: the
-        projection ``qkv`` float32 on the CPU (not under bf16 autocast), no cache, mask, position hook or dropout, 2 <= T <= NATIVE_MAX_LEN,
-        head width a multiple of 16, the ``sdpa`` implementation (``reference`` stays written
-        out)."""
+        projection ``qkv`` float32 on the CPU (not under bf16 autocast), no cache, mask or
+        position hook, no dropout in training (unless ``allow_dropout``: the fused GPT-2 block
+        draws its own), 2 <= T <= NATIVE_MAX_LEN, head width a multiple of 16, the ``sdpa``
+        implementation (``reference`` stays written out)."""
         return (
             cache is None
             and attention_mask is None
             and qk_transform is None
             and self.causal
             and self.implementation == "sdpa"
-            and (self.dropout == 0.0 or not self.training)
+            and (self.dropout == 0.0 or not self.training or allow_dropout)
             and qkv.is_cpu
             and qkv.dtype == torch.float32
             and 2 <= qkv.shape[1] <= NATIVE_MAX_LEN

@@ -74,10 +74,11 @@ class TransformerBlock(nn.Module):
         qk_transform: QKTransform | None,
     ) -> bool:
         """Whether this call is a GPT-2 block that runs as one native call
-        (:mod:`lmarch.native.gpt_block`): pre-LN with LayerNorms, a tanh-GELU MLP without
-        dropout in training, plain causal self-attention that lmarch's kernel takes, plain
-        ``nn.Linear`` projections (not LoRA-wrapped or quantised) with float32 weights, float32
-        activations on the CPU, no autocast and no hooks on the parts (they would be skipped)."""
+        (:mod:`lmarch.native.gpt_block`): pre-LN with LayerNorms, a tanh-GELU MLP, plain causal
+        self-attention that lmarch's kernel takes (dropout included, one rate for its
+        probabilities and its output), plain ``nn.Linear`` projections (not LoRA-wrapped or
+        quantised) with float32 weights, float32 activations on the CPU, no autocast and no
+        hooks on the parts (they would be skipped)."""
         ffn, attn = self.ffn, self.attn
         if not (
             self.pre_norm
@@ -85,10 +86,10 @@ class TransformerBlock(nn.Module):
             and type(self.norm_ffn) is LayerNorm
             and type(ffn) is MLP
             and ffn.act is gelu_tanh
-            and (ffn.dropout.p == 0.0 or not self.training)
+            and attn.resid_dropout.p == attn.dropout
             and x.dim() == 3
             and not torch.is_autocast_enabled("cpu")
-            and attn._native_causal(x, attention_mask, cache, qk_transform)
+            and attn._native_causal(x, attention_mask, cache, qk_transform, allow_dropout=True)
         ):
             return False
         linears = (attn.qkv, attn.out, ffn.fc_in, ffn.fc_out)
@@ -104,5 +105,8 @@ class TransformerBlock(nn.Module):
         params = [n1.weight, n1.bias, attn.qkv.weight, attn.qkv.bias, attn.out.weight]
         params += [attn.out.bias, n2.weight, n2.bias, ffn.fc_in.weight, ffn.fc_in.bias]
         params += [ffn.fc_out.weight, ffn.fc_out.bias]
-        shape = BlockShape(attn.n_heads, attn.n_kv_heads, attn.head_dim, n1.eps, n2.eps)
+        p_attn, p_mlp = (attn.dropout, ffn.dropout.p) if self.training else (0.0, 0.0)
+        shape = BlockShape(
+            attn.n_heads, attn.n_kv_heads, attn.head_dim, n1.eps, n2.eps, p_attn, p_mlp
+        )
         return gpt_block(x, params, shape)

@@ -105,9 +105,11 @@ def test_eval_and_no_grad_forward_is_the_same_function(calls) -> None:
     assert _error(y, y64) <= TOLERANCE
 
 
-def test_compiled_graph_calls_the_operator_and_agrees(calls) -> None:
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_compiled_graph_calls_the_operator_and_agrees(dropout, calls, monkeypatch) -> None:
+    monkeypatch.setattr(fused, "draw_seed", lambda: torch.tensor(987654321))
     torch.manual_seed(2)
-    block = _block(64, 4, 2, True)
+    block = _block(64, 4, 2, True, dropout=dropout)
     _randomise(block)
     x, grad = torch.randn(2, 24, 64), torch.randn(2, 24, 64)
     y, dx, grads = _run(block, x, grad)
@@ -126,7 +128,6 @@ def test_compiled_graph_calls_the_operator_and_agrees(calls) -> None:
 def test_other_calls_keep_the_module_path(calls) -> None:
     torch.manual_seed(3)
     x = torch.randn(2, 8, 64)
-    _block(64, 4, 4, True, dropout=0.1).train()(x)  # dropout in training
     with torch.autocast("cpu", dtype=torch.bfloat16):
         _block(64, 4, 4, True)(x)
     _block(64, 4, 4, True)(x, attention_mask=torch.ones(2, 1, 1, 8, dtype=torch.bool))
@@ -167,3 +168,78 @@ def test_portable_c_path_agrees(portable, monkeypatch) -> None:
     assert _error(y2, y.double()) <= TOLERANCE and _error(dx2, dx.double()) <= TOLERANCE
     for name, g in grads.items():
         assert _error(grads2[name], g.double()) <= TOLERANCE, name
+
+
+def _reference_with_masks(block, x, m_att, m1, m2):
+    """The block written out in float64 with given dropout masks (already scaled by 1 / (1 - p)):
+    attention probabilities times m_att [B, H, T, T], the two residual branches times m1, m2."""
+    attn, ffn = block.attn, block.ffn
+    b, t, c = x.shape
+    h, hk, d = attn.n_heads, attn.n_kv_heads, attn.head_dim
+    qkv = F.linear(block.norm_attn(x), attn.qkv.weight, attn.qkv.bias)
+    q, k, v = qkv.split([h * d, hk * d, hk * d], dim=-1)
+    q = q.view(b, t, h, d).transpose(1, 2)
+    k = k.view(b, t, hk, d).transpose(1, 2).repeat_interleave(h // hk, dim=1)
+    v = v.view(b, t, hk, d).transpose(1, 2).repeat_interleave(h // hk, dim=1)
+    scores = (q @ k.transpose(-1, -2)) / d**0.5
+    causal = torch.ones(t, t, dtype=torch.bool).tril()
+    probs = scores.masked_fill(~causal, float("-inf")).softmax(-1) * m_att
+    att = (probs @ v).transpose(1, 2).reshape(b, t, h * d)
+    x1 = x + F.linear(att, attn.out.weight, attn.out.bias) * m1
+    hidden = F.gelu(
+        F.linear(block.norm_ffn(x1), ffn.fc_in.weight, ffn.fc_in.bias), approximate="tanh"
+    )
+    return x1 + F.linear(hidden, ffn.fc_out.weight, ffn.fc_out.bias) * m2
+
+
+def _masks(seed: int, p: float, b: int, h: int, t: int, c: int):
+    """The masks the kernels draw from ``seed``, made visible by dropping a tensor of ones."""
+    seed_p, seed_attn, seed_mlp = fused._seeds(seed)
+    ones = torch.ones(b * h * t, t)
+    m_att = fused._add_dropped(None, ones, p, seed_p).view(b, h, t, t)
+    m1 = fused._add_dropped(None, torch.ones(b * t, c), p, seed_attn).view(b, t, c)
+    m2 = fused._add_dropped(None, torch.ones(b * t, c), p, seed_mlp).view(b, t, c)
+    return m_att, m1, m2
+
+
+@pytest.mark.parametrize(
+    "threaded", [True, False], ids=["sequences-per-thread", "pytorch-products"]
+)
+@pytest.mark.parametrize("shape", [(4, 33, 96, 6, 2), (2, 64, 64, 4, 4)])
+def test_dropout_in_training_equals_the_written_out_block_with_its_masks(
+    shape, threaded, calls, monkeypatch
+) -> None:
+    """Dropout p = 0.2 on the attention probabilities and on both residual branches (GPT-2's
+    attn_pdrop and resid_pdrop): output, dx and every gradient equal the float64 block written
+    out with the same masks."""
+    monkeypatch.setattr(fused, "_threaded", lambda batch: threaded and native.blas_ready())
+    monkeypatch.setattr(fused, "draw_seed", lambda: torch.tensor(123456789))
+    b, t, dim, heads, kv_heads = shape
+    p = 0.2
+    torch.manual_seed(5)
+    block = _block(dim, heads, kv_heads, True, dropout=p).train()
+    _randomise(block)
+    x, grad = torch.randn(b, t, dim), torch.randn(b, t, dim)
+    y, dx, grads = _run(block, x, grad)
+    assert calls == [1]
+    masks = [m.double() for m in _masks(123456789, p, b, heads, t, dim)]
+    block64 = block.double()
+    x64 = x.double().requires_grad_()
+    want = _reference_with_masks(block64, x64, *masks)
+    want.backward(grad.double())
+    assert _error(y, want.detach()) <= TOLERANCE
+    assert _error(dx, x64.grad) <= TOLERANCE
+    for name, param in block64.named_parameters():
+        assert _error(grads[name], param.grad) <= TOLERANCE, name
+
+
+def test_dropout_masks_keep_the_stated_share_and_change_with_the_seed() -> None:
+    ones = torch.ones(1000, 1000)
+    kept = fused._add_dropped(None, ones, 0.2, 42) > 0
+    assert abs(kept.float().mean().item() - 0.8) < 0.002  # 1e6 draws: s.e. 4e-4
+    assert (
+        fused._add_dropped(None, ones, 0.2, 42) == fused._add_dropped(None, ones, 0.2, 42)
+    ).all()
+    other = fused._add_dropped(None, ones, 0.2, 43) > 0
+    assert abs((kept == other).float().mean().item() - 0.68) < 0.003  # independent: .8^2 + .2^2
+    assert set(fused._add_dropped(None, ones, 0.2, 42).unique().tolist()) == {0.0, 1.25}
