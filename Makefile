@@ -27,6 +27,7 @@ test-slow: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/bpe_train.py
 	$(PY) benchmarks/train_gpt.py
+	$(PY) benchmarks/blas_rate.py
 	$(PY) benchmarks/quant_linear.py
 	$(PY) benchmarks/decode.py
 	$(PY) benchmarks/quality_bar.py
