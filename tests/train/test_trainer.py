@@ -16,7 +16,7 @@ from lmarch.train.trainer import NonFiniteLossError, Trainer, causal_lm_loss
 from lmarch.weights.checkpoint import find_checkpoint
 
 
-def make_trainer(text: str, out_dir, seed: int = 0, **overrides) -> Trainer:
+def make_trainer(text: str, out_dir, seed: int = 0, dropout: float = 0.0, **overrides) -> Trainer:
     tok = CharTokenizer.from_text(text)
     ids = torch.tensor(tok.encode(text))
     n = int(0.9 * len(ids))
@@ -34,7 +34,16 @@ def make_trainer(text: str, out_dir, seed: int = 0, **overrides) -> Trainer:
         }
     )
     torch.manual_seed(cfg.seed)
-    model = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=32, n_layer=2, n_head=2, n_embd=32))
+    model = GPT(
+        GPTConfig(
+            vocab_size=tok.vocab_size,
+            block_size=32,
+            n_layer=2,
+            n_head=2,
+            n_embd=32,
+            dropout=dropout,
+        )
+    )
     return Trainer(
         model,
         RandomBlockSampler(ids[:n], 32, cfg.batch_size, seed),
@@ -99,6 +108,31 @@ def test_resume_with_dropout_is_bit_identical(shakespeare_text, tmp_path) -> Non
     for m in resumed.model.modules():
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.3
+    torch.manual_seed(999)
+    resumed.fit(resume=True)
+    for name, tensor in runs[0].model.state_dict().items():
+        assert torch.equal(tensor, resumed.model.state_dict()[name]), name
+
+
+def test_resume_with_dropout_in_the_fused_block_is_bit_identical(
+    shakespeare_text, tmp_path, monkeypatch
+) -> None:
+    """The fused GPT-2 block draws its dropout masks from a seed taken from the global RNG:
+    restored from the checkpoint, 14 steps straight == 7 + resume + 7."""
+    from lmarch.nn import block as block_module
+
+    calls = []
+    real = block_module.gpt_block
+    monkeypatch.setattr(
+        block_module, "gpt_block", lambda *a: calls.append(a[2].dropout_attn) or real(*a)
+    )
+    runs = []
+    for name, until in (("a", None), ("b", 7)):
+        t = make_trainer(shakespeare_text, tmp_path / name, 0, 0.3, max_iters=14, eval_interval=7)
+        t.fit(until=until)
+        runs.append(t)
+    assert 0.3 in calls  # the blocks trained fused, dropout and all
+    resumed = make_trainer(shakespeare_text, tmp_path / "b", 0, 0.3, max_iters=14, eval_interval=7)
     torch.manual_seed(999)
     resumed.fit(resume=True)
     for name, tensor in runs[0].model.state_dict().items():
