@@ -139,6 +139,8 @@ def load(path: Path) -> ctypes.CDLL:
     lib.lmarch_mul_column_sums.restype = i32
     lib.lmarch_gelu_tanh_forward_slope.argtypes = [p, p, p, i64, i32]
     lib.lmarch_gelu_tanh_forward_slope.restype = None
+    lib.lmarch_gelu_erf_forward_slope.argtypes = [p, p, p, i64, i32]
+    lib.lmarch_gelu_erf_forward_slope.restype = None
     lib.lmarch_add_dropped.argtypes = [p, p, p, i64, i64, i64, f32, u64, i32]
     lib.lmarch_add_dropped.restype = None
     lib.lmarch_set_sgemm.argtypes = [p]

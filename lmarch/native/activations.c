@@ -127,3 +127,70 @@ void lmarch_gelu_tanh_forward_slope(const float *x, float *y, float *slope, int6
         }
     }
 }
+
+/* The exact GELU (Hendrycks & Gimpel 2016; nanoGPT's nn.GELU()), forward with its slope:
+ *
+ *     GELU(x) = x Phi(x),   GELU'(x) = Phi(x) + x phi(x),
+ *     Phi(x) = (1 + erf(x / sqrt 2)) / 2,   phi(x) = exp(-x^2 / 2) / sqrt(2 pi)
+ *
+ * erf(z) for z >= 0 by Abramowitz & Stegun 7.1.26: 1 - (a1 t + ... + a5 t^5) exp(-z^2),
+ * t = 1 / (1 + p z), |error| <= 1.5e-7; erf is odd. exp(-z^2) = exp(-x^2 / 2) serves phi too. */
+#define AS_P 0.3275911f
+#define AS_A1 0.254829592f
+#define AS_A2 -0.284496736f
+#define AS_A3 1.421413741f
+#define AS_A4 -1.453152027f
+#define AS_A5 1.061405429f
+#define INV_SQRT2 0.7071067811865476f
+#define INV_SQRT_2PI 0.3989422804014327f
+
+static inline float gelu_erf_slope(float x, float *phi_big) {
+    const float z = fabsf(x) * INV_SQRT2, t = 1.0f / (1.0f + AS_P * z);
+    const float poly = t * (AS_A1 + t * (AS_A2 + t * (AS_A3 + t * (AS_A4 + t * AS_A5))));
+    float arg = -0.5f * x * x;
+    arg = arg < EXP_LO ? EXP_LO : arg;
+    const float e = expf(arg), erf_abs = 1.0f - poly * e;
+    *phi_big = 0.5f * (1.0f + (x < 0 ? -erf_abs : erf_abs));
+    return *phi_big + x * e * INV_SQRT_2PI;
+}
+
+/* y[i] = GELU(x[i]) and slope[i] = GELU'(x[i]), exact (erf) form; y may be x. */
+void lmarch_gelu_erf_forward_slope(const float *x, float *y, float *slope, int64_t n,
+                                   int threads) {
+    const int64_t chunks = (n + 255) / 256;
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && n >= 32768)
+    for (int64_t c = 0; c < chunks; c++) {
+        int64_t i = c * 256;
+        const int64_t end = i + 256 < n ? i + 256 : n;
+#ifdef __AVX2__
+        const __m256 one = _mm256_set1_ps(1.0f), half = _mm256_set1_ps(0.5f);
+        const __m256 sign = _mm256_set1_ps(-0.0f);
+        for (; i + 8 <= end; i += 8) {
+            const __m256 v = _mm256_loadu_ps(x + i);
+            const __m256 z = _mm256_mul_ps(_mm256_andnot_ps(sign, v), _mm256_set1_ps(INV_SQRT2));
+            const __m256 t = _mm256_div_ps(one, _mm256_fmadd_ps(_mm256_set1_ps(AS_P), z, one));
+            __m256 poly = _mm256_fmadd_ps(t, _mm256_set1_ps(AS_A5), _mm256_set1_ps(AS_A4));
+            poly = _mm256_fmadd_ps(t, poly, _mm256_set1_ps(AS_A3));
+            poly = _mm256_fmadd_ps(t, poly, _mm256_set1_ps(AS_A2));
+            poly = _mm256_fmadd_ps(t, poly, _mm256_set1_ps(AS_A1));
+            poly = _mm256_mul_ps(t, poly);
+            const __m256 arg = _mm256_max_ps(_mm256_mul_ps(_mm256_set1_ps(-0.5f), _mm256_mul_ps(v, v)),
+                                             _mm256_set1_ps(EXP_LO));
+            const __m256 e = exp8(arg);
+            /* erf(x / sqrt 2) with the sign of x */
+            const __m256 erf_abs = _mm256_fnmadd_ps(poly, e, one);
+            const __m256 erf = _mm256_or_ps(erf_abs, _mm256_and_ps(sign, v));
+            const __m256 big = _mm256_mul_ps(half, _mm256_add_ps(one, erf));
+            const __m256 d = _mm256_fmadd_ps(_mm256_mul_ps(v, e), _mm256_set1_ps(INV_SQRT_2PI), big);
+            _mm256_storeu_ps(y + i, _mm256_mul_ps(v, big));
+            _mm256_storeu_ps(slope + i, d);
+        }
+#endif
+        for (; i < end; i++) { /* x may be y: read it once */
+            float big;
+            const float v = x[i];
+            slope[i] = gelu_erf_slope(v, &big);
+            y[i] = v * big;
+        }
+    }
+}

@@ -63,6 +63,7 @@ int lmarch_layer_norm_backward(const float *, const float *, const float *, cons
 void lmarch_rows_plus_bias(const float *, const float *, float *, int64_t, int64_t, int);
 int lmarch_mul_column_sums(float *, const float *, float *, int64_t, int64_t, int);
 void lmarch_gelu_tanh_forward_slope(const float *, float *, float *, int64_t, int);
+void lmarch_gelu_erf_forward_slope(const float *, float *, float *, int64_t, int);
 int lmarch_causal_attention_forward(const float *, int64_t, int64_t, int64_t, int64_t, int64_t,
                                     float *, float *, int, float, uint64_t, int64_t);
 int lmarch_causal_attention_backward(const float *, const float *, const float *, const float *,
@@ -76,11 +77,11 @@ enum { LN1_W, LN1_B, QKV_W, QKV_B, OUT_W, OUT_B, LN2_W, LN2_B, FC_W, FC_B, PR_W,
 enum { LN1, MEAN1, RSTD1, QKV, ATT, LSE, X1, LN2, MEAN2, RSTD2, SLOPE, ACT, N_SAVED };
 
 typedef struct {
-    int64_t batch, t, c, heads, kv_heads, d, hidden, width, att; /* width = (H + 2 H_kv) D */
+    int64_t batch, t, c, heads, kv_heads, d, hidden, exact_gelu, width, att; /* width = (H + 2 H_kv) D */
 } dims_t;
 
 static dims_t read_dims(const int64_t *v) {
-    dims_t s = {v[0], v[1], v[2], v[3], v[4], v[5], v[6], 0, 0};
+    dims_t s = {v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7], 0, 0};
     s.width = (s.heads + 2 * s.kv_heads) * s.d;
     s.att = s.heads * s.d;
     return s;
@@ -96,7 +97,8 @@ static inline void thread_info(int *id, int *count) {
 #endif
 }
 
-/* dims: B, T, C, H, H_kv, D, F (hidden width). p: the 12 parameters. s: the 12 saved tensors,
+/* dims: B, T, C, H, H_kv, D, F (hidden width), 1 for the exact (erf) GELU or 0 for the tanh
+ * form. p: the 12 parameters. s: the 12 saved tensors,
  * written. drop: dropout on the attention (probabilities and its residual branch) and on the
  * MLP's residual branch, 0 when off; seeds: the masks' streams for the probabilities and the two
  * branches (dropout_keep in blockq.h). Returns 0, or -1 when out of memory (or no sgemm). */
@@ -144,7 +146,8 @@ int lmarch_gpt_block_forward(const float *x, const float *const *p, float *const
                                       z.c, eps[1], 1);
             lmarch_rows_plus_bias(NULL, p[FC_B], act, n, z.hidden, 1);
             gemm(0, 1, n, z.hidden, z.c, ln2, p[FC_W], 1.0f, act); /* h, then GELU(h) in place */
-            lmarch_gelu_tanh_forward_slope(act, act, s[SLOPE] + r * z.hidden, n * z.hidden, 1);
+            (z.exact_gelu ? lmarch_gelu_erf_forward_slope : lmarch_gelu_tanh_forward_slope)(
+                act, act, s[SLOPE] + r * z.hidden, n * z.hidden, 1);
             if (drop[1] > 0.0f) { /* y = x1 + Dropout(a W_pr^T + b_pr) */
                 lmarch_rows_plus_bias(NULL, p[PR_B], branch, n, z.c, 1);
                 gemm(0, 1, n, z.c, z.hidden, act, p[PR_W], 1.0f, branch);

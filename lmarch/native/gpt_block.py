@@ -3,7 +3,7 @@
 For x [N, C] (N = batch x time) the block of Radford et al. 2019 computes
 
     x1 = x + Attn(LN1(x)) W_o^T + b_o,        Attn = causal softmax(q k^T / sqrt(D)) v per head
-    y  = x1 + GELU_tanh(LN2(x1) W_fc^T + b_fc) W_pr^T + b_pr
+    y  = x1 + GELU(LN2(x1) W_fc^T + b_fc) W_pr^T + b_pr      (GPT-2's tanh GELU, or the erf one)
 
 and its backward, in the order below, with every gradient written once:
 
@@ -55,6 +55,7 @@ class BlockShape(NamedTuple):
     eps2: float
     dropout_attn: float = 0.0
     dropout_mlp: float = 0.0
+    exact_gelu: bool = False  # erf GELU (nanoGPT's nn.GELU()) instead of GPT-2's tanh form
 
 
 def _seeds(seed: int) -> tuple[int, int, int]:
@@ -135,11 +136,11 @@ def _bias_grad(d: Tensor, bias: Tensor | None, scale: Tensor | None = None) -> T
     return out
 
 
-def _gelu_with_slope(h: Tensor) -> tuple[Tensor, Tensor]:
+def _gelu_with_slope(h: Tensor, exact: bool) -> tuple[Tensor, Tensor]:
     a, slope = torch.empty_like(h), torch.empty_like(h)
-    native_library().lmarch_gelu_tanh_forward_slope(
-        h.data_ptr(), a.data_ptr(), slope.data_ptr(), h.numel(), torch.get_num_threads()
-    )
+    lib = native_library()
+    fn = lib.lmarch_gelu_erf_forward_slope if exact else lib.lmarch_gelu_tanh_forward_slope
+    fn(h.data_ptr(), a.data_ptr(), slope.data_ptr(), h.numel(), torch.get_num_threads())
     return a, slope
 
 
@@ -157,7 +158,9 @@ def _pointers(tensors: list[Tensor | None]) -> ctypes.Array:
 def _dims(x: Tensor, params: list[Tensor | None], shape: BlockShape) -> ctypes.Array:
     b, t, c = x.shape
     hidden = params[8].shape[0]
-    return (ctypes.c_int64 * 7)(b, t, c, shape.heads, shape.kv_heads, shape.head_dim, hidden)
+    return (ctypes.c_int64 * 8)(
+        b, t, c, shape.heads, shape.kv_heads, shape.head_dim, hidden, int(shape.exact_gelu)
+    )
 
 
 def _dropout_args(shape: BlockShape, seed: int) -> tuple[ctypes.Array, ctypes.Array]:
@@ -226,7 +229,7 @@ def block_forward(
     else:
         x1 = _plus_bias(x2, out_b).addmm_(att, out_w.t())
     ln2, mean2, rstd2 = _layer_norm(x1, ln2_w, ln2_b, shape.eps2)
-    a, slope = _gelu_with_slope(_linear(ln2, fc_w, fc_b))
+    a, slope = _gelu_with_slope(_linear(ln2, fc_w, fc_b), shape.exact_gelu)
     if p_mlp > 0:
         y = _add_dropped(x1, _linear(a, pr_w, pr_b), p_mlp, seed_mlp)
     else:
@@ -304,8 +307,10 @@ def _expand(weights: list[Tensor], present: list[int]) -> list[Tensor | None]:
 
 
 def _shape(values: list[float]) -> BlockShape:
-    heads, kv_heads, head_dim, *rest = values
-    return BlockShape(int(heads), int(kv_heads), int(head_dim), *rest)
+    heads, kv_heads, head_dim, eps1, eps2, p_attn, p_mlp, exact = values
+    return BlockShape(
+        int(heads), int(kv_heads), int(head_dim), eps1, eps2, p_attn, p_mlp, exact > 0
+    )
 
 
 # Registered with the low-level API: ``torch.library.custom_op`` checks every output against every

@@ -5,7 +5,7 @@ Post-LN (original Transformer, BERT):       x = Norm(x + Attn(x));  x = Norm(x +
 
 The block does not know which attention, feed-forward or norm it holds: families choose them in
 their config and pass them in, so pre-LN vs post-LN is a flag here, not a second class.
-One combination has a fast path: a GPT-2 block (pre-LN, LayerNorm, tanh-GELU MLP, plain causal
+One combination has a fast path: a GPT-2 block (pre-LN, LayerNorm, GELU MLP, plain causal
 self-attention) on float32 CPU tensors runs as one native call (:mod:`lmarch.native.gpt_block`),
 the same function to ~1e-6 (its speed: benchmarks/RESULTS.md, "GPT training throughput").
 """
@@ -13,6 +13,7 @@ the same function to ~1e-6 (its speed: benchmarks/RESULTS.md, "GPT training thro
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lmarch.native.gpt_block import BlockShape, gpt_block
@@ -74,9 +75,9 @@ class TransformerBlock(nn.Module):
         qk_transform: QKTransform | None,
     ) -> bool:
         """Whether this call is a GPT-2 block that runs as one native call
-        (:mod:`lmarch.native.gpt_block`): pre-LN with LayerNorms, a tanh-GELU MLP, plain causal
-        self-attention that lmarch's kernel takes (dropout included, one rate for its
-        probabilities and its output), plain ``nn.Linear`` projections (not LoRA-wrapped or
+        (:mod:`lmarch.native.gpt_block`): pre-LN with LayerNorms, a GELU MLP (tanh or erf form),
+        plain causal self-attention that lmarch's kernel takes (dropout included, one rate for
+        its probabilities and its output), plain ``nn.Linear`` projections (not LoRA-wrapped or
         quantised) with float32 weights, float32 activations on the CPU, no autocast and no
         hooks on the parts (they would be skipped)."""
         ffn, attn = self.ffn, self.attn
@@ -85,7 +86,7 @@ class TransformerBlock(nn.Module):
             and type(self.norm_attn) is LayerNorm
             and type(self.norm_ffn) is LayerNorm
             and type(ffn) is MLP
-            and ffn.act is gelu_tanh
+            and (ffn.act is gelu_tanh or ffn.act is F.gelu)
             and attn.resid_dropout.p == attn.dropout
             and x.dim() == 3
             and not torch.is_autocast_enabled("cpu")
@@ -106,7 +107,8 @@ class TransformerBlock(nn.Module):
         params += [attn.out.bias, n2.weight, n2.bias, ffn.fc_in.weight, ffn.fc_in.bias]
         params += [ffn.fc_out.weight, ffn.fc_out.bias]
         p_attn, p_mlp = (attn.dropout, ffn.dropout.p) if self.training else (0.0, 0.0)
+        exact = ffn.act is F.gelu
         shape = BlockShape(
-            attn.n_heads, attn.n_kv_heads, attn.head_dim, n1.eps, n2.eps, p_attn, p_mlp
+            attn.n_heads, attn.n_kv_heads, attn.head_dim, n1.eps, n2.eps, p_attn, p_mlp, exact
         )
         return gpt_block(x, params, shape)

@@ -20,9 +20,11 @@ from lmarch.nn.norm import LayerNorm
 TOLERANCE = 1e-5
 
 
-def _block(dim: int, heads: int, kv_heads: int, bias: bool, dropout: float = 0.0):
+def _block(
+    dim: int, heads: int, kv_heads: int, bias: bool, dropout: float = 0.0, act: str = "gelu_tanh"
+):
     attn = MultiHeadAttention(dim, heads, n_kv_heads=kv_heads, bias=bias, dropout=dropout)
-    ffn = MLP(dim, 4 * dim, activation="gelu_tanh", bias=bias, dropout=dropout)
+    ffn = MLP(dim, 4 * dim, activation=act, bias=bias, dropout=dropout)
     return TransformerBlock(attn, ffn, LayerNorm(dim, bias=bias), LayerNorm(dim, bias=bias))
 
 
@@ -138,9 +140,7 @@ def test_other_calls_keep_the_module_path(calls) -> None:
     hooked.ffn.fc_in.register_forward_hook(lambda *a: seen.append(1))
     hooked(x)
     assert seen == [1]  # a hook on a part still runs
-    other = _block(64, 4, 4, True)
-    other.ffn.act = F.gelu  # exact GELU, not the tanh form
-    other(x)
+    _block(64, 4, 4, True, act="silu")(x)
     assert calls == []
 
 
@@ -243,3 +243,21 @@ def test_dropout_masks_keep_the_stated_share_and_change_with_the_seed() -> None:
     other = fused._add_dropped(None, ones, 0.2, 43) > 0
     assert abs((kept == other).float().mean().item() - 0.68) < 0.003  # independent: .8^2 + .2^2
     assert set(fused._add_dropped(None, ones, 0.2, 42).unique().tolist()) == {0.0, 1.25}
+
+
+@pytest.mark.parametrize(
+    "threaded", [True, False], ids=["sequences-per-thread", "pytorch-products"]
+)
+def test_exact_gelu_block_equals_module_path_in_float64(threaded, calls, monkeypatch) -> None:
+    """nanoGPT's own block: erf GELU (``activation="gelu"``), no biases."""
+    monkeypatch.setattr(fused, "_threaded", lambda batch: threaded and native.blas_ready())
+    torch.manual_seed(6)
+    block = _block(64, 4, 4, False, act="gelu")
+    _randomise(block)
+    x, grad = torch.randn(4, 30, 64) * 2, torch.randn(4, 30, 64)
+    y, dx, grads = _run(block, x, grad)
+    assert calls == [1]
+    y64, dx64, grads64 = _run(block.double(), x.double(), grad.double())
+    assert _error(y, y64) <= TOLERANCE and _error(dx, dx64) <= TOLERANCE
+    for name, g in grads.items():
+        assert _error(g, grads64[name]) <= TOLERANCE, name
