@@ -77,7 +77,8 @@ enum { LN1_W, LN1_B, QKV_W, QKV_B, OUT_W, OUT_B, LN2_W, LN2_B, FC_W, FC_B, PR_W,
 enum { LN1, MEAN1, RSTD1, QKV, ATT, LSE, X1, LN2, MEAN2, RSTD2, SLOPE, ACT, N_SAVED };
 
 typedef struct {
-    int64_t batch, t, c, heads, kv_heads, d, hidden, exact_gelu, width, att; /* width = (H + 2 H_kv) D */
+    int64_t batch, t, c, heads, kv_heads, d, hidden, exact_gelu;
+    int64_t width, att; /* (H + 2 H_kv) D and H D */
 } dims_t;
 
 static dims_t read_dims(const int64_t *v) {
@@ -97,11 +98,11 @@ static inline void thread_info(int *id, int *count) {
 #endif
 }
 
-/* dims: B, T, C, H, H_kv, D, F (hidden width), 1 for the exact (erf) GELU or 0 for the tanh
- * form. p: the 12 parameters. s: the 12 saved tensors,
- * written. drop: dropout on the attention (probabilities and its residual branch) and on the
- * MLP's residual branch, 0 when off; seeds: the masks' streams for the probabilities and the two
- * branches (dropout_keep in blockq.h). Returns 0, or -1 when out of memory (or no sgemm). */
+/* dims: B, T, C, H, H_kv, D, F (hidden width), and 1 for the exact (erf) GELU or 0 for the
+ * tanh form. p: the 12 parameters. s: the 12 saved tensors, written. drop: dropout on the
+ * attention (its probabilities and its residual branch) and on the MLP's residual branch, 0 when
+ * off; seeds: the masks' streams for the probabilities and the two branches (dropout_keep in
+ * blockq.h). Returns 0, or -1 when out of memory (or no sgemm). */
 int lmarch_gpt_block_forward(const float *x, const float *const *p, float *const *s, float *y,
                              const int64_t *dims, const float *eps, const float *drop,
                              const uint64_t *seeds, int threads) {
