@@ -41,6 +41,7 @@ from typing import Any
 import torch
 
 from lmarch.data import RandomBlockSampler, load_documents, train_val_split
+from lmarch.data.corpus import TINY_SHAKESPEARE
 from lmarch.models import build_model, get_preset, make_config
 from lmarch.tokenizers import CharTokenizer
 from lmarch.train.config import TrainConfig
@@ -52,7 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_gpt import CpuMeter  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
+DATA = TINY_SHAKESPEARE
 OUR_RECIPE = ROOT / "lmarch" / "train" / "recipes" / "shakespeare_char_fast.toml"
 PRESET = "gpt-char-tiny"
 NANOGPT_VAL_LOSS = 1.88

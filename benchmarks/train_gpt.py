@@ -38,13 +38,14 @@ import transformers
 from torch import Tensor, nn
 
 from lmarch.data import RandomBlockSampler
+from lmarch.data.corpus import TINY_SHAKESPEARE
 from lmarch.models import GPT
 from lmarch.tokenizers import CharTokenizer
 from lmarch.train.config import TrainConfig
 from lmarch.train.optim import build_optimizer
 from lmarch.weights.hf_gpt2 import GPT2_MAP, gpt_config_from_hf
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
+DATA = TINY_SHAKESPEARE
 
 # (n_layer, n_head, n_embd, block_size, batch_size)
 SHAPES = {

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-TINY_SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
+from lmarch.data.corpus import TINY_SHAKESPEARE
 
 torch.set_num_threads(2)
 

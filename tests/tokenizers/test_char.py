@@ -7,10 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from lmarch.data.corpus import TINY_SHAKESPEARE
 from lmarch.errors import LmarchError
 from lmarch.tokenizers import CharTokenizer, Tokenizer, load_tokenizer
-
-TINY_SHAKESPEARE = Path(__file__).resolve().parents[2].parent / "shared/data/tinyshakespeare.txt"
 
 
 def test_vocabulary_is_sorted_set_of_characters() -> None:

@@ -26,12 +26,13 @@ import pytest
 import torch
 
 from lmarch.data import RandomBlockSampler, load_documents, train_val_split
+from lmarch.data.corpus import TINY_SHAKESPEARE
 from lmarch.train.evaluate import evaluate_tokens
 from lmarch.train.run import encode, train_run
 from lmarch.train.trainer import causal_lm_loss
 from lmarch.weights.checkpoint import load_run
 
-DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "tinyshakespeare.txt"
+DATA = TINY_SHAKESPEARE
 NANOGPT_VAL_LOSS = 1.88
 # The preset is nanoGPT's recipe already; these only make the run quiet and say it explicitly.
 RECIPE = {
