@@ -49,13 +49,20 @@ def padding_mask(attention_mask: Tensor) -> Tensor:
 
 
 def reference_attention(
-    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, dropout_p: float = 0.0
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: Tensor | None = None,
+    dropout_p: float = 0.0,
+    scale: float | None = None,
 ) -> Tensor:
-    """The equation written out: softmax(q k^T / sqrt(d) masked) v. Slow, for teaching and tests.
+    """The equation written out: softmax(q k^T * scale masked) v. Slow, for teaching and tests.
 
-    ``mask`` is boolean (True = may attend) and broadcasts against [B, H, T_q, T_k].
+    ``mask`` is boolean (True = may attend) and broadcasts against [B, H, T_q, T_k]; ``scale``
+    defaults to 1 / sqrt(d) (GPT-2 checkpoints may ask for 1, or 1 / (sqrt(d) * layer)).
     """
-    scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    scores = (q @ k.transpose(-2, -1)) * scale
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     weights = torch.softmax(scores.float(), dim=-1)
@@ -84,12 +91,14 @@ def scaled_dot_product_attention(
     is_causal: bool = False,
     dropout_p: float = 0.0,
     implementation: str = "sdpa",
+    scale: float | None = None,
 ) -> Tensor:
     """Attention over [B, H, T, D] tensors, dispatched to PyTorch's fused kernel or the reference.
 
     ``is_causal`` applies the causal mask (queries and keys of equal length); ``mask`` is an
     explicit boolean mask. ``implementation`` is ``"sdpa"`` (fused: flash / memory-efficient /
     math kernels chosen by PyTorch) or ``"reference"`` (:func:`reference_attention`).
+    ``scale`` multiplies the scores (default 1 / sqrt(D)).
     """
     if implementation not in ("sdpa", "reference"):
         raise ValueError(f"unknown attention implementation {implementation!r}")
@@ -101,10 +110,12 @@ def scaled_dot_product_attention(
         is_causal = False
     if implementation == "reference":
         n_rep = q.shape[1] // k.shape[1]
-        return reference_attention(q, repeat_kv(k, n_rep), repeat_kv(v, n_rep), mask, dropout_p)
+        return reference_attention(
+            q, repeat_kv(k, n_rep), repeat_kv(v, n_rep), mask, dropout_p, scale
+        )
     kwargs = {"enable_gqa": True} if k.shape[1] != q.shape[1] else {}
     return F.scaled_dot_product_attention(
-        q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal, **kwargs
+        q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, **kwargs
     )
 
 
@@ -117,7 +128,7 @@ def repeat_kv(x: Tensor, n_rep: int) -> Tensor:
 
 
 def grouped_query_decode_attention(
-    q: Tensor, k: Tensor, v: Tensor, allowed: Tensor | None
+    q: Tensor, k: Tensor, v: Tensor, allowed: Tensor | None, scale: float | None = None
 ) -> Tensor:
     """Attention for a few new queries over a key/value cache, as plain matrix products.
 
@@ -126,7 +137,9 @@ def grouped_query_decode_attention(
     are stacked as extra query rows, so one batched product per step serves every group
     without copying keys (Ainslie et al. 2023):
 
-        scores[b, g, (r, t), s] = q[b, g * n_rep + r, t] . k[b, g, s] / sqrt(D)
+        scores[b, g, (r, t), s] = q[b, g * n_rep + r, t] . k[b, g, s] * scale
+
+    (``scale`` defaults to 1 / sqrt(D)).
 
     For one query PyTorch's fused kernels spend more time setting up than computing; this
     is the same equation in five operations, which ``torch.compile`` also fuses well.
@@ -136,9 +149,8 @@ def grouped_query_decode_attention(
     n_rep = h // h_kv
     rows = q.reshape(b * h_kv, n_rep * t, d)
     keys, values = k.reshape(b * h_kv, s, d), v.reshape(b * h_kv, s, d)
-    scores = torch.baddbmm(
-        rows.new_empty(()), rows, keys.transpose(1, 2), beta=0.0, alpha=1.0 / math.sqrt(d)
-    )
+    alpha = 1.0 / math.sqrt(d) if scale is None else scale
+    scores = torch.baddbmm(rows.new_empty(()), rows, keys.transpose(1, 2), beta=0.0, alpha=alpha)
     if allowed is not None:
         scores = scores.masked_fill(~allowed.repeat(n_rep, 1), float("-inf"))
     weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype)
@@ -150,7 +162,8 @@ class MultiHeadAttention(nn.Module):
 
     The query, key and value projections are one fused matrix ``qkv`` (rows: the n_heads query
     heads, then the n_kv_heads key heads, then the n_kv_heads value heads), so a single matmul
-    produces all three; ``out`` is W_O.
+    produces all three; ``out`` is W_O. ``softmax_scale`` multiplies the scores before the
+    softmax; None means the paper's 1 / sqrt(head_dim).
     """
 
     def __init__(
@@ -164,6 +177,7 @@ class MultiHeadAttention(nn.Module):
         dropout: float = 0.0,
         causal: bool = True,
         implementation: str = "sdpa",
+        softmax_scale: float | None = None,
     ) -> None:
         super().__init__()
         n_kv_heads = n_kv_heads or n_heads
@@ -177,6 +191,7 @@ class MultiHeadAttention(nn.Module):
         self.causal = causal
         self.dropout = dropout
         self.implementation = implementation
+        self.softmax_scale = softmax_scale
         self.qkv = nn.Linear(dim, (n_heads + 2 * n_kv_heads) * head_dim, bias=bias)
         self.out = nn.Linear(n_heads * head_dim, dim, bias=bias if out_bias is None else out_bias)
         self.resid_dropout = nn.Dropout(dropout)
@@ -193,13 +208,14 @@ class MultiHeadAttention(nn.Module):
         projection ``qkv`` float32 on the CPU (not under bf16 autocast), no cache, mask or
         position hook, no dropout in training (unless ``allow_dropout``: the fused GPT-2 block
         draws its own), 2 <= T <= NATIVE_MAX_LEN, head width a multiple of 16, the ``sdpa``
-        implementation (``reference`` stays written out)."""
+        implementation (``reference`` stays written out) and the default softmax scale."""
         return (
             cache is None
             and attention_mask is None
             and qk_transform is None
             and self.causal
             and self.implementation == "sdpa"
+            and self.softmax_scale is None
             and (self.dropout == 0.0 or not self.training or allow_dropout)
             and qkv.is_cpu
             and qkv.dtype == torch.float32
@@ -250,7 +266,7 @@ class MultiHeadAttention(nn.Module):
             allowed = None
             if isinstance(start, Tensor):  # static shapes: hide the slots not written yet
                 allowed = torch.arange(k.shape[2], device=x.device)[None, :] <= start
-            y = grouped_query_decode_attention(q, k, v, allowed)
+            y = grouped_query_decode_attention(q, k, v, allowed, self.softmax_scale)
             if y.dtype != x.dtype:
                 y = y.to(x.dtype)
             return self.out(y.transpose(1, 2).reshape(b, t, self.n_heads * hd))
@@ -275,6 +291,7 @@ class MultiHeadAttention(nn.Module):
             is_causal=is_causal,
             dropout_p=self.dropout if self.training else 0.0,
             implementation=self.implementation,
+            scale=self.softmax_scale,
         )
         if y.dtype != x.dtype:
             y = y.to(x.dtype)

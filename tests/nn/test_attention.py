@@ -261,3 +261,29 @@ def test_qk_transform_zeroing_queries_gives_mean_of_visible_values(implementatio
         attn(x[:, :3], cache=cache, start=0, qk_transform=zero_q)
         attn(x[:, 3:4], cache=cache, start=3, qk_transform=zero_q)
     assert starts == [0, 0, 3]
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_softmax_scale_multiplies_the_scores_in_every_path(implementation: str) -> None:
+    """A non-default ``softmax_scale`` (GPT-2's scale_attn_weights=False is 1.0) gives the written-out
+    equation with that scale, in a full causal call (head width 16, which a native kernel could take)
+    and in cached one-token decoding (<= 1e-5)."""
+    torch.manual_seed(5)
+    attn = MultiHeadAttention(
+        64, 4, n_kv_heads=2, implementation=implementation, softmax_scale=0.3
+    ).eval()
+    x = torch.randn(2, 7, 64)
+    q, k, v = attn.qkv(x).split([64, 32, 32], dim=-1)
+    q = q.view(2, 7, 4, 16).transpose(1, 2)
+    k = k.view(2, 7, 2, 16).transpose(1, 2).repeat_interleave(2, dim=1)
+    v = v.view(2, 7, 2, 16).transpose(1, 2).repeat_interleave(2, dim=1)
+    scores = (q @ k.transpose(-2, -1) * 0.3).masked_fill(~causal_mask(7, 7), float("-inf"))
+    expected = attn.out((torch.softmax(scores, -1) @ v).transpose(1, 2).reshape(2, 7, 64))
+    with torch.no_grad():
+        assert max_err(attn(x), expected) <= 1e-5
+        cache = KVCache(1, 2, 2, 8, 16)
+        steps = [attn(x[:, :4], cache=cache, start=0)]
+        steps += [attn(x[:, p : p + 1], cache=cache, start=p) for p in range(4, 7)]
+        assert max_err(torch.cat(steps, dim=1), expected) <= 1e-5
+    default = MultiHeadAttention(64, 4, n_kv_heads=2, implementation=implementation)
+    assert default.softmax_scale is None
