@@ -23,18 +23,12 @@ choices that this module follows exactly, so that its files load into the ``toke
    leading space becomes part of it.
 
 Training (:meth:`ByteLevelBPETokenizer.train`) counts the pre-tokenized pieces once
-(piece -> frequency); each distinct piece is a *word*, a list of symbol ids. It then keeps
-
-- ``pair_counts``: how often each neighbouring pair occurs, weighted by word frequency,
-- ``words_with``: for each pair, the words that contain it,
-- a max-heap of ``(count, pair)`` entries that is allowed to go stale: when a pair's count drops
-  its old entry stays, and is corrected when it reaches the top.
-
-A merge rewrites only the words listed under the chosen pair and adjusts the counts of the pairs
-those words lose and gain, so a step costs time proportional to the words it touches, not to the
-corpus. The pair chosen is the one with the highest count; **ties go to the pair whose (left,
-right) token strings, as written in the merges file, sort first** (plain ``str`` order), so
-training is deterministic.
+(piece -> frequency); each distinct piece is a *word*, a list of byte ids. The merge loop itself
+is :func:`lmarch.tokenizers.merges.iter_merges`, shared with WordPiece: it updates pair counts
+incrementally, so a step costs time proportional to the words it touches, not to the corpus.
+The pair chosen is the one with the highest count; **ties go to the pair whose (left, right)
+token strings, as written in the merges file, sort first** (plain ``str`` order), so training is
+deterministic.
 
 Encoding (:meth:`ByteLevelBPETokenizer.encode`) cuts out special tokens by exact match, splits the
 rest with the same regular expression, and within each piece repeatedly applies the
@@ -85,6 +79,7 @@ import regex
 
 from lmarch.errors import LmarchError
 from lmarch.tokenizers.encoder_input import EncoderInputMixin
+from lmarch.tokenizers.merges import iter_merges, merge_pair
 
 GPT2_SPLIT_PATTERN = (
     r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
@@ -168,20 +163,6 @@ def _special_splitter(special_tokens: Iterable[str]) -> re.Pattern[str] | None:
     if not ordered:
         return None
     return re.compile("(" + "|".join(re.escape(tok) for tok in ordered) + ")")
-
-
-def _merge_pair(word: list[int], left: int, right: int, new: int) -> list[int]:
-    """Replace each ``left right`` in ``word``, scanning left to right without overlap, by ``new``."""
-    out: list[int] = []
-    i, n = 0, len(word)
-    while i < n:
-        if i + 1 < n and word[i] == left and word[i + 1] == right:
-            out.append(new)
-            i += 2
-        else:
-            out.append(word[i])
-            i += 1
-    return out
 
 
 class ByteLevelBPETokenizer(EncoderInputMixin):
@@ -410,7 +391,7 @@ class ByteLevelBPETokenizer(EncoderInputMixin):
             best = min(pairwise(word), key=lambda pair: merges.get(pair, no_merge)[0])
             if best not in merges:
                 break
-            word = _merge_pair(word, best[0], best[1], merges[best][1])
+            word = merge_pair(word, best[0], best[1], merges[best][1])
         return word
 
     def _encode_long_piece(self, word: list[int]) -> list[int]:
@@ -661,9 +642,9 @@ def _count_pieces(
 def _learn_merges(
     piece_counts: Mapping[str, int], num_merges: int, show_progress: bool
 ) -> list[tuple[str, str]]:
-    """The incremental BPE training loop; returns merges as pairs of token strings."""
+    """The first ``num_merges`` merges of :func:`lmarch.tokenizers.merges.iter_merges` over the
+    pieces' UTF-8 bytes; returns merges as pairs of token strings."""
     tokens = [_BYTE_TO_CHAR[b] for b in range(256)]  # id -> token string, grows with each merge
-    token_ids = {tok: i for i, tok in enumerate(tokens)}
     words: list[list[int]] = []
     freqs: list[int] = []
     for piece, freq in piece_counts.items():
@@ -671,17 +652,6 @@ def _learn_merges(
         if len(word) > 1:  # a single byte has no pairs to contribute
             words.append(word)
             freqs.append(freq)
-
-    pair_counts: dict[tuple[int, int], int] = {}
-    words_with: dict[tuple[int, int], set[int]] = {}
-    for wi, (word, freq) in enumerate(zip(words, freqs, strict=True)):
-        for pair in pairwise(word):
-            pair_counts[pair] = pair_counts.get(pair, 0) + freq
-            words_with.setdefault(pair, set()).add(wi)
-
-    # Max-heap via negated counts; the token strings break ties (smallest first).
-    heap = [(-count, tokens[a], tokens[b], a, b) for (a, b), count in pair_counts.items()]
-    heapq.heapify(heap)
 
     merges: list[tuple[str, str]] = []
     progress = None
@@ -692,38 +662,10 @@ def _learn_merges(
         progress.start()
         task = progress.add_task("BPE merges", total=num_merges)
     try:
-        while len(merges) < num_merges and heap:
-            neg_count, left_str, right_str, a, b = heapq.heappop(heap)
-            actual = pair_counts.get((a, b), 0)
-            if actual != -neg_count:
-                # Stale entry. Counts only rise with a fresh push, so a higher stale count just
-                # needs re-queuing at its true value; a lower one has a newer entry already.
-                if 0 < actual < -neg_count:
-                    heapq.heappush(heap, (-actual, left_str, right_str, a, b))
-                continue
-
-            merges.append((left_str, right_str))
-            new = token_ids.setdefault(left_str + right_str, len(tokens))
-            if new == len(tokens):  # (two merges spelling one string share its id)
-                tokens.append(left_str + right_str)
-            touched: set[tuple[int, int]] = set()
-            for wi in words_with.pop((a, b)):
-                word = words[wi]
-                merged = _merge_pair(word, a, b, new)
-                if len(merged) == len(word):
-                    continue  # the pair left this word through an earlier merge
-                freq = freqs[wi]
-                for pair in pairwise(word):
-                    pair_counts[pair] -= freq
-                for pair in pairwise(merged):
-                    pair_counts[pair] = pair_counts.get(pair, 0) + freq
-                    if new in pair:  # only pairs with the new symbol can be new to this word
-                        words_with.setdefault(pair, set()).add(wi)
-                        touched.add(pair)
-                words[wi] = merged
-            del pair_counts[(a, b)]
-            for pair in touched:
-                heapq.heappush(heap, (-pair_counts[pair], tokens[pair[0]], tokens[pair[1]], *pair))
+        for merge in iter_merges(words, freqs, tokens):
+            if len(merges) == num_merges:
+                break
+            merges.append((merge.left, merge.right))
             if progress is not None:
                 progress.advance(task)
     finally:
