@@ -14,3 +14,9 @@ class LmarchError(Exception):
     def __str__(self) -> str:
         base = super().__str__()
         return f"{base} (hint: {self.hint})" if self.hint else base
+
+
+class LmarchNotice(UserWarning):
+    """Something the user should know that is not an error (a prompt cut to fit the context,
+    a fallback taken): issued with :func:`warnings.warn`, shown by the command line as one line
+    on stderr."""
