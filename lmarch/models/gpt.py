@@ -17,6 +17,15 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from lmarch.models.validate import (
+    check_bool,
+    check_choice,
+    check_divides,
+    check_fraction,
+    check_int,
+    check_optional_int,
+    check_positive,
+)
 from lmarch.nn import (
     MLP,
     KVCache,
@@ -25,7 +34,10 @@ from lmarch.nn import (
     MultiHeadAttention,
     TransformerBlock,
 )
+from lmarch.nn.ffn import ACTIVATIONS
 from lmarch.nn.init import init_normal
+
+ATTENTION_IMPLEMENTATIONS = ("sdpa", "reference")
 
 
 @dataclass
@@ -44,6 +56,35 @@ class GPTConfig:
     n_inner: int | None = None  # MLP width; None means 4 * n_embd
     tie_embeddings: bool = True
     attention: str = "sdpa"
+    # GPT-2 checkpoint options (transformers' GPT2Config): scores are multiplied by
+    # (1/sqrt(d_head) if scale_attn_weights else 1) / (l + 1 if scale_attn_by_inverse_layer_idx
+    # else 1) in layer l (0-based); the second comes from Stanford CRFM's Mistral GPT-2 runs.
+    scale_attn_weights: bool = True
+    scale_attn_by_inverse_layer_idx: bool = False
+
+    def __post_init__(self) -> None:
+        name = "GPTConfig"
+        for field_name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+            check_int(name, field_name, getattr(self, field_name))
+        check_divides(name, "n_embd", self.n_embd, "n_head", self.n_head)
+        check_optional_int(name, "n_inner", self.n_inner)
+        check_fraction(name, "dropout", self.dropout)
+        check_positive(name, "layer_norm_eps", self.layer_norm_eps)
+        check_choice(name, "activation", self.activation, sorted(ACTIVATIONS))
+        check_choice(name, "attention", self.attention, ATTENTION_IMPLEMENTATIONS)
+        for field_name in ("bias", "tie_embeddings", "scale_attn_weights"):
+            check_bool(name, field_name, getattr(self, field_name))
+        check_bool(name, "scale_attn_by_inverse_layer_idx", self.scale_attn_by_inverse_layer_idx)
+
+    def softmax_scale(self, layer: int) -> float | None:
+        """The attention-score scale of layer ``layer`` (0-based); None when it is the paper's
+        1 / sqrt(d_head), so the attention keeps its default (and fast) path."""
+        if self.scale_attn_weights and not self.scale_attn_by_inverse_layer_idx:
+            return None
+        scale = (self.n_embd // self.n_head) ** -0.5 if self.scale_attn_weights else 1.0
+        if self.scale_attn_by_inverse_layer_idx:
+            scale /= float(layer + 1)
+        return scale
 
 
 class GPT(nn.Module):
@@ -58,14 +99,19 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList(
             TransformerBlock(
                 attn=MultiHeadAttention(
-                    c.n_embd, c.n_head, bias=c.bias, dropout=c.dropout, implementation=c.attention
+                    c.n_embd,
+                    c.n_head,
+                    bias=c.bias,
+                    dropout=c.dropout,
+                    implementation=c.attention,
+                    softmax_scale=c.softmax_scale(i),
                 ),
                 ffn=MLP(c.n_embd, c.n_inner or 4 * c.n_embd, c.activation, c.bias, c.dropout),
                 norm_attn=LayerNorm(c.n_embd, c.layer_norm_eps, c.bias),
                 norm_ffn=LayerNorm(c.n_embd, c.layer_norm_eps, c.bias),
                 pre_norm=True,
             )
-            for _ in range(c.n_layer)
+            for i in range(c.n_layer)
         )
         self.norm_f = LayerNorm(c.n_embd, c.layer_norm_eps, c.bias)
         self.lm_head = nn.Linear(c.n_embd, c.vocab_size, bias=False)

@@ -18,15 +18,26 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lmarch.models.validate import (
+    ConfigError,
+    check_bool,
+    check_choice,
+    check_divides,
+    check_fraction,
+    check_int,
+    check_optional_int,
+    check_positive,
+)
 from lmarch.nn import (
     GatedMLP,
     KVCache,
     MultiHeadAttention,
     RMSNorm,
-    RotaryEmbedding,
     TransformerBlock,
 )
+from lmarch.nn.ffn import ACTIVATIONS
 from lmarch.nn.init import init_normal
+from lmarch.nn.position import check_rope_scaling, rotary_embedding
 
 
 @dataclass
@@ -46,10 +57,47 @@ class LlamaConfig:
     rope_scaling: dict[str, Any] | None = field(default=None)
     partial_rotary_factor: float = 1.0
     tie_embeddings: bool = False
-    attention_bias: bool = False
-    mlp_bias: bool = False
+    attention_bias: bool = False  # biases on the q/k/v and output projections
+    mlp_bias: bool = False  # biases on the gate/up and down projections
+    activation: str = "silu"  # of the gated unit: SwiGLU's SiLU; "gelu" makes it GeGLU
     dropout: float = 0.0
     attention: str = "sdpa"
+
+    def __post_init__(self) -> None:
+        name = "LlamaConfig"
+        for field_name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+            check_int(name, field_name, getattr(self, field_name))
+        check_int(name, "intermediate_size", self.intermediate_size)
+        check_optional_int(name, "n_kv_head", self.n_kv_head)
+        check_optional_int(name, "head_dim", self.head_dim)
+        if self.n_kv_head is not None:
+            check_divides(name, "n_head", self.n_head, "n_kv_head", self.n_kv_head)
+        if self.head_dim is None:
+            check_divides(name, "n_embd", self.n_embd, "n_head", self.n_head)
+        check_positive(name, "rms_norm_eps", self.rms_norm_eps)
+        check_positive(name, "rope_theta", self.rope_theta)
+        if not 0 < self.partial_rotary_factor <= 1:
+            raise ConfigError(
+                f"{name}.partial_rotary_factor must be in (0, 1], got {self.partial_rotary_factor!r}",
+                "partial_rotary_factor",
+            )
+        rotary = int(self.dim_per_head * self.partial_rotary_factor)
+        if rotary < 2 or rotary % 2:
+            raise ConfigError(
+                f"{name}: the rotary width head_dim * partial_rotary_factor = {rotary} must be an "
+                "even number >= 2",
+                "head_dim",
+            )
+        if self.rope_scaling is not None:
+            try:
+                check_rope_scaling(self.rope_scaling, self.rotary_dim, f"{name}.rope_scaling")
+            except ValueError as exc:
+                raise ConfigError(str(exc), "rope_scaling") from exc
+        check_fraction(name, "dropout", self.dropout)
+        check_choice(name, "activation", self.activation, sorted(ACTIVATIONS))
+        check_choice(name, "attention", self.attention, ("sdpa", "reference"))
+        for field_name in ("tie_embeddings", "attention_bias", "mlp_bias"):
+            check_bool(name, field_name, getattr(self, field_name))
 
     @property
     def kv_heads(self) -> int:
@@ -61,6 +109,11 @@ class LlamaConfig:
         """Width of each attention head."""
         return self.head_dim or self.n_embd // self.n_head
 
+    @property
+    def rotary_dim(self) -> int:
+        """How many dims of each head RoPE rotates."""
+        return int(self.dim_per_head * self.partial_rotary_factor)
+
 
 class Llama(nn.Module):
     """The LLaMA architecture. ``forward`` maps token ids [B, T] to next-token logits [B, T, V]."""
@@ -70,12 +123,8 @@ class Llama(nn.Module):
         self.config = c = config
         hd = c.dim_per_head
         self.tok_emb = nn.Embedding(c.vocab_size, c.n_embd)
-        self.rotary = RotaryEmbedding(
-            hd,
-            c.block_size,
-            theta=c.rope_theta,
-            rotary_dim=int(hd * c.partial_rotary_factor),
-            scaling=c.rope_scaling,
+        self.rotary = rotary_embedding(
+            hd, c.block_size, theta=c.rope_theta, rotary_dim=c.rotary_dim, scaling=c.rope_scaling
         )
         self.blocks = nn.ModuleList(
             TransformerBlock(
@@ -88,7 +137,7 @@ class Llama(nn.Module):
                     dropout=c.dropout,
                     implementation=c.attention,
                 ),
-                ffn=GatedMLP(c.n_embd, c.intermediate_size, "silu", c.mlp_bias, c.dropout),
+                ffn=GatedMLP(c.n_embd, c.intermediate_size, c.activation, c.mlp_bias, c.dropout),
                 norm_attn=RMSNorm(c.n_embd, c.rms_norm_eps),
                 norm_ffn=RMSNorm(c.n_embd, c.rms_norm_eps),
                 pre_norm=True,

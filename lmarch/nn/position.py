@@ -49,6 +49,125 @@ class SinusoidalPositionalEmbedding(nn.Module):
 
 # ---- rotary position embeddings ---------------------------------------------------------------
 
+# The RoPE scalings this module implements, with the keys each one reads (beside "type").
+ROPE_SCALING_KEYS: dict[str, tuple[str, ...]] = {
+    "default": (),
+    "linear": ("factor",),
+    "ntk": ("factor",),
+    "dynamic": ("factor", "original_max_position_embeddings"),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+    "yarn": (
+        "factor",
+        "original_max_position_embeddings",
+        "attention_factor",
+        "beta_fast",
+        "beta_slow",
+        "mscale",
+        "mscale_all_dim",
+        "truncate",
+    ),
+}
+# Keys a scaling may lack: the others of ROPE_SCALING_KEYS are required.
+_OPTIONAL_KEYS = {
+    "dynamic": ("original_max_position_embeddings",),
+    "yarn": ("attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "truncate"),
+}
+
+
+def rope_scaling_type(scaling: dict | None) -> str:
+    """The scaling's kind: its ``type`` (or ``rope_type``) key, ``default`` when there is none."""
+    scaling = scaling or {}
+    return scaling.get("type", scaling.get("rope_type", "default"))
+
+
+def check_rope_scaling(scaling: dict, rotary_dim: int, where: str = "rope_scaling") -> None:
+    """Raise ``ValueError`` naming the key when ``scaling`` is not one this module implements
+    (unknown type, missing or non-numeric parameter, unknown key)."""
+    if not isinstance(scaling, dict):
+        raise ValueError(f"{where} must be a dict, got {scaling!r}")
+    kind = rope_scaling_type(scaling)
+    if kind not in ROPE_SCALING_KEYS:
+        raise ValueError(
+            f"{where}: RoPE scaling type {kind!r} is not supported; one of {sorted(ROPE_SCALING_KEYS)}"
+        )
+    allowed = set(ROPE_SCALING_KEYS[kind]) | {"type", "rope_type"}
+    unknown = sorted(set(scaling) - allowed)
+    if unknown:
+        raise ValueError(f"{where}: key {unknown[0]!r} is not used by RoPE scaling {kind!r}")
+    for key in ROPE_SCALING_KEYS[kind]:
+        value = scaling.get(key)
+        if value is None and key in _OPTIONAL_KEYS.get(kind, ()):
+            continue
+        if key == "truncate":
+            if not isinstance(value, bool):
+                raise ValueError(f"{where}: truncate must be true or false, got {value!r}")
+            continue
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not number or not 0 < value < float("inf"):
+            raise ValueError(f"{where}: {key} must be a number > 0, got {value!r}")
+    if kind in ("ntk", "dynamic") and rotary_dim <= 2:
+        raise ValueError(f"{where}: {kind} scaling needs a rotary width > 2, got {rotary_dim}")
+    if kind == "llama3" and scaling["high_freq_factor"] <= scaling["low_freq_factor"]:
+        raise ValueError(f"{where}: high_freq_factor must exceed low_freq_factor")
+
+
+def _yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    """YaRN's attention temperature (Peng et al. 2023, eq. 21): 0.1 * mscale * ln(s) + 1."""
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def rope_attention_factor(scaling: dict | None) -> float:
+    """The factor by which a scaling multiplies cos and sin (so q.k by its square): YaRN's
+    ``attention_factor``, by default 0.1 ln(s) + 1 (or the ratio of the ``mscale`` and
+    ``mscale_all_dim`` temperatures when both are given, as DeepSeek's configs do); 1 otherwise."""
+    if rope_scaling_type(scaling) != "yarn":
+        return 1.0
+    assert scaling is not None
+    if scaling.get("attention_factor") is not None:
+        return float(scaling["attention_factor"])
+    factor, mscale, mscale_all = (scaling.get(k) for k in ("factor", "mscale", "mscale_all_dim"))
+    if mscale and mscale_all:
+        return _yarn_mscale(factor, mscale) / _yarn_mscale(factor, mscale_all)
+    return _yarn_mscale(factor)
+
+
+def _yarn_inverse_frequencies(rotary_dim: int, theta: float, scaling: dict) -> Tensor:
+    """YaRN (Peng et al. 2023, "by parts"): dims that turn fewer than ``beta_slow`` times over
+    the original context are interpolated (omega / s), dims that turn more than ``beta_fast``
+    times keep omega, and a linear ramp over the dims between blends the two."""
+    factor = scaling["factor"]
+    old_len = scaling["original_max_position_embeddings"]
+    beta_fast, beta_slow = scaling.get("beta_fast") or 32, scaling.get("beta_slow") or 1
+    truncate = scaling.get("truncate", True)
+
+    def dim_of(turns: float) -> float:  # the dim index that turns `turns` times over old_len
+        return rotary_dim * math.log(old_len / (turns * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = dim_of(beta_fast), dim_of(beta_slow)
+    if truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, rotary_dim - 1)
+    if low == high:
+        high += 0.001  # a ramp of width zero would divide by zero
+    ramp = ((torch.arange(rotary_dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    powers = theta ** (torch.arange(0, rotary_dim, 2).float() / rotary_dim)
+    keep = 1 - ramp  # 1: extrapolate (keep omega), 0: interpolate (omega / s)
+    return (1.0 / (factor * powers)) * (1 - keep) + (1.0 / powers) * keep
+
+
+def dynamic_ntk_inverse_frequencies(
+    rotary_dim: int, theta: float, factor: float, old_len: int, seq_len: int | Tensor
+) -> Tensor:
+    """Dynamic NTK scaling (emozilla, 2023): for a sequence of ``seq_len`` > ``old_len``
+    positions, the base grows to theta * (s L / L_old - (s - 1))^(d / (d - 2)); up to
+    ``old_len`` it is theta (plain RoPE). Computed in float32 with ``seq_len`` a tensor, as
+    transformers computes it while running, so the frequencies agree to the last bit."""
+    length = torch.as_tensor(seq_len).clamp(min=old_len)
+    base = theta * ((factor * length / old_len) - (factor - 1)) ** (rotary_dim / (rotary_dim - 2))
+    return 1.0 / (
+        base ** (torch.arange(0, rotary_dim, 2, device=length.device).float() / rotary_dim)
+    )
+
 
 def rope_inverse_frequencies(
     rotary_dim: int, theta: float = 10000.0, scaling: dict | None = None
@@ -61,10 +180,16 @@ def rope_inverse_frequencies(
     - ``{"type": "llama3", "factor", "low_freq_factor", "high_freq_factor",
       "original_max_position_embeddings"}`` — Llama 3.1: long wavelengths divided by ``factor``,
       short ones kept, a smooth blend between.
+    - ``{"type": "yarn", "factor", "original_max_position_embeddings", ...}`` — YaRN's
+      frequencies (its attention factor: :func:`rope_attention_factor`).
+    - ``{"type": "dynamic", ...}`` depends on the sequence length: the frequencies here are the
+      ones used up to the original length (plain RoPE); see :class:`DynamicNTKRotaryEmbedding`.
     """
-    kind = (scaling or {}).get("type", (scaling or {}).get("rope_type", "default"))
+    kind = rope_scaling_type(scaling)
     if kind == "ntk":
         theta = theta * scaling["factor"] ** (rotary_dim / (rotary_dim - 2))
+    if kind == "yarn":
+        return _yarn_inverse_frequencies(rotary_dim, theta, scaling)
     # float32 throughout, as the reference implementations compute it, so angles agree bit for bit
     inv_freq = 1.0 / (theta ** (torch.arange(0, rotary_dim, 2).float() / rotary_dim))
     if kind == "linear":
@@ -79,7 +204,7 @@ def rope_inverse_frequencies(
         blended = (1 - smooth) * scaled / factor + smooth * scaled
         medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
         inv_freq = torch.where(medium, blended, scaled)
-    elif kind not in ("default", "ntk"):
+    elif kind not in ("default", "ntk", "dynamic"):
         raise ValueError(f"unknown RoPE scaling type {kind!r}")
     return inv_freq
 
@@ -101,13 +226,41 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return torch.cat((x_rot * cos + rotate_half(x_rot) * sin, x_pass), dim=-1)
 
 
+def _rotate(
+    q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, sin_signed: bool
+) -> tuple[Tensor, Tensor]:
+    """q, k rotated by the angles whose cos / sin rows are given (``sin_signed``: the sin rows
+    have their first half negated and cover the whole head)."""
+    if cos.dtype != q.dtype:
+        cos, sin = cos.to(q.dtype), sin.to(q.dtype)
+    if not sin_signed:
+        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+    # rotate_half(x) * sin == roll(x, d/2) * (sin with its first half negated): the same
+    # products, in two operations instead of five (this runs twice per layer per token)
+    half = cos.shape[-1] // 2
+    return q * cos + q.roll(half, -1) * sin, k * cos + k.roll(half, -1) * sin
+
+
+def _angle_tables(
+    inv_freq: Tensor, positions: Tensor, attention_factor: float
+) -> tuple[Tensor, Tensor]:
+    """cos and sin [len(positions), 2 * len(inv_freq)] of the angles p * omega_j, repeated for
+    the pair partner x_{j+d/2}, times the scaling's attention factor (1 but for YaRN)."""
+    angles = torch.outer(positions.float(), inv_freq)
+    angles = torch.cat((angles, angles), dim=-1)  # same angle for x_j and x_{j+d/2}
+    return angles.cos() * attention_factor, angles.sin() * attention_factor
+
+
 class RotaryEmbedding(nn.Module):
     """Rotary position embedding (RoFormer, Su et al. 2021) for queries and keys.
 
     The angle table for every position up to ``max_positions`` is computed once; calling the
     module with (q, k, start) rotates both by the angles of positions start .. start+T-1, so the
     dot product q_m . k_n depends only on the offset m - n. It plugs into
-    :class:`~lmarch.nn.attention.MultiHeadAttention` as its ``qk_transform``.
+    :class:`~lmarch.nn.attention.MultiHeadAttention` as its ``qk_transform``. With YaRN scaling
+    the tables carry its attention factor (cos and sin times ``attention_factor``), as
+    transformers does. Scalings that depend on the sequence length (``dynamic``) need
+    :class:`DynamicNTKRotaryEmbedding`; :func:`rotary_embedding` picks the class.
     """
 
     def __init__(
@@ -122,12 +275,19 @@ class RotaryEmbedding(nn.Module):
         rotary_dim = rotary_dim or head_dim
         if rotary_dim % 2 or rotary_dim > head_dim:
             raise ValueError(f"rotary_dim {rotary_dim} must be even and <= head_dim {head_dim}")
+        if scaling is not None:
+            check_rope_scaling(scaling, rotary_dim)
+        if rope_scaling_type(scaling) == "dynamic":
+            raise ValueError(
+                "dynamic RoPE scaling depends on the length: DynamicNTKRotaryEmbedding"
+            )
         self.max_positions, self.theta, self.rotary_dim, self.scaling = (
             max_positions,
             theta,
             rotary_dim,
             scaling,
         )
+        self.attention_factor = rope_attention_factor(scaling)
         self.register_buffer("cos", torch.empty(0), persistent=False)
         self.register_buffer("sin", torch.empty(0), persistent=False)
         self.register_buffer("sin_signed", torch.empty(0), persistent=False)
@@ -147,10 +307,8 @@ class RotaryEmbedding(nn.Module):
         with torch.device("cpu"):  # not the ambient default device (meta while loading)
             inv_freq = rope_inverse_frequencies(self.rotary_dim, self.theta, self.scaling)
             positions = torch.arange(self.max_positions, dtype=torch.float32)
-            angles = torch.outer(positions, inv_freq)
-            angles = torch.cat((angles, angles), dim=-1)  # same angle for x_j and x_{j+d/2}
-        self.cos = angles.cos().to(device)
-        self.sin = angles.sin().to(device)
+            cos, sin = _angle_tables(inv_freq, positions, self.attention_factor)
+        self.cos, self.sin = cos.to(device), sin.to(device)
         half = self.rotary_dim // 2
         self.sin_signed = torch.cat((-self.sin[:, :half], self.sin[:, half:]), dim=-1)
 
@@ -163,11 +321,77 @@ class RotaryEmbedding(nn.Module):
             cos, sin = self.cos.index_select(0, index), sin_table.index_select(0, index)
         else:
             cos, sin = self.cos.narrow(0, start, t), sin_table.narrow(0, start, t)
-        if cos.dtype != q.dtype:
-            cos, sin = cos.to(q.dtype), sin.to(q.dtype)
-        if not full:
-            return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        # rotate_half(x) * sin == roll(x, d/2) * (sin with its first half negated): the same
-        # products, in two operations instead of five (this runs twice per layer per token)
-        half = self.rotary_dim // 2
-        return q * cos + q.roll(half, -1) * sin, k * cos + k.roll(half, -1) * sin
+        return _rotate(q, k, cos, sin, full)
+
+
+class DynamicNTKRotaryEmbedding(nn.Module):
+    """RoPE with dynamic NTK scaling (emozilla, 2023), as transformers' ``dynamic`` type runs it.
+
+    A call whose last position is L - 1 rotates its queries and keys with the frequencies of
+    :func:`dynamic_ntk_inverse_frequencies` for length L: plain RoPE while L <= the original
+    context ``original_max_position_embeddings`` (default: ``max_positions``), a base that grows
+    with L beyond it, up to ``max_positions``. Keys already in a cache keep the angles they were
+    written with, as in transformers. (transformers also keeps the largest length seen across
+    calls until a call fits the original context again; here each call uses its own length.)
+
+    Not a :class:`RotaryEmbedding`: native kernels that read fixed angle tables do not take it.
+    """
+
+    def __init__(
+        self,
+        head_dim: int,
+        max_positions: int,
+        theta: float = 10000.0,
+        rotary_dim: int | None = None,
+        scaling: dict | None = None,
+    ) -> None:
+        super().__init__()
+        if rope_scaling_type(scaling) != "dynamic":
+            raise ValueError(f"DynamicNTKRotaryEmbedding needs dynamic scaling, got {scaling!r}")
+        assert scaling is not None
+        rotary_dim = rotary_dim or head_dim
+        check_rope_scaling(scaling, rotary_dim)
+        self.max_positions, self.theta, self.rotary_dim, self.scaling = (
+            max_positions,
+            theta,
+            rotary_dim,
+            scaling,
+        )
+        self.factor = float(scaling["factor"])
+        self.original_length = int(scaling.get("original_max_position_embeddings") or max_positions)
+        # plain RoPE over the original context, where the dynamic base equals theta
+        self.plain = RotaryEmbedding(
+            head_dim, min(max_positions, self.original_length), theta, rotary_dim
+        )
+
+    def reset_tables(self, device: torch.device | str | None = None) -> None:
+        """(Re)compute the plain tables of the original context."""
+        self.plain.reset_tables(device)
+
+    def forward(self, q: Tensor, k: Tensor, start: int | Tensor) -> tuple[Tensor, Tensor]:
+        t = q.shape[-2]
+        if isinstance(start, int):
+            if start + t <= self.original_length:
+                return self.plain(q, k, start)
+            if start + t > self.max_positions:
+                raise ValueError(f"positions up to {start + t} exceed {self.max_positions}")
+        positions = start + torch.arange(t, device=q.device)
+        inv_freq = dynamic_ntk_inverse_frequencies(
+            self.rotary_dim, self.theta, self.factor, self.original_length, positions[-1] + 1
+        )
+        cos, sin = _angle_tables(inv_freq, positions, 1.0)
+        return _rotate(q, k, cos, sin, sin_signed=False)
+
+
+def rotary_embedding(
+    head_dim: int,
+    max_positions: int,
+    theta: float = 10000.0,
+    rotary_dim: int | None = None,
+    scaling: dict | None = None,
+) -> RotaryEmbedding | DynamicNTKRotaryEmbedding:
+    """The rotary module for ``scaling``: :class:`DynamicNTKRotaryEmbedding` for the ``dynamic``
+    type, :class:`RotaryEmbedding` otherwise."""
+    if rope_scaling_type(scaling) == "dynamic":
+        return DynamicNTKRotaryEmbedding(head_dim, max_positions, theta, rotary_dim, scaling)
+    return RotaryEmbedding(head_dim, max_positions, theta, rotary_dim, scaling)

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from torch import Tensor
 
 from lmarch.errors import LmarchError
+from lmarch.models.validate import ConfigError
 from lmarch.weights.safetensors_io import atomic_write, load_tensors, save_tensors
+
+T = TypeVar("T")
 
 
 def read_hf_config(folder: str | Path) -> dict[str, Any]:
@@ -52,3 +57,91 @@ def write_hf_folder(folder: str | Path, config: dict[str, Any], tensors: dict[st
     text = json.dumps(config, indent=2)
     atomic_write(folder / "config.json", lambda tmp: tmp.write_text(text, encoding="utf-8"))
     save_tensors(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+
+
+# ---- which config.json fields change the model ----------------------------------------------
+
+# Fields every transformers config carries that leave a model's logits unchanged: bookkeeping,
+# token ids (used by tokenizers and generation, not by the forward pass), the dtype the weights
+# were saved in, output switches, training-only settings, classification labels (the LM heads
+# loaded here do not use them) and which attention kernel to run (the same function).
+COMMON_INERT = (
+    "_name_or_path", "name_or_path", "transformers_version", "architectures", "model_type",
+    "dtype", "torch_dtype", "output_hidden_states", "output_attentions", "return_dict",
+    "use_return_dict", "torchscript", "use_cache", "initializer_range", "gradient_checkpointing",
+    "chunk_size_feed_forward", "id2label", "label2id", "num_labels", "problem_type",
+    "finetuning_task", "tokenizer_class", "prefix", "task_specific_params", "bos_token_id",
+    "eos_token_id", "pad_token_id", "sep_token_id", "decoder_start_token_id",
+    "attn_implementation", "_attn_implementation", "_commit_hash", "tie_encoder_decoder",
+)  # fmt: skip
+
+# Fields any transformers model honours through shared code (masks, loading, remote code)
+# that lmarch does not implement: accepted only at these values (transformers' defaults).
+COMMON_REFUSED: dict[str, tuple[Any, ...]] = {
+    "is_encoder_decoder": (False,),
+    "add_cross_attention": (False,),
+    "cross_attention_hidden_size": (None,),
+    "is_causal": (True,),  # False gives the decoder a bidirectional mask
+    "sliding_window": (None,),
+    "attention_chunk_size": (None,),
+    "layer_types": (None,),
+    "pruned_heads": ({}, None),
+    "quantization_config": (None,),
+    "auto_map": (None,),  # the folder's own modelling code could read any field
+}
+
+
+@dataclass(frozen=True)
+class HFConfigFields:
+    """How lmarch treats the fields of one family's Hugging Face ``config.json``.
+
+    ``implemented`` fields change our model as they change transformers'; ``inert`` ones do not
+    change the logits in either (the reason beside each); ``refused`` ones are accepted only at
+    the listed values. Keys in none of them are not read by transformers' model code for this
+    family either (legacy keys such as GPT-2's ``n_ctx``, generation defaults), so ignoring
+    them keeps parity.
+    """
+
+    family: str
+    implemented: tuple[str, ...]
+    inert: tuple[str, ...]
+    refused: dict[str, tuple[Any, ...]] = field(default_factory=dict)
+
+    def all_refused(self) -> dict[str, tuple[Any, ...]]:
+        """This family's refused fields and the common ones."""
+        return {**COMMON_REFUSED, **self.refused}
+
+    def check(self, hf: dict[str, Any], where: str = "config.json") -> None:
+        """Raise :class:`LmarchError` naming the first refused field whose value is not one of
+        those lmarch implements."""
+        for key, accepted in self.all_refused().items():
+            if key in hf and not any(_same(hf[key], a) for a in accepted):
+                raise LmarchError(
+                    f"{where}: {self.family} config field {key}={hf[key]!r} is not supported",
+                    hint=f"lmarch implements only {key}={accepted[0]!r}",
+                )
+
+
+def _same(value: Any, accepted: Any) -> bool:
+    if accepted is None:
+        return value is None
+    # True == 1 in Python: a config's booleans and numbers must match in kind as well
+    return type(value) is type(accepted) and value == accepted
+
+
+def refuse(where: str, family: str, key: str, value: Any, supported: str) -> LmarchError:
+    """The error for a config field whose value lmarch does not implement."""
+    return LmarchError(
+        f"{where}: {family} config field {key}={value!r} is not supported",
+        hint=f"lmarch implements {supported}",
+    )
+
+
+def build_config(make: Callable[[], T], hf_names: dict[str, str], where: str, family: str) -> T:
+    """``make()`` (a Config constructor), with a range error restated in terms of the
+    ``config.json`` field it came from (``hf_names``: our field -> theirs)."""
+    try:
+        return make()
+    except ConfigError as exc:
+        key = hf_names.get(exc.field or "", exc.field)
+        raise LmarchError(f"{where}: {family} config field {key}: {exc}") from exc

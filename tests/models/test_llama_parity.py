@@ -34,6 +34,18 @@ CONFIGS = {
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
         rope_scaling={"rope_type": "linear", "factor": 4.0},
     ),
+    # 100-token inputs and 47-token generations run past max_position_embeddings: the base grows
+    "dynamic_rope_biases": dict(
+        vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+        rope_scaling={"rope_type": "dynamic", "factor": 4.0},
+        attention_bias=True, mlp_bias=True,
+    ),
+    "yarn_rope": dict(
+        vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+        rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32},
+    ),
 }  # fmt: skip
 
 
@@ -72,7 +84,9 @@ def test_logits_and_gradients_match(name: str) -> None:
         assert err <= 1e-5, f"gradient of {k} differs by {err}"
 
 
-@pytest.mark.parametrize("name", ["gqa_tied", "mqa_llama3_rope"])
+@pytest.mark.parametrize(
+    "name", ["gqa_tied", "mqa_llama3_rope", "dynamic_rope_biases", "yarn_rope"]
+)
 def test_greedy_generation_equals_transformers(name: str) -> None:
     """40 greedy tokens with our static KV cache equal HF generate's."""
     hf, ours = make_pair(name, seed=4)
@@ -100,3 +114,18 @@ def test_export_round_trips_and_loads_in_transformers(tmp_path) -> None:
     again = load_hf_llama(tmp_path).eval()
     for k, v in ours.state_dict().items():
         assert torch.equal(v, again.state_dict()[k]), k
+
+
+@pytest.mark.parametrize("name", ["dynamic_rope_biases", "yarn_rope"])
+def test_export_keeps_biases_and_rope_scaling(tmp_path, name: str) -> None:
+    """Biases and dynamic / YaRN scaling survive save_hf_llama: transformers reads the folder
+    with the original model's logits (over a length past the original context)."""
+    hf, ours = make_pair(name, seed=6)
+    save_hf_llama(ours, tmp_path)
+    reloaded = transformers.LlamaForCausalLM.from_pretrained(tmp_path).eval()
+    assert reloaded.config.rope_parameters["rope_type"] == hf.config.rope_parameters["rope_type"]
+    ids = torch.randint(0, 97, (1, 90), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert (reloaded(ids).logits - hf(ids).logits).abs().max().item() <= 1e-5
+    again = load_hf_llama(tmp_path).eval()
+    assert again.config == ours.config
