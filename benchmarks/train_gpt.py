@@ -40,6 +40,7 @@ from torch import Tensor, nn
 from lmarch.data import RandomBlockSampler
 from lmarch.data.corpus import TINY_SHAKESPEARE
 from lmarch.models import GPT
+from lmarch.native import accelerate
 from lmarch.tokenizers import CharTokenizer
 from lmarch.train.config import TrainConfig
 from lmarch.train.optim import build_optimizer
@@ -135,6 +136,8 @@ def make_models(shape: str, vocab_size: int, seed: int, hf_eager: bool) -> dict[
 
 
 def make_engine(name: str, model: nn.Module, compiled: bool) -> Engine:
+    if isinstance(model, GPT):
+        accelerate(model, training=True)  # lmarch's native fast paths, as the Trainer does
     module = torch.compile(model) if compiled else model
     if isinstance(model, GPT):
         logits = module

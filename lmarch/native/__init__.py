@@ -1,11 +1,28 @@
-"""lmarch's own CPU kernels (``blockq.c``, ``decoder.c``, ``activations.c``, ``attention.c``):
-built on first use with the system C compiler.
+"""lmarch's own CPU kernels, and the one step that puts them to work: :func:`accelerate`.
+
+``lmarch.native.accelerate(model, training=...)`` swaps, in place, each block of ``model`` that
+a native module reproduces exactly for that module (same parameters, same state-dict keys):
+
+- a GPT-2 block -> :class:`~lmarch.native.gpt_block.NativeGPTBlock` (``gpt_block.c``, one call
+  forward and one backward),
+- causal self-attention -> :class:`~lmarch.native.attention.NativeCausalAttention`
+  (``attention.c``),
+- GPT-2's tanh GELU -> :func:`~lmarch.native.activations.fast_gelu_tanh` (``activations.c``),
+- for inference, a SwiGLU MLP over Q4_1 layers -> :class:`~lmarch.native.swiglu.NativeSwiGLU`
+  (``blockq.c``) and a block-quantised LLaMA layer ->
+  :class:`~lmarch.native.decoder.NativeDecoderBlock` (``decoder.c``, one call per token).
+
+Which modules are swapped and which calls then take a kernel is decided in one place,
+:mod:`lmarch.native.policy`; a call the kernel does not take runs the reference module's own
+forward. The library's interface is declared once, in ``lmarch.h``; :mod:`lmarch.native.abi`
+reads it to declare the functions to ctypes and checks the structs' sizes at load.
 
 The C files are small and have no dependency but libc (and OpenMP, shared with torch), so they
-compile in about a second. The shared library is cached under ``$LMARCH_CACHE_DIR`` (default
-``~/.cache/lmarch``) by a hash of the source, the compiler and the flags, and loaded with
-``ctypes``. Without a compiler, or with ``LMARCH_NATIVE=0``, :func:`native_library` returns
-None and the block-quantised layers fall back to dequantising in PyTorch (correct, slower).
+compile in a few seconds on first use. The shared library ``lmarch-<hash>.so`` is cached under
+``$LMARCH_CACHE_DIR`` (default ``~/.cache/lmarch``) by a hash of the sources, the compiler and
+the flags. Without a compiler, or with ``LMARCH_NATIVE=0``, :func:`native_library` returns None,
+:func:`accelerate` changes nothing and the block-quantised layers dequantise in PyTorch
+(correct, slower).
 
 The matrix products are also registered as PyTorch operators (``torch.ops.lmarch.*``) so that
 ``torch.compile`` keeps them as single opaque calls inside a compiled decode step.
@@ -25,12 +42,15 @@ from functools import cache
 from pathlib import Path
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+
+from lmarch.native import abi
 
 HERE = Path(__file__).parent
 SOURCES = tuple(
     HERE / name
     for name in (
+        "abi.c",
         "blockq.c",
         "decoder.c",
         "activations.c",
@@ -39,8 +59,8 @@ SOURCES = tuple(
         "gpt_block.c",
     )
 )
-HEADERS = (HERE / "blockq.h",)
-QK = 32  # inputs per block, as in llama.cpp's formats
+HEADERS = (HERE / "lmarch.h", HERE / "kernels.h")
+QK = abi.DEFINES["LMARCH_QK"]  # inputs per block, as in llama.cpp's formats
 
 
 def cache_dir() -> Path:
@@ -81,7 +101,7 @@ def build(extra_flags: list[str] | None = None, out_dir: Path | None = None) -> 
     sources = [path.read_bytes() for path in (*SOURCES, *HEADERS)]
     key = hashlib.sha256(b"\0".join([*sources, compiler.encode(), *map(str.encode, flags)]))
     out_dir = out_dir or cache_dir()
-    target = out_dir / f"blockq-{key.hexdigest()[:16]}.so"
+    target = out_dir / f"lmarch-{key.hexdigest()[:16]}.so"
     if target.is_file():
         return target
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -105,51 +125,10 @@ def build(extra_flags: list[str] | None = None, out_dir: Path | None = None) -> 
 
 
 def load(path: Path) -> ctypes.CDLL:
-    """Load a library built by :func:`build` and declare its functions' signatures."""
-    lib = ctypes.CDLL(str(path))
-    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    for name in ("lmarch_q4_1_matmul", "lmarch_q8_0_matmul"):
-        getattr(lib, name).argtypes = [p, i64, i64, p, p, i64, p, i32]
-        getattr(lib, name).restype = i32
-    lib.lmarch_q4_1_swiglu.argtypes = [p, i64, i64, p, p, i64, p, p, p, i32]
-    lib.lmarch_q4_1_swiglu.restype = i32
-    lib.lmarch_blockq_simd.restype = i32
-    lib.lmarch_decoder_layer.argtypes = [p, p, p, p, i64, p, p, i64, i32]
-    lib.lmarch_decoder_layer.restype = i32
-    lib.lmarch_gelu_tanh_forward.argtypes = [p, p, i64, i32]
-    lib.lmarch_gelu_tanh_forward.restype = None
-    lib.lmarch_gelu_tanh_backward.argtypes = [p, p, p, i64, i32]
-    lib.lmarch_gelu_tanh_backward.restype = None
-    u64, f32 = ctypes.c_uint64, ctypes.c_float
-    drop = [f32, u64, i64]  # dropout p, its seed, the first batch row
-    lib.lmarch_causal_attention_forward.argtypes = [p, i64, i64, i64, i64, i64, p, p, i32, *drop]
-    lib.lmarch_causal_attention_forward.restype = i32
-    lib.lmarch_causal_attention_backward.argtypes = [
-        *[p, p, p, p, i64, i64, i64, i64, i64, p, i32],
-        *drop,
-    ]
-    lib.lmarch_causal_attention_backward.restype = i32
-    lib.lmarch_layer_norm_forward.argtypes = [p, p, p, p, p, p, i64, i64, f32, i32]
-    lib.lmarch_layer_norm_forward.restype = None
-    lib.lmarch_layer_norm_backward.argtypes = [p, p, p, p, p, p, p, p, p, i64, i64, i32]
-    lib.lmarch_layer_norm_backward.restype = i32
-    lib.lmarch_rows_plus_bias.argtypes = [p, p, p, i64, i64, i32]
-    lib.lmarch_rows_plus_bias.restype = None
-    lib.lmarch_mul_column_sums.argtypes = [p, p, p, i64, i64, i32]
-    lib.lmarch_mul_column_sums.restype = i32
-    lib.lmarch_gelu_tanh_forward_slope.argtypes = [p, p, p, i64, i32]
-    lib.lmarch_gelu_tanh_forward_slope.restype = None
-    lib.lmarch_gelu_erf_forward_slope.argtypes = [p, p, p, i64, i32]
-    lib.lmarch_gelu_erf_forward_slope.restype = None
-    lib.lmarch_add_dropped.argtypes = [p, p, p, i64, i64, i64, f32, u64, i32]
-    lib.lmarch_add_dropped.restype = None
-    lib.lmarch_set_sgemm.argtypes = [p]
-    lib.lmarch_set_sgemm.restype = None
-    lib.lmarch_sgemm_check.restype = i32
-    lib.lmarch_gpt_block_forward.argtypes = [p, p, p, p, p, p, p, p, i32]
-    lib.lmarch_gpt_block_forward.restype = i32
-    lib.lmarch_gpt_block_backward.argtypes = [p, p, p, p, p, p, p, p, p, i32]
-    lib.lmarch_gpt_block_backward.restype = i32
+    """Load a library built by :func:`build`: declare its functions from ``lmarch.h``, check its
+    structs' sizes against Python's (``RuntimeError`` on a mismatch) and hand it PyTorch's sgemm."""
+    lib = abi.declare(ctypes.CDLL(str(path)))
+    abi.check_struct_sizes(lib)
     sgemm = torch_sgemm()
     if sgemm is not None:
         lib.lmarch_set_sgemm(sgemm)
@@ -196,6 +175,16 @@ def native_library() -> ctypes.CDLL | None:
 def native_available() -> bool:
     """True when :func:`native_library` could be built and loaded."""
     return native_library() is not None
+
+
+def accelerate(model: nn.Module, *, training: bool) -> nn.Module:
+    """Swap lmarch's native fast paths into ``model``, in place, and return it (see the module
+    docstring); ``training=False`` adds the inference-only ones (block-quantised SwiGLU and
+    decoder layers). The identity without the native library (``LMARCH_NATIVE=0``, no C
+    compiler)."""
+    from lmarch.native.swaps import accelerate as swap_in
+
+    return swap_in(model, training=training)
 
 
 def block_matmul(function: str, x: Tensor, codes: Tensor, constants: Tensor, lib=None) -> Tensor:  # type: ignore[no-untyped-def]
@@ -311,6 +300,7 @@ q8_0_matmul = torch.ops.lmarch.q8_0_matmul.default
 
 __all__ = [
     "QK",
+    "accelerate",
     "blas_ready",
     "block_matmul",
     "build",

@@ -12,7 +12,7 @@
  * value; here eight values go through one polynomial exponential (AVX2), so the activation of a
  * small GPT costs a memory pass instead of a large part of its training step.
  */
-#include "blockq.h"
+#include "kernels.h"
 
 #define GELU_C 0.7978845608028654f /* sqrt(2 / pi) */
 #define GELU_A 0.044715f

@@ -3,17 +3,23 @@
 ``native_gelu_tanh(x)`` is 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) for a float32 CPU
 tensor: an autograd Function in eager code, the operator ``lmarch::gelu_tanh`` (with its
 backward ``lmarch::gelu_tanh_backward``) inside graphs ``torch.compile`` traces, where Inductor
-calls it as it is: its own CPU code for this activation is no faster than PyTorch's. The backward
-is not itself differentiable.
+calls it as it is: its own CPU code for this activation is no faster than PyTorch's. Under
+``create_graph=True`` (second derivatives) the eager backward is PyTorch's own GELU, so it is
+differentiable again.
+
+:func:`fast_gelu_tanh` is what :func:`lmarch.native.accelerate` puts in place of
+:func:`lmarch.nn.ffn.gelu_tanh`: the kernel where :func:`lmarch.native.policy.gelu_call` says it
+pays, PyTorch's GELU everywhere else.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from lmarch.native import gelu_tanh_backward, gelu_tanh_forward
+from lmarch.native.policy import gelu_call
 
 
 class _NativeGeluTanh(torch.autograd.Function):
@@ -26,9 +32,11 @@ class _NativeGeluTanh(torch.autograd.Function):
         return gelu_tanh_forward(x)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad: Tensor) -> Tensor:  # type: ignore[override]
         (x,) = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: a backward that is itself differentiable
+            y = F.gelu(x, approximate="tanh")  # the saved x keeps its graph
+            return torch.autograd.grad(y, x, grad, create_graph=True)[0]
         return gelu_tanh_backward(x, grad)
 
 
@@ -69,4 +77,12 @@ def native_gelu_tanh(x: Tensor) -> Tensor:
     return _NativeGeluTanh.apply(x)
 
 
-__all__ = ["native_gelu_tanh"]
+def fast_gelu_tanh(x: Tensor) -> Tensor:
+    """GPT-2's GELU (:func:`lmarch.nn.ffn.gelu_tanh`, the same values to ~1e-7) on lmarch's
+    kernel for large float32 CPU tensors, on ``F.gelu`` for everything else."""
+    if gelu_call(x):
+        return native_gelu_tanh(x)
+    return F.gelu(x, approximate="tanh")
+
+
+__all__ = ["fast_gelu_tanh", "native_gelu_tanh"]

@@ -14,7 +14,7 @@
  *     dK = dS^T Q / sqrt(D)
  *
  * With dropout p on the probabilities (training), P is replaced by Pd = P * M / (1 - p) in Y = Pd V,
- * M the keep mask drawn from a seed (dropout_keep in blockq.h: nothing stored, the backward
+ * M the keep mask drawn from a seed (dropout_keep in kernels.h: nothing stored, the backward
  * redraws it); then dV = Pd^T dY, dP = (dY V^T) * M / (1 - p), and delta_i = dY_i . Y_i still.
  *
  * One task is one (batch row, key/value head): it copies its heads into small padded matrices
@@ -22,7 +22,7 @@
  * a small model's lengths the work is arithmetic, not set-up. PyTorch's fused CPU kernel
  * spends most of its time at T = 64 on set-up and on the copies between layouts.
  */
-#include "blockq.h"
+#include "kernels.h"
 
 /* What a product may skip because of the causal mask (i: row of C, j: column, p: inner). */
 enum {

@@ -6,15 +6,25 @@ softmax(q k^T / sqrt(D), causal) v per head, grouped-query when H_kv < H. It is 
 with its own backward (``lmarch::causal_attention``), so it trains, and ``torch.compile`` keeps
 it as one opaque call. The forward saves the log-sum-exp of each row and the backward
 recomputes the probabilities from it (FlashAttention's trick; memory O(B H T), not O(B H T^2)).
+Under ``create_graph=True`` (second derivatives) the eager backward recomputes the attention with
+PyTorch's operators from the saved projection, so its gradient is differentiable again.
+
+:class:`NativeCausalAttention` is the :class:`~lmarch.nn.attention.MultiHeadAttention` that
+:func:`lmarch.native.accelerate` swaps in: the kernel for the calls
+:func:`lmarch.native.policy.causal_attention_call` accepts, the reference forward for the rest.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from lmarch.native import native_library
+from lmarch.native.policy import causal_attention_call
+from lmarch.nn.attention import MultiHeadAttention, QKTransform, causal_mask, repeat_kv
+from lmarch.nn.cache import KVCache
 
 
 def attention_forward(
@@ -130,10 +140,30 @@ class _PackedCausalAttention(torch.autograd.Function):
         return y
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad: Tensor):  # type: ignore[no-untyped-def, override]
         qkv, y, lse = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: a backward that is differentiable
+            again = reference_causal_attention(qkv, *ctx.shape)  # the saved qkv keeps its graph
+            return torch.autograd.grad(again, qkv, grad, create_graph=True)[0], None, None, None
         return attention_backward(qkv, y, lse, grad, *ctx.shape), None, None, None
+
+
+def reference_causal_attention(
+    qkv: Tensor, heads: int, kv_heads: int, head_dim: int, keep: Tensor | None = None
+) -> Tensor:
+    """What the kernel computes, in PyTorch's operators (twice differentiable): qkv
+    [B, T, (H + 2 H_kv) D] -> [B, T, H D]; ``keep`` [B, H, T, T], when given, multiplies the
+    probabilities (a dropout mask already scaled by 1 / (1 - p))."""
+    b, t, _ = qkv.shape
+    q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+    q = q.reshape(b, t, heads, head_dim).transpose(1, 2)
+    k = repeat_kv(k.reshape(b, t, kv_heads, head_dim).transpose(1, 2), heads // kv_heads)
+    v = repeat_kv(v.reshape(b, t, kv_heads, head_dim).transpose(1, 2), heads // kv_heads)
+    scores = (q @ k.transpose(-2, -1)) / math.sqrt(head_dim)
+    probs = torch.softmax(scores.masked_fill(~causal_mask(t, t, qkv.device), float("-inf")), -1)
+    if keep is not None:
+        probs = probs * keep
+    return (probs @ v).transpose(1, 2).reshape(b, t, heads * head_dim)
 
 
 def packed_causal_attention(qkv: Tensor, heads: int, kv_heads: int, head_dim: int) -> Tensor:
@@ -145,10 +175,37 @@ def packed_causal_attention(qkv: Tensor, heads: int, kv_heads: int, head_dim: in
     return _PackedCausalAttention.apply(qkv, heads, kv_heads, head_dim)
 
 
+class NativeCausalAttention(MultiHeadAttention):
+    """:class:`~lmarch.nn.attention.MultiHeadAttention` whose plain causal self-attention calls
+    run on ``attention.c`` between the same projections (same parameters, same state dict);
+    every other call (cache, mask, position hook, autocast, other dtypes or devices, dropout in
+    training, T > ``NATIVE_MAX_LEN``) takes the reference :meth:`attend`."""
+
+    def forward(
+        self,
+        x: Tensor,
+        *,
+        attention_mask: Tensor | None = None,
+        cache: KVCache | None = None,
+        layer_index: int = 0,
+        start: int | Tensor = 0,
+        qk_transform: QKTransform | None = None,
+    ) -> Tensor:
+        """x: [B, T, dim] -> [B, T, dim], as :meth:`MultiHeadAttention.forward`."""
+        qkv = self.qkv(x)
+        if causal_attention_call(self, qkv, attention_mask, cache, qk_transform):
+            y = packed_causal_attention(qkv, self.n_heads, self.n_kv_heads, self.head_dim)
+            return self.resid_dropout(self.out(y))
+        kw = dict(attention_mask=attention_mask, cache=cache, layer_index=layer_index, start=start)
+        return self.attend(qkv, x.dtype, qk_transform=qk_transform, **kw)
+
+
 __all__ = [
+    "NativeCausalAttention",
     "attention_backward",
     "attention_forward",
     "causal_attention",
     "causal_attention_backward",
     "packed_causal_attention",
+    "reference_causal_attention",
 ]

@@ -1,5 +1,5 @@
-/* Matrix products in GGUF's Q4_1 and Q8_0 block formats (equations in blockq.h). */
-#include "blockq.h"
+/* Matrix products in GGUF's Q4_1 and Q8_0 block formats (equations in kernels.h). */
+#include "kernels.h"
 
 /* Four activation rows (i0 .. i0+3) against one Q4_1 row: each block's codes are widened once
  * and used four times, which is what makes a prompt (many rows) cheaper than four tokens. */

@@ -11,35 +11,19 @@
  *     h  = RMSNorm(x) g_ffn
  *     x  = x + W_down (SiLU(W_gate h) * (W_up h))    (SwiGLU; W_gate, W_up: halves of W_gu)
  *
- * Every matrix is in a GGUF block format (Q4_1 or Q8_0, see blockq.h). The PyTorch model runs
+ * Every matrix is in a GGUF block format (Q4_1 or Q8_0, see kernels.h). The PyTorch model runs
  * the same equations as ~25 operators a layer; while decoding one token each of them takes
  * longer to dispatch than to compute, so here the whole layer is one OpenMP parallel region:
  * the four products split their rows across threads, attention splits its heads, and the
  * small vector steps run on one thread between barriers.
  */
-#include "blockq.h"
+#include "kernels.h"
 
-enum { MAT_Q4_1 = 0, MAT_Q8_0 = 1 };
-
-/* A weight matrix [n, k] in a block format: codes and float16 constants (bits). */
-typedef struct {
-    int64_t type;
-    const void *codes;
-    const uint16_t *constants;
-} lmarch_matrix;
-
-/* The weights and shape of one layer; built once on the Python side (ctypes). */
-typedef struct {
-    int64_t dim, n_heads, n_kv_heads, head_dim, rotary_dim, hidden;
-    float eps;
-    const float *norm_attn, *norm_ffn;
-    lmarch_matrix qkv, out, gate_up, down;
-} lmarch_layer;
 
 /* Row j of w [n, k] against one quantised activation row. */
 static inline float matrix_row(const lmarch_matrix *w, int64_t j, int64_t k, const act_rows *a) {
     const int64_t nb = k / QK;
-    if (w->type == MAT_Q4_1)
+    if (w->type == LMARCH_MAT_Q4_1)
         return dot_q4_1((const uint8_t *)w->codes + j * (k / 2), w->constants + j * nb * 2, a->p,
                         a->e, a->sx, nb);
     return dot_q8_0((const int8_t *)w->codes + j * k, w->constants + j * nb, a->p, a->e, nb);

@@ -15,7 +15,7 @@
  * the gradient itself (thread 0) or into its own buffer, and the buffers are added in thread
  * order afterwards, so for a given thread count the result does not depend on scheduling.
  */
-#include "blockq.h"
+#include "kernels.h"
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -54,35 +54,33 @@ int lmarch_sgemm_check(void) {
     return 1;
 }
 
-/* The helpers of layernorm.c, activations.c and attention.c, called per thread. */
-void lmarch_layer_norm_forward(const float *, const float *, const float *, float *, float *,
-                               float *, int64_t, int64_t, float, int);
-int lmarch_layer_norm_backward(const float *, const float *, const float *, const float *,
-                               const float *, const float *, float *, float *, float *, int64_t,
-                               int64_t, int);
-void lmarch_rows_plus_bias(const float *, const float *, float *, int64_t, int64_t, int);
-int lmarch_mul_column_sums(float *, const float *, float *, int64_t, int64_t, int);
-void lmarch_gelu_tanh_forward_slope(const float *, float *, float *, int64_t, int);
-void lmarch_gelu_erf_forward_slope(const float *, float *, float *, int64_t, int);
-int lmarch_causal_attention_forward(const float *, int64_t, int64_t, int64_t, int64_t, int64_t,
-                                    float *, float *, int, float, uint64_t, int64_t);
-int lmarch_causal_attention_backward(const float *, const float *, const float *, const float *,
-                                     int64_t, int64_t, int64_t, int64_t, int64_t, float *, int,
-                                     float, uint64_t, int64_t);
-void lmarch_add_dropped(const float *, const float *, float *, int64_t, int64_t, int64_t, float,
-                        uint64_t, int);
-
-/* Parameter and saved-tensor slots (a NULL bias is absent). */
-enum { LN1_W, LN1_B, QKV_W, QKV_B, OUT_W, OUT_B, LN2_W, LN2_B, FC_W, FC_B, PR_W, PR_B, N_PARAMS };
-enum { LN1, MEAN1, RSTD1, QKV, ATT, LSE, X1, LN2, MEAN2, RSTD2, SLOPE, ACT, N_SAVED };
+/* Parameter and saved-tensor slots (lmarch.h), by short names. */
+enum {
+    LN1_W = LMARCH_GPT_LN1_W, LN1_B = LMARCH_GPT_LN1_B, QKV_W = LMARCH_GPT_QKV_W,
+    QKV_B = LMARCH_GPT_QKV_B, OUT_W = LMARCH_GPT_OUT_W, OUT_B = LMARCH_GPT_OUT_B,
+    LN2_W = LMARCH_GPT_LN2_W, LN2_B = LMARCH_GPT_LN2_B, FC_W = LMARCH_GPT_FC_W,
+    FC_B = LMARCH_GPT_FC_B, PR_W = LMARCH_GPT_PR_W, PR_B = LMARCH_GPT_PR_B,
+    N_PARAMS = LMARCH_GPT_N_PARAMS
+};
+enum {
+    LN1 = LMARCH_GPT_SAVED_LN1, MEAN1 = LMARCH_GPT_SAVED_MEAN1, RSTD1 = LMARCH_GPT_SAVED_RSTD1,
+    QKV = LMARCH_GPT_SAVED_QKV, ATT = LMARCH_GPT_SAVED_ATT, LSE = LMARCH_GPT_SAVED_LSE,
+    X1 = LMARCH_GPT_SAVED_X1, LN2 = LMARCH_GPT_SAVED_LN2, MEAN2 = LMARCH_GPT_SAVED_MEAN2,
+    RSTD2 = LMARCH_GPT_SAVED_RSTD2, SLOPE = LMARCH_GPT_SAVED_SLOPE, ACT = LMARCH_GPT_SAVED_ACT
+};
 
 typedef struct {
     int64_t batch, t, c, heads, kv_heads, d, hidden, exact_gelu;
     int64_t width, att; /* (H + 2 H_kv) D and H D */
+    float drop[2];      /* attention, MLP */
+    uint64_t seeds[3];  /* probabilities, attention branch, MLP branch */
 } dims_t;
 
-static dims_t read_dims(const int64_t *v) {
-    dims_t s = {v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7], 0, 0};
+static dims_t read_dims(const lmarch_gpt_shape *v) {
+    dims_t s = {v->batch, v->t,      v->c,      v->heads, v->kv_heads,
+                v->head_dim, v->hidden, v->exact_gelu, 0, 0,
+                {v->dropout_attn, v->dropout_mlp},
+                {v->seed_probs, v->seed_attn, v->seed_mlp}};
     s.width = (s.heads + 2 * s.kv_heads) * s.d;
     s.att = s.heads * s.d;
     return s;
@@ -98,16 +96,14 @@ static inline void thread_info(int *id, int *count) {
 #endif
 }
 
-/* dims: B, T, C, H, H_kv, D, F (hidden width), and 1 for the exact (erf) GELU or 0 for the
- * tanh form. p: the 12 parameters. s: the 12 saved tensors, written. drop: dropout on the
- * attention (its probabilities and its residual branch) and on the MLP's residual branch, 0 when
- * off; seeds: the masks' streams for the probabilities and the two branches (dropout_keep in
- * blockq.h). Returns 0, or -1 when out of memory (or no sgemm). */
+/* p: the 12 parameters; s: the 12 saved tensors, written (slots in lmarch.h). Returns 0, or
+ * -1 when out of memory (or no sgemm). */
 int lmarch_gpt_block_forward(const float *x, const float *const *p, float *const *s, float *y,
-                             const int64_t *dims, const float *eps, const float *drop,
-                             const uint64_t *seeds, int threads) {
+                             const lmarch_gpt_shape *shape, int threads) {
     if (!sgemm) return -1;
-    const dims_t z = read_dims(dims);
+    const dims_t z = read_dims(shape);
+    const float *drop = z.drop, eps[2] = {shape->eps1, shape->eps2};
+    const uint64_t *seeds = z.seeds;
     const int dropping = drop[0] > 0.0f || drop[1] > 0.0f;
     int failed = 0;
 #pragma omp parallel num_threads(threads)
@@ -171,14 +167,15 @@ static void grad_sizes(const dims_t *z, const float *const *p, int64_t *size) {
     for (int i = 0; i < N_PARAMS; i++) size[i] = p[i] ? full[i] : 0;
 }
 
-/* dx and the 12 gradients g (NULL where p is NULL), written, from dy; drop and seeds as given
- * to the forward. */
+/* dx and the 12 gradients g (NULL where p is NULL), written, from dy; shape as given to the
+ * forward. */
 int lmarch_gpt_block_backward(const float *dy, const float *x, const float *const *p,
                               const float *const *s, float *dx, float *const *g,
-                              const int64_t *dims, const float *drop, const uint64_t *seeds,
-                              int threads) {
+                              const lmarch_gpt_shape *shape, int threads) {
     if (!sgemm) return -1;
-    const dims_t z = read_dims(dims);
+    const dims_t z = read_dims(shape);
+    const float *drop = z.drop;
+    const uint64_t *seeds = z.seeds;
     int64_t size[N_PARAMS], total = 0;
     grad_sizes(&z, p, size);
     for (int i = 0; i < N_PARAMS; i++) total += size[i];

@@ -26,21 +26,35 @@ uses (MKL's sgemm: the same products the module version computes). Two ways to r
   over its sequences from start to finish, no barrier between operations;
 - otherwise PyTorch's products (``addmm``, ``mm``) between the same kernels.
 
-:class:`lmarch.nn.TransformerBlock` routes float32 CPU GPT-2 blocks here; everything else takes
-the module path, which the tests hold both ways to (in float64).
+:class:`NativeGPTBlock` is the :class:`~lmarch.nn.block.TransformerBlock` that
+:func:`lmarch.native.accelerate` swaps in for GPT-2 blocks: this call where
+:func:`lmarch.native.policy.gpt_block_call` allows it, the reference forward everywhere else (the
+tests hold both to the module path in float64). The order of the twelve parameters and of the
+saved tensors is declared once, in ``lmarch.h``. Under ``create_graph=True`` (second derivatives,
+e.g. a gradient penalty) the eager backward recomputes the block with PyTorch's operators from
+the saved inputs (dropout masks included), so its gradients are differentiable again.
 """
 
 from __future__ import annotations
 
 import ctypes
+from collections import namedtuple
 from typing import NamedTuple
 
 import torch
-from torch import Tensor
-from torch.autograd.function import once_differentiable
+import torch.nn.functional as F
+from torch import Tensor, nn
 
-from lmarch.native import blas_ready, native_library
-from lmarch.native.attention import attention_backward, attention_forward
+from lmarch.native import abi, blas_ready, native_library
+from lmarch.native.attention import (
+    attention_backward,
+    attention_forward,
+    reference_causal_attention,
+)
+from lmarch.native.policy import gpt_block_call
+from lmarch.nn.attention import QKTransform
+from lmarch.nn.block import TransformerBlock
+from lmarch.nn.cache import KVCache
 
 
 class BlockShape(NamedTuple):
@@ -74,10 +88,42 @@ def _add_dropped(base: Tensor | None, o: Tensor, p: float, seed: int) -> Tensor:
     return out
 
 
-# Parameter order everywhere below (None for an absent bias):
-# ln1.weight, ln1.bias, qkv.weight, qkv.bias, out.weight, out.bias,
-# ln2.weight, ln2.bias, fc.weight, fc.bias, proj.weight, proj.bias
-N_PARAMS = 12
+# The parameters' slots (lmarch.h's lmarch_gpt_param) and where each lives in a TransformerBlock.
+_SLOTS = abi.enum_names("lmarch_gpt_param", "LMARCH_GPT_")
+_WHERE = {
+    "LN1_W": "norm_attn.weight",
+    "LN1_B": "norm_attn.bias",
+    "QKV_W": "attn.qkv.weight",
+    "QKV_B": "attn.qkv.bias",
+    "OUT_W": "attn.out.weight",
+    "OUT_B": "attn.out.bias",
+    "LN2_W": "norm_ffn.weight",
+    "LN2_B": "norm_ffn.bias",
+    "FC_W": "ffn.fc_in.weight",
+    "FC_B": "ffn.fc_in.bias",
+    "PR_W": "ffn.fc_out.weight",
+    "PR_B": "ffn.fc_out.bias",
+}
+if set(_WHERE) != set(_SLOTS):
+    raise RuntimeError(f"lmarch.h's GPT-2 block slots {_SLOTS} differ from gpt_block.py's")
+# The parameters as state-dict keys of the block, in the kernel's order (None: an absent bias).
+BLOCK_PARAMETERS = tuple(_WHERE[slot] for slot in _SLOTS)
+N_PARAMS = len(BLOCK_PARAMETERS)
+Params = namedtuple("Params", [slot.lower() for slot in _SLOTS])  # type: ignore[misc]
+Saved = namedtuple(  # type: ignore[misc]
+    "Saved", [slot.lower() for slot in abi.enum_names("lmarch_gpt_saved", "LMARCH_GPT_SAVED_")]
+)
+_PATHS = tuple(tuple(key.split(".")) for key in BLOCK_PARAMETERS)
+
+
+def _block_parameters(block: nn.Module) -> list[Tensor | None]:
+    found = []
+    for path in _PATHS:  # a plain loop: torch.compile traces it (not operator.attrgetter)
+        value = block
+        for name in path:
+            value = getattr(value, name)
+        found.append(value)
+    return found
 
 
 def _ptr(t: Tensor | None) -> int | None:
@@ -155,33 +201,39 @@ def _pointers(tensors: list[Tensor | None]) -> ctypes.Array:
     return (ctypes.c_void_p * len(tensors))(*[_ptr(t) for t in tensors])
 
 
-def _dims(x: Tensor, params: list[Tensor | None], shape: BlockShape) -> ctypes.Array:
+def _c_shape(x: Tensor, params: list[Tensor | None], shape: BlockShape, seed: int):  # type: ignore[no-untyped-def]
+    """lmarch.h's ``lmarch_gpt_shape`` for this call."""
     b, t, c = x.shape
-    hidden = params[8].shape[0]
-    return (ctypes.c_int64 * 8)(
-        b, t, c, shape.heads, shape.kv_heads, shape.head_dim, hidden, int(shape.exact_gelu)
-    )
+    seed_probs, seed_attn, seed_mlp = _seeds(seed)
+    return abi.STRUCTS["lmarch_gpt_shape"](
+        batch=b, t=t, c=c, heads=shape.heads, kv_heads=shape.kv_heads, head_dim=shape.head_dim,
+        hidden=Params(*params).fc_w.shape[0], exact_gelu=int(shape.exact_gelu), eps1=shape.eps1,
+        eps2=shape.eps2, dropout_attn=shape.dropout_attn, dropout_mlp=shape.dropout_mlp,
+        seed_probs=seed_probs, seed_attn=seed_attn, seed_mlp=seed_mlp,
+    )  # fmt: skip
 
 
-def _dropout_args(shape: BlockShape, seed: int) -> tuple[ctypes.Array, ctypes.Array]:
-    return (ctypes.c_float * 2)(shape.dropout_attn, shape.dropout_mlp), (ctypes.c_uint64 * 3)(
-        *_seeds(seed)
-    )
+def _saved_sizes(b: int, t: int, c: int, width: int, hidden: int, shape: BlockShape) -> Saved:
+    """The shapes of the saved tensors."""
+    n = b * t
+    return Saved(
+        ln1=(n, c), mean1=(n,), rstd1=(n,), qkv=(n, width), att=(n, shape.heads * shape.head_dim),
+        lse=(b, shape.heads, t), x1=(n, c), ln2=(n, c), mean2=(n,), rstd2=(n,),
+        slope=(n, hidden), act=(n, hidden),
+    )  # fmt: skip
 
 
 def _threaded_forward(
     x: Tensor, params: list[Tensor | None], shape: BlockShape, seed: int
 ) -> tuple[Tensor, list[Tensor]]:
     b, t, c = x.shape
-    n, width, hidden = b * t, params[2].shape[0], params[8].shape[0]
-    sizes = [(n, c), (n,), (n,), (n, width), (n, shape.heads * shape.head_dim)]
-    sizes += [(b, shape.heads, t), (n, c), (n, c), (n,), (n,), (n, hidden), (n, hidden)]
+    p = Params(*params)
+    sizes = _saved_sizes(b, t, c, p.qkv_w.shape[0], p.fc_w.shape[0], shape)
     saved = [x.new_empty(size) for size in sizes]
     y = torch.empty_like(x)
     status = native_library().lmarch_gpt_block_forward(
-        x.data_ptr(), _pointers(params), _pointers(saved), y.data_ptr(), _dims(x, params, shape),
-        (ctypes.c_float * 2)(shape.eps1, shape.eps2), *_dropout_args(shape, seed),
-        torch.get_num_threads(),
+        x.data_ptr(), _pointers(params), _pointers(saved), y.data_ptr(),
+        ctypes.byref(_c_shape(x, params, shape, seed)), torch.get_num_threads(),
     )  # fmt: skip
     if status:
         raise MemoryError("lmarch_gpt_block_forward: out of memory")
@@ -200,7 +252,7 @@ def _threaded_backward(
     dx = torch.empty_like(x)
     status = native_library().lmarch_gpt_block_backward(
         grad.contiguous().data_ptr(), x.data_ptr(), _pointers(params), _pointers(saved),
-        dx.data_ptr(), _pointers(grads), _dims(x, params, shape), *_dropout_args(shape, seed),
+        dx.data_ptr(), _pointers(grads), ctypes.byref(_c_shape(x, params, shape, seed)),
         torch.get_num_threads(),
     )  # fmt: skip
     if status:
@@ -215,26 +267,30 @@ def block_forward(
     ``seed`` draws the dropout masks when ``shape`` has dropout (the backward needs it too)."""
     if _threaded(x.shape[0]):
         return _threaded_forward(x, params, shape, seed)
-    ln1_w, ln1_b, qkv_w, qkv_b, out_w, out_b, ln2_w, ln2_b, fc_w, fc_b, pr_w, pr_b = params
+    p = Params(*params)
     p_attn, p_mlp = shape.dropout_attn, shape.dropout_mlp
     seed_p, seed_attn, seed_mlp = _seeds(seed)
     b, t, c = x.shape
     x2 = x.reshape(b * t, c)
-    ln1, mean1, rstd1 = _layer_norm(x2, ln1_w, ln1_b, shape.eps1)
-    qkv = _linear(ln1, qkv_w, qkv_b)
+    ln1, mean1, rstd1 = _layer_norm(x2, p.ln1_w, p.ln1_b, shape.eps1)
+    qkv = _linear(ln1, p.qkv_w, p.qkv_b)
     att, lse = attention_forward(qkv.view(b, t, -1), *shape[:3], p_attn, seed_p)
     att = att.view(b * t, -1)
     if p_attn > 0:
-        x1 = _add_dropped(x2, _linear(att, out_w, out_b), p_attn, seed_attn)
+        x1 = _add_dropped(x2, _linear(att, p.out_w, p.out_b), p_attn, seed_attn)
     else:
-        x1 = _plus_bias(x2, out_b).addmm_(att, out_w.t())
-    ln2, mean2, rstd2 = _layer_norm(x1, ln2_w, ln2_b, shape.eps2)
-    a, slope = _gelu_with_slope(_linear(ln2, fc_w, fc_b), shape.exact_gelu)
+        x1 = _plus_bias(x2, p.out_b).addmm_(att, p.out_w.t())
+    ln2, mean2, rstd2 = _layer_norm(x1, p.ln2_w, p.ln2_b, shape.eps2)
+    a, slope = _gelu_with_slope(_linear(ln2, p.fc_w, p.fc_b), shape.exact_gelu)
     if p_mlp > 0:
-        y = _add_dropped(x1, _linear(a, pr_w, pr_b), p_mlp, seed_mlp)
+        y = _add_dropped(x1, _linear(a, p.pr_w, p.pr_b), p_mlp, seed_mlp)
     else:
-        y = _plus_bias(x1, pr_b).addmm_(a, pr_w.t())
-    return y.view(b, t, c), [ln1, mean1, rstd1, qkv, att, lse, x1, ln2, mean2, rstd2, slope, a]
+        y = _plus_bias(x1, p.pr_b).addmm_(a, p.pr_w.t())
+    saved = Saved(
+        ln1=ln1, mean1=mean1, rstd1=rstd1, qkv=qkv, att=att, lse=lse, x1=x1, ln2=ln2,
+        mean2=mean2, rstd2=rstd2, slope=slope, act=a,
+    )  # fmt: skip
+    return y.view(b, t, c), list(saved)
 
 
 def block_backward(
@@ -248,8 +304,7 @@ def block_backward(
     """(dx [B, T, C], the parameters' gradients in the order of ``params``) from dy."""
     if _threaded(x.shape[0]):
         return _threaded_backward(grad, x.contiguous(), saved, params, shape, seed)
-    ln1_w, ln1_b, qkv_w, qkv_b, out_w, out_b, ln2_w, ln2_b, fc_w, fc_b, pr_w, pr_b = params
-    ln1, mean1, rstd1, qkv, att, lse, x1, ln2, mean2, rstd2, slope, a = saved
+    p, s = Params(*params), Saved(*saved)
     p_attn, p_mlp = shape.dropout_attn, shape.dropout_mlp
     seed_p, seed_attn, seed_mlp = _seeds(seed)
     b, t, c = grad.shape
@@ -257,45 +312,92 @@ def block_backward(
     dy = grad.reshape(b * t, c).contiguous()
     # MLP: y = x1 + Dropout(a W_pr^T + b_pr), a = GELU(h), h = LN2(x1) W_fc^T + b_fc
     d_mlp = _add_dropped(None, dy, p_mlp, seed_mlp) if p_mlp > 0 else dy
-    d_pr_b, d_pr_w = _bias_grad(d_mlp, pr_b), d_mlp.t() @ a
-    dh = d_mlp @ pr_w
-    d_fc_b = _bias_grad(dh, fc_b, scale=slope)  # dh = GELU'(h) * da, in place
-    d_fc_w = dh.t() @ ln2
+    d_pr_b, d_pr_w = _bias_grad(d_mlp, p.pr_b), d_mlp.t() @ s.act
+    dh = d_mlp @ p.pr_w
+    d_fc_b = _bias_grad(dh, p.fc_b, scale=s.slope)  # dh = GELU'(h) * da, in place
+    d_fc_w = dh.t() @ s.ln2
     dx1, d_ln2_w, d_ln2_b = _layer_norm_backward(
-        dh @ fc_w, x1, mean2, rstd2, ln2_w, dy, ln2_b is not None
+        dh @ p.fc_w, s.x1, s.mean2, s.rstd2, p.ln2_w, dy, p.ln2_b is not None
     )
     # attention: x1 = x + Dropout(att W_o^T + b_o), att = Attn(qkv), qkv = LN1(x) W_qkv^T + b_qkv
     d_attn = _add_dropped(None, dx1, p_attn, seed_attn) if p_attn > 0 else dx1
-    d_out_b, d_out_w = _bias_grad(d_attn, out_b), d_attn.t() @ att
-    d_att = (d_attn @ out_w).view(b, t, -1)
+    d_out_b, d_out_w = _bias_grad(d_attn, p.out_b), d_attn.t() @ s.att
+    d_att = (d_attn @ p.out_w).view(b, t, -1)
     dqkv = attention_backward(
-        qkv.view(b, t, -1), att.view(b, t, -1), lse, d_att, *shape[:3], p_attn, seed_p
+        s.qkv.view(b, t, -1), s.att.view(b, t, -1), s.lse, d_att, *shape[:3], p_attn, seed_p
     ).view(b * t, -1)
-    d_qkv_b, d_qkv_w = _bias_grad(dqkv, qkv_b), dqkv.t() @ ln1
+    d_qkv_b, d_qkv_w = _bias_grad(dqkv, p.qkv_b), dqkv.t() @ s.ln1
     dx, d_ln1_w, d_ln1_b = _layer_norm_backward(
-        dqkv @ qkv_w, x2, mean1, rstd1, ln1_w, dx1, ln1_b is not None
+        dqkv @ p.qkv_w, x2, s.mean1, s.rstd1, p.ln1_w, dx1, p.ln1_b is not None
     )
-    grads = [d_ln1_w, d_ln1_b, d_qkv_w, d_qkv_b, d_out_w, d_out_b]
-    grads += [d_ln2_w, d_ln2_b, d_fc_w, d_fc_b, d_pr_w, d_pr_b]
-    return dx.view(b, t, c), grads
+    grads = Params(
+        ln1_w=d_ln1_w, ln1_b=d_ln1_b, qkv_w=d_qkv_w, qkv_b=d_qkv_b, out_w=d_out_w,
+        out_b=d_out_b, ln2_w=d_ln2_w, ln2_b=d_ln2_b, fc_w=d_fc_w, fc_b=d_fc_b, pr_w=d_pr_w,
+        pr_b=d_pr_b,
+    )  # fmt: skip
+    return dx.view(b, t, c), list(grads)
+
+
+def reference_block(
+    x: Tensor, params: list[Tensor | None], shape: BlockShape, seed: int = 0
+) -> Tensor:
+    """The same block in PyTorch's operators (twice differentiable), with the dropout masks the
+    kernels draw from ``seed`` when ``shape`` has dropout."""
+    p = Params(*params)
+    b, t, c = x.shape
+    keep_probs = keep_attn = keep_mlp = None
+    seed_p, seed_attn, seed_mlp = _seeds(seed)
+    if shape.dropout_attn > 0:  # the masks, made visible by dropping tensors of ones
+        ones = x.new_ones(b * shape.heads * t, t)
+        keep_probs = _add_dropped(None, ones, shape.dropout_attn, seed_p).view(b, -1, t, t)
+        keep_attn = _add_dropped(None, x.new_ones(b * t, c), shape.dropout_attn, seed_attn)
+    if shape.dropout_mlp > 0:
+        keep_mlp = _add_dropped(None, x.new_ones(b * t, c), shape.dropout_mlp, seed_mlp)
+    h = F.layer_norm(x, (c,), p.ln1_w, p.ln1_b, shape.eps1)
+    qkv = F.linear(h, p.qkv_w, p.qkv_b)
+    att = reference_causal_attention(qkv, *shape[:3], keep_probs)
+    branch = F.linear(att, p.out_w, p.out_b)
+    x1 = x + (branch if keep_attn is None else branch * keep_attn.view(b, t, c))
+    h = F.linear(F.layer_norm(x1, (c,), p.ln2_w, p.ln2_b, shape.eps2), p.fc_w, p.fc_b)
+    a = F.gelu(h) if shape.exact_gelu else F.gelu(h, approximate="tanh")
+    branch = F.linear(a, p.pr_w, p.pr_b)
+    return x1 + (branch if keep_mlp is None else branch * keep_mlp.view(b, t, c))
 
 
 class _GPTBlock(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, shape: BlockShape, seed: int, *params: Tensor | None) -> Tensor:  # type: ignore[override]
-        x = x.contiguous()
-        y, saved = block_forward(x, list(params), shape, seed)
-        ctx.save_for_backward(x, *saved, *params)
+        y, saved = block_forward(x.contiguous(), list(params), shape, seed)
+        ctx.save_for_backward(x, *saved, *params)  # x itself: a second backward needs its graph
         ctx.shape, ctx.seed = shape, seed
         return y
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad: Tensor):  # type: ignore[no-untyped-def, override]
         x, *tensors = ctx.saved_tensors
         saved, params = tensors[:-N_PARAMS], tensors[-N_PARAMS:]
-        dx, grads = block_backward(grad, x, saved, params, ctx.shape, ctx.seed)
+        if torch.is_grad_enabled():  # create_graph=True: a backward that is differentiable
+            dx, *grads = _differentiable_backward(grad, x, params, ctx.shape, ctx.seed)
+        else:
+            dx, grads = block_backward(grad, x, saved, params, ctx.shape, ctx.seed)
         return (dx, None, None, *grads)
+
+
+def _differentiable_backward(
+    grad: Tensor, x: Tensor, params: list[Tensor | None], shape: BlockShape, seed: int
+) -> list[Tensor | None]:
+    """(dx, *parameter gradients) through :func:`reference_block` with ``create_graph=True``:
+    the saved inputs keep their graphs, so these gradients can be differentiated again."""
+    inputs = [x, *params]
+    wanted = [i for i, t in enumerate(inputs) if t is not None and t.requires_grad]
+    y = reference_block(x, params, shape, seed)
+    found = torch.autograd.grad(
+        y, [inputs[i] for i in wanted], grad, create_graph=True, allow_unused=True
+    )
+    out: list[Tensor | None] = [None] * len(inputs)
+    for i, g in zip(wanted, found, strict=True):
+        out[i] = g
+    return out
 
 
 # The same two directions as PyTorch operators, so a compiled graph keeps the block as one call.
@@ -354,10 +456,8 @@ _LIBRARY.impl("gpt_block_backward", _backward_impl, "CPU")
 @torch.library.register_fake("lmarch::gpt_block")
 def _(x, weights, present, shape, seed):  # type: ignore[no-untyped-def]
     b, t, c = x.shape
-    n, s, params = b * t, _shape(shape), _expand(weights, present)
-    width, att, hidden = params[2].shape[0], s.heads * s.head_dim, params[8].shape[0]
-    sizes = [(n, c), (n,), (n,), (n, width), (n, att), (b, s.heads, t)]
-    sizes += [(n, c), (n, c), (n,), (n,), (n, hidden), (n, hidden)]
+    p = Params(*_expand(weights, present))
+    sizes = _saved_sizes(b, t, c, p.qkv_w.shape[0], p.fc_w.shape[0], _shape(shape))
     return x.new_empty(b, t, c), [x.new_empty(size) for size in sizes]
 
 
@@ -405,4 +505,54 @@ def draw_seed() -> Tensor:
     return torch.randint(0, 2**62, (), dtype=torch.int64)
 
 
-__all__ = ["BlockShape", "block_backward", "block_forward", "draw_seed", "gpt_block"]
+class NativeGPTBlock(TransformerBlock):
+    """A GPT-2 :class:`~lmarch.nn.block.TransformerBlock` (same parameters, same state dict)
+    whose calls :func:`lmarch.native.policy.gpt_block_call` accepts run as :func:`gpt_block`,
+    one native call each way; every other call runs the reference forward."""
+
+    def forward(
+        self,
+        x: Tensor,
+        *,
+        attention_mask: Tensor | None = None,
+        cache: KVCache | None = None,
+        layer_index: int = 0,
+        start: int | Tensor = 0,
+        qk_transform: QKTransform | None = None,
+    ) -> Tensor:
+        """x: [B, T, dim] -> [B, T, dim]; keyword arguments as :meth:`TransformerBlock.forward`."""
+        if gpt_block_call(self, x, attention_mask, cache, qk_transform):
+            return gpt_block(x, self.block_parameters(), self.block_shape())
+        return super().forward(
+            x,
+            attention_mask=attention_mask,
+            cache=cache,
+            layer_index=layer_index,
+            start=start,
+            qk_transform=qk_transform,
+        )
+
+    def block_parameters(self) -> list[Tensor | None]:
+        """The twelve parameters in the kernel's order (:data:`BLOCK_PARAMETERS`)."""
+        return _block_parameters(self)
+
+    def block_shape(self) -> BlockShape:
+        """Heads, widths, eps and this call's dropout rates (0 outside training)."""
+        attn, ffn = self.attn, self.ffn
+        p_attn, p_mlp = (attn.dropout, ffn.dropout.p) if self.training else (0.0, 0.0)
+        return BlockShape(
+            attn.n_heads, attn.n_kv_heads, attn.head_dim, self.norm_attn.eps, self.norm_ffn.eps,
+            p_attn, p_mlp, ffn.act is F.gelu,
+        )  # fmt: skip
+
+
+__all__ = [
+    "BLOCK_PARAMETERS",
+    "BlockShape",
+    "NativeGPTBlock",
+    "block_backward",
+    "block_forward",
+    "draw_seed",
+    "gpt_block",
+    "reference_block",
+]

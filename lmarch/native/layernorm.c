@@ -15,7 +15,7 @@
  * so for a given thread count the result does not depend on scheduling: training stays
  * bit-reproducible.
  */
-#include "blockq.h"
+#include "kernels.h"
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -170,7 +170,7 @@ int lmarch_mul_column_sums(float *x, const float *scale, float *sums, int64_t n,
 }
 
 /* out = base + o * M / (1 - p) for the n rows (base may be NULL: zero), M the dropout mask of
- * stream `seed` at element (row0 + i) c + j (dropout_keep in blockq.h): a residual branch's
+ * stream `seed` at element (row0 + i) c + j (dropout_keep in kernels.h): a residual branch's
  * dropout, forward (base = the residual) and backward (base = NULL, o = the gradient). */
 void lmarch_add_dropped(const float *base, const float *o, float *out, int64_t n, int64_t c,
                         int64_t row0, float p, uint64_t seed, int threads) {

@@ -10,6 +10,11 @@ projections of width d_k = d / h and concatenates them:
 
 Grouped-query attention (Ainslie et al. 2023) lets ``n_kv_heads`` < ``n_heads``: each group of
 n_heads / n_kv_heads query heads shares one key/value head (multi-query when n_kv_heads == 1).
+
+This file is the reference: the equation written out (:func:`reference_attention`) and PyTorch's
+fused SDPA; one-token decoding steps compute the same equation as two batched products
+(:func:`grouped_query_decode_attention`). lmarch's native kernel for causal self-attention is a
+subclass swapped in from outside (:func:`lmarch.native.accelerate`).
 """
 
 from __future__ import annotations
@@ -21,8 +26,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lmarch import native
-from lmarch.native.attention import packed_causal_attention
 from lmarch.nn.cache import KVCache
 
 # A hook applied to queries and keys after projection, before attention: rotary embeddings
@@ -74,10 +77,6 @@ def reference_attention(
         weights = F.dropout(weights, p=dropout_p)
     return weights @ v
 
-
-# Causal self-attention up to this length runs on lmarch's CPU kernel (lmarch/native/attention.c:
-# ~2x PyTorch's fused kernel, forward + backward, at a small GPT's T = 64); longer, PyTorch's.
-NATIVE_MAX_LEN = 512
 
 # PyTorch >= 2.5 lets SDPA share key/value heads itself (no copies for grouped-query attention).
 _SDPA_HAS_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
@@ -196,34 +195,6 @@ class MultiHeadAttention(nn.Module):
         self.out = nn.Linear(n_heads * head_dim, dim, bias=bias if out_bias is None else out_bias)
         self.resid_dropout = nn.Dropout(dropout)
 
-    def _native_causal(
-        self,
-        qkv: Tensor,
-        attention_mask: Tensor | None,
-        cache: KVCache | None,
-        qk_transform: QKTransform | None,
-        allow_dropout: bool = False,
-    ) -> bool:
-        """Whether this call is plain causal self-attention that lmarch's CPU kernel takes: the
-        projection ``qkv`` float32 on the CPU (not under bf16 autocast), no cache, mask or
-        position hook, no dropout in training (unless ``allow_dropout``: the fused GPT-2 block
-        draws its own), 2 <= T <= NATIVE_MAX_LEN, head width a multiple of 16, the ``sdpa``
-        implementation (``reference`` stays written out) and the default softmax scale."""
-        return (
-            cache is None
-            and attention_mask is None
-            and qk_transform is None
-            and self.causal
-            and self.implementation == "sdpa"
-            and self.softmax_scale is None
-            and (self.dropout == 0.0 or not self.training or allow_dropout)
-            and qkv.is_cpu
-            and qkv.dtype == torch.float32
-            and 2 <= qkv.shape[1] <= NATIVE_MAX_LEN
-            and self.head_dim % 16 == 0
-            and native.native_available()
-        )
-
     def forward(
         self,
         x: Tensor,
@@ -240,12 +211,25 @@ class MultiHeadAttention(nn.Module):
         combined with the causal mask when the module is causal. With ``cache``, this call's
         keys/values are written at position ``start`` of layer ``layer_index``.
         """
-        b, t, _ = x.shape
+        kw = dict(attention_mask=attention_mask, cache=cache, layer_index=layer_index, start=start)
+        return self.attend(self.qkv(x), x.dtype, qk_transform=qk_transform, **kw)
+
+    def attend(
+        self,
+        qkv: Tensor,
+        dtype: torch.dtype,
+        *,
+        attention_mask: Tensor | None = None,
+        cache: KVCache | None = None,
+        layer_index: int = 0,
+        start: int | Tensor = 0,
+        qk_transform: QKTransform | None = None,
+    ) -> Tensor:
+        """The rest of :meth:`forward` after the fused projection: qkv [B, T, (H + 2 H_kv) D]
+        -> [B, T, dim]; the heads' output is cast to ``dtype`` (the input's) before W_O."""
+        b, t, _ = qkv.shape
         hd = self.head_dim
-        qkv = self.qkv(x)
-        if self._native_causal(qkv, attention_mask, cache, qk_transform):
-            y = packed_causal_attention(qkv, self.n_heads, self.n_kv_heads, hd)
-            return self.resid_dropout(self.out(y))
+        device = qkv.device
         q, k, v = qkv.split([self.n_heads * hd, self.n_kv_heads * hd, self.n_kv_heads * hd], dim=-1)
         q = q.view(b, t, self.n_heads, hd).transpose(1, 2)
         k = k.view(b, t, self.n_kv_heads, hd).transpose(1, 2)
@@ -265,15 +249,15 @@ class MultiHeadAttention(nn.Module):
             # one new token over the cache (the common decoding step)
             allowed = None
             if isinstance(start, Tensor):  # static shapes: hide the slots not written yet
-                allowed = torch.arange(k.shape[2], device=x.device)[None, :] <= start
+                allowed = torch.arange(k.shape[2], device=device)[None, :] <= start
             y = grouped_query_decode_attention(q, k, v, allowed, self.softmax_scale)
-            if y.dtype != x.dtype:
-                y = y.to(x.dtype)
+            if y.dtype != dtype:
+                y = y.to(dtype)
             return self.out(y.transpose(1, 2).reshape(b, t, self.n_heads * hd))
         if isinstance(start, Tensor):
             # static-shape step over the whole cache buffer: hide the positions not written yet
-            q_pos = start + torch.arange(t, device=x.device)
-            allowed = torch.arange(k.shape[2], device=x.device)[None, :] <= q_pos[:, None]
+            q_pos = start + torch.arange(t, device=device)
+            allowed = torch.arange(k.shape[2], device=device)[None, :] <= q_pos[:, None]
             mask = allowed if mask is None else mask & allowed
         elif self.causal and t > 1:
             if mask is None and k.shape[2] == t:
@@ -281,7 +265,7 @@ class MultiHeadAttention(nn.Module):
             else:
                 # Cached keys precede the queries, so the triangle must be bottom-right aligned
                 # (SDPA's is_causal aligns it top-left); build it explicitly.
-                causal = causal_mask(t, k.shape[2], x.device)
+                causal = causal_mask(t, k.shape[2], device)
                 mask = causal if mask is None else mask & causal
         y = scaled_dot_product_attention(
             q,
@@ -293,7 +277,7 @@ class MultiHeadAttention(nn.Module):
             implementation=self.implementation,
             scale=self.softmax_scale,
         )
-        if y.dtype != x.dtype:
-            y = y.to(x.dtype)
+        if y.dtype != dtype:
+            y = y.to(dtype)
         y = y.transpose(1, 2).reshape(b, t, self.n_heads * hd)
         return self.resid_dropout(self.out(y))

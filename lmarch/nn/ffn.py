@@ -14,26 +14,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lmarch import native
-from lmarch.native.activations import native_gelu_tanh
-
-NATIVE_MIN_ELEMENTS = 4096  # below this a native call costs more than PyTorch's kernel
-
 
 def gelu_tanh(x: Tensor) -> Tensor:
     """GELU with the tanh approximation used by GPT-2 and BERT's TF code (Hendrycks & Gimpel 2016):
     0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))).
 
-    Large float32 CPU tensors go to lmarch's native kernel (same values to ~1e-7; in a graph
-    ``torch.compile`` traces, as the operator ``lmarch::gelu_tanh``: Inductor's own CPU code for
-    it is no faster than PyTorch's); everything else to ``F.gelu``."""
-    if (
-        x.is_cpu
-        and x.dtype == torch.float32
-        and x.numel() >= NATIVE_MIN_ELEMENTS
-        and native.native_available()
-    ):
-        return native_gelu_tanh(x)
+    (:func:`lmarch.native.accelerate` swaps in a native kernel for large float32 CPU tensors.)"""
     return F.gelu(x, approximate="tanh")
 
 

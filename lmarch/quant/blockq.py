@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from lmarch import native
 from lmarch.errors import LmarchError
 from lmarch.native import QK
+from lmarch.native.policy import block_kernel_call
 
 
 def check_block_shape(in_features: int) -> None:
@@ -110,12 +111,7 @@ class _BlockLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """y = x W~^T + b: the native kernel on CPU inference, the dequantised weight otherwise."""
-        use_kernel = (
-            x.device.type == "cpu"
-            and not (x.requires_grad and torch.is_grad_enabled())
-            and self.native
-        )
-        if not use_kernel:
+        if not (self.native and block_kernel_call(x)):
             bias = None if self.bias is None else self.bias.to(x.dtype)
             return F.linear(x, self.dequantized_weight().to(x.dtype), bias)
         lead = x.shape[:-1]
@@ -259,72 +255,11 @@ class BlockQ8Embedding(nn.Module):
         return (q * _from_bits(self.d[ids])[..., None]).flatten(-2)
 
 
-class BlockQ4GatedMLP(nn.Module):
-    """SwiGLU feed-forward, W_down (SiLU(W_gate x) * (W_up x)), over two Q4_1 layers: the fused
-    ``gate_up`` [2H, K] (gate rows first, as :class:`~lmarch.nn.ffn.GatedMLP` lays it out) and
-    ``down`` [K, H]. On CPU inference the whole block is one native call (one parallel region,
-    no intermediate tensors); otherwise it runs the two layers with PyTorch in between.
-    The submodule names equal GatedMLP's, so state dicts are interchangeable."""
-
-    def __init__(self, gate_up: BlockQ4Linear, down: BlockQ4Linear) -> None:
-        super().__init__()
-        if gate_up.bias is not None or down.bias is not None:
-            raise LmarchError("the fused SwiGLU block takes layers without biases")
-        if down.in_features % QK or gate_up.out_features != 2 * down.in_features:
-            raise LmarchError(
-                f"gate_up {gate_up.out_features}x{gate_up.in_features} and down "
-                f"{down.out_features}x{down.in_features} do not make a SwiGLU block"
-            )
-        self.hidden = down.in_features
-        self.gate_up, self.down = gate_up, down
-
-    def forward(self, x: Tensor) -> Tensor:
-        """x [..., K] -> [..., K]."""
-        if (
-            x.device.type != "cpu"
-            or not self.down.native
-            or (x.requires_grad and torch.is_grad_enabled())
-        ):
-            gate, up = self.gate_up(x).split(self.hidden, dim=-1)
-            return self.down(F.silu(gate) * up)
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, x.shape[-1])
-        args = (self.gate_up.codes, self.gate_up.dm, self.down.codes, self.down.dm)
-        if torch.compiler.is_compiling():
-            y = native.q4_1_swiglu(x2, *args)
-        else:
-            y = native.q4_1_swiglu_eager(x2, *args)
-        return y.to(x.dtype).view(*lead, -1)
-
-
-def fuse_block_mlps_(model: nn.Module) -> int:
-    """Replace, in place, every SwiGLU :class:`~lmarch.nn.ffn.GatedMLP` whose two layers are
-    :class:`BlockQ4Linear` by a :class:`BlockQ4GatedMLP`; returns how many were fused."""
-    from lmarch.nn.ffn import GatedMLP
-
-    fused = 0
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            if (
-                isinstance(child, GatedMLP)
-                and child.act is F.silu
-                and isinstance(child.gate_up, BlockQ4Linear)
-                and isinstance(child.down, BlockQ4Linear)
-                and child.gate_up.bias is None
-                and child.down.bias is None
-            ):
-                setattr(module, name, BlockQ4GatedMLP(child.gate_up, child.down))
-                fused += 1
-    return fused
-
-
 __all__ = [
     "BlockQ8Embedding",
-    "BlockQ4GatedMLP",
     "BlockQ4Linear",
     "BlockQ8Linear",
     "check_block_shape",
-    "fuse_block_mlps_",
     "pack_q4",
     "quantize_q4_1",
     "quantize_q8_0",

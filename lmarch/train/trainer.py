@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from lmarch.data.batches import RandomBlockSampler
 from lmarch.errors import LmarchError
+from lmarch.native import accelerate
 from lmarch.train.config import TrainConfig
 from lmarch.train.optim import build_optimizer, learning_rate_at
 from lmarch.train.state import (
@@ -110,7 +111,7 @@ class Trainer:
     ) -> None:
         self.config = config
         self.device = resolve_device(config.device)
-        self.model = model.to(self.device)
+        self.model = accelerate(model.to(self.device), training=True)  # native fast paths
         self.train_batches = train_batches
         self.val_batches = val_batches
         self.out_dir = Path(out_dir) if out_dir is not None else None

@@ -5,6 +5,9 @@ only by float rounding order and by the 16-bit activation codes (a code can roun
 way when its input moved by one ulp): one layer agrees to ~1e-7 of its output's size (as
 much as the PyTorch block moves when its input is scaled by 1 + 1e-7); over 3 random layers and
 12 steps the small logits drift to ~2e-4 of their size; greedy tokens agree.
+
+Without a C compiler these tests are skipped; tests/native/test_native_off.py shows the float
+fallback then.
 """
 
 from __future__ import annotations
@@ -17,9 +20,17 @@ import torch
 from lmarch import native
 from lmarch.generation.generate import _COMPILED_STEPS, iter_tokens
 from lmarch.models.llama import Llama, LlamaConfig
+from lmarch.native import accelerate, policy
+from lmarch.native.decoder import NativeDecoderBlock
+from lmarch.native.swaps import native_modules
+from lmarch.nn.block import TransformerBlock
 from lmarch.quant.apply import quantize_
-from lmarch.quant.blockq import fuse_block_mlps_
-from lmarch.quant.decoder import NativeDecoderBlock, can_fuse, fuse_decoder_blocks_
+
+pytestmark = pytest.mark.skipif(
+    not native.native_available(),
+    reason="lmarch's native kernels are unavailable here (no working C compiler, or "
+    "LMARCH_NATIVE=0): nothing native to test",
+)
 
 LAYER = 1e-5  # max |native - pytorch| / max |pytorch| for one layer (measured ~1e-7)
 RELATIVE = 5e-4  # the same for logits after 12 steps of 3 layers (measured <= 1.8e-4)
@@ -39,7 +50,9 @@ def _config(**overrides) -> LlamaConfig:
 
 
 def _pair(scheme: str = "q4", **overrides) -> tuple[Llama, Llama]:
-    """(PyTorch reference, native) copies of one random quantised Llama."""
+    """(PyTorch reference, native) copies of one random quantised Llama, both accelerated for
+    inference; the reference's layers are turned back into the PyTorch block (its SwiGLU stays
+    one native call, so the two differ only in the decoder layer)."""
     torch.manual_seed(0)
     model = Llama(_config(**overrides)).eval()
     with torch.no_grad():  # lively norms, so every step of the layer matters
@@ -47,10 +60,12 @@ def _pair(scheme: str = "q4", **overrides) -> tuple[Llama, Llama]:
             block.norm_attn.weight.uniform_(0.5, 1.5)
             block.norm_ffn.weight.uniform_(0.5, 1.5)
     quantize_(model, scheme)
-    if scheme == "q4":
-        fuse_block_mlps_(model)
+    accelerate(model, training=False)
+    assert native_modules(model)["NativeDecoderBlock"] == model.config.n_layer
+    assert native_modules(model)["NativeSwiGLU"] == (model.config.n_layer if scheme == "q4" else 0)
     fused = copy.deepcopy(model)
-    assert fuse_decoder_blocks_(fused) == model.config.n_layer
+    for block in model.blocks:
+        block.__class__ = TransformerBlock
     return model, fused
 
 
@@ -172,10 +187,13 @@ def test_fused_models_copy_and_pickle(tmp_path) -> None:
 def test_only_block_quantised_llama_layers_fuse() -> None:
     torch.manual_seed(0)
     model = Llama(_config())
-    assert not can_fuse(model.blocks[0])  # float weights: nothing to gain
-    assert fuse_decoder_blocks_(model) == 0
-    with pytest.raises(ValueError, match="block-quantised"):
-        NativeDecoderBlock(model.blocks[0])
+    assert not policy.swaps_decoder_layer(model.blocks[0])  # float weights: nothing to gain
+    accelerate(model, training=False)
+    assert native_modules(model)["NativeDecoderBlock"] == 0
+    quantize_(model, "q4")
+    accelerate(model, training=True)  # training: the inference-only layers are not swapped
+    assert native_modules(model)["NativeDecoderBlock"] == 0
+    assert native_modules(model)["NativeSwiGLU"] == 0
 
 
 def test_position_past_the_cache_is_an_error() -> None:

@@ -120,7 +120,7 @@ def test_resume_with_dropout_in_the_fused_block_is_bit_identical(
 ) -> None:
     """The fused GPT-2 block draws its dropout masks from a seed taken from the global RNG:
     restored from the checkpoint, 14 steps straight == 7 + resume + 7."""
-    from lmarch.nn import block as block_module
+    from lmarch.native import gpt_block as block_module
 
     calls = []
     real = block_module.gpt_block

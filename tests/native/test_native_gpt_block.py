@@ -1,4 +1,5 @@
-"""The fused GPT-2 block (lmarch/native/gpt_block.py) against the module path in float64."""
+"""The fused GPT-2 block (lmarch/native/gpt_block.py), swapped in by accelerate, against the
+module path in float64."""
 
 from __future__ import annotations
 
@@ -7,8 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from lmarch import native
+from lmarch.native import accelerate
 from lmarch.native import gpt_block as fused
-from lmarch.nn import block as block_module
 from lmarch.nn.attention import MultiHeadAttention
 from lmarch.nn.block import TransformerBlock
 from lmarch.nn.cache import KVCache
@@ -25,7 +26,8 @@ def _block(
 ):
     attn = MultiHeadAttention(dim, heads, n_kv_heads=kv_heads, bias=bias, dropout=dropout)
     ffn = MLP(dim, 4 * dim, activation=act, bias=bias, dropout=dropout)
-    return TransformerBlock(attn, ffn, LayerNorm(dim, bias=bias), LayerNorm(dim, bias=bias))
+    block = TransformerBlock(attn, ffn, LayerNorm(dim, bias=bias), LayerNorm(dim, bias=bias))
+    return accelerate(block, training=True)
 
 
 def _randomise(block: TransformerBlock) -> None:
@@ -52,8 +54,8 @@ def _error(ours: torch.Tensor, exact: torch.Tensor) -> float:
 def calls(monkeypatch) -> list[int]:
     """Counts the block's native calls."""
     seen: list[int] = []
-    real = block_module.gpt_block
-    monkeypatch.setattr(block_module, "gpt_block", lambda *a: seen.append(1) or real(*a))
+    real = fused.gpt_block
+    monkeypatch.setattr(fused, "gpt_block", lambda *a: seen.append(1) or real(*a))
     return seen
 
 

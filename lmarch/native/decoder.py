@@ -13,6 +13,9 @@ evaluates
 in one OpenMP parallel region, writing the new key and value into the static cache itself.
 Everything else (prompts, batches, training, other devices, ``torch.compile``) takes the
 PyTorch path, which stays the reference the native one is tested against.
+:func:`lmarch.native.accelerate` (``training=False``) swaps it in for the blocks
+:func:`lmarch.native.policy.swaps_decoder_layer` accepts; the layer it reads is lmarch.h's
+``lmarch_layer``, built by :mod:`lmarch.native.abi` from that header.
 """
 
 from __future__ import annotations
@@ -20,78 +23,27 @@ from __future__ import annotations
 import ctypes
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from lmarch import native
-from lmarch.nn.attention import MultiHeadAttention
+from lmarch.native import abi
+from lmarch.native.policy import decoder_step_call, swiglu_layers
 from lmarch.nn.block import TransformerBlock
 from lmarch.nn.cache import KVCache
-from lmarch.nn.ffn import GatedMLP
-from lmarch.nn.norm import RMSNorm
 from lmarch.nn.position import RotaryEmbedding
-from lmarch.quant.blockq import BlockQ4GatedMLP, BlockQ4Linear, BlockQ8Linear
+from lmarch.quant.blockq import BlockQ4Linear, BlockQ8Linear
 
-_I64, _PTR = ctypes.c_int64, ctypes.c_void_p
-_FORMATS = {BlockQ4Linear: 0, BlockQ8Linear: 1}  # decoder.c's MAT_Q4_1, MAT_Q8_0
-
-
-class _Matrix(ctypes.Structure):
-    _fields_ = [("type", _I64), ("codes", _PTR), ("constants", _PTR)]
-
-
-class _Layer(ctypes.Structure):
-    """decoder.c's ``lmarch_layer``: shapes and weight addresses of one layer."""
-
-    _fields_ = [
-        *((name, _I64) for name in ("dim", "n_heads", "n_kv_heads", "head_dim", "rotary_dim")),
-        ("hidden", _I64),
-        ("eps", ctypes.c_float),
-        ("norm_attn", _PTR),
-        ("norm_ffn", _PTR),
-        *((name, _Matrix) for name in ("qkv", "out", "gate_up", "down")),
-    ]
-
-
-def _block_layer(layer: nn.Module) -> bool:
-    return type(layer) in _FORMATS and layer.bias is None
+_Layer = abi.STRUCTS["lmarch_layer"]
+_Matrix = abi.STRUCTS["lmarch_matrix"]
+_FORMATS = {
+    BlockQ4Linear: abi.ENUMS["lmarch_matrix_type"]["LMARCH_MAT_Q4_1"],
+    BlockQ8Linear: abi.ENUMS["lmarch_matrix_type"]["LMARCH_MAT_Q8_0"],
+}
 
 
 def _matrix(layer: BlockQ4Linear | BlockQ8Linear) -> tuple[int, Tensor, Tensor]:
     constants = layer.dm if isinstance(layer, BlockQ4Linear) else layer.d
     return _FORMATS[type(layer)], layer.codes, constants
-
-
-def _swiglu_layers(ffn: nn.Module) -> tuple[nn.Module, nn.Module] | None:
-    """(gate_up, down) of a SwiGLU block whose layers are block-quantised, else None."""
-    if isinstance(ffn, BlockQ4GatedMLP):
-        return ffn.gate_up, ffn.down
-    if (
-        isinstance(ffn, GatedMLP)
-        and ffn.act is F.silu
-        and _block_layer(ffn.gate_up)
-        and _block_layer(ffn.down)
-    ):
-        return ffn.gate_up, ffn.down
-    return None
-
-
-def can_fuse(block: nn.Module) -> bool:
-    """True for a pre-norm block of RMSNorm, causal attention and SwiGLU whose four matrices are
-    Q4_1 or Q8_0 layers without biases (a LLaMA layer after ``quantize_(model, "q4"|"q8")``)."""
-    if type(block) is not TransformerBlock or not block.pre_norm:
-        return False
-    attn = block.attn
-    return (
-        isinstance(attn, MultiHeadAttention)
-        and attn.causal
-        and attn.head_dim % 2 == 0
-        and _block_layer(attn.qkv)
-        and _block_layer(attn.out)
-        and type(block.norm_attn) is RMSNorm
-        and type(block.norm_ffn) is RMSNorm
-        and _swiglu_layers(block.ffn) is not None
-    )
 
 
 class NativeDecoderBlock(TransformerBlock):
@@ -105,11 +57,8 @@ class NativeDecoderBlock(TransformerBlock):
 
     decodes_natively = True  # generation skips torch.compile for models with such blocks
 
-    def __init__(self, block: TransformerBlock) -> None:
-        if not can_fuse(block):
-            raise ValueError("not a pre-norm RMSNorm/SwiGLU block with block-quantised weights")
-        super().__init__(block.attn, block.ffn, block.norm_attn, block.norm_ffn, pre_norm=True)
-        self.train(block.training)
+    def swapped_in(self) -> None:
+        """Called by :func:`lmarch.native.accelerate` once this block has become native."""
         self.refresh()
 
     def refresh(self) -> None:
@@ -136,7 +85,7 @@ class NativeDecoderBlock(TransformerBlock):
         read it (another dtype or device)."""
         if self._spec is not None:
             return self._spec
-        attn, (gate_up, down) = self.attn, _swiglu_layers(self.ffn)  # type: ignore[misc]
+        attn, (gate_up, down) = self.attn, swiglu_layers(self.ffn)  # type: ignore[misc]
         matrices = [_matrix(layer) for layer in (attn.qkv, attn.out, gate_up, down)]
         held = [self.norm_attn.weight, self.norm_ffn.weight]
         held += [t for _, codes, constants in matrices for t in (codes, constants)]
@@ -203,17 +152,7 @@ class NativeDecoderBlock(TransformerBlock):
     def _native_plan(self, x, attention_mask, cache, start, rotary, layer_index):  # type: ignore[no-untyped-def]
         """(library, layer spec, keys, values, cache length, angles) when this call can be
         one native step, else None."""
-        if not (
-            cache is not None
-            and attention_mask is None
-            and type(start) is int
-            and x.is_cpu
-            and x.dtype == torch.float32
-            and x.shape[:2] == (1, 1)
-            and not self.training
-            and not (x.requires_grad and torch.is_grad_enabled())
-            and not torch.compiler.is_compiling()  # a compiled graph keeps the operators
-        ):
+        if not decoder_step_call(self, x, attention_mask, cache, start):
             return None
         lib = native.native_library()
         spec = self._layer_spec() if lib is not None else None
@@ -248,19 +187,4 @@ class NativeDecoderBlock(TransformerBlock):
         return y
 
 
-def fuse_decoder_blocks_(model: nn.Module) -> int:
-    """Replace, in place, every block of ``model`` that :func:`can_fuse` accepts by a
-    :class:`NativeDecoderBlock` (same parameters and state dict); returns how many. Does
-    nothing (returns 0) when the native kernels are unavailable."""
-    if not native.native_available():
-        return 0
-    fused = 0
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            if can_fuse(child):
-                setattr(module, name, NativeDecoderBlock(child))
-                fused += 1
-    return fused
-
-
-__all__ = ["NativeDecoderBlock", "can_fuse", "fuse_decoder_blocks_"]
+__all__ = ["NativeDecoderBlock"]

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from lmarch import native
 from lmarch.native import activations as native_activations
 from lmarch.native.activations import _NativeGeluTanh
-from lmarch.nn.ffn import NATIVE_MIN_ELEMENTS, gelu_tanh
+from lmarch.native.activations import fast_gelu_tanh as gelu_tanh
+from lmarch.native.policy import GELU_MIN_ELEMENTS as NATIVE_MIN_ELEMENTS
 
 # |ours - exact| / (1 + |x|) forward, / (1 + |grad|) backward; measured 1.1e-7 and 1.5e-7
 # (PyTorch's own kernel: 8e-8 and 7.5e-7)
@@ -84,8 +85,28 @@ def test_compiled_graphs_call_the_operator() -> None:
     assert torch.allclose(x.grad, want, atol=1e-6, rtol=1e-6)
 
 
-def test_second_derivatives_are_refused() -> None:
+def test_second_derivatives_equal_pytorch() -> None:
+    """create_graph=True: the native backward is replaced by PyTorch's, so d/dx of the gradient
+    is the GELU's second derivative (float64 oracle)."""
     x = torch.randn(NATIVE_MIN_ELEMENTS, requires_grad=True)
     (g,) = torch.autograd.grad(_NativeGeluTanh.apply(x).sum(), x, create_graph=True)
-    with pytest.raises(RuntimeError):
-        g.sum().backward()
+    (gg,) = torch.autograd.grad(g.sum(), x)
+    exact_x = x.detach().double().requires_grad_()
+    (exact_g,) = torch.autograd.grad(
+        F.gelu(exact_x, approximate="tanh").sum(), exact_x, create_graph=True
+    )
+    (exact_gg,) = torch.autograd.grad(exact_g.sum(), exact_x)
+    assert (g.detach().double() - exact_g).abs().max().item() <= 1e-6
+    assert (gg.double() - exact_gg).abs().max().item() <= 1e-6
+
+
+def test_accelerate_swaps_gpt2_gelu_and_nothing_else() -> None:
+    """Every ``act`` that is GPT-2's GELU becomes the native one; other activations stay."""
+    from lmarch.native import accelerate
+    from lmarch.nn.ffn import MLP
+    from lmarch.nn.ffn import gelu_tanh as reference_gelu
+
+    model = torch.nn.Sequential(MLP(8, 16, activation="gelu_tanh"), MLP(8, 16, activation="gelu"))
+    assert model[0].act is reference_gelu
+    accelerate(model, training=True)
+    assert model[0].act is gelu_tanh and model[1].act is F.gelu

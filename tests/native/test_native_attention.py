@@ -7,9 +7,16 @@ import torch
 import torch.nn.functional as F
 
 from lmarch import native
+from lmarch.native import accelerate
 from lmarch.native import attention as native_attention
-from lmarch.native.attention import attention_backward, attention_forward, packed_causal_attention
-from lmarch.nn.attention import NATIVE_MAX_LEN, MultiHeadAttention
+from lmarch.native.attention import (
+    NativeCausalAttention,
+    attention_backward,
+    attention_forward,
+    packed_causal_attention,
+)
+from lmarch.native.policy import NATIVE_MAX_LEN
+from lmarch.nn.attention import MultiHeadAttention
 
 # float32 kernel against float64 SDPA: |error| / max|exact|; measured <= 2.9e-7 forward and
 # <= 6e-7 backward over these shapes
@@ -93,8 +100,9 @@ def test_bad_input_is_one_clear_error() -> None:
 
 
 def _attention(**kw) -> MultiHeadAttention:
+    """Attention with accelerate's swaps (the kernel's module where the policy takes it)."""
     torch.manual_seed(3)
-    return MultiHeadAttention(64, 4, **{"n_kv_heads": 2, **kw})
+    return accelerate(MultiHeadAttention(64, 4, **{"n_kv_heads": 2, **kw}), training=True)
 
 
 @pytest.mark.parametrize("train", [True, False])
@@ -107,6 +115,7 @@ def test_multi_head_attention_takes_the_kernel_and_matches_reference(train, monk
         staticmethod(lambda *a: calls.append(1) or real(*a)),
     )
     fast, slow = _attention(), _attention(implementation="reference")
+    assert type(fast) is NativeCausalAttention
     fast.train(train), slow.train(train)
     x = torch.randn(3, 20, 64, requires_grad=True)
     y_fast = fast(x)
@@ -129,3 +138,35 @@ def test_other_calls_keep_pytorch(monkeypatch) -> None:
     _attention()(x[:, :1])  # one token
     with torch.autocast("cpu", dtype=torch.bfloat16):
         _attention()(x)  # the projection comes out in bf16
+    late = _attention()
+    late.implementation = "reference"  # changed after the swap: the call checks it
+    late(x)
+
+
+def test_only_attention_the_kernel_reproduces_is_swapped() -> None:
+    """Structural checks at swap time: head width a multiple of 16, causal, the default scale."""
+    assert type(_attention()) is NativeCausalAttention
+    assert type(_attention(n_kv_heads=4, head_dim=8)) is MultiHeadAttention
+    assert type(_attention(causal=False)) is MultiHeadAttention
+    assert type(_attention(softmax_scale=1.0)) is MultiHeadAttention
+
+
+def test_second_derivatives_equal_the_reference(monkeypatch) -> None:
+    """create_graph=True through the kernel: the gradient penalty |d sum(y^2) / d qkv|^2 and its
+    gradient equal the float64 reference (the backward recomputes with PyTorch's operators)."""
+    torch.manual_seed(6)
+    qkv = torch.randn(2, 19, 8 * 16, dtype=torch.float64)
+
+    def penalty(x: torch.Tensor, fn) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[no-untyped-def]
+        x = x.clone().requires_grad_()
+        (g,) = torch.autograd.grad(fn(x).square().sum(), x, create_graph=True)
+        value = g.square().sum()
+        (dx,) = torch.autograd.grad(value, x)
+        return value.detach(), dx
+
+    reference = native_attention.reference_causal_attention
+    assert _error(reference(qkv, 4, 2, 16), _sdpa(qkv, 4, 2, 16)) <= 1e-12  # the oracle
+    want, want_dx = penalty(qkv, lambda x: reference(x, 4, 2, 16))
+    got, got_dx = penalty(qkv.float(), lambda x: packed_causal_attention(x, 4, 2, 16))
+    assert abs(got.item() - want.item()) / want.item() <= 1e-5
+    assert _error(got_dx, want_dx) <= 1e-5

@@ -1,5 +1,7 @@
 /*
- * blockq.h: the pieces shared by lmarch's native kernels (blockq.c, decoder.c).
+ * kernels.h: the inline pieces the kernels share (not exported): half floats, vector dot
+ * products, block-quantised row products, exp, and the dropout mask hash. The exported
+ * interface is lmarch.h.
  *
  * Block-quantised matrix products for CPU decoding, in the block formats of llama.cpp's GGUF
  * files. A row of the weight is cut into blocks of 32 inputs; each block keeps 4- or 8-bit
@@ -23,8 +25,10 @@
  *
  * Rows of the output are split across OpenMP threads (the process's runtime: torch's).
  */
-#ifndef LMARCH_BLOCKQ_H
-#define LMARCH_BLOCKQ_H
+#ifndef LMARCH_KERNELS_H
+#define LMARCH_KERNELS_H
+
+#include "lmarch.h"
 
 #include <math.h>
 #include <stdint.h>
@@ -34,7 +38,7 @@
 #include <immintrin.h>
 #endif
 
-#define QK 32
+#define QK LMARCH_QK
 #define ACT_MAX 32767.0f /* activations: 16-bit codes per block */
 
 static inline float half_to_float(uint16_t h) {
@@ -314,4 +318,4 @@ static inline int dropout_keep(uint64_t seed, uint64_t index, uint32_t threshold
            threshold;
 }
 
-#endif /* LMARCH_BLOCKQ_H */
+#endif /* LMARCH_KERNELS_H */
