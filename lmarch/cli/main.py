@@ -39,11 +39,11 @@ def _add_sampling_options(
 def _add_speed_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--quant",
-        choices=["none", "int8", "int4", "q8", "q4"],
-        default="none",
-        help="quantised weights for faster CPU decoding: q4 / q8 = llama.cpp's Q4_1 / Q8_0 "
-        "blocks on lmarch's native kernels (fastest; a GGUF's blocks load as they are); "
-        "int4 / int8 = PyTorch's weight-only kernels",
+        choices=["auto", "none", "int8", "int4", "q8", "q4"],
+        default="auto",
+        help="auto (default): a GGUF's own Q4 blocks on lmarch's native kernels when the file "
+        "has them (float32 otherwise); none = float32; q4 / q8 = llama.cpp's Q4_1 / Q8_0 "
+        "blocks on the native kernels; int4 / int8 = PyTorch's weight-only kernels",
     )
     p.add_argument(
         "--compile",
@@ -196,10 +196,11 @@ def _sampling(args: argparse.Namespace):
 
 def cmd_sample(args: argparse.Namespace) -> int:
     from lmarch.generation import stream_text
-    from lmarch.weights.checkpoint import load_run
+    from lmarch.loading import load
 
     sampling = _sampling(args)
-    model, tokenizer, _ = load_run(args.run_dir)
+    loaded = load(args.run_dir, quant=getattr(args, "quant", "auto"))
+    model, tokenizer = loaded.require("causal-lm", "sample").model, loaded.tokenizer
     sys.stdout.write(args.prompt)
     for piece in stream_text(
         model, tokenizer, args.prompt, args.max_new_tokens, sampling, stop=args.stop, seed=args.seed
@@ -243,11 +244,11 @@ def cmd_presets(args: argparse.Namespace) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from lmarch.generation import GenerationStats
+    from lmarch.loading import load
     from lmarch.tasks.generate import generate_text, prepare_for_decoding
-    from lmarch.weights.loader import load_model
 
     sampling = _sampling(args)
-    loaded = load_model(args.model, quant=args.quant)
+    loaded = load(args.model, quant=args.quant).require("causal-lm", "generate")
     prepare_for_decoding(loaded, compile=args.compile)
     stats = GenerationStats()
     pieces = []
@@ -274,6 +275,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             "prefill_tokens_per_s": stats.prefill_tokens_per_s,
             "decode_tokens_per_s": stats.decode_tokens_per_s,
             "load_s": loaded.load_s,
+            "quant": loaded.quant,
             "stopped_by": stats.stopped_by,
         }
         print(json.dumps(summary))
@@ -281,11 +283,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
+    from lmarch.loading import load
     from lmarch.tasks.chat import ChatSession
     from lmarch.tasks.generate import prepare_for_decoding
-    from lmarch.weights.loader import load_model
 
-    loaded = load_model(args.model, quant=args.quant)
+    loaded = load(args.model, quant=args.quant).require("causal-lm", "chat")
     prepare_for_decoding(loaded, compile=args.compile)
     session = ChatSession(loaded, _sampling(args), args.max_new_tokens, args.system, args.seed)
     interactive = sys.stdin.isatty()

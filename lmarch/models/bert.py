@@ -24,7 +24,17 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from lmarch.models.bert_heads import DenseHead, MaskedLMHead, split_span_logits
+from lmarch.models.bert_heads import DenseHead, EncoderWithHead, MaskedLMHead, split_span_logits
+from lmarch.models.validate import (
+    ConfigError,
+    check_bool,
+    check_choice,
+    check_divides,
+    check_fraction,
+    check_int,
+    check_optional_int,
+    check_positive,
+)
 from lmarch.nn import (
     MLP,
     LayerNorm,
@@ -33,7 +43,9 @@ from lmarch.nn import (
     TransformerBlock,
     padding_mask,
 )
+from lmarch.nn.ffn import ACTIVATIONS
 from lmarch.nn.init import init_normal
+from lmarch.nn.pooling import pool
 
 VARIANTS = ("bert", "roberta", "albert", "electra")
 
@@ -67,12 +79,39 @@ class BertConfig:
     attention: str = "sdpa"
 
     def __post_init__(self) -> None:
-        if self.variant not in VARIANTS:
-            raise ValueError(f"unknown BERT variant {self.variant!r}; choose one of {VARIANTS}")
-        if self.n_embd % self.n_head:
-            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
-        if self.n_layer_groups is not None and not 1 <= self.n_layer_groups <= self.n_layer:
-            raise ValueError(f"n_layer_groups must be in 1..n_layer, got {self.n_layer_groups}")
+        name = "BertConfig"
+        check_choice(name, "variant", self.variant, VARIANTS)
+        for key in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "intermediate_size"):
+            check_int(name, key, getattr(self, key))
+        check_int(name, "type_vocab_size", self.type_vocab_size)
+        check_divides(name, "n_embd", self.n_embd, "n_head", self.n_head)
+        check_optional_int(name, "embedding_size", self.embedding_size)
+        check_optional_int(name, "n_layer_groups", self.n_layer_groups)
+        if self.n_layer_groups is not None and self.n_layer_groups > self.n_layer:
+            raise ConfigError(
+                f"{name}.n_layer_groups must be in 1..n_layer ({self.n_layer}), "
+                f"got {self.n_layer_groups}",
+                "n_layer_groups",
+            )
+        check_choice(name, "activation", self.activation, sorted(ACTIVATIONS))
+        check_positive(name, "layer_norm_eps", self.layer_norm_eps)
+        check_fraction(name, "dropout", self.dropout)
+        if self.variant == "roberta" or self.pad_token_id is not None:
+            check_int(name, "pad_token_id", self.pad_token_id, low=0)
+            if self.pad_token_id >= self.vocab_size:
+                raise ConfigError(
+                    f"{name}.pad_token_id must be in 0..vocab_size-1 ({self.vocab_size - 1}), "
+                    f"got {self.pad_token_id}",
+                    "pad_token_id",
+                )
+        if self.max_positions < 1:
+            raise ConfigError(
+                f"{name}.block_size must exceed pad_token_id + 1 ({self.position_offset}) for "
+                f"RoBERTa, got {self.block_size}",
+                "block_size",
+            )
+        check_bool(name, "add_pooler", self.add_pooler)
+        check_choice(name, "attention", self.attention, ("sdpa", "reference"))
 
     @property
     def embedding_dim(self) -> int:
@@ -201,37 +240,29 @@ def _mlm_head(config: BertConfig, bert: BertModel) -> MaskedLMHead:
     return head
 
 
-class BertForMaskedLM(nn.Module):
+class BertForMaskedLM(EncoderWithHead):
     """Masked-LM model (Devlin et al. 2019, sec. 3.1, task 1): logits [B, T, V] for every
     position; the loss is taken where the input was masked. Also ELECTRA's generator."""
 
     def __init__(self, config: BertConfig) -> None:
-        super().__init__()
-        self.config = config
-        self.bert = BertModel(config, add_pooler=False)
+        super().__init__(config, BertModel(config, add_pooler=False))
         self.mlm = _mlm_head(config, self.bert)
         _init_weights(self.mlm)
 
-    def forward(
-        self,
-        input_ids: Tensor,
-        attention_mask: Tensor | None = None,
-        token_type_ids: Tensor | None = None,
-    ) -> Tensor:
+    def score(self, hidden: Tensor, attention_mask: Tensor | None) -> Tensor:
         """Vocabulary logits [B, T, V]."""
-        return self.mlm(self.bert(input_ids, attention_mask, token_type_ids))
+        return self.mlm(hidden)
 
 
-class BertForSequenceClassification(nn.Module):
+class BertForSequenceClassification(EncoderWithHead):
     """Sentence(-pair) classifier [B, num_labels]. BERT and ALBERT classify the pooled [CLS]
     vector with one linear layer (Devlin et al. 2019, sec. 4.1: softmax(C W^T)); RoBERTa and
     ELECTRA use a two-layer head on the first token's state (tanh and GELU respectively)."""
 
     def __init__(self, config: BertConfig, num_labels: int) -> None:
-        super().__init__()
-        self.config, self.num_labels = config, num_labels
-        self.uses_pooler = config.variant in ("bert", "albert")
-        self.bert = BertModel(config, add_pooler=self.uses_pooler)
+        uses_pooler = config.variant in ("bert", "albert")
+        super().__init__(config, BertModel(config, add_pooler=uses_pooler))
+        self.num_labels, self.uses_pooler = num_labels, uses_pooler
         if self.uses_pooler:
             self.dropout = nn.Dropout(config.dropout)
             self.classifier: nn.Module = nn.Linear(config.n_embd, num_labels)
@@ -240,105 +271,93 @@ class BertForSequenceClassification(nn.Module):
             self.classifier = DenseHead(config.n_embd, num_labels, act, config.dropout)
         _init_weights(self.classifier)
 
-    def forward(
-        self,
-        input_ids: Tensor,
-        attention_mask: Tensor | None = None,
-        token_type_ids: Tensor | None = None,
-    ) -> Tensor:
+    def score(self, hidden: Tensor, attention_mask: Tensor | None) -> Tensor:
         """Class logits [B, num_labels]."""
-        hidden = self.bert(input_ids, attention_mask, token_type_ids)
         if self.uses_pooler:
             return self.classifier(self.dropout(self.bert.pooled(hidden)))
         return self.classifier(hidden[:, 0])
 
 
-class BertForTokenClassification(nn.Module):
+class BertForPooledClassification(EncoderWithHead):
+    """The classifier ``lmarch classify train`` fine-tunes: logits = W dropout(c) + b, where c
+    pools the encoder's last states as the encoder was trained to be used (the mean over real
+    tokens for a Sentence-BERT model, the [CLS] state otherwise), [B, num_labels]. The
+    encoder is given (a pretrained one), and its tanh pooler, unused here, is dropped."""
+
+    def __init__(
+        self, encoder: BertModel, num_labels: int, pooling: str = "cls", dropout: float = 0.1
+    ) -> None:
+        super().__init__(encoder.config, encoder)
+        if encoder.pooler is not None:
+            encoder.pooler = None
+        self.num_labels, self.pooling = num_labels, pooling
+        self.dropout = nn.Dropout(dropout)
+        self.head = nn.Linear(encoder.config.n_embd, num_labels)
+        nn.init.normal_(self.head.weight, std=0.02)
+        nn.init.zeros_(self.head.bias)
+
+    def score(self, hidden: Tensor, attention_mask: Tensor | None) -> Tensor:
+        """Class logits [B, num_labels]."""
+        return self.head(self.dropout(pool(hidden, attention_mask, self.pooling)))
+
+
+class BertForTokenClassification(EncoderWithHead):
     """Per-token classifier (tagging, NER; Devlin et al. 2019, sec. 5.3): [B, T, num_labels]."""
 
     def __init__(self, config: BertConfig, num_labels: int) -> None:
-        super().__init__()
-        self.config, self.num_labels = config, num_labels
-        self.bert = BertModel(config, add_pooler=False)
+        super().__init__(config, BertModel(config, add_pooler=False))
+        self.num_labels = num_labels
         self.dropout = nn.Dropout(config.dropout)
         self.classifier = nn.Linear(config.n_embd, num_labels)
         _init_weights(self.classifier)
 
-    def forward(
-        self,
-        input_ids: Tensor,
-        attention_mask: Tensor | None = None,
-        token_type_ids: Tensor | None = None,
-    ) -> Tensor:
+    def score(self, hidden: Tensor, attention_mask: Tensor | None) -> Tensor:
         """Tag logits [B, T, num_labels]."""
-        return self.classifier(self.dropout(self.bert(input_ids, attention_mask, token_type_ids)))
+        return self.classifier(self.dropout(hidden))
 
 
-class BertForQuestionAnswering(nn.Module):
+class BertForQuestionAnswering(EncoderWithHead):
     """Extractive QA (SQuAD; Devlin et al. 2019, sec. 4.2): a start and an end vector score every
     token, and the answer is the span [i, j] maximising S.T_i + E.T_j."""
 
     def __init__(self, config: BertConfig) -> None:
-        super().__init__()
-        self.config = config
-        self.bert = BertModel(config, add_pooler=False)
+        super().__init__(config, BertModel(config, add_pooler=False))
         self.qa = nn.Linear(config.n_embd, 2)
         _init_weights(self.qa)
 
-    def forward(
-        self,
-        input_ids: Tensor,
-        attention_mask: Tensor | None = None,
-        token_type_ids: Tensor | None = None,
-    ) -> tuple[Tensor, Tensor]:
+    def score(self, hidden: Tensor, attention_mask: Tensor | None) -> tuple[Tensor, Tensor]:
         """(start logits [B, T], end logits [B, T])."""
-        return split_span_logits(self.qa(self.bert(input_ids, attention_mask, token_type_ids)))
+        return split_span_logits(self.qa(hidden))
 
 
-class ElectraForPreTraining(nn.Module):
+class ElectraForPreTraining(EncoderWithHead):
     """ELECTRA's discriminator (Clark et al. 2020, sec. 2): for every token, the logit that it
     was replaced by the generator, D(x, t) = sigmoid(w^T act(W h_t)); output [B, T]."""
 
     def __init__(self, config: BertConfig) -> None:
-        super().__init__()
-        self.config = config
-        self.bert = BertModel(config, add_pooler=False)
+        super().__init__(config, BertModel(config, add_pooler=False))
         self.discriminator = DenseHead(config.n_embd, 1, config.activation)
         _init_weights(self.discriminator)
 
-    def forward(
-        self,
-        input_ids: Tensor,
-        attention_mask: Tensor | None = None,
-        token_type_ids: Tensor | None = None,
-    ) -> Tensor:
+    def score(self, hidden: Tensor, attention_mask: Tensor | None) -> Tensor:
         """Replaced-token-detection logits [B, T]."""
-        hidden = self.bert(input_ids, attention_mask, token_type_ids)
         return self.discriminator(hidden).squeeze(-1)
 
 
-class AlbertForPreTraining(nn.Module):
+class AlbertForPreTraining(EncoderWithHead):
     """ALBERT's two pre-training heads (Lan et al. 2020, sec. 3.1): masked-LM logits [B, T, V]
     and sentence-order prediction logits [B, 2] from the pooled [CLS] vector (were the two
     segments swapped?)."""
 
     def __init__(self, config: BertConfig) -> None:
-        super().__init__()
-        self.config = config
-        self.bert = BertModel(config, add_pooler=True)
+        super().__init__(config, BertModel(config, add_pooler=True))
         self.mlm = _mlm_head(config, self.bert)
         self.dropout = nn.Dropout(config.dropout)
         self.sop = nn.Linear(config.n_embd, 2)
         _init_weights(self.mlm, self.sop)
 
-    def forward(
-        self,
-        input_ids: Tensor,
-        attention_mask: Tensor | None = None,
-        token_type_ids: Tensor | None = None,
-    ) -> tuple[Tensor, Tensor]:
+    def score(self, hidden: Tensor, attention_mask: Tensor | None) -> tuple[Tensor, Tensor]:
         """(masked-LM logits [B, T, V], sentence-order logits [B, 2])."""
-        hidden = self.bert(input_ids, attention_mask, token_type_ids)
         return self.mlm(hidden), self.sop(self.dropout(self.bert.pooled(hidden)))
 
 
@@ -347,6 +366,7 @@ __all__ = [
     "AlbertForPreTraining",
     "BertConfig",
     "BertForMaskedLM",
+    "BertForPooledClassification",
     "BertForQuestionAnswering",
     "BertForSequenceClassification",
     "BertForTokenClassification",

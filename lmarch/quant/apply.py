@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
 from torch import nn
 
 from lmarch.errors import LmarchError
@@ -17,7 +18,7 @@ from lmarch.quant.blockq import BlockQ4Linear, BlockQ8Linear, check_block_shape
 from lmarch.quant.int4 import Int4WeightOnlyLinear, check_int4_shape
 from lmarch.quant.int8 import Int8WeightOnlyLinear
 
-__all__ = ["SCHEMES", "quantize_", "quantize_linear"]
+__all__ = ["SCHEMES", "quantize_", "quantize_for_decoding", "quantize_linear"]
 
 SCHEMES = ("int8", "int4", "q8", "q4")
 
@@ -104,3 +105,16 @@ def quantize_(
         if id(child) in replacements:
             setattr(parent, attr, replacements[id(child)])
     return model
+
+
+def quantize_for_decoding(model: nn.Module, scheme: str) -> nn.Module:
+    """Make a float model fast to decode on a CPU, in place: ``"int8"`` / ``"int4"`` replace
+    every Linear (output head included) by a weight-only layer on PyTorch's kernels and switch
+    the model to bfloat16, the only activation type those kernels are fast with; ``"q8"`` /
+    ``"q4"`` use llama.cpp's block formats (float32 activations; the native layers that run
+    them are swapped in afterwards by :func:`lmarch.load`); ``"none"`` leaves it as it is."""
+    if scheme == "none":
+        return model
+    if scheme in ("int8", "int4"):
+        model.to(torch.bfloat16)
+    return quantize_(model, scheme)

@@ -4,11 +4,12 @@ chat template, replies streamed, history trimmed to fit the context window."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import TextIO
 
 from lmarch.errors import LmarchError
 from lmarch.generation import GenerationStats, SamplingConfig, stream_text
+from lmarch.loading import LoadedModel
 from lmarch.tokenizers.chat import render_chat
-from lmarch.weights.loader import LoadedModel
 
 
 class ChatSession:
@@ -81,8 +82,47 @@ class ChatSession:
             seed=self.seed,
             stop_token_ids=self.loaded.stop_token_ids,
             stats=self.last_stats,
-            compile=self.loaded.extra.get("compile", False),
+            compile=self.loaded.compile_decode,
         ):
             reply.append(piece)
             yield piece
         self.turns.append({"role": "assistant", "content": "".join(reply)})
+
+
+COMMANDS_HELP = "/reset clears the chat, /system TEXT sets the system message, /quit"
+
+
+def chat_loop(session: ChatSession, lines: TextIO, out: TextIO, interactive: bool = False) -> None:
+    """Read user messages from ``lines`` (one a line) and stream the replies to ``out``.
+
+    ``/reset`` forgets the conversation, ``/system TEXT`` sets the system message (and starts
+    over), ``/quit`` or ``/exit`` or the end of input stops; blank lines are skipped. With
+    ``interactive`` a ``> `` prompt is shown before each message.
+    """
+    if interactive:
+        out.write(f"{session.loaded.name}: {COMMANDS_HELP}\n")
+    while True:
+        if interactive:
+            out.write("> ")
+            out.flush()
+        line = lines.readline()
+        if not line:
+            break
+        text = line.rstrip("\n")
+        command = text.strip()
+        if not command:
+            continue
+        if command in ("/quit", "/exit"):
+            break
+        if command == "/reset":
+            session.reset()
+            out.write("(conversation cleared)\n")
+            continue
+        if text.startswith("/system"):
+            session.set_system(text[len("/system") :].strip())
+            out.write("(system message set; conversation cleared)\n")
+            continue
+        for piece in session.send(text):
+            out.write(piece)
+            out.flush()
+        out.write("\n")

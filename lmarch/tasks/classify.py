@@ -54,14 +54,13 @@ from lmarch.data.classification import (
 )
 from lmarch.data.masking import pad_sequences
 from lmarch.errors import LmarchError
-from lmarch.models.bert import BertConfig, BertModel
+from lmarch.loading import LoadedModel, load
+from lmarch.models.bert import BertConfig, BertForPooledClassification
 from lmarch.nn.pooling import pool
 from lmarch.tasks.embed import Encoder, load_encoder
-from lmarch.tokenizers.base import load_tokenizer
 from lmarch.train.config import TrainConfig
 from lmarch.train.trainer import Callback, Trainer
-from lmarch.weights.checkpoint import find_checkpoint, read_json, write_json
-from lmarch.weights.safetensors_io import load_into_model, load_tensors
+from lmarch.weights.checkpoint import write_json
 
 DEFAULT_MODEL = "minilm-l6"
 PROBE_BELOW_STEPS = 100  # automatic LP-FT: probe first when fine-tuning is shorter than this
@@ -94,35 +93,12 @@ class ClassifyConfig:
             raise LmarchError("batch_size must be >= 1 and max_length >= 3")
 
 
-class SequenceClassifier(nn.Module):
-    """logits = W dropout(pool(encoder(x))) + b, [B, num_labels]."""
-
-    def __init__(
-        self, encoder: nn.Module, num_labels: int, pooling: str = "cls", dropout: float = 0.1
-    ) -> None:
-        super().__init__()
-        if getattr(encoder, "pooler", None) is not None:
-            encoder.pooler = None  # BERT's tanh pooler is not used by this head
-        self.encoder = encoder
-        self.pooling = pooling
-        self.dropout = nn.Dropout(dropout)
-        self.head = nn.Linear(encoder.config.n_embd, num_labels)
-        nn.init.normal_(self.head.weight, std=0.02)
-        nn.init.zeros_(self.head.bias)
-
-    def forward(
-        self,
-        input_ids: Tensor,
-        attention_mask: Tensor | None = None,
-        token_type_ids: Tensor | None = None,
-    ) -> Tensor:
-        """Class logits [B, num_labels]."""
-        hidden = self.encoder(input_ids, attention_mask, token_type_ids)
-        return self.head(self.dropout(pool(hidden, attention_mask, self.pooling)))
+# the classifier itself is lmarch.models.bert.BertForPooledClassification
+SequenceClassifier = BertForPooledClassification
 
 
 def linear_probe(
-    classifier: SequenceClassifier,
+    classifier: BertForPooledClassification,
     batches: ClassificationBatches,
     steps: int,
     learning_rate: float,
@@ -303,7 +279,7 @@ def predict_logits(
 
 
 def _resolve_encoder(model: str | Encoder, cfg: ClassifyConfig) -> Encoder:
-    encoder = load_encoder(model) if isinstance(model, str) else model
+    encoder = load_encoder(model, "classify train") if isinstance(model, str) else model
     if not isinstance(getattr(encoder.model, "config", None), BertConfig):
         raise LmarchError(f"{encoder.name} is not a BERT-family encoder")
     return encoder
@@ -343,7 +319,9 @@ def train_classifier(
     )
     torch.manual_seed(cfg.seed)
     encoder.model.train()
-    classifier = SequenceClassifier(encoder.model, len(data.labels), encoder.pooling, cfg.dropout)
+    classifier = BertForPooledClassification(
+        encoder.model, len(data.labels), encoder.pooling, cfg.dropout
+    )
     iters = max(1, math.ceil(cfg.epochs * len(data.train) / cfg.batch_size))
     train_cfg = TrainConfig(
         batch_size=cfg.batch_size,
@@ -432,56 +410,37 @@ def train_classifier(
 # --- using a trained classifier -----------------------------------------------------------------
 
 
-@dataclass
-class LoadedClassifier:
-    """A fine-tuned classifier read back from its run folder."""
-
-    model: SequenceClassifier
-    tokenizer: object
-    labels: list[str]
-    max_length: int
-
-
-def load_classifier(run_dir: str | Path) -> LoadedClassifier:
-    """Rebuild the classifier that :func:`train_classifier` saved in ``run_dir``."""
-    run_dir = Path(run_dir)
-    if not (run_dir / RUN_FILE).is_file():
+def load_classifier(run_dir: str | Path) -> LoadedModel:
+    """The classifier :func:`train_classifier` saved in ``run_dir``, read by
+    :func:`lmarch.load` (``labels`` and ``pooling.max_length`` come with it)."""
+    path = Path(run_dir)
+    if path.is_dir() and not (path / RUN_FILE).is_file() and not (path / "config.json").is_file():
         raise LmarchError(
             f"no classifier in {run_dir} ({RUN_FILE} is missing)",
             hint="train one with 'lmarch classify train --out DIR'",
         )
-    info = read_json(run_dir / RUN_FILE)
-    try:
-        encoder_cfg = BertConfig(**info["encoder"])
-        labels = [str(x) for x in info["labels"]]
-        pooling, max_length = str(info["pooling"]), int(info["max_length"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise LmarchError(f"{run_dir / RUN_FILE} is damaged: {exc}") from exc
-    model = SequenceClassifier(BertModel(encoder_cfg, add_pooler=False), len(labels), pooling)
-    ckpt = find_checkpoint(run_dir)
-    if ckpt is None:
-        raise LmarchError(f"{run_dir} has no checkpoint", hint="did training finish?")
-    load_into_model(model, load_tensors(ckpt / "model.safetensors"), source=str(ckpt))
-    return LoadedClassifier(
-        model.eval(), load_tokenizer(run_dir / "tokenizer.json"), labels, max_length
-    )
+    return load(str(run_dir), quant="none").require("classifier", "classify predict")
 
 
-def predict(classifier: LoadedClassifier | str | Path, texts: Sequence[str]) -> list[dict]:
+def predict(classifier: LoadedModel | str | Path, texts: Sequence[str]) -> list[dict]:
     """For each text: the predicted ``label`` and the ``probabilities`` of every label."""
-    if not isinstance(classifier, LoadedClassifier):
+    if not isinstance(classifier, LoadedModel):
         classifier = load_classifier(classifier)
+    classifier.require("classifier", "classify predict")
     if not texts or any(not t.strip() for t in texts):
         raise LmarchError("nothing to classify: give a non-empty text")
+    labels = classifier.labels or ()
+    max_length = classifier.pooling.max_length if classifier.pooling else None
+    limit = classifier.model.config.max_positions
     probs = torch.softmax(
-        predict_logits(classifier.model, classifier.tokenizer, list(texts), classifier.max_length),
+        predict_logits(classifier.model, classifier.tokenizer, list(texts), max_length or limit),
         dim=-1,
     )
     return [
         {
             "text": text,
-            "label": classifier.labels[int(row.argmax())],
-            "probabilities": {label: float(p) for label, p in zip(classifier.labels, row)},
+            "label": labels[int(row.argmax())],
+            "probabilities": {label: float(p) for label, p in zip(labels, row)},
         }
         for text, row in zip(texts, probs)
     ]
@@ -490,7 +449,6 @@ def predict(classifier: LoadedClassifier | str | Path, texts: Sequence[str]) -> 
 __all__ = [
     "DEFAULT_MODEL",
     "ClassifyConfig",
-    "LoadedClassifier",
     "SequenceClassifier",
     "classification_loss",
     "classification_metrics",

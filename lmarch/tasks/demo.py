@@ -7,8 +7,8 @@ from pathlib import Path
 from rich.console import Console
 
 from lmarch.generation import SamplingConfig, stream_text
+from lmarch.loading import load
 from lmarch.train.run import train_run
-from lmarch.weights.checkpoint import load_run
 
 DEMO_PRESET = "gpt-char-tiny"
 # About three minutes on two idle CPU cores: ~24k tokens/s at this shape since the fused GPT-2
@@ -37,10 +37,17 @@ def run_demo(out: str | Path = "runs/demo", max_iters: int | None = None) -> str
         f"({result.tokens_per_s:,.0f} tokens/s); checkpoint in {out}/checkpoint, "
         f"loss curve in {out}/loss.png"
     )
-    model, tokenizer, _ = load_run(out)
+    loaded = load(out, quant="none")
     console.rule("[bold]a 500-character sample (temperature 0.8)")
     sample = "".join(
-        stream_text(model, tokenizer, "\n", 500, SamplingConfig(temperature=0.8), seed=1337)
+        stream_text(
+            loaded.model,
+            loaded.tokenizer,
+            "\n",
+            500,
+            SamplingConfig(temperature=0.8),
+            seed=1337,
+        )
     )
     console.print(sample, markup=False, highlight=False)
     console.rule("[bold]try next")

@@ -18,8 +18,9 @@ import torch
 from torch import Tensor, nn
 
 from lmarch.errors import LmarchError
+from lmarch.loading import LoadedModel, Pooling, load
+from lmarch.models.heads import encoder_of
 from lmarch.nn.pooling import POOLING_MODES, l2_normalize, pool
-from lmarch.weights.loader import LoadedModel, load_model
 
 VECTOR_SUFFIXES = (".npy", ".safetensors")
 DEFAULT_MAX_LENGTH = 512
@@ -38,82 +39,32 @@ class Encoder:
     name: str = ""
 
 
-def encoder_from_loaded(loaded: LoadedModel) -> Encoder:
-    """The encoder inside ``loaded`` (a bare encoder, or the ``bert`` of a model with a head)
-    with the pooling and normalisation the model ships with (``loaded.extra``)."""
-    model = loaded.model
-    encoder = getattr(model, "bert", model)
-    if (
-        isinstance(model, nn.Module)
-        and hasattr(model, "discriminator")
-        and hasattr(model.discriminator, "bert")
-    ):
-        encoder = model.discriminator.bert
-    from lmarch.models.bert import BertConfig
-
-    # byte-level BPE has encode_batch too (for RoBERTa), so the model decides as well
-    is_bert = isinstance(getattr(encoder, "config", None), BertConfig)
-    if not is_bert or not hasattr(loaded.tokenizer, "encode_batch"):
+def encoder_from_loaded(loaded: LoadedModel, command: str = "embed") -> Encoder:
+    """The bare encoder inside ``loaded`` (see :func:`lmarch.models.heads.encoder_of`) with
+    the pooling and normalisation the model ships with (``loaded.pooling``); a model that is
+    not a BERT-family encoder is refused in ``command``'s name."""
+    loaded.require("encoder", command)
+    encoder = encoder_of(loaded.model)
+    if not hasattr(loaded.tokenizer, "encode_batch"):
         raise LmarchError(
-            f"{loaded.name} is not a BERT-family encoder with an encoder tokenizer",
+            f"{loaded.name} has no encoder tokenizer (one that pads a batch)",
             hint="use an encoder such as minilm-l6, a BERT-family HF folder or an mlm/rtd run",
         )
-    pooling = loaded.extra.get("pooling", "cls")
-    if pooling not in POOLING_MODES:
-        raise LmarchError(f"{loaded.name}: unknown pooling {pooling!r}")
+    pooling = loaded.pooling or Pooling()
+    if pooling.mode not in POOLING_MODES:
+        raise LmarchError(f"{loaded.name}: unknown pooling {pooling.mode!r}")
     limit = getattr(getattr(encoder, "config", None), "max_positions", DEFAULT_MAX_LENGTH)
-    max_length = min(int(loaded.extra.get("max_seq_length", limit)), limit)
+    max_length = min(pooling.max_length or limit, limit)
     return Encoder(
-        encoder.eval(),
-        loaded.tokenizer,
-        pooling,
-        bool(loaded.extra.get("normalize", False)),
-        max_length,
-        loaded.name,
+        encoder.eval(), loaded.tokenizer, pooling.mode, pooling.normalize, max_length, loaded.name
     )
 
 
-def load_pretraining_run(path: str | Path) -> LoadedModel:
-    """The encoder of an ``lmarch train --objective mlm|rtd`` run folder (the masked LM's
-    encoder, or ELECTRA's discriminator), mean-pooled, with the run's WordPiece tokenizer."""
-    from lmarch.models.registry import config_from_dict
-    from lmarch.tokenizers.base import load_tokenizer
-    from lmarch.train.objectives import objective_model, pretrained_encoder
-    from lmarch.weights.checkpoint import find_checkpoint, read_json
-    from lmarch.weights.safetensors_io import load_into_model, load_tensors
-
-    path = Path(path)
-    run = read_json(path / "config.json")
-    model = objective_model(run["objective"], config_from_dict(run["model"]))
-    ckpt = find_checkpoint(path)
-    if ckpt is None:
-        raise LmarchError(f"{path} has no checkpoint yet", hint="has training saved once?")
-    load_into_model(model, load_tensors(ckpt / "model.safetensors"), source=str(ckpt))
-    return LoadedModel(
-        pretrained_encoder(model).eval(),
-        load_tokenizer(path / "tokenizer.json"),
-        str(path),
-        extra={"pooling": "mean", "normalize": False},
-    )
-
-
-def _is_pretraining_run(path: Path) -> bool:
-    import json
-
-    try:
-        run = json.loads((path / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return isinstance(run, dict) and run.get("objective") in ("mlm", "rtd")
-
-
-def load_encoder(spec: str) -> Encoder:
-    """An encoder from a preset with weights (``minilm-l6``), a Hugging Face BERT-family folder
-    (via :func:`lmarch.weights.loader.load_model`) or an mlm/rtd run folder."""
-    path = Path(spec)
-    if path.is_dir() and _is_pretraining_run(path):
-        return encoder_from_loaded(load_pretraining_run(path))
-    return encoder_from_loaded(load_model(spec))
+def load_encoder(spec: str, command: str = "embed") -> Encoder:
+    """An encoder from anything :func:`lmarch.load` reads that holds a BERT-family model: a
+    preset with weights (``minilm-l6``), a Hugging Face folder, an mlm/rtd run folder (the
+    masked LM's encoder, or ELECTRA's discriminator's, mean-pooled) or a classifier run."""
+    return encoder_from_loaded(load(spec, quant="none"), command)
 
 
 def tokenize_batch(encoder: Encoder, texts: Sequence[str]) -> dict[str, Tensor]:
@@ -330,7 +281,7 @@ def search(
         raise LmarchError(f"--top-k must be >= 1, got {top_k}")
     if not query.strip():
         raise LmarchError("the query is empty")
-    encoder = load_encoder(model) if isinstance(model, str) else model
+    encoder = load_encoder(model, "search") if isinstance(model, str) else model
     lines, vectors, _ = index_vectors(encoder, index, cache, progress=progress)
     q = embed_texts(encoder, [query])[0]
     return [
@@ -348,7 +299,6 @@ __all__ = [
     "encoder_from_loaded",
     "index_vectors",
     "load_encoder",
-    "load_pretraining_run",
     "load_vectors",
     "nearest",
     "read_lines",

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 
 from lmarch.generation import GenerationStats, SamplingConfig, stream_text
-from lmarch.weights.loader import LoadedModel, quantize_loaded
+from lmarch.loading import LoadedModel
 
 
 def generate_text(
@@ -31,24 +31,18 @@ def generate_text(
         stop=stop,
         stop_token_ids=() if ignore_eos else loaded.stop_token_ids,
         stats=stats,
-        compile=loaded.extra.get("compile", False),
+        compile=loaded.compile_decode,
     )
 
 
-def prepare_for_decoding(loaded: LoadedModel, quant: str = "none", compile: bool = False) -> float:
-    """Make ``loaded`` fast to decode on a CPU and return the seconds it took: quantise it
-    (see :func:`lmarch.weights.loader.quantize_loaded`; prefer ``load_model(spec, quant=...)``,
-    which builds a GGUF file's int4 layers without a float copy) and remember ``compile`` for
-    the decode steps (see :func:`lmarch.generation.generate.compiled_step`)."""
-    import time
-
-    start = time.perf_counter()
-    quantize_loaded(loaded, quant)
-    if compile and loaded.extra.get("quant", "none") != "none":
+def prepare_for_decoding(loaded: LoadedModel, compile: bool = False) -> None:
+    """Remember ``compile`` for the decode steps (see
+    :func:`lmarch.generation.generate.compiled_step`). Quantisation is chosen when loading:
+    ``lmarch.load(spec, quant=...)``."""
+    if compile and loaded.quant in ("int8", "int4"):
         # Eager decoding is fastest with bf16 activations (fewer bytes through the many small
         # ops); a compiled step fuses those ops, and Inductor's CPU code is much faster in
         # float32 on CPUs without bf16 arithmetic (26 against 41+ ms per SmolLM2 token here).
         # The quantised layers keep their bf16 operands and convert their inputs themselves.
         loaded.model.float()
-    loaded.extra["compile"] = compile
-    return time.perf_counter() - start
+    loaded.compile_decode = compile

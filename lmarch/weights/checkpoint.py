@@ -74,13 +74,32 @@ def find_checkpoint(run_dir: str | Path) -> Path | None:
     return None
 
 
-def load_run(run_dir: str | Path) -> tuple[nn.Module, Tokenizer, dict[str, Any]]:
-    """Model (with its latest weights), tokenizer and run config of a training run folder."""
+def load_run(
+    run_dir: str | Path, build: Callable[[dict[str, Any]], nn.Module] | None = None
+) -> tuple[nn.Module, Tokenizer, dict[str, Any]]:
+    """Model (with its latest weights), tokenizer and run config of a training run folder.
+
+    ``build(run_config)`` makes the module the checkpoint holds. Left out, the run's model
+    config is built as it is, which is what a next-token (``clm``) run trains; a run of another
+    objective (masked LM, replaced-token detection) is refused, since its checkpoint holds a
+    head too: :func:`lmarch.load` reads every kind of run.
+    """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise LmarchError(f"run folder not found: {run_dir}", hint="train one with 'lmarch train'")
     run_config = read_json(run_dir / "config.json")
-    model = build_model(config_from_dict(run_config["model"]))
+    if not isinstance(run_config, dict) or "model" not in run_config:
+        raise LmarchError(f"{run_dir / 'config.json'} is not an lmarch run config")
+    if build is None:
+        objective = run_config.get("objective", "clm")
+        if objective != "clm":
+            raise LmarchError(
+                f"{run_dir} is a {objective} run; this reader builds next-token models",
+                hint="load it with lmarch.load",
+            )
+        model = build_model(config_from_dict(run_config["model"]))
+    else:
+        model = build(run_config)
     ckpt = find_checkpoint(run_dir)
     if ckpt is None:
         raise LmarchError(f"{run_dir} has no checkpoint yet", hint="has training saved once?")

@@ -28,7 +28,14 @@ from lmarch.models.bert import (
     BertModel,
     ElectraForPreTraining,
 )
-from lmarch.weights.hf import read_hf_config, read_hf_weights, write_hf_folder
+from lmarch.models.heads import build_bert_task_model
+from lmarch.weights.hf import (
+    COMMON_INERT,
+    HFConfigFields,
+    read_hf_config,
+    read_hf_weights,
+    write_hf_folder,
+)
 from lmarch.weights.name_map import Rule, WeightMap
 from lmarch.weights.safetensors_io import load_into_model, unique_state_dict
 
@@ -204,6 +211,29 @@ def map_for_model(model: nn.Module) -> WeightMap:
     return bert_map(model.config, task, pooler=encoder.pooler is not None)
 
 
+# How each config.json field of the four families is treated (see HFConfigFields).
+BERT_FIELDS = HFConfigFields(
+    "BERT-family",
+    implemented=(
+        "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+        "intermediate_size", "hidden_act", "max_position_embeddings", "type_vocab_size",
+        "layer_norm_eps", "pad_token_id", "embedding_size", "num_hidden_groups",
+        "tie_word_embeddings",  # False is refused where a head uses the word embeddings
+    ),
+    inert=(
+        *(k for k in COMMON_INERT if k != "pad_token_id"),
+        "hidden_dropout_prob", "attention_probs_dropout_prob", "classifier_dropout",
+        "classifier_dropout_prob",  # dropout: training only
+        "summary_type", "summary_use_proj", "summary_activation", "summary_last_dropout",
+    ),
+    refused={
+        "is_decoder": (False,),  # True makes transformers' encoder causal
+        "position_embedding_type": ("absolute",),
+        "inner_group_num": (1,),
+    },
+)  # fmt: skip
+
+
 def config_from_hf(hf: dict[str, Any]) -> BertConfig:
     """Our BertConfig from a transformers Bert/Roberta/Albert/ElectraConfig dict."""
     kind = hf.get("model_type", "bert")
@@ -211,6 +241,7 @@ def config_from_hf(hf: dict[str, Any]) -> BertConfig:
         raise LmarchError(
             f"model_type {kind!r} is not a BERT-family model", hint=f"one of {sorted(_STEMS)}"
         )
+    BERT_FIELDS.check(hf)
     act = hf.get("hidden_act", "gelu_new" if kind == "albert" else "gelu")
     if act not in _ACT_FROM_HF:
         raise LmarchError(f"unsupported {kind} activation {act!r}")
@@ -295,16 +326,11 @@ def _task_from_architecture(name: str, kind: str) -> str:
 
 
 def build_task_model(config: BertConfig, task: str, num_labels: int = 2) -> nn.Module:
-    """Our model class for ``task`` (``pretraining`` is ELECTRA's or ALBERT's by variant)."""
-    if task == "pretraining":
-        if config.variant == "electra":
-            return ElectraForPreTraining(config)
-        if config.variant == "albert":
-            return AlbertForPreTraining(config)
-        raise LmarchError(f"no pre-training heads for the {config.variant} variant")
-    if task in ("sequence_classification", "token_classification"):
-        return _CLASSES[task](config, num_labels)
-    return _CLASSES[task](config)
+    """Our model class for ``task`` (``pretraining`` is ELECTRA's or ALBERT's by variant), as
+    :func:`lmarch.models.heads.build_bert_task_model` chooses it."""
+    if task not in TASKS:
+        raise LmarchError(f"unknown task {task!r}; one of {TASKS}")
+    return build_bert_task_model(config, task, num_labels)
 
 
 def load_hf_bert(folder: str | Path, task: str | None = None) -> nn.Module:
@@ -322,6 +348,13 @@ def load_hf_bert(folder: str | Path, task: str | None = None) -> nn.Module:
         # BERT's own pre-training checkpoints: the MLM head is kept, next-sentence head dropped
         no_pretraining_heads = saved_task == "pretraining" and kind in ("bert", "roberta")
         task = "masked_lm" if no_pretraining_heads else saved_task
+    uses_word_embeddings = task == "masked_lm" or (task == "pretraining" and kind == "albert")
+    if uses_word_embeddings and hf.get("tie_word_embeddings", True) is not True:
+        raise LmarchError(
+            f"{folder}: {kind} config field tie_word_embeddings={hf['tie_word_embeddings']!r} "
+            "is not supported for a masked-LM head",
+            hint="lmarch ties the masked-LM decoder to the word embeddings",
+        )
     theirs = read_hf_weights(folder)
     prefix = kind + "."
     if task == "base":

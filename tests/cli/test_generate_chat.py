@@ -12,10 +12,10 @@ import transformers
 
 from lmarch.cli.main import main
 from lmarch.generation import generate
+from lmarch.loading import load
 from lmarch.models import GPT, GPTConfig
 from lmarch.tokenizers import ByteLevelBPETokenizer
 from lmarch.weights.hf_gpt2 import save_hf_gpt2
-from lmarch.weights.loader import load_model
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:
@@ -37,7 +37,7 @@ def test_generate_json_on_smollm2(capsys) -> None:
         assert key in summary
     assert "Paris" in summary["text"]
     assert summary["token_ids"][-1] == 2 and summary["stopped_by"] == "eos"  # <|im_end|>
-    loaded = load_model("smollm2-135m", context=512)
+    loaded = load("smollm2-135m", quant="none", context=512)
     assert loaded.tokenizer.decode(summary["token_ids"][:-1]) == summary["text"]
     assert summary["prefill_tokens_per_s"] > 0 and summary["decode_tokens_per_s"] > 0
 
@@ -127,7 +127,7 @@ def test_hf_folder_generate_equals_transformers(hf_gpt2_folder, capsys) -> None:
     """An HF folder loads with its tokenizer.json (ids equal transformers' fast tokenizer) and
     `lmarch generate --temperature 0` gives HF generate's greedy tokens."""
     folder, _ = hf_gpt2_folder
-    loaded = load_model(str(folder))
+    loaded = load(str(folder))
     hf_tok = transformers.PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"))
     text = "ROMEO: What light through yonder window breaks?<|endoftext|> 1234 ünïcödé"
     assert loaded.tokenizer.encode(text) == hf_tok(text)["input_ids"]

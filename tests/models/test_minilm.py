@@ -12,10 +12,10 @@ import torch
 
 from lmarch.data.corpus import shakespeare_documents
 from lmarch.errors import LmarchError
+from lmarch.loading import Pooling, load
 from lmarch.models.bert import BertModel
 from lmarch.nn.pooling import l2_normalize, pool
 from lmarch.weights.hf_bert import load_hf_bert, read_sentence_transformers_pooling
-from lmarch.weights.loader import load_model
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -115,14 +115,14 @@ def test_hidden_states_equal_transformers(ours: BertModel) -> None:
 
 
 def test_preset_loads_with_its_tokenizer_and_pooling(reference) -> None:
-    loaded = load_model("minilm-l6")
-    assert loaded.extra == {"pooling": "mean", "normalize": True, "max_seq_length": 256}
+    loaded = load("minilm-l6")
+    assert loaded.pooling == Pooling("mean", normalize=True, max_length=256)
     sentences = shakespeare_sentences(20)
     batch = {k: torch.tensor(v) for k, v in loaded.tokenizer.encode_batch(sentences, 256).items()}
     # our WordPiece gives the ids sentence-transformers' tokenizer gives
     assert torch.equal(batch["input_ids"], reference.tokenize(sentences)["input_ids"])
     with torch.no_grad():
         hidden = loaded.model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
-    emb = l2_normalize(pool(hidden, batch["attention_mask"], loaded.extra["pooling"]))
+    emb = l2_normalize(pool(hidden, batch["attention_mask"], loaded.pooling.mode))
     expected = reference.encode(sentences, convert_to_tensor=True)
     assert torch.nn.functional.cosine_similarity(emb, expected).min().item() >= 0.9999

@@ -8,9 +8,9 @@ import torch
 import transformers
 
 from lmarch.generation import generate
+from lmarch.loading import LoadedModel, load
 from lmarch.tasks.chat import ChatSession
 from lmarch.tokenizers.chat import render_chat
-from lmarch.weights.loader import LoadedModel, load_model
 
 PROMPTS = [
     "What is the capital of France?",
@@ -28,7 +28,7 @@ PROMPTS = [
 
 @pytest.fixture(scope="module")
 def ours() -> LoadedModel:
-    return load_model("smollm2-135m", context=2048)
+    return load("smollm2-135m", quant="none", context=2048)
 
 
 @pytest.fixture(scope="module")

@@ -109,15 +109,18 @@ def test_fused_swiglu_block_equals_its_two_layers(rows: int, portable_library) -
     """One native call for W_down (SiLU(W_gate x) * (W_up x)) gives what the two Q4_1 layers
     give with PyTorch's SiLU in between (the hidden units are rounded to 16-bit codes in
     both), in the SIMD and the portable build; with gradients it is the layers themselves."""
+    from lmarch.native import accelerate
+    from lmarch.native.swiglu import NativeSwiGLU
     from lmarch.nn.ffn import GatedMLP
-    from lmarch.quant.blockq import BlockQ4GatedMLP, fuse_block_mlps_
 
     torch.manual_seed(0)
     model = nn.Sequential(GatedMLP(64, 96), nn.Identity())
     quantize_(model, "q4")
     x = torch.randn(rows, 64)
     unfused = model(x)
-    assert fuse_block_mlps_(model) == 1 and isinstance(model[0], BlockQ4GatedMLP)
+    keys = list(model.state_dict())
+    accelerate(model, training=False)
+    assert type(model[0]) is NativeSwiGLU and list(model.state_dict()) == keys
     fused = model(x)
     assert torch.allclose(fused, unfused, rtol=1e-4, atol=1e-5)
     block = model[0]
@@ -202,8 +205,8 @@ def test_a_failed_build_is_reported(monkeypatch, tmp_path: Path) -> None:
 
 def test_q4_without_native_kernels_is_one_clear_error(monkeypatch) -> None:
     """Decoding through the dequantising fallback would be slower than float32: refuse it."""
-    from lmarch.weights.loader import load_model
+    from lmarch.loading import load
 
     monkeypatch.setattr(native, "native_available", lambda: False)
     with pytest.raises(LmarchError, match="--quant q4 needs lmarch's native kernels"):
-        load_model("smollm2-135m", quant="q4")
+        load("smollm2-135m", quant="q4")

@@ -17,12 +17,12 @@ import pytest
 import torch
 
 from lmarch.data.corpus import shakespeare_documents
+from lmarch.loading import load
 from lmarch.tasks.embed import encoder_from_loaded, tokenize_batch
 from lmarch.tokenizers.base import load_tokenizer
 from lmarch.tokenizers.bpe import ByteLevelBPETokenizer
 from lmarch.tokenizers.hf_fallback import HFTokenizersFallback
 from lmarch.tokenizers.wordpiece import WordPieceTokenizer
-from lmarch.weights.loader import load_model
 
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
@@ -218,7 +218,7 @@ def test_folder_loads_and_matches_tokenizers_and_transformers(family, folders, c
 
     _, sentences = corpus
     folder = folders[family]
-    loaded = load_model(str(folder))
+    loaded = load(str(folder))
     assert isinstance(loaded.tokenizer, OUR_TOKENIZER[family])
 
     # token ids, special tokens included, equal the library's for each sentence
@@ -257,7 +257,7 @@ def test_pairs_and_truncation_match_the_library(folders, corpus):
     _, sentences = corpus
     for family in FAMILIES:
         folder = folders[family]
-        ours = load_model(str(folder)).tokenizer
+        ours = load(str(folder)).tokenizer
         reference = Tokenizer.from_file(str(folder / "tokenizer.json"))
         reference.enable_truncation(24, strategy="longest_first")
         for a, b in zip(sentences[:10], sentences[10:], strict=True):
@@ -268,7 +268,7 @@ def test_pairs_and_truncation_match_the_library(folders, corpus):
 
 def test_roberta_pair_shape(folders):
     """RoBERTa's pair is <s> A </s> </s> B </s>, one token type, padded with id 1."""
-    tok = load_model(str(folders["roberta"])).tokenizer
+    tok = load(str(folders["roberta"])).tokenizer
     a, b = tok.encode("Good morrow."), tok.encode("Good night.")
     ids, types = tok.encode_pair("Good morrow.", "Good night.")
     assert ids == [0, *a, 2, 2, *b, 2]
@@ -280,7 +280,7 @@ def test_roberta_pair_shape(folders):
 def test_fallback_round_trips_through_its_own_file(folders, corpus, tmp_path):
     """The ALBERT tokenizer saved by lmarch (as classify does) loads back with the same ids."""
     _, sentences = corpus
-    tok = load_model(str(folders["albert"])).tokenizer
+    tok = load(str(folders["albert"])).tokenizer
     assert (tok.cls_id, tok.sep_id, tok.pad_id, tok.mask_id, tok.unk_id) == (2, 3, 0, 4, 1)
     tok.save(tmp_path / "tokenizer.json")
     again = load_tokenizer(tmp_path / "tokenizer.json")

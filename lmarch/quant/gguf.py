@@ -1,5 +1,8 @@
 """A llama.cpp GGUF straight into quantised layers: no float copy, no second rounding.
 
+(Here in ``quant/`` rather than ``weights/``: it builds quantised layers, while ``weights/``
+only reads and writes files. The native fast path is installed afterwards by the loader.)
+
 Two targets. :func:`load_gguf_llama_blocks` keeps llama.cpp's blocks as they are in the file
 (:class:`~lmarch.quant.blockq.BlockQ4Linear` for Q4_0/Q4_1, a Q8_0 output head) and runs them
 with lmarch's native CPU kernels — the fast path. :func:`load_gguf_llama_int4` maps them onto
@@ -36,17 +39,10 @@ from torch import Tensor, nn
 from lmarch.errors import LmarchError
 from lmarch.models.llama import Llama, LlamaConfig
 from lmarch.nn.init import empty_weights
-from lmarch.quant.blockq import (
-    BlockQ4Linear,
-    BlockQ8Embedding,
-    BlockQ8Linear,
-    fuse_block_mlps_,
-    quantize_q4_1,
-)
-from lmarch.quant.decoder import fuse_decoder_blocks_
+from lmarch.quant.blockq import BlockQ4Linear, BlockQ8Embedding, BlockQ8Linear, quantize_q4_1
 from lmarch.quant.int4 import Int4WeightOnlyLinear, quantize_int4
 from lmarch.quant.int8 import Int8WeightOnlyLinear
-from lmarch.weights.gguf import GGUFFile, read_gguf
+from lmarch.weights.gguf import GGUFFile, read_gguf, unpack_nibbles
 from lmarch.weights.gguf_llama import gguf_llama_map, llama_config_from_gguf
 from lmarch.weights.name_map import Rule
 
@@ -67,8 +63,7 @@ def int4_rows(gguf: GGUFFile, name: str) -> tuple[Tensor, Tensor, Tensor]:
         halves = blocks[..., :header].copy().view("<f2").astype(np.float32)
         nibbles = blocks[..., header:]
         codes = np.empty((n, k // GROUP, GROUP), dtype=np.uint8)
-        np.bitwise_and(nibbles, 15, out=codes[..., : GROUP // 2])  # elements 0..15
-        np.right_shift(nibbles, 4, out=codes[..., GROUP // 2 :])  # elements 16..31
+        unpack_nibbles(nibbles, out=codes)  # low nibbles: elements 0..15, high: 16..31
         scale = halves[..., 0]
         zero = halves[..., 1] + 8.0 * scale if type_name == "Q4_1" else np.zeros_like(scale)
         return (
@@ -180,10 +175,9 @@ def load_gguf_llama_blocks(
     """A Llama for fast CPU decoding with lmarch's native block kernels: every projection a
     :class:`~lmarch.quant.blockq.BlockQ4Linear` holding the file's own Q4_1 / Q4_0 blocks, the
     output head a :class:`~lmarch.quant.blockq.BlockQ8Linear` (the file's Q8_0 blocks when it
-    stores them so, as llama.cpp's Q4 files do; a tied embedding table shares its blocks), each
-    feed-forward block fused into one :class:`~lmarch.quant.blockq.BlockQ4GatedMLP` and each
-    layer into a :class:`~lmarch.quant.decoder.NativeDecoderBlock` (one native call per decoded
-    token), everything else in float32."""
+    stores them so, as llama.cpp's Q4 files do; a tied embedding table shares its blocks),
+    everything else in float32. :func:`lmarch.load` then swaps in the native decoder layers
+    (one native call per layer and decoded token)."""
 
     def make_linear(gguf: GGUFFile, rule: Rule) -> nn.Module:
         pieces = [q4_blocks(gguf, name) for name in rule.parts]
@@ -199,8 +193,6 @@ def load_gguf_llama_blocks(
     model.lm_head = BlockQ8Linear.from_blocks(*q8_blocks(gguf, _head_name(gguf, config, path)))
     if config.tie_embeddings:  # one Q8_0 table serves as embedding and head
         model.tok_emb = BlockQ8Embedding.tied_to(model.lm_head)
-    fuse_block_mlps_(model)  # each SwiGLU block one native call
-    fuse_decoder_blocks_(model)  # and each layer one native call per decoded token
     return _finish(model, path, torch.float32), gguf
 
 

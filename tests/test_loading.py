@@ -1,0 +1,246 @@
+"""``lmarch.load``: one loader for presets, GGUF files, HF folders and run folders; run folders
+load the model their objective trained; commands refuse models they cannot use in one line;
+``quant="auto"`` is the native Q4 path on a Q4 GGUF and float32 (with one notice) without the
+native kernels; ``weights/`` imports neither ``quant`` nor ``native``."""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import lmarch
+from lmarch.cli.main import main
+from lmarch.errors import LmarchError
+from lmarch.loading import ChatConvention, LoadedModel, Pooling, load
+from lmarch.models.bert import (
+    BertForMaskedLM,
+    BertForPooledClassification,
+    ElectraForPreTraining,
+)
+from lmarch.models.heads import encoder_of
+from lmarch.train.objectives import objective_model
+from lmarch.weights.checkpoint import find_checkpoint, read_json
+from lmarch.weights.safetensors_io import load_into_model, load_tensors
+
+ROOT = Path(__file__).resolve().parents[1]
+# two steps of a tiny model: a real run folder in about a second
+TINY_RUN = {
+    "max_iters": 2, "lr_decay_iters": 2, "eval_interval": 2, "eval_iters": 1,
+    "batch_size": 4, "block_size": 32, "warmup_iters": 0, "log_interval": 1,
+}  # fmt: skip
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, shakespeare_text) -> dict[str, Path]:
+    """A clm (gpt-char-tiny), an mlm and an rtd (bert-tiny) run folder, two steps each."""
+    from lmarch.train.run import train_run
+
+    root = tmp_path_factory.mktemp("runs")
+    text = root / "text.txt"
+    text.write_text(shakespeare_text[:30_000], encoding="utf-8")
+    out = {}
+    for name, preset, objective in [
+        ("clm", "gpt-char-tiny", None),
+        ("mlm", "bert-tiny", "mlm"),
+        ("rtd", "bert-tiny", "rtd"),
+    ]:
+        out[name] = root / name
+        train_run(
+            preset, str(text), out[name], dict(TINY_RUN), callbacks=[], log=lambda *_: None,
+            objective=objective,
+        )  # fmt: skip
+    return out
+
+
+def test_import_lmarch_stays_light() -> None:
+    """``lmarch.load`` is there, but ``import lmarch`` alone does not import torch."""
+    light = "import sys, lmarch; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", light], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+    assert lmarch.load is load and lmarch.LoadedModel is LoadedModel
+
+
+def test_weights_reads_and_writes_files_only() -> None:
+    """No module under lmarch/weights imports lmarch.quant or lmarch.native (at any depth)."""
+    offenders = []
+    for path in sorted((ROOT / "lmarch" / "weights").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            for name in names:
+                if name.split(".")[:2] in (["lmarch", "quant"], ["lmarch", "native"]):
+                    offenders.append(f"{path.name}: {name}")
+                if name == "lmarch" and isinstance(node, ast.ImportFrom):
+                    bad = {a.name for a in node.names} & {"quant", "native"}
+                    offenders += [f"{path.name}: lmarch.{b}" for b in bad]
+    assert offenders == []
+
+
+def test_smollm2_preset_is_typed() -> None:
+    """The preset's chat convention comes from the GGUF metadata, in typed fields."""
+    loaded = load("smollm2-135m", quant="none", context=256)
+    assert (loaded.name, loaded.family, loaded.objective, loaded.quant) == (
+        "smollm2-135m", "llama", "causal-lm", "none"
+    )  # fmt: skip
+    assert loaded.chat.stop_token_ids == (2,) and loaded.chat.bos_token_id == 1
+    assert loaded.chat.add_bos is False and "<|im_start|>" in loaded.chat.template
+    assert isinstance(loaded.chat, ChatConvention) and loaded.pooling is None
+    assert loaded.labels is None and loaded.load_s > 0
+    assert not hasattr(loaded, "extra")
+
+
+def test_default_generate_is_q4_and_greedy_equals_float32(capsys) -> None:
+    """No flags: the SmolLM2 GGUF runs on its own Q4 blocks (``quant`` "q4" in --json) and
+    its greedy tokens equal ``--quant none``'s (float32)."""
+    prompt = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
+    answers = {}
+    for flags in ([], ["--quant", "none"]):
+        code, out, err = run_cli(
+            capsys, "generate", "smollm2-135m", prompt, "--max-new-tokens", "12",
+            "--ignore-eos", "--json", *flags,
+        )  # fmt: skip
+        assert code == 0 and "notice" not in err, err
+        summary = json.loads(out.strip().splitlines()[-1])
+        answers[summary["quant"]] = summary["token_ids"]
+    assert sorted(answers) == ["none", "q4"]
+    assert len(answers["none"]) == 12 and answers["q4"] == answers["none"]
+
+
+def test_auto_without_native_kernels_falls_back_with_one_notice() -> None:
+    """LMARCH_NATIVE=0: the default loads float32 and says so in exactly one stderr line."""
+    env = {**os.environ, "LMARCH_NATIVE": "0"}
+    argv = ["generate", "smollm2-135m", "Hello", "--max-new-tokens", "2", "--json"]
+    done = subprocess.run(
+        [sys.executable, "-m", "lmarch", *argv], capture_output=True, text=True, env=env,
+        timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.strip().splitlines()[-1])["quant"] == "none"
+    notices = [line for line in done.stderr.splitlines() if "notice" in line]
+    assert len(notices) == 1 and "native kernels unavailable" in notices[0], done.stderr
+    assert "Traceback" not in done.stderr and "warn" not in done.stderr.lower()
+
+
+def test_explicit_quant_none_and_non_gguf_auto_are_float(runs) -> None:
+    assert load(runs["clm"]).quant == "none"  # auto on a run folder: float
+    loaded = load(runs["clm"], dtype=torch.float64)
+    assert loaded.quant == "none" and next(loaded.model.parameters()).dtype == torch.float64
+    with pytest.raises(LmarchError, match="unknown quantisation 'int3'"):
+        load(runs["clm"], quant="int3")
+
+
+def _checkpoint_model(run: Path) -> torch.nn.Module:
+    """The run's training module rebuilt and filled by hand (the oracle for ``load``)."""
+    from lmarch.models.registry import config_from_dict
+
+    config = read_json(run / "config.json")
+    model = objective_model(config["objective"], config_from_dict(config["model"]))
+    tensors = load_tensors(find_checkpoint(run) / "model.safetensors")
+    load_into_model(model, tensors, source=str(run))
+    return model.eval()
+
+
+def test_mlm_run_loads_its_masked_lm(runs) -> None:
+    """An mlm run is the masked LM it trained, head included: its logits equal the
+    checkpoint's module exactly."""
+    loaded = load(runs["mlm"])
+    assert isinstance(loaded.model, BertForMaskedLM)
+    assert (loaded.family, loaded.objective) == ("bert", "masked-lm")
+    assert loaded.pooling == Pooling("mean")
+    ids = torch.tensor([loaded.tokenizer.encode("To be, or not to be")])
+    with torch.no_grad():
+        assert torch.equal(loaded.model(ids), _checkpoint_model(runs["mlm"])(ids))
+
+
+def test_rtd_run_loads_its_discriminator(runs) -> None:
+    """An rtd run is ELECTRA's discriminator (the generator trained beside it is dropped):
+    replaced-token logits equal the checkpoint's discriminator's."""
+    loaded = load(runs["rtd"])
+    assert isinstance(loaded.model, ElectraForPreTraining)
+    assert loaded.objective == "replaced-token-detection"
+    reference = _checkpoint_model(runs["rtd"]).discriminator
+    ids = torch.tensor([loaded.tokenizer.encode("Now is the winter of our discontent")])
+    with torch.no_grad():
+        assert torch.equal(loaded.model(ids), reference(ids))
+    assert encoder_of(loaded.model) is loaded.model.bert
+
+
+def test_classifier_run_loads_with_its_labels(runs, tmp_path) -> None:
+    """A classify-train folder loads as the pooled classifier with its labels and the input
+    length it was trained with."""
+    from lmarch.data.classification import ClassificationData, Example
+    from lmarch.tasks.classify import ClassifyConfig, train_classifier
+
+    rows = [Example(f"{w} {w} {w}", lab) for w, lab in [("sword", "war"), ("kiss", "love")] * 8]
+    data = ClassificationData("toy", rows, rows[:4])
+    train_classifier(
+        str(runs["mlm"]), data, tmp_path / "clf", ClassifyConfig(epochs=1, batch_size=8),
+        baseline=False, callbacks=[], log=lambda *_: None,
+    )  # fmt: skip
+    loaded = load(tmp_path / "clf")
+    assert isinstance(loaded.model, BertForPooledClassification)
+    assert loaded.objective == "classifier" and loaded.labels == ("love", "war")
+    assert loaded.pooling == Pooling("mean", False, 32)  # the encoder's 32 positions cap 128
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["generate", "{mlm}", "hi"], "{mlm} holds a masked-LM (bert); generate needs a causal LM"),
+        (["sample", "{rtd}"], "holds a replaced-token detector (bert); sample needs a causal LM"),
+        (["eval", "{mlm}"], "holds a masked-LM (bert); eval needs a causal LM"),
+        (["chat", "{mlm}"], "chat needs a causal LM"),
+        (
+            ["embed", "{clm}", "{text}", "--out", "{tmp}/v.npy"],
+            "holds a causal LM (gpt); embed needs a BERT-family encoder",
+        ),
+        (["search", "{clm}", "q", "--index", "{text}"], "search needs a BERT-family encoder"),
+        (["classify", "predict", "{mlm}", "text"], "classify predict needs a classifier run"),
+        (
+            ["classify", "train", "--model", "{clm}", "--data", "{text}", "--out", "{tmp}/c"],
+            "classify train needs a BERT-family encoder",
+        ),
+    ],
+)
+def test_commands_refuse_models_they_cannot_use(runs, argv, needle, tmp_path, capsys) -> None:
+    text = tmp_path / "lines.jsonl"
+    rows = [{"text": f"word {i}", "label": "xy"[i % 2]} for i in range(20)]
+    text.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    fill = {k: str(v) for k, v in runs.items()} | {"text": str(text), "tmp": str(tmp_path)}
+    code, _, err = run_cli(capsys, *[a.format(**fill) for a in argv])
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1, err
+    assert needle.format(**fill) in lines[0]
+
+
+def test_tokenizer_larger_than_the_vocabulary_is_one_clear_error(tmp_path, shakespeare_text):
+    """An HF folder whose tokenizer.json has 400 ids for a 300-row embedding table."""
+    from lmarch.models import GPT, GPTConfig
+    from lmarch.tokenizers import ByteLevelBPETokenizer
+    from lmarch.weights.hf_gpt2 import save_hf_gpt2
+
+    tok = ByteLevelBPETokenizer.train(shakespeare_text[:20_000], vocab_size=400)
+    tok.to_hf_tokenizer().save(str(tmp_path / "tokenizer.json"))
+    save_hf_gpt2(
+        GPT(GPTConfig(vocab_size=300, block_size=16, n_layer=1, n_head=1, n_embd=8)), tmp_path
+    )
+    with pytest.raises(
+        LmarchError, match="the tokenizer has 400 ids but the model's vocabulary holds only 300"
+    ):
+        load(tmp_path)
