@@ -42,7 +42,7 @@ import torch
 
 from lmarch.data import RandomBlockSampler, load_documents, train_val_split
 from lmarch.data.corpus import TINY_SHAKESPEARE
-from lmarch.models import build_model, get_preset, make_config
+from lmarch.models.registry import build_model, get_preset, replace_config
 from lmarch.tokenizers import CharTokenizer
 from lmarch.train.config import TrainConfig
 from lmarch.train.evaluate import evaluate_tokens
@@ -95,9 +95,7 @@ def run_recipe(name: str, overrides: dict[str, Any], train_text: str, val_text: 
     model_over, train_over = split_overrides(preset.family, overrides)
     cfg = TrainConfig(**{**preset.train, **train_over, "device": "cpu"})
     tokenizer = CharTokenizer.from_text(train_text + val_text)
-    model_cfg = make_config(
-        preset.family, {**preset.config, **model_over, "vocab_size": tokenizer.vocab_size}
-    )
+    model_cfg = replace_config(preset.config, **model_over, vocab_size=tokenizer.vocab_size)
     block = model_cfg.block_size
     train_ids, val_ids = encode(tokenizer, train_text), encode(tokenizer, val_text)
 

@@ -24,3 +24,13 @@ def small_text_file(tmp_path: Path, shakespeare_text: str) -> Path:
     path = tmp_path / "tiny.txt"
     path.write_text(shakespeare_text[:60_000], encoding="utf-8")
     return path
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models on a shared two-core machine run far faster on one thread than on two
+    contending ones; use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

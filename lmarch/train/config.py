@@ -1,79 +1,85 @@
-"""Training hyper-parameters. Names follow nanoGPT where they overlap, so its users feel at home."""
+"""Training hyper-parameters. Names follow nanoGPT where they overlap, so its users feel at home.
+
+Each field carries its help text (:func:`lmarch.settings.setting`), which ``lmarch train
+--help`` shows; :meth:`TrainConfig.__post_init__` refuses a value outside its range, naming it.
+"""
 
 from __future__ import annotations
 
-import dataclasses
+import math
 from dataclasses import dataclass
-from typing import Any
 
 from lmarch.errors import LmarchError
+from lmarch.settings import coerce_value, field_names, setting
+
+__all__ = ["TrainConfig", "coerce_value", "field_names"]
+
+DTYPES = ("float32", "bfloat16")
 
 
 @dataclass
 class TrainConfig:
     """Everything the Trainer needs besides the model and the data."""
 
-    batch_size: int = 12
-    max_iters: int = 2000
-    learning_rate: float = 1e-3
-    min_lr: float = 1e-4
-    warmup_iters: int = 100
-    lr_decay_iters: int | None = None  # None: decay over max_iters
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0  # 0 disables clipping
-    gradient_accumulation_steps: int = 1
-    eval_interval: int = 250
-    eval_iters: int = 20
-    log_interval: int = 10
-    checkpoint_interval: int | None = None  # None: at every eval
-    dtype: str = "float32"  # "bfloat16" trains under bf16 autocast
-    compile: bool = False
-    device: str = "auto"
-    seed: int = 1337
-    val_fraction: float = 0.1
-    skip_nonfinite: bool = False  # skip a step whose loss is nan/inf instead of stopping
+    batch_size: int = setting(12, "sequences per optimizer step (per accumulation micro-step)")
+    max_iters: int = setting(2000, "training iterations (optimizer steps)")
+    learning_rate: float = setting(1e-3, "peak learning rate (AdamW)")
+    min_lr: float = setting(1e-4, "learning rate at the end of the cosine decay")
+    warmup_iters: int = setting(100, "iterations of linear warmup from 0 to learning_rate")
+    lr_decay_iters: int | None = setting(None, "iterations of cosine decay; unset: max_iters")
+    weight_decay: float = setting(0.1, "AdamW's decoupled weight decay (matrices only)")
+    beta1: float = setting(0.9, "AdamW's first-moment decay")
+    beta2: float = setting(0.95, "AdamW's second-moment decay")
+    grad_clip: float = setting(1.0, "clip the gradient's global norm to this; 0 disables")
+    gradient_accumulation_steps: int = setting(1, "micro-batches summed per optimizer step")
+    eval_interval: int = setting(250, "evaluate (and checkpoint) every this many iterations")
+    eval_iters: int = setting(20, "batches per evaluation")
+    log_interval: int = setting(10, "log the training loss every this many iterations")
+    checkpoint_interval: int | None = setting(None, "checkpoint every N; unset: at every eval")
+    dtype: str = setting("float32", "'float32', or 'bfloat16' to train under bf16 autocast")
+    compile: bool = setting(False, "torch.compile the model")
+    device: str = setting("auto", "'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:1', ...")
+    seed: int = setting(1337, "seed of the initial weights and of the batch order")
+    val_fraction: float = setting(0.1, "share of the text held out for validation")
+    skip_nonfinite: bool = setting(False, "skip a step whose loss is nan/inf instead of stopping")
 
     def __post_init__(self) -> None:
-        if self.dtype not in ("float32", "bfloat16"):
-            raise LmarchError(f"dtype must be 'float32' or 'bfloat16', not {self.dtype!r}")
-        positive = ["batch_size", "max_iters", "eval_interval", "eval_iters", "log_interval"]
-        for name in positive + ["gradient_accumulation_steps"]:
-            if getattr(self, name) < 1:
-                raise LmarchError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.learning_rate <= 0:
-            raise LmarchError(f"learning_rate must be > 0, got {self.learning_rate}")
+        def need(ok: bool, name: str, rule: str) -> None:
+            if not ok:
+                raise LmarchError(f"TrainConfig.{name} must be {rule}, got {getattr(self, name)!r}")
+
+        def whole(name: str, low: int, optional: bool = False) -> None:
+            value = getattr(self, name)
+            if optional and value is None:
+                return
+            ok = isinstance(value, int) and not isinstance(value, bool) and value >= low
+            need(ok, name, f"an integer >= {low}" + (" (or unset)" if optional else ""))
+
+        def number(name: str) -> float:
+            value = getattr(self, name)
+            real = isinstance(value, (int, float)) and not isinstance(value, bool)
+            return float(value) if real and math.isfinite(value) else math.nan
+
+        for name in ("batch_size", "max_iters", "gradient_accumulation_steps"):
+            whole(name, 1)
+        for name in ("eval_interval", "eval_iters", "log_interval"):
+            whole(name, 1)
+        whole("warmup_iters", 0)
+        whole("lr_decay_iters", 1, optional=True)
+        whole("checkpoint_interval", 1, optional=True)
+        need(number("learning_rate") > 0, "learning_rate", "a number > 0")
+        need(number("min_lr") >= 0, "min_lr", "a number >= 0")
+        need(number("weight_decay") >= 0, "weight_decay", "a number >= 0")
+        need(0 <= number("beta1") < 1, "beta1", "in [0, 1)")
+        need(0 <= number("beta2") < 1, "beta2", "in [0, 1)")
+        need(number("grad_clip") >= 0, "grad_clip", "a number >= 0 (0 disables clipping)")
+        need(0 < number("val_fraction") < 1, "val_fraction", "in (0, 1)")
+        need(self.dtype in DTYPES, "dtype", f"one of {list(DTYPES)}")
+        need(isinstance(self.seed, int) and not isinstance(self.seed, bool), "seed", "an integer")
+        for name in ("compile", "skip_nonfinite"):
+            need(isinstance(getattr(self, name), bool), name, "true or false")
 
     @property
     def decay_iters(self) -> int:
         """Iterations over which the learning rate decays to ``min_lr``."""
         return self.lr_decay_iters if self.lr_decay_iters is not None else self.max_iters
-
-
-def field_names(cls: type) -> set[str]:
-    """Names of a dataclass's fields."""
-    return {f.name for f in dataclasses.fields(cls)}
-
-
-def coerce_value(cls: type, key: str, raw: str) -> Any:
-    """Parse the string ``raw`` as the type of field ``key`` of dataclass ``cls`` (for --set)."""
-    field = {f.name: f for f in dataclasses.fields(cls)}[key]
-    kind = str(field.type)
-    text = raw.strip()
-    if text.lower() in ("none", "null") and "None" in kind:
-        return None
-    try:
-        if kind.startswith("bool"):
-            if text.lower() in ("1", "true", "yes", "on"):
-                return True
-            if text.lower() in ("0", "false", "no", "off"):
-                return False
-            raise ValueError(text)
-        if kind.startswith("int"):
-            return int(float(text)) if "e" in text.lower() else int(text)
-        if kind.startswith("float"):
-            return float(text)
-    except ValueError:
-        raise LmarchError(f"bad value {raw!r} for {key} (expected {kind})") from None
-    return text

@@ -32,13 +32,13 @@ from lmarch.models.registry import (
     config_from_dict,
     config_to_dict,
     get_preset,
-    make_config,
+    replace_config,
 )
+from lmarch.settings import build_config, coerce_value, field_names
 from lmarch.tokenizers.base import Tokenizer, load_tokenizer
-from lmarch.tokenizers.bpe import ByteLevelBPETokenizer
-from lmarch.tokenizers.char import CharTokenizer
+from lmarch.tokenizers.kinds import build_tokenizer
 from lmarch.train.callbacks import LossPlot, ProgressBar
-from lmarch.train.config import TrainConfig, coerce_value, field_names
+from lmarch.train.config import TrainConfig
 from lmarch.train.objectives import masking_for, objective_loss, objective_model
 from lmarch.train.trainer import Callback, Trainer, TrainResult, causal_lm_loss
 from lmarch.weights.checkpoint import read_json, write_json
@@ -97,21 +97,6 @@ def split_overrides(
     return model_over, train_over
 
 
-def build_tokenizer(kind: str, train_text: str, val_text: str, vocab_size: int) -> Tokenizer:
-    """A char tokenizer over all the text's characters, or a byte-level BPE / WordPiece
-    trained on the training split up to ``vocab_size``."""
-    if kind == "char":
-        return CharTokenizer.from_text(train_text + val_text)
-    if kind == "bpe":
-        return ByteLevelBPETokenizer.train(train_text, vocab_size=vocab_size, show_progress=True)
-    if kind == "wordpiece":
-        from lmarch.tokenizers.wordpiece import WordPieceTokenizer
-
-        lines = [line for line in train_text.splitlines() if line.strip()]
-        return WordPieceTokenizer.train(lines, vocab_size=vocab_size)
-    raise LmarchError(f"unknown tokenizer kind {kind!r}")
-
-
 ENCODER_OBJECTIVES = ("mlm", "rtd")
 
 
@@ -140,6 +125,12 @@ def masked_lm_sequences(
     """The text's non-empty lines tokenised and packed into ``[CLS] ... [SEP]`` sequences of
     at most ``max_length`` tokens, with per-sequence word ids when ``whole_word``."""
     lines = [line for line in text.splitlines() if line.strip()]
+    if whole_word and not hasattr(tokenizer, "word_ids"):
+        raise LmarchError(
+            f"whole-word masking needs a tokenizer that knows its words (WordPiece), not "
+            f"{type(tokenizer).__name__}",
+            hint="drop --whole-word",
+        )
     ids = [tokenizer.encode(line) for line in lines]
     words = [tokenizer.word_ids(line) for line in lines] if whole_word else None
     return pack_lines(ids, max_length, tokenizer.cls_id, tokenizer.sep_id, words)
@@ -208,7 +199,7 @@ def train_run(
         model_over, train_over = split_overrides(family, overrides)
         if model_over:
             raise LmarchError(f"cannot change model settings on resume: {sorted(model_over)}")
-        train_cfg = TrainConfig(**{**saved["train"], **train_over})
+        train_cfg = build_config(TrainConfig, {**saved["train"], **train_over})
         model_cfg = config_from_dict(saved["model"])
         tokenizer = load_tokenizer(out / "tokenizer.json")
         data = saved.get("data", data)
@@ -221,16 +212,20 @@ def train_run(
         if preset is None:
             raise LmarchError("no preset given", hint="e.g. --preset gpt-char-tiny")
         p = get_preset(preset)
+        if not p.trainable:
+            raise LmarchError(
+                f"preset {preset} is {p.use}: it is not trained here",
+                hint="'lmarch presets' lists the trainable ones (use column 'train')",
+            )
         objective = resolve_objective(p.family, objective)
         model_over, train_over = split_overrides(p.family, overrides)
-        train_cfg = TrainConfig(**{**p.train, **train_over})
+        # both configs are checked before any text is read or any tokenizer trained
+        train_cfg = build_config(TrainConfig, {**p.train, **train_over})
+        model_cfg = replace_config(p.config, **model_over)
         docs = load_documents(data)
         train_text, val_text = train_val_split(docs, train_cfg.val_fraction)
-        vocab_size = model_over.get("vocab_size", p.config.get("vocab_size", 50257))
-        tokenizer = build_tokenizer(p.tokenizer, train_text, val_text, vocab_size)
-        model_cfg = make_config(
-            p.family, {**p.config, **model_over, "vocab_size": tokenizer.vocab_size}
-        )
+        tokenizer = build_tokenizer(p.tokenizer, train_text, val_text, model_cfg.vocab_size)
+        model_cfg = replace_config(model_cfg, vocab_size=tokenizer.vocab_size)
     if objective == "clm":
         block_size = model_cfg.block_size
         train_ids, val_ids = encode(tokenizer, train_text), encode(tokenizer, val_text)
