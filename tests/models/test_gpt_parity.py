@@ -68,3 +68,34 @@ def test_export_round_trips_and_loads_in_transformers(tmp_path) -> None:
     assert (reloaded_ours(ids) - expected).abs().max().item() <= 1e-4
     for k, v in ours.state_dict().items():
         assert torch.equal(v, reloaded_ours.state_dict()[k]), k
+
+
+def test_attention_scalings_and_untied_head_round_trip(tmp_path) -> None:
+    """GPT-2's scale_attn_weights=False and scale_attn_by_inverse_layer_idx=True change the
+    logits (by far more than the tolerance), lmarch follows them, and save_hf_gpt2 writes both
+    flags and an untied lm_head that transformers reads back with the same logits."""
+    torch.manual_seed(7)
+    flags = dict(scale_attn_weights=False, scale_attn_by_inverse_layer_idx=True)
+    hf_config = transformers.GPT2Config(**CONFIGS["small"], **flags, tie_word_embeddings=False)
+    hf = transformers.GPT2LMHeadModel(hf_config).eval()
+    with torch.no_grad():
+        hf.lm_head.weight.normal_(0.0, 0.5)  # an untied head with weights of its own
+        for block in hf.transformer.h:  # scores well away from 0, so their scale shows
+            block.attn.c_attn.weight.normal_(0.0, 0.3)
+    hf.save_pretrained(tmp_path / "theirs")
+    ours = load_hf_gpt2(tmp_path / "theirs").eval()
+    assert [b.attn.softmax_scale for b in ours.blocks] == [1.0, 0.5]
+    ids = torch.randint(0, 97, (2, 30), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        expected = hf(ids).logits
+        assert (ours(ids) - expected).abs().max().item() <= 1e-4
+        default = {k: v for k, v in hf_config.to_dict().items() if k not in flags}
+        plain = GPT(gpt_config_from_hf(default))
+        plain.load_state_dict(ours.state_dict())
+        plain.eval()
+        assert (plain(ids) - expected).abs().max().item() > 0.5  # the flags matter
+    save_hf_gpt2(ours, tmp_path / "ours")
+    again = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "ours").eval()
+    assert not again.config.tie_word_embeddings and again.config.scale_attn_by_inverse_layer_idx
+    with torch.no_grad():
+        assert (again(ids).logits - expected).abs().max().item() <= 1e-5
