@@ -29,6 +29,7 @@ from lmarch import native
 from lmarch.errors import LmarchError
 from lmarch.native import QK
 from lmarch.native.policy import block_kernel_call
+from lmarch.weights.gguf import unpack_nibbles
 
 
 def check_block_shape(in_features: int) -> None:
@@ -86,8 +87,7 @@ def pack_q4(codes: Tensor) -> Tensor:
 def unpack_q4(packed: Tensor) -> Tensor:
     """Inverse of :func:`pack_q4`."""
     n, half = packed.shape
-    blocks = packed.reshape(n, half // (QK // 2), QK // 2)
-    return torch.cat([blocks & 15, blocks >> 4], dim=-1).reshape(n, half * 2)
+    return unpack_nibbles(packed.reshape(n, half // (QK // 2), QK // 2)).reshape(n, half * 2)
 
 
 class _BlockLinear(nn.Module):

@@ -53,6 +53,7 @@ from torch import Tensor, nn
 
 from lmarch.errors import LmarchError
 from lmarch.quant.int8 import round_up_to_bfloat16
+from lmarch.weights.gguf import unpack_nibbles
 
 __all__ = [
     "INT4_GROUP_SIZES",
@@ -128,9 +129,7 @@ def pack_int4(q: Tensor) -> Tensor:
 
 def unpack_int4(packed: Tensor) -> Tensor:
     """Inverse of :func:`pack_int4`: uint8 [N, K/2] -> codes uint8 [N, K]."""
-    low = packed & 0x0F
-    high = packed >> 4
-    return torch.stack([low, high], dim=-1).reshape(packed.shape[0], -1)
+    return unpack_nibbles(packed, interleaved=True)
 
 
 @functools.cache

@@ -46,7 +46,7 @@ import torch
 
 from lmarch.errors import LmarchError
 
-__all__ = ["GGUFFile", "GGUFTensorInfo", "read_gguf"]
+__all__ = ["GGUFFile", "GGUFTensorInfo", "read_gguf", "unpack_nibbles"]
 
 GGUF_MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
@@ -139,6 +139,29 @@ _PARSE_ERRORS = (
 _DEQUANT_CHUNK = 1 << 16
 
 
+def unpack_nibbles(packed: Any, *, interleaved: bool = False, out: Any = None) -> Any:
+    """Two 4-bit codes a byte -> one code an element, [..., n] -> [..., 2n]: the one nibble
+    unpacker of lmarch (numpy arrays and torch tensors alike).
+
+    GGUF's block layout (the default): byte i holds code i in its low nibble and code i + n in
+    its high nibble. ``interleaved``: byte i holds codes 2i (low) and 2i + 1 (high), PyTorch's
+    int4 packing. ``out`` (optional, [..., 2n], any numeric dtype) receives the codes in place.
+    """
+    n = packed.shape[-1]
+    if out is None:
+        shape = (*packed.shape[:-1], 2 * n)
+        numpy_in = isinstance(packed, np.ndarray)
+        out = np.empty(shape, packed.dtype) if numpy_in else packed.new_empty(shape)
+    low, high = (out[..., 0::2], out[..., 1::2]) if interleaved else (out[..., :n], out[..., n:])
+    if isinstance(out, np.ndarray):
+        np.bitwise_and(packed, 15, out=low, casting="unsafe")
+        np.right_shift(packed, 4, out=high, casting="unsafe")
+    else:
+        low.copy_(packed & 15)
+        high.copy_(packed >> 4)
+    return out
+
+
 def _dequant_q8_0(raw: np.ndarray) -> np.ndarray:
     """Q8_0: 34-byte blocks of (float16 scale d, 32 x int8 q); x = d * q."""
     blocks = raw.reshape(-1, 34)
@@ -161,8 +184,7 @@ def _dequant_q4_0(raw: np.ndarray) -> np.ndarray:
     for s in range(0, blocks.shape[0], _DEQUANT_CHUNK):
         b, o = blocks[s : s + _DEQUANT_CHUNK], out[s : s + _DEQUANT_CHUNK]
         d = b[:, :2].copy().view("<f2").astype(np.float32)
-        np.bitwise_and(b[:, 2:], 15, out=o[:, :16], casting="unsafe")
-        np.right_shift(b[:, 2:], 4, out=o[:, 16:], casting="unsafe")
+        unpack_nibbles(b[:, 2:], out=o)
         o -= 8
         o *= d
     return out
@@ -178,8 +200,7 @@ def _dequant_q4_1(raw: np.ndarray) -> np.ndarray:
     for s in range(0, blocks.shape[0], _DEQUANT_CHUNK):
         b, o = blocks[s : s + _DEQUANT_CHUNK], out[s : s + _DEQUANT_CHUNK]
         dm = b[:, :4].copy().view("<f2").astype(np.float32)
-        np.bitwise_and(b[:, 4:], 15, out=o[:, :16], casting="unsafe")
-        np.right_shift(b[:, 4:], 4, out=o[:, 16:], casting="unsafe")
+        unpack_nibbles(b[:, 4:], out=o)
         o *= dm[:, :1]
         o += dm[:, 1:]
     return out
