@@ -185,10 +185,12 @@ def read_run(source: Source) -> LoadedModel:
     family = run["model"]["family"]
     if objective == CAUSAL_LM:
         return LoadedModel(model, tokenizer, source.name, family, objective)
-    kept = getattr(model, "discriminator", model)  # ELECTRA keeps its discriminator
-    kept = kept if isinstance(kept, nn.Module) and hasattr(kept, "bert") else model
+    from lmarch.train.objectives import ElectraPretrainingModel
+
+    if isinstance(model, ElectraPretrainingModel):  # what ELECTRA keeps: the discriminator
+        model = model.discriminator
     return LoadedModel(
-        kept.eval(), tokenizer, source.name, family, objective, pooling=Pooling("mean")
+        model.eval(), tokenizer, source.name, family, objective, pooling=Pooling("mean")
     )
 
 
