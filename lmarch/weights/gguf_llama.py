@@ -9,6 +9,8 @@ Two conventions differ from the Hugging Face layout:
 
 from __future__ import annotations
 
+import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,7 @@ from torch import Tensor
 
 from lmarch.errors import LmarchError
 from lmarch.models.llama import Llama, LlamaConfig
+from lmarch.models.validate import ConfigError
 from lmarch.nn.init import empty_weights
 from lmarch.weights.gguf import GGUFFile, read_gguf
 from lmarch.weights.name_map import Rule, WeightMap
@@ -76,44 +79,187 @@ def gguf_llama_map(config: LlamaConfig) -> WeightMap:
     return WeightMap(rules, ignore=[r"^rope_freqs\.weight$"])
 
 
+# Longest context a file may claim (16M positions; the longest real models have ~10M): the rotary
+# tables are built for the whole context, so a larger claim would be an absurd allocation.
+MAX_CONTEXT = 1 << 24
+
+
+def _meta_number(gguf: GGUFFile, key: str, default: Any = None, *, whole: bool = True) -> Any:
+    """Metadata ``llama.{key}``: a whole number >= 1 (``whole``) or a finite number > 0."""
+    full = f"llama.{key}"
+    value = gguf.metadata.get(full, default)
+    if value is None:
+        raise LmarchError(f"{gguf.path}: metadata key {full!r} is missing")
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    finite = number and math.isfinite(value)
+    if whole and not (finite and value == int(value) and value >= 1):
+        raise LmarchError(f"{gguf.path}: metadata {full}={value!r} must be a whole number >= 1")
+    if not whole and not (finite and value > 0):
+        raise LmarchError(f"{gguf.path}: metadata {full}={value!r} must be a number > 0")
+    return int(value) if whole else float(value)
+
+
+def _expected_shapes(c: LlamaConfig) -> dict[str, tuple[int, ...]]:
+    """The PyTorch-order shape of every tensor a llama.cpp file of config ``c`` holds."""
+    d, hd, ff = c.n_embd, c.dim_per_head, c.intermediate_size
+    shapes = {"token_embd.weight": (c.vocab_size, d), "output_norm.weight": (d,)}
+    if not c.tie_embeddings:
+        shapes["output.weight"] = (c.vocab_size, d)
+    layer = {
+        "attn_norm.weight": (d,),
+        "attn_q.weight": (c.n_head * hd, d),
+        "attn_k.weight": (c.kv_heads * hd, d),
+        "attn_v.weight": (c.kv_heads * hd, d),
+        "attn_output.weight": (d, c.n_head * hd),
+        "ffn_norm.weight": (d,),
+        "ffn_gate.weight": (ff, d),
+        "ffn_up.weight": (ff, d),
+        "ffn_down.weight": (d, ff),
+    }
+    for i in range(c.n_layer):
+        shapes.update({f"blk.{i}.{name}": shape for name, shape in layer.items()})
+    return shapes
+
+
+def _check_against_tensors(gguf: GGUFFile, c: LlamaConfig, explicit_head_dim: bool) -> None:
+    """Compare the metadata with the tensors' shapes, naming the metadata key a mismatch
+    points to; then every tensor's shape."""
+    names = set(gguf.tensor_names)
+
+    def shape(name: str) -> tuple[int, ...]:
+        if name not in names:
+            raise LmarchError(f"{gguf.path}: tensor {name!r} is missing")
+        return gguf.tensor_info(name).shape
+
+    def mismatch(key: str, value: Any, tensor: str, what: str) -> LmarchError:
+        return LmarchError(
+            f"{gguf.path}: metadata llama.{key}={value} contradicts tensor {tensor!r} of shape "
+            f"{shape(tensor)} ({what})"
+        )
+
+    embd, q, k = (
+        shape("token_embd.weight"),
+        shape("blk.0.attn_q.weight"),
+        shape("blk.0.attn_k.weight"),
+    )
+    if len(embd) != 2 or embd[1] != c.n_embd:
+        raise mismatch("embedding_length", c.n_embd, "token_embd.weight", "its columns")
+    if embd[0] != c.vocab_size:
+        raise LmarchError(
+            f"{gguf.path}: the vocabulary has {c.vocab_size} tokens (llama.vocab_size or "
+            f"tokenizer.ggml.tokens) but 'token_embd.weight' has {embd[0]} rows"
+        )
+    layers = {int(m.group(1)) for n in names if (m := re.match(r"blk\.(\d+)\.", n))}
+    if layers != set(range(c.n_layer)):
+        found = max(layers) + 1 if layers else 0
+        raise LmarchError(
+            f"{gguf.path}: metadata llama.block_count={c.n_layer} contradicts the tensors, which "
+            f"hold blocks 0..{found - 1}"
+        )
+    if shape("blk.0.ffn_gate.weight")[0] != c.intermediate_size:
+        raise mismatch("feed_forward_length", c.intermediate_size, "blk.0.ffn_gate.weight", "rows")
+    if q[0] != c.n_head * c.dim_per_head:
+        detail = f"expects head_count x head width = {c.n_head} x {c.dim_per_head} rows"
+        key = "attention.head_count" if not explicit_head_dim else "attention.key_length"
+        value = c.n_head if not explicit_head_dim else c.dim_per_head
+        raise mismatch(key, value, "blk.0.attn_q.weight", detail)
+    if k[0] != c.kv_heads * c.dim_per_head:
+        width = "attention.key_length" if explicit_head_dim else f"head_count={c.n_head}"
+        detail = (
+            f"expects head_count_kv x head width = {c.kv_heads} x {c.dim_per_head} rows, the "
+            f"width from {width}"
+        )
+        raise mismatch("attention.head_count_kv", c.kv_heads, "blk.0.attn_k.weight", detail)
+    for name, expected in _expected_shapes(c).items():
+        if shape(name) != expected:
+            raise LmarchError(
+                f"{gguf.path}: tensor {name!r} has shape {shape(name)}, the metadata implies "
+                f"{expected}"
+            )
+
+
 def llama_config_from_gguf(gguf: GGUFFile) -> LlamaConfig:
-    """Our LlamaConfig from a GGUF file's ``llama.*`` metadata."""
+    """Our LlamaConfig from a GGUF file's ``llama.*`` metadata, checked against itself and against
+    the tensors' shapes before any model is built: a contradiction is one :class:`LmarchError`
+    naming the metadata key and its value."""
     meta = gguf.metadata
     arch = meta.get("general.architecture")
     if arch != "llama":
         raise LmarchError(f"{gguf.path}: architecture {arch!r} is not supported (only 'llama')")
-
-    def get(key: str, default: Any = None) -> Any:
-        value = meta.get(f"llama.{key}", default)
-        if value is None:
-            raise LmarchError(f"{gguf.path}: metadata key 'llama.{key}' is missing")
-        return value
-
-    n_embd, n_head = int(get("embedding_length")), int(get("attention.head_count"))
-    head_dim = int(meta.get("llama.attention.key_length", n_embd // n_head))
-    rotary = int(meta.get("llama.rope.dimension_count", head_dim))
+    n_embd = _meta_number(gguf, "embedding_length")
+    n_head = _meta_number(gguf, "attention.head_count")
+    n_kv = _meta_number(gguf, "attention.head_count_kv", n_head)
+    if n_head % n_kv:
+        raise LmarchError(
+            f"{gguf.path}: metadata llama.attention.head_count_kv={n_kv} must divide "
+            f"llama.attention.head_count={n_head}"
+        )
+    explicit_head_dim = "llama.attention.key_length" in meta
+    if not explicit_head_dim and n_embd % n_head:
+        raise LmarchError(
+            f"{gguf.path}: metadata llama.attention.head_count={n_head} does not divide "
+            f"llama.embedding_length={n_embd}"
+        )
+    head_dim = _meta_number(gguf, "attention.key_length", n_embd // n_head)
+    value_dim = _meta_number(gguf, "attention.value_length", head_dim)
+    if value_dim != head_dim:
+        raise LmarchError(
+            f"{gguf.path}: metadata llama.attention.value_length={value_dim} differs from the key "
+            f"width {head_dim}; lmarch's attention needs them equal"
+        )
+    rotary = _meta_number(gguf, "rope.dimension_count", head_dim)
+    if rotary % 2 or rotary > head_dim:
+        raise LmarchError(
+            f"{gguf.path}: metadata llama.rope.dimension_count={rotary} must be even and at most "
+            f"the head width {head_dim}"
+        )
     vocab = meta.get("llama.vocab_size") or len(meta.get("tokenizer.ggml.tokens", []))
+    if not isinstance(vocab, int) or isinstance(vocab, bool) or vocab < 1:
+        raise LmarchError(
+            f"{gguf.path}: no vocabulary size (llama.vocab_size or tokenizer.ggml.tokens)"
+        )
     scaling = None
     kind = meta.get("llama.rope.scaling.type")
-    if kind in ("linear", "yarn") and meta.get("llama.rope.scaling.factor", 1.0) != 1.0:
+    factor = meta.get("llama.rope.scaling.factor", 1.0)
+    if kind not in (None, "none", "linear", "yarn"):
+        raise LmarchError(
+            f"{gguf.path}: metadata llama.rope.scaling.type={kind!r} is not supported"
+        )
+    if kind in ("linear", "yarn") and factor != 1.0:
         if kind != "linear":
-            raise LmarchError(f"{gguf.path}: RoPE scaling {kind!r} is not supported")
-        scaling = {"type": "linear", "factor": float(meta["llama.rope.scaling.factor"])}
-    return LlamaConfig(
-        vocab_size=int(vocab),
-        block_size=int(get("context_length")),
-        n_layer=int(get("block_count")),
-        n_head=n_head,
-        n_kv_head=int(meta.get("llama.attention.head_count_kv", n_head)),
-        n_embd=n_embd,
-        intermediate_size=int(get("feed_forward_length")),
-        head_dim=head_dim,
-        rms_norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)),
-        rope_theta=float(meta.get("llama.rope.freq_base", 10000.0)),
-        rope_scaling=scaling,
-        partial_rotary_factor=rotary / head_dim,
-        tie_embeddings="output.weight" not in gguf.tensor_names,
-    )
+            raise LmarchError(
+                f"{gguf.path}: metadata llama.rope.scaling.type={kind!r} is not supported"
+            )
+        scaling = {
+            "type": "linear",
+            "factor": _meta_number(gguf, "rope.scaling.factor", whole=False),
+        }
+    context = _meta_number(gguf, "context_length")
+    if context > MAX_CONTEXT:
+        raise LmarchError(
+            f"{gguf.path}: metadata llama.context_length={context} is beyond {MAX_CONTEXT}: "
+            "the rotary tables alone would not fit in memory"
+        )
+    try:
+        config = LlamaConfig(
+            vocab_size=vocab,
+            block_size=context,
+            n_layer=_meta_number(gguf, "block_count"),
+            n_head=n_head,
+            n_kv_head=n_kv,
+            n_embd=n_embd,
+            intermediate_size=_meta_number(gguf, "feed_forward_length"),
+            head_dim=head_dim,
+            rms_norm_eps=_meta_number(gguf, "attention.layer_norm_rms_epsilon", 1e-5, whole=False),
+            rope_theta=_meta_number(gguf, "rope.freq_base", 10000.0, whole=False),
+            rope_scaling=scaling,
+            partial_rotary_factor=rotary / head_dim,
+            tie_embeddings="output.weight" not in gguf.tensor_names,
+        )
+    except ConfigError as exc:  # a combination the checks above let through
+        raise LmarchError(f"{gguf.path}: the metadata gives an invalid model: {exc}") from exc
+    _check_against_tensors(gguf, config, explicit_head_dim)
+    return config
 
 
 def load_gguf_llama(
