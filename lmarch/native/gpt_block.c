@@ -77,8 +77,8 @@ typedef struct {
 } dims_t;
 
 static dims_t read_dims(const lmarch_gpt_shape *v) {
-    dims_t s = {v->batch, v->t,      v->c,      v->heads, v->kv_heads,
-                v->head_dim, v->hidden, v->exact_gelu, 0, 0,
+    dims_t s = {v->batch,    v->t,      v->c,          v->heads, v->kv_heads,
+                v->head_dim, v->hidden, v->exact_gelu, 0,        0,
                 {v->dropout_attn, v->dropout_mlp},
                 {v->seed_probs, v->seed_attn, v->seed_mlp}};
     s.width = (s.heads + 2 * s.kv_heads) * s.d;

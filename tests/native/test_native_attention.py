@@ -18,6 +18,12 @@ from lmarch.native.attention import (
 from lmarch.native.policy import NATIVE_MAX_LEN
 from lmarch.nn.attention import MultiHeadAttention
 
+pytestmark = pytest.mark.skipif(
+    not native.native_available(),
+    reason="lmarch's native kernels are unavailable here (no working C compiler, or "
+    "LMARCH_NATIVE=0)",
+)
+
 # float32 kernel against float64 SDPA: |error| / max|exact|; measured <= 2.9e-7 forward and
 # <= 6e-7 backward over these shapes
 TOLERANCE = 1e-5

@@ -12,6 +12,12 @@ from lmarch.native.activations import _NativeGeluTanh
 from lmarch.native.activations import fast_gelu_tanh as gelu_tanh
 from lmarch.native.policy import GELU_MIN_ELEMENTS as NATIVE_MIN_ELEMENTS
 
+pytestmark = pytest.mark.skipif(
+    not native.native_available(),
+    reason="lmarch's native kernels are unavailable here (no working C compiler, or "
+    "LMARCH_NATIVE=0)",
+)
+
 # |ours - exact| / (1 + |x|) forward, / (1 + |grad|) backward; measured 1.1e-7 and 1.5e-7
 # (PyTorch's own kernel: 8e-8 and 7.5e-7)
 TOLERANCE = 3e-7

@@ -16,6 +16,12 @@ from lmarch.nn.cache import KVCache
 from lmarch.nn.ffn import MLP
 from lmarch.nn.norm import LayerNorm
 
+pytestmark = pytest.mark.skipif(
+    not native.native_available(),
+    reason="lmarch's native kernels are unavailable here (no working C compiler, or "
+    "LMARCH_NATIVE=0)",
+)
+
 # float32 fused block against the float64 module path: |error| / max|exact| of the output, of
 # dx and of every parameter's gradient; measured <= 8.1e-7 over these shapes
 TOLERANCE = 1e-5

