@@ -2,22 +2,35 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from lmarch.weights.run_log import read_metrics  # noqa: E402
+
+
+def _last_per_iteration(metrics_path: str | Path, *keys: str) -> list[dict[str, Any]]:
+    """Rows holding a numeric ``iter`` and every key of ``keys``, one per iteration (the last
+    written: a resumed run repeats the iterations after its checkpoint), in iteration order."""
+    rows: dict[int, dict[str, Any]] = {}
+    for row in read_metrics(metrics_path):
+        values = [row.get("iter"), *(row.get(k) for k in keys)]
+        if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            rows[int(row["iter"])] = row
+    return [rows[i] for i in sorted(rows)]
+
 
 def plot_loss_curve(metrics_path: str | Path, out_path: str | Path, title: str = "") -> Path:
     """Training loss (every logged iteration) and train/val loss at each evaluation, from a
-    ``metrics.jsonl`` written by the Trainer, saved as a PNG (or SVG, by extension)."""
-    rows = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line]
-    steps = [r["iter"] for r in rows if "loss" in r]
-    losses = [r["loss"] for r in rows if "loss" in r]
-    evals = [r for r in rows if "val_loss" in r]
+    ``metrics.jsonl`` written by the Trainer, saved as a PNG (or SVG, by extension). A torn
+    last line is skipped, and where a resumed run logged an iteration again its last row wins."""
+    batches = _last_per_iteration(metrics_path, "loss")
+    steps, losses = [r["iter"] for r in batches], [r["loss"] for r in batches]
+    evals = _last_per_iteration(metrics_path, "val_loss", "train_loss")
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
     ax.plot(steps, losses, color="#9bb7d4", linewidth=1, label="train (batch)")
     if evals:

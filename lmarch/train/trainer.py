@@ -10,7 +10,6 @@ checkpoints and bit-identical resume.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -33,6 +32,7 @@ from lmarch.train.state import (
     rng_to_tensors,
 )
 from lmarch.weights.checkpoint import find_checkpoint, read_json, write_checkpoint, write_json
+from lmarch.weights.run_log import append_metrics
 from lmarch.weights.safetensors_io import (
     load_into_model,
     load_tensors,
@@ -214,8 +214,7 @@ class Trainer:
     def _log(self, row: dict) -> None:
         if self.out_dir is not None:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            with open(self.out_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
-                f.write(json.dumps(row) + "\n")
+            append_metrics(self.out_dir / "metrics.jsonl", row)  # one whole line per write
 
     def _check_finite(self, loss: float) -> None:
         if not math.isfinite(loss) and not self.config.skip_nonfinite:
