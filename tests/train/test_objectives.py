@@ -28,14 +28,7 @@ PAD, UNK, CLS, SEP, MASK = 0, 1, 2, 3, 4
 SPECIALS = [PAD, UNK, CLS, SEP, MASK]
 VOCAB = 60
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models on a shared two-core machine run far faster on one thread than two."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _config(**kw) -> BertConfig:

@@ -36,14 +36,7 @@ OUR_TOKENIZER = {
 }
 TOL = 1e-4
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small matrices on a shared two-core machine: one thread is faster than two."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _lines() -> list[str]:
