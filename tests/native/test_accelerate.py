@@ -166,3 +166,29 @@ def test_second_derivatives_through_an_accelerated_gpt_equal_the_reference() -> 
     assert math.isclose(got, want, rel_tol=1e-5)
     for name, a, b in zip(dict(fast.named_parameters()), got_grads, want_grads, strict=True):
         assert ((a - b).abs().max() / b.abs().max()).item() <= 1e-5, name
+
+
+def test_compiled_decoding_of_an_accelerated_gpt_compiles_as_the_reference_does() -> None:
+    """What the loader sets up for a float GPT: accelerate(training=False), then a compiled
+    decode step (the swapped blocks take their reference path there): as many graphs as the
+    reference model compiles to (the swap adds no break or recompile) and the same 10 greedy
+    tokens as eager."""
+    import torch._dynamo
+
+    from lmarch.generation.generate import iter_tokens
+
+    ids = torch.randint(0, 50, (1, 6), generator=torch.Generator().manual_seed(3))
+    tokens, graphs = [], []
+    for fast in (False, True):
+        model = _gpt().eval()
+        if fast:
+            accelerate(model, training=False)
+            assert native_modules(model)["NativeGPTBlock"] == 2
+        eager = [int(t) for t in iter_tokens(model, ids, 10)]
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        compiled = [int(t) for t in iter_tokens(model, ids, 10, compile=True)]
+        assert compiled == eager
+        tokens.append(compiled)
+        graphs.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+    assert tokens[0] == tokens[1] and graphs[0] == graphs[1]

@@ -269,3 +269,38 @@ def test_exact_gelu_block_equals_module_path_in_float64(threaded, calls, monkeyp
     assert _error(y, y64) <= TOLERANCE and _error(dx, dx64) <= TOLERANCE
     for name, g in grads.items():
         assert _error(g, grads64[name]) <= TOLERANCE, name
+
+
+def test_second_derivatives_with_dropout_equal_the_written_out_block_with_its_masks(
+    monkeypatch,
+) -> None:
+    """create_graph=True in training with dropout p = 0.2: the backward recomputes the block in
+    PyTorch's operators with the kernels' own masks, so a gradient penalty |dL/dx|^2 and its
+    gradients equal the float64 block written out with those masks."""
+    monkeypatch.setattr(fused, "draw_seed", lambda: torch.tensor(24681357))
+    b, t, dim, heads, kv_heads, p = 2, 17, 64, 4, 2, 0.2
+    torch.manual_seed(8)
+    block = _block(dim, heads, kv_heads, True, dropout=p).train()
+    _randomise(block)
+    x, w = torch.randn(b, t, dim), torch.randn(b, t, dim)
+
+    def penalty(fn, x):  # type: ignore[no-untyped-def]
+        x = x.clone().requires_grad_()
+        (dx,) = torch.autograd.grad((fn(x) * w.to(x.dtype)).sum(), x, create_graph=True)
+        value = dx.square().sum()
+        value.backward()
+        return value.item(), x.grad
+
+    got, got_dx = penalty(block, x)
+    grads = {n: q.grad for n, q in block.named_parameters()}
+    block64 = block.double()
+    block64.zero_grad(set_to_none=True)
+    masks = [m.double() for m in _masks(24681357, p, b, heads, t, dim)]
+    want, want_dx = penalty(lambda v: _reference_with_masks(block64, v, *masks), x.double())
+    assert abs(got - want) <= TOLERANCE * want
+    assert _error(got_dx, want_dx) <= TOLERANCE
+    for name, param in block64.named_parameters():
+        if param.grad is None:  # dL/dx does not depend on it (the residual branches' last bias)
+            assert grads[name] is None, name
+        else:
+            assert _error(grads[name], param.grad) <= TOLERANCE, name
