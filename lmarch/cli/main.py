@@ -9,10 +9,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from collections.abc import Sequence
 from typing import NoReturn
 
-from lmarch.errors import LmarchError
+from lmarch.cli.options import add_config_options, add_union_options, given_values
+from lmarch.errors import LmarchError, LmarchNotice
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -23,17 +25,24 @@ class OneLineParser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-def _add_sampling_options(
-    p: argparse.ArgumentParser, temperature: float = 0.8, max_new_tokens: int = 500
+def _add_decoding_options(
+    p: argparse.ArgumentParser,
+    temperature: float,
+    max_new_tokens: int,
+    exclude: Sequence[str] = (),
 ) -> None:
-    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help="tokens to generate")
-    p.add_argument("--temperature", type=float, default=temperature, help="0 means greedy decoding")
-    p.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens")
-    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold")
-    p.add_argument("--min-p", type=float, default=None, help="drop tokens below min_p * max prob")
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
-    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    p.add_argument("--seed", type=int, default=None, help="random seed for reproducible samples")
+    """What ``sample``, ``generate`` and ``chat`` share: the fields of SamplingConfig and
+    GenerationConfig as options (this command's defaults for two of them) and the speed options;
+    ``sample`` and ``generate`` also print a ``--json`` summary."""
+    from lmarch.generation import GenerationConfig, SamplingConfig
+
+    defaults = {"temperature": temperature, "max_new_tokens": max_new_tokens}
+    group = p.add_argument_group("decoding (SamplingConfig, GenerationConfig)")
+    add_config_options(group, SamplingConfig, defaults=defaults)
+    add_config_options(group, GenerationConfig, defaults=defaults, exclude=exclude)
+    _add_speed_options(p)
+    if p.prog.split()[-1] != "chat":
+        p.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
 
 
 def _add_speed_options(p: argparse.ArgumentParser) -> None:
@@ -53,7 +62,12 @@ def _add_speed_options(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> OneLineParser:
-    """The argument parser for every subcommand."""
+    """The argument parser for every subcommand; the settings' options come from the config
+    dataclasses (:mod:`lmarch.cli.options`)."""
+    from lmarch.models.registry import FAMILIES
+    from lmarch.tasks.classify import ClassifyConfig
+    from lmarch.train.config import TrainConfig
+
     parser = OneLineParser(
         prog="lmarch", description="Language-model architectures from scratch: train, sample, eval."
     )
@@ -63,7 +77,6 @@ def build_parser() -> OneLineParser:
     t.add_argument("--preset", help="model preset (see 'lmarch presets')")
     t.add_argument("--data", default="shakespeare", help="'shakespeare', a .txt, folder or .jsonl")
     t.add_argument("--out", required=True, help="run folder for checkpoints, metrics and plots")
-    t.add_argument("--max-iters", type=int, default=None, help="training iterations")
     t.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting"
     )
@@ -77,11 +90,21 @@ def build_parser() -> OneLineParser:
     )
     t.add_argument("--whole-word", action="store_true", help="whole-word masking (mlm/rtd)")
     t.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
+    # every training and model setting is an option too (unset: the preset's or the run's)
+    t.set_defaults(
+        train_keys=add_config_options(
+            t.add_argument_group("training (TrainConfig)"), TrainConfig, unset=True
+        ),
+        model_keys=add_union_options(
+            t.add_argument_group("model (the preset family's config)"),
+            {name: fam.config_cls for name, fam in FAMILIES.items()},
+        ),
+    )
 
     s = sub.add_parser("sample", help="generate text from a trained run folder")
     s.add_argument("run_dir", help="a folder written by 'lmarch train'")
     s.add_argument("--prompt", default="\n", help="text to continue")
-    _add_sampling_options(s)
+    _add_decoding_options(s, temperature=0.8, max_new_tokens=500, exclude=["ignore_eos"])
 
     e = sub.add_parser("eval", help="loss and perplexity of a run on a corpus's validation split")
     e.add_argument("run_dir")
@@ -95,16 +118,12 @@ def build_parser() -> OneLineParser:
         "model", help="a preset with weights, a .gguf file, an HF folder or a run folder"
     )
     g.add_argument("prompt", help="raw text; special tokens written in it are parsed as such")
-    _add_sampling_options(g, temperature=0.0, max_new_tokens=128)
-    g.add_argument("--ignore-eos", action="store_true", help="keep going past end-of-text")
-    _add_speed_options(g)
-    g.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
+    _add_decoding_options(g, temperature=0.0, max_new_tokens=128)
 
     c = sub.add_parser("chat", help="chat with an instruction-tuned model (/reset, /system, /quit)")
     c.add_argument("model", help="a preset with weights, a .gguf file or an HF folder")
     c.add_argument("--system", default=None, help="system message")
-    _add_sampling_options(c, temperature=0.7, max_new_tokens=256)
-    _add_speed_options(c)
+    _add_decoding_options(c, temperature=0.7, max_new_tokens=256, exclude=["ignore_eos"])
 
     k = sub.add_parser("classify", help="fine-tune an encoder to classify text, or use one")
     ksub = k.add_subparsers(dest="classify_command", required=True, parser_class=OneLineParser)
@@ -112,18 +131,13 @@ def build_parser() -> OneLineParser:
     kt.add_argument("--model", default="minilm-l6", help="encoder: preset, HF folder, mlm/rtd run")
     kt.add_argument("--data", required=True, help="a .jsonl of {text, label} or shakespeare-genre")
     kt.add_argument("--out", required=True, help="run folder for the classifier and its report")
-    kt.add_argument("--epochs", type=float, default=3.0)
-    kt.add_argument("--batch-size", type=int, default=16)
-    kt.add_argument("--lr", type=float, default=5e-5, help="peak learning rate")
-    kt.add_argument("--max-length", type=int, default=128, help="tokens per text (cut beyond)")
     kt.add_argument("--passages-per-play", type=int, default=40, help="shakespeare-genre only")
-    kt.add_argument("--seed", type=int, default=0)
-    kt.add_argument(
-        "--probe-steps",
-        type=int,
-        default=None,
-        help="fit the head alone on frozen features first (LP-FT); default: only for runs "
-        "under 100 steps; 0 never",
+    kt.set_defaults(
+        classify_keys=add_config_options(
+            kt.add_argument_group("fine-tuning (ClassifyConfig)"),
+            ClassifyConfig,
+            aliases={"learning_rate": ["--lr"]},
+        )
     )
     kt.add_argument("--no-baseline", action="store_true", help="skip the TF-IDF baseline")
     kt.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
@@ -161,8 +175,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     console = Console(stderr=args.json)
     overrides: dict = read_config_file(args.config) if args.config else {}
     overrides.update(parse_set_options(args.set))
-    if args.max_iters is not None:
-        overrides["max_iters"] = args.max_iters
+    overrides.update(given_values(args, [*args.train_keys, *args.model_keys]))
     result = train_run(
         args.preset,
         args.data,
@@ -182,33 +195,69 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _sampling(args: argparse.Namespace):
-    from lmarch.generation import SamplingConfig
+def _decoding(args: argparse.Namespace):
+    """SamplingConfig and GenerationConfig from the options, checked before any model loads."""
+    from lmarch.cli.options import config_from_args, option_fields
+    from lmarch.generation import GenerationConfig, SamplingConfig
 
-    return SamplingConfig(
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        min_p=args.min_p,
-        repetition_penalty=args.repetition_penalty,
+    return tuple(
+        config_from_args(
+            cls, args, [f.name for f, _ in option_fields(cls) if hasattr(args, f.name)]
+        )
+        for cls in (SamplingConfig, GenerationConfig)
     )
 
 
-def cmd_sample(args: argparse.Namespace) -> int:
-    from lmarch.generation import stream_text
-    from lmarch.loading import load
+def _decode(args: argparse.Namespace, loaded, prompt: str) -> int:
+    """Stream the continuation of ``prompt`` (to stderr with ``--json``, which then prints the
+    summary as the last line of stdout); shared by ``sample`` and ``generate``."""
+    from lmarch.generation import GenerationStats
+    from lmarch.tasks.generate import generate_text
 
-    sampling = _sampling(args)
-    loaded = load(args.run_dir, quant=getattr(args, "quant", "auto"))
-    model, tokenizer = loaded.require("causal-lm", "sample").model, loaded.tokenizer
-    sys.stdout.write(args.prompt)
-    for piece in stream_text(
-        model, tokenizer, args.prompt, args.max_new_tokens, sampling, stop=args.stop, seed=args.seed
+    sampling, generation = args.decoding
+    stats = GenerationStats()
+    pieces = []
+    out = sys.stderr if args.json else sys.stdout
+    for piece in generate_text(
+        loaded,
+        prompt,
+        generation.max_new_tokens,
+        sampling,
+        seed=generation.seed,
+        ignore_eos=generation.ignore_eos,
+        stop=generation.stop,
+        stats=stats,
     ):
-        sys.stdout.write(piece)
-        sys.stdout.flush()
-    sys.stdout.write("\n")
+        pieces.append(piece)
+        out.write(piece)
+        out.flush()
+    out.write("\n")
+    if args.json:
+        summary = {
+            "text": "".join(pieces),
+            "token_ids": stats.token_ids,
+            "prompt_tokens": stats.prompt_tokens,  # after any cut to the context window
+            "prefill_tokens_per_s": stats.prefill_tokens_per_s,
+            "decode_tokens_per_s": stats.decode_tokens_per_s,
+            "load_s": loaded.load_s,
+            "quant": loaded.quant,
+            "stopped_by": stats.stopped_by,
+        }
+        print(json.dumps(summary))
     return 0
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from lmarch.loading import load
+    from lmarch.tasks.generate import prepare_for_decoding
+
+    args.decoding = _decoding(args)
+    loaded = load(args.run_dir, quant=args.quant)
+    loaded = loaded.require("causal-lm", "sample")
+    prepare_for_decoding(loaded, compile=args.compile)
+    if not args.json:
+        sys.stdout.write(args.prompt)
+    return _decode(args, loaded, args.prompt)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -229,100 +278,53 @@ def cmd_presets(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from lmarch.models.registry import PRESETS, count_parameters, preset_config
+    from lmarch.models.registry import PRESETS, count_parameters
 
     table = Table(title="lmarch presets")
-    for col in ("preset", "family", "parameters", "tokenizer", "description"):
-        table.add_column(col, justify="right" if col == "parameters" else "left")
+    for col in ("preset", "family", "parameters", "tokenizer", "use", "description"):
+        # on a narrow terminal only the description wraps
+        table.add_column(
+            col, justify="right" if col == "parameters" else "left", no_wrap=col != "description"
+        )
     for name, p in PRESETS.items():
-        n = count_parameters(preset_config(name))
-        table.add_row(name, p.family, f"{n / 1e6:,.2f}M", p.tokenizer, p.description)
+        n = count_parameters(p.config)
+        table.add_row(name, p.family, f"{n / 1e6:,.2f}M", p.tokenizer, p.use, p.description)
     Console().print(table)
-    print("char presets are counted at vocab_size 65 (tinyshakespeare); bpe at GPT-2's 50257")
+    print(
+        "use: train = 'lmarch train --preset NAME' trains it; weights = real pretrained weights "
+        "(generate, chat, embed, fine-tune); shape only = for parameter and FLOP accounting"
+    )
+    print("char presets are counted at vocab_size 65 (tinyshakespeare); bpe at the preset's vocab")
     return 0
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from lmarch.generation import GenerationStats
     from lmarch.loading import load
-    from lmarch.tasks.generate import generate_text, prepare_for_decoding
+    from lmarch.tasks.generate import prepare_for_decoding
 
-    sampling = _sampling(args)
+    args.decoding = _decoding(args)
     loaded = load(args.model, quant=args.quant).require("causal-lm", "generate")
     prepare_for_decoding(loaded, compile=args.compile)
-    stats = GenerationStats()
-    pieces = []
-    out = sys.stderr if args.json else sys.stdout
-    for piece in generate_text(
-        loaded,
-        args.prompt,
-        args.max_new_tokens,
-        sampling,
-        seed=args.seed,
-        ignore_eos=args.ignore_eos,
-        stop=args.stop,
-        stats=stats,
-    ):
-        pieces.append(piece)
-        out.write(piece)
-        out.flush()
-    out.write("\n")
-    if args.json:
-        summary = {
-            "text": "".join(pieces),
-            "token_ids": stats.token_ids,
-            "prompt_tokens": stats.prompt_tokens,
-            "prefill_tokens_per_s": stats.prefill_tokens_per_s,
-            "decode_tokens_per_s": stats.decode_tokens_per_s,
-            "load_s": loaded.load_s,
-            "quant": loaded.quant,
-            "stopped_by": stats.stopped_by,
-        }
-        print(json.dumps(summary))
-    return 0
+    return _decode(args, loaded, args.prompt)
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
     from lmarch.loading import load
-    from lmarch.tasks.chat import ChatSession
+    from lmarch.tasks.chat import ChatSession, chat_loop
     from lmarch.tasks.generate import prepare_for_decoding
 
+    sampling, generation = _decoding(args)
     loaded = load(args.model, quant=args.quant).require("causal-lm", "chat")
     prepare_for_decoding(loaded, compile=args.compile)
-    session = ChatSession(loaded, _sampling(args), args.max_new_tokens, args.system, args.seed)
-    interactive = sys.stdin.isatty()
-    if interactive:
-        print(f"{loaded.name}: /reset clears the chat, /system TEXT sets the system message, /quit")
-    while True:
-        if interactive:
-            sys.stdout.write("> ")
-            sys.stdout.flush()
-        line = sys.stdin.readline()
-        if not line:
-            break
-        text = line.rstrip("\n")
-        if not text.strip():
-            continue
-        if text.strip() in ("/quit", "/exit"):
-            break
-        if text.strip() == "/reset":
-            session.reset()
-            print("(conversation cleared)")
-            continue
-        if text.startswith("/system"):
-            session.set_system(text[len("/system") :].strip())
-            print("(system message set; conversation cleared)")
-            continue
-        for piece in session.send(text):
-            sys.stdout.write(piece)
-            sys.stdout.flush()
-        sys.stdout.write("\n")
+    session = ChatSession(loaded, sampling, generation.max_new_tokens, args.system, generation.seed)
+    chat_loop(session, sys.stdin, sys.stdout, interactive=sys.stdin.isatty())
     return 0
 
 
 def cmd_classify(args: argparse.Namespace) -> int:
     from rich.console import Console
 
+    from lmarch.cli.options import config_from_args
     from lmarch.tasks.classify import ClassifyConfig, predict, train_classifier
 
     console = Console(stderr=args.json)
@@ -335,14 +337,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
                 p = row["probabilities"][row["label"]]
                 console.print(f"{row['label']}\t{p:.3f}\t{row['text']}", markup=False)
         return 0
-    config = ClassifyConfig(
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        learning_rate=args.lr,
-        max_length=args.max_length,
-        seed=args.seed,
-        probe_steps=args.probe_steps,
-    )
+    config = config_from_args(ClassifyConfig, args, args.classify_keys)
     options = {}
     if args.data == "shakespeare-genre":
         options = {
@@ -422,17 +417,43 @@ COMMANDS = {
 }
 
 
+def _raised_by_config_check(exc: BaseException) -> bool:
+    """Whether ``exc`` was raised inside a dataclass's ``__post_init__`` (a config refusing a
+    value): the user's input, not a bug, so it is shown as one line like an LmarchError."""
+    tb = exc.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_name == "__post_init__":
+            return True
+        tb = tb.tb_next
+    return False
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``lmarch`` console script; returns the exit code."""
     args = build_parser().parse_args(argv)
-    try:
-        return COMMANDS[args.command](args)
-    except LmarchError as exc:
-        sys.stderr.write(f"lmarch {args.command}: error: {exc}\n")
-        return 2
-    except KeyboardInterrupt:
-        sys.stderr.write(f"lmarch {args.command}: interrupted (a checkpoint was saved)\n")
-        return 130
+
+    def notice(message, category, filename, lineno, file=None, line=None) -> None:
+        if issubclass(category, LmarchNotice):
+            sys.stderr.write(f"lmarch {args.command}: notice: {message}\n")
+        else:
+            sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", LmarchNotice)
+        warnings.showwarning = notice
+        try:
+            return COMMANDS[args.command](args)
+        except LmarchError as exc:
+            sys.stderr.write(f"lmarch {args.command}: error: {exc}\n")
+            return 2
+        except ValueError as exc:
+            if not _raised_by_config_check(exc):
+                raise
+            sys.stderr.write(f"lmarch {args.command}: error: {exc}\n")
+            return 2
+        except KeyboardInterrupt:
+            sys.stderr.write(f"lmarch {args.command}: interrupted (a checkpoint was saved)\n")
+            return 130
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from lmarch.models.bigram import BigramConfig, BigramLM
 from lmarch.models.gpt import GPT, GPTConfig
 from lmarch.models.llama import Llama, LlamaConfig
 from lmarch.nn.init import empty_weights
+from lmarch.settings import build_config
 from lmarch.tokenizers.kinds import TOKENIZER_KINDS, TokenizerKind
 
 
@@ -297,17 +298,6 @@ def get_preset(name: str) -> Preset:
     raise LmarchError(f"unknown preset {name!r}", hint=hint)
 
 
-def _construct(cls: type, make: Any) -> Any:
-    """``make()``, with a range check that fails (a ``ValueError`` from the config's
-    ``__post_init__``) turned into the user-facing :class:`LmarchError` it is."""
-    try:
-        return make()
-    except LmarchError:
-        raise
-    except (ValueError, TypeError) as exc:
-        raise LmarchError(f"{cls.__name__}: {exc}") from None
-
-
 def _check_keys(cls: type, values: Mapping[str, Any], owner: str) -> None:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - names)
@@ -324,14 +314,15 @@ def make_config(family: str, values: Mapping[str, Any]) -> Any:
         raise LmarchError(f"unknown model family {family!r}", hint=f"one of {sorted(FAMILIES)}")
     cls = FAMILIES[family].config_cls
     _check_keys(cls, values, family)
-    return _construct(cls, lambda: cls(**values))
+    return build_config(cls, dict(values))
 
 
 def replace_config(config: Any, **changes: Any) -> Any:
     """A copy of ``config`` with ``changes``, checked as :func:`make_config` checks."""
     family = family_of_config(config).name
     _check_keys(type(config), changes, family)
-    return _construct(type(config), lambda: dataclasses.replace(config, **changes))
+    current = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.init}
+    return build_config(type(config), {**current, **changes})
 
 
 def preset_config(name: str, **overrides: Any) -> Any:

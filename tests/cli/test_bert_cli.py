@@ -20,19 +20,7 @@ SHRINK = [
 ]  # fmt: skip
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models on a shared two-core machine run far faster on one thread than two."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def run(capsys, *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _metrics(out) -> list[dict]:
@@ -68,13 +56,13 @@ def test_mlm_on_shakespeare_lowers_masked_lm_loss(mlm_run) -> None:
     assert json.loads((mlm_run / "tokenizer.json").read_text())["type"] == "wordpiece"
 
 
-def test_rtd_run_lowers_its_loss(tmp_path, small_text_file, capsys) -> None:
+def test_rtd_run_lowers_its_loss(tmp_path, small_text_file, cli) -> None:
     """ELECTRA pre-training (generator + discriminator, L_MLM + 50 L_Disc) on a slice of
     Shakespeare: the loss falls (measured: ~42 at iteration 1, val 27.2 after 100 iterations),
     and the discriminator's encoder is what a later task loads."""
     out = tmp_path / "rtd"
-    code, stdout, _ = run(
-        capsys, "train", "--preset", "bert-tiny", "--objective", "rtd", "--data",
+    code, stdout, _ = cli(
+        "train", "--preset", "bert-tiny", "--objective", "rtd", "--data",
         str(small_text_file), "--out", str(out), "--max-iters", "100", *SHRINK,
         "--set", "eval_interval=100", "--set", "lr_decay_iters=100", "--json",
     )  # fmt: skip
@@ -100,14 +88,14 @@ def _toy_rows(n: int, seed: int) -> list[dict]:
     return rows
 
 
-def test_classify_jsonl_from_a_pretrained_run(mlm_run, tmp_path, capsys) -> None:
+def test_classify_jsonl_from_a_pretrained_run(mlm_run, tmp_path, cli) -> None:
     """Fine-tune the mlm run on a JSONL task: every held-out and new text gets its label; the
     run folder reloads; `classify predict --json` prints what the library predicts."""
     data = tmp_path / "toy.jsonl"
     data.write_text("\n".join(json.dumps(r) for r in _toy_rows(48, 0)) + "\n")
     out = tmp_path / "clf"
-    code, stdout, _ = run(
-        capsys, "classify", "train", "--model", str(mlm_run), "--data", str(data),
+    code, stdout, _ = cli(
+        "classify", "train", "--model", str(mlm_run), "--data", str(data),
         "--out", str(out), "--epochs", "4", "--lr", "2e-3", "--batch-size", "8", "--json",
     )  # fmt: skip
     assert code == 0
@@ -117,7 +105,7 @@ def test_classify_jsonl_from_a_pretrained_run(mlm_run, tmp_path, capsys) -> None
     for name in ("classifier.json", "tokenizer.json", "metrics.json", "confusion.png"):
         assert (out / name).is_file(), name
     texts = ["the drum of war and blood", "sweet lady, gentle heart", "a soldier with his sword"]
-    code, stdout, _ = run(capsys, "classify", "predict", str(out), *texts, "--json")
+    code, stdout, _ = cli("classify", "predict", str(out), *texts, "--json")
     assert code == 0
     printed = json.loads(stdout.strip().splitlines()[-1])
     assert [p["label"] for p in printed] == ["war", "love", "war"]
@@ -164,20 +152,11 @@ def bad_jsonl(tmp_path):
         (["train", "--preset", "gpt-char-tiny", "--objective", "mlm", "--out", "{tmp}/r"], "BERT"),
     ],
 )
-def test_bad_input_is_one_line_and_exit_2(argv, needle, tmp_path, bad_jsonl, capsys) -> None:
+def test_bad_input_is_one_line_and_exit_2(argv, needle, tmp_path, bad_jsonl, cli) -> None:
     """Unknown model, missing file, bad JSONL, wrong output type, bad option: one line, code 2."""
     text = tmp_path / "lines.txt"
     text.write_text("one line\nanother line\n")
     good = tmp_path / "good.jsonl"
     good.write_text("\n".join(json.dumps(r) for r in _toy_rows(10, 0)) + "\n")
     argv = [a.format(file=text, tmp=tmp_path, bad=bad_jsonl, good=good) for a in argv]
-    try:
-        code = main(argv)
-    except SystemExit as exc:  # argparse errors exit from inside parse_args
-        code = exc.code
-    err = capsys.readouterr().err
-    assert code == 2
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1, err
-    assert needle in lines[0]
-    assert "Traceback" not in err
+    assert needle in cli.error(*argv)

