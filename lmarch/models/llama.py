@@ -37,7 +37,7 @@ from lmarch.nn import (
 )
 from lmarch.nn.ffn import ACTIVATIONS
 from lmarch.nn.init import init_normal
-from lmarch.nn.position import check_rope_scaling, rotary_embedding
+from lmarch.nn.position import MAX_ROTARY_POSITIONS, check_rope_scaling, rotary_embedding
 
 
 @dataclass
@@ -67,6 +67,12 @@ class LlamaConfig:
         name = "LlamaConfig"
         for field_name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
             check_int(name, field_name, getattr(self, field_name))
+        if self.block_size > MAX_ROTARY_POSITIONS:
+            raise ConfigError(
+                f"{name}.block_size must be at most {MAX_ROTARY_POSITIONS} (the rotary tables hold "
+                f"every position), got {self.block_size}",
+                "block_size",
+            )
         check_int(name, "intermediate_size", self.intermediate_size)
         check_optional_int(name, "n_kv_head", self.n_kv_head)
         check_optional_int(name, "head_dim", self.head_dim)

@@ -49,6 +49,10 @@ class SinusoidalPositionalEmbedding(nn.Module):
 
 # ---- rotary position embeddings ---------------------------------------------------------------
 
+# The most positions a rotary table is built for (16M; the longest real contexts are ~10M): the
+# tables hold every position of the context, so a larger claim is an absurd allocation.
+MAX_ROTARY_POSITIONS = 1 << 24
+
 # The RoPE scalings this module implements, with the keys each one reads (beside "type").
 ROPE_SCALING_KEYS: dict[str, tuple[str, ...]] = {
     "default": (),

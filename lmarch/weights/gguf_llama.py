@@ -21,6 +21,7 @@ from lmarch.errors import LmarchError
 from lmarch.models.llama import Llama, LlamaConfig
 from lmarch.models.validate import ConfigError
 from lmarch.nn.init import empty_weights
+from lmarch.nn.position import MAX_ROTARY_POSITIONS
 from lmarch.weights.gguf import GGUFFile, read_gguf
 from lmarch.weights.name_map import Rule, WeightMap
 from lmarch.weights.safetensors_io import load_into_model
@@ -79,9 +80,8 @@ def gguf_llama_map(config: LlamaConfig) -> WeightMap:
     return WeightMap(rules, ignore=[r"^rope_freqs\.weight$"])
 
 
-# Longest context a file may claim (16M positions; the longest real models have ~10M): the rotary
-# tables are built for the whole context, so a larger claim would be an absurd allocation.
-MAX_CONTEXT = 1 << 24
+# Longest context a file may claim: the rotary tables are built for the whole context.
+MAX_CONTEXT = MAX_ROTARY_POSITIONS
 
 
 def _meta_number(gguf: GGUFFile, key: str, default: Any = None, *, whole: bool = True) -> Any:

@@ -8,13 +8,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from torch import Tensor
+from torch import Tensor, nn
 
 from lmarch.errors import LmarchError
 from lmarch.models.validate import ConfigError
-from lmarch.weights.safetensors_io import atomic_write, load_tensors, save_tensors
+from lmarch.nn.init import empty_weights
+from lmarch.weights.safetensors_io import (
+    atomic_write,
+    load_into_model,
+    load_tensors,
+    save_tensors,
+)
 
 T = TypeVar("T")
+M = TypeVar("M", bound=nn.Module)
 
 
 def read_hf_config(folder: str | Path) -> dict[str, Any]:
@@ -25,9 +32,29 @@ def read_hf_config(folder: str | Path) -> dict[str, Any]:
             f"no config.json in {folder}", hint="is this a Hugging Face model folder?"
         )
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        config = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise LmarchError(f"{path} is not valid JSON: {exc}") from exc
+    if not isinstance(config, dict):
+        raise LmarchError(f"{path} holds a JSON {type(config).__name__}, not an object")
+    return config
+
+
+def build_from_weights(make: Callable[[], M], tensors: dict[str, Tensor], source: str) -> M:
+    """``make()`` built on the meta device, then given ``tensors`` (as float32 where they are
+    floating point). Nothing is allocated before the tensors' names and shapes are checked
+    against the model, so a config.json that claims absurd sizes is refused, not allocated."""
+    with empty_weights():
+        model = make()
+    floats = {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}
+    load_into_model(model, floats, source=source, assign=True)
+    for module in model.modules():  # buffers are not in the file (rotary tables)
+        if hasattr(module, "reset_tables"):
+            module.reset_tables("cpu")
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise LmarchError(f"{source}: no weights for {left[:5]}")
+    return model
 
 
 def read_hf_weights(folder: str | Path) -> dict[str, Tensor]:

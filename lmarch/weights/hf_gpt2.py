@@ -17,13 +17,14 @@ from lmarch.weights.hf import (
     COMMON_INERT,
     HFConfigFields,
     build_config,
+    build_from_weights,
     read_hf_config,
     read_hf_weights,
     refuse,
     write_hf_folder,
 )
 from lmarch.weights.name_map import Rule, WeightMap
-from lmarch.weights.safetensors_io import load_into_model, unique_state_dict
+from lmarch.weights.safetensors_io import unique_state_dict
 
 _T, _H = "transformer.", "transformer.h.{i}."
 
@@ -173,10 +174,8 @@ def gpt_config_to_hf(c: GPTConfig) -> dict[str, Any]:
 def load_hf_gpt2(folder: str | Path) -> GPT:
     """A GPT holding the weights of a Hugging Face GPT-2 folder."""
     config = gpt_config_from_hf(read_hf_config(folder), where=str(Path(folder) / "config.json"))
-    model = GPT(config)
     tensors = gpt2_map(config).to_ours(read_hf_weights(folder), config.n_layer, where=str(folder))
-    load_into_model(model, tensors, source=str(folder))
-    return model
+    return build_from_weights(lambda: GPT(config), tensors, str(folder))
 
 
 def save_hf_gpt2(model: GPT, folder: str | Path) -> None:

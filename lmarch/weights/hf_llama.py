@@ -16,13 +16,14 @@ from lmarch.weights.hf import (
     COMMON_INERT,
     HFConfigFields,
     build_config,
+    build_from_weights,
     read_hf_config,
     read_hf_weights,
     refuse,
     write_hf_folder,
 )
 from lmarch.weights.name_map import Rule, WeightMap
-from lmarch.weights.safetensors_io import load_into_model, unique_state_dict
+from lmarch.weights.safetensors_io import unique_state_dict
 
 _L = "model.layers.{i}."
 
@@ -263,10 +264,8 @@ def llama_config_to_hf(c: LlamaConfig) -> dict[str, Any]:
 def load_hf_llama(folder: str | Path) -> Llama:
     """A Llama holding the weights of a Hugging Face LLaMA folder (sharded or not)."""
     config = llama_config_from_hf(read_hf_config(folder), where=str(Path(folder) / "config.json"))
-    model = Llama(config)
     tensors = llama_map(config).to_ours(read_hf_weights(folder), config.n_layer, where=str(folder))
-    load_into_model(model, tensors, source=str(folder))
-    return model
+    return build_from_weights(lambda: Llama(config), tensors, str(folder))
 
 
 def save_hf_llama(model: Llama, folder: str | Path) -> None:

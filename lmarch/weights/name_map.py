@@ -9,7 +9,7 @@ per-part transform (llama.cpp's row permutation of Q and K).
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -73,13 +73,16 @@ class WeightMap:
         self.ignore = [re.compile(p) for p in ignore]
 
     def _expanded(self, n_layers: int) -> list[Rule]:
-        out = []
+        return list(self._iter_expanded(n_layers))
+
+    def _iter_expanded(self, n_layers: int) -> Iterator[Rule]:
+        """The rules with ``{i}`` replaced by each layer index, made one at a time (a config
+        claiming a million layers fails at the first missing tensor, not after a million)."""
         for r in self.rules:
             if "{i}" in r.ours:
-                out += [r.at_layer(i) for i in range(n_layers)]
+                yield from (r.at_layer(i) for i in range(n_layers))
             else:
-                out.append(r)
-        return out
+                yield r
 
     def to_ours(
         self, theirs: dict[str, Tensor], n_layers: int, where: str = "checkpoint"
@@ -87,7 +90,7 @@ class WeightMap:
         """Their names -> ours. Missing tensors and unknown (not ignored) ones are errors."""
         out: dict[str, Tensor] = {}
         used: set[str] = set()
-        for r in self._expanded(n_layers):
+        for r in self._iter_expanded(n_layers):
             pieces = []
             for k, name in enumerate(r.parts):
                 if name not in theirs:

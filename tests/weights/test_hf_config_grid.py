@@ -262,3 +262,48 @@ def test_every_transformers_field_is_classified(fields: Any, config_cls: type) -
     assert (
         implemented & inert == set() and implemented & refused == set() and inert & refused == set()
     )
+
+
+def _tiny_folder(tmp_path: Path, family: str) -> Path:
+    torch.manual_seed(0)
+    if family == "gpt2":
+        model = transformers.GPT2LMHeadModel(transformers.GPT2Config(**GPT2_BASE))
+    else:
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**LLAMA_BASE))
+    model.save_pretrained(tmp_path)
+    return tmp_path
+
+
+# (family, config.json edits, the refusal's message after "<folder>")
+BAD_FOLDERS = [
+    ("gpt2", {"n_embd": 1 << 20, "n_head": 1}, ": tensor tok_emb.weight has shape (61, 32), model expects (61, 1048576)"),
+    ("gpt2", {"n_layer": 1 << 20}, ": tensor 'transformer.h.3.ln_1.weight' is missing"),
+    ("gpt2", {"n_layer": "3"}, "/config.json: gpt2 config field n_layer: GPTConfig.n_layer must be an integer >= 1, got '3'"),
+    ("llama", {"max_position_embeddings": 1 << 40}, "/config.json: llama config field max_position_embeddings: LlamaConfig.block_size must be at most 16777216 (the rotary tables hold every position), got 1099511627776"),
+    ("llama", {"intermediate_size": 1 << 30}, ": tensor blocks.0.ffn.gate_up.weight has shape (96, 32), model expects (2147483648, 32)"),
+    ("llama", {"rope_parameters": "linear"}, "/config.json: llama config field rope_scaling='linear' is not supported (hint: lmarch implements a dict (or null))"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("family", "edits", "message"), BAD_FOLDERS, ids=[str(e) for _, e, _ in BAD_FOLDERS]
+)
+def test_a_config_that_contradicts_its_weights_is_refused_before_allocating(
+    tmp_path: Path, family: str, edits: dict, message: str
+) -> None:  # fmt: skip
+    """Sizes are checked against the tensors before the model is built: a config claiming a
+    million-wide embedding or a 2**40 context is one error, not a gigantic allocation."""
+    folder = _tiny_folder(tmp_path, family)
+    path = folder / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **edits}))
+    load = load_hf_gpt2 if family == "gpt2" else load_hf_llama
+    with pytest.raises(LmarchError) as info:
+        load(folder)
+    assert str(info.value) == f"{folder}{message}"
+
+
+def test_config_json_that_is_not_an_object_is_refused(tmp_path: Path) -> None:
+    folder = _tiny_folder(tmp_path, "gpt2")
+    (folder / "config.json").write_text("[1, 2]")
+    with pytest.raises(LmarchError, match=r"config\.json holds a JSON list, not an object"):
+        load_hf_gpt2(folder)
