@@ -199,3 +199,14 @@ def test_config_value_errors_are_one_line_and_bugs_are_not(cli, monkeypatch) -> 
     monkeypatch.setitem(cli_main.COMMANDS, "presets", bug)
     with pytest.raises(ValueError, match="a bug"):
         cli_main.main(["presets"])
+
+
+def test_sample_json_is_generate_json(tiny_run, cli) -> None:
+    """`sample --json` prints the summary `generate --json` does, for the same decoding."""
+    args = ["--temperature", "0", "--max-new-tokens", "6"]
+    sampled = cli.json("sample", tiny_run, "--prompt", "ROMEO:", *args)
+    generated = cli.json("generate", tiny_run, "ROMEO:", *args)
+    assert sampled["prompt_tokens"] == generated["prompt_tokens"] == 6
+    assert sampled["token_ids"] == generated["token_ids"] and len(sampled["token_ids"]) == 6
+    model, tok, _ = load_run(tiny_run)
+    assert sampled["text"] == tok.decode(sampled["token_ids"])
