@@ -78,6 +78,10 @@ _OPTIONAL_KEYS = {
 }
 
 
+# YaRN keys that transformers reads as "absent" when 0 (``beta_fast or 32``, ``if mscale``)
+_ZERO_MEANS_DEFAULT = ("beta_fast", "beta_slow", "mscale", "mscale_all_dim")
+
+
 def rope_scaling_type(scaling: dict | None) -> str:
     """The scaling's kind: its ``type`` (or ``rope_type``) key, ``default`` when there is none."""
     scaling = scaling or {}
@@ -101,6 +105,8 @@ def check_rope_scaling(scaling: dict, rotary_dim: int, where: str = "rope_scalin
     for key in ROPE_SCALING_KEYS[kind]:
         value = scaling.get(key)
         if value is None and key in _OPTIONAL_KEYS.get(kind, ()):
+            continue
+        if value == 0 and key in _ZERO_MEANS_DEFAULT and not isinstance(value, bool):
             continue
         if key == "truncate":
             if not isinstance(value, bool):

@@ -32,6 +32,7 @@ YARNS = [
     {"factor": 4.0, "original_max_position_embeddings": 16, "attention_factor": 1.3},
     {"factor": 4.0, "original_max_position_embeddings": 16, "mscale": 1.0, "mscale_all_dim": 0.7},
     {"factor": 2.5, "original_max_position_embeddings": 16, "truncate": False},
+    {"factor": 4.0, "original_max_position_embeddings": 16, "mscale": 0, "beta_fast": 0},
 ]
 
 
