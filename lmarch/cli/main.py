@@ -30,10 +30,11 @@ def _add_decoding_options(
     temperature: float,
     max_new_tokens: int,
     exclude: Sequence[str] = (),
+    summary: bool = True,
 ) -> None:
     """What ``sample``, ``generate`` and ``chat`` share: the fields of SamplingConfig and
-    GenerationConfig as options (this command's defaults for two of them) and the speed options;
-    ``sample`` and ``generate`` also print a ``--json`` summary."""
+    GenerationConfig as options (this command's defaults for two of them), the speed options
+    and (with ``summary``) ``--json``."""
     from lmarch.generation import GenerationConfig, SamplingConfig
 
     defaults = {"temperature": temperature, "max_new_tokens": max_new_tokens}
@@ -41,7 +42,7 @@ def _add_decoding_options(
     add_config_options(group, SamplingConfig, defaults=defaults)
     add_config_options(group, GenerationConfig, defaults=defaults, exclude=exclude)
     _add_speed_options(p)
-    if p.prog.split()[-1] != "chat":
+    if summary:
         p.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
 
 
@@ -123,7 +124,9 @@ def build_parser() -> OneLineParser:
     c = sub.add_parser("chat", help="chat with an instruction-tuned model (/reset, /system, /quit)")
     c.add_argument("model", help="a preset with weights, a .gguf file or an HF folder")
     c.add_argument("--system", default=None, help="system message")
-    _add_decoding_options(c, temperature=0.7, max_new_tokens=256, exclude=["ignore_eos"])
+    _add_decoding_options(
+        c, temperature=0.7, max_new_tokens=256, exclude=["ignore_eos"], summary=False
+    )
 
     k = sub.add_parser("classify", help="fine-tune an encoder to classify text, or use one")
     ksub = k.add_subparsers(dest="classify_command", required=True, parser_class=OneLineParser)
