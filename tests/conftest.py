@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import random
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -102,3 +104,48 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory, shakespeare_text: str) ->
         assert main(argv) == 0
     (root / "summary.json").write_text(stdout.getvalue().strip().splitlines()[-1])
     return out
+
+
+ASCII_BITS = "abcdefghijklmnopqrstuvwxyzABCXYZ0123456789 .,;:!?'\"-()"
+
+
+def mixed_unicode_strings(
+    n: int,
+    seed: int,
+    fixed: Sequence[str],
+    ranges: Sequence[tuple[int, int]],
+    *,
+    max_parts: int,
+    range_below: float,
+    max_run: int,
+    max_ascii: int,
+) -> list[str]:
+    """Seeded strings for fuzzing a tokenizer against its oracle: each is up to ``max_parts``
+    parts, a part being one of ``fixed`` (probability 0.45), a run of 1..``max_run`` code points
+    from one of ``ranges`` (up to ``range_below``), or 1..``max_ascii`` ASCII letters, digits
+    and punctuation."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        parts = []
+        for _ in range(rng.randint(0, max_parts)):
+            roll = rng.random()
+            if roll < 0.45:
+                parts.append(rng.choice(fixed))
+            elif roll < range_below:
+                lo, hi = rng.choice(ranges)
+                parts.append(
+                    "".join(chr(rng.randint(lo, hi)) for _ in range(rng.randint(1, max_run)))
+                )
+            else:
+                parts.append(
+                    "".join(rng.choice(ASCII_BITS) for _ in range(rng.randint(1, max_ascii)))
+                )
+        out.append("".join(parts))
+    return out
+
+
+@pytest.fixture(scope="session")
+def unicode_strings():
+    """:func:`mixed_unicode_strings`, for the tokenizer tests' fixtures."""
+    return mixed_unicode_strings

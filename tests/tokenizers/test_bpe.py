@@ -30,45 +30,30 @@ def shakespeare_plays() -> list[str]:
     return plays
 
 
-def random_unicode_strings(n: int, seed: int = 0) -> list[str]:
+def random_unicode_strings(make, n: int, seed: int = 0) -> list[str]:
     """Seeded strings mixing scripts, emoji, combining marks, whitespace runs and control bytes.
 
     Letters come from long-standing Unicode blocks: `regex` and the Rust library may be built on
     different Unicode versions, which only disagree on recently assigned code points.
     """
-    rng = random.Random(seed)
-    ranges = {
-        "cjk": (0x4E00, 0x9FA5),
-        "hiragana": (0x3041, 0x3096),
-        "greek": (0x03B1, 0x03C9),
-        "cyrillic": (0x0410, 0x044F),
-        "arabic": (0x0627, 0x064A),
-        "devanagari": (0x0905, 0x0939),
-        "emoji": (0x1F600, 0x1F64F),
-        "symbols": (0x2190, 0x21FF),
-        "control": (0x00, 0x1F),
-    }
+    ranges = [
+        (0x4E00, 0x9FA5),  # CJK
+        (0x3041, 0x3096),  # hiragana
+        (0x03B1, 0x03C9),  # Greek
+        (0x0410, 0x044F),  # Cyrillic
+        (0x0627, 0x064A),  # Arabic
+        (0x0905, 0x0939),  # Devanagari
+        (0x1F600, 0x1F64F),  # emoji
+        (0x2190, 0x21FF),  # arrows
+        (0x00, 0x1F),  # control
+    ]
     fixed = [
         "the", "The", " and", "'s", "'ll", "'re", "don't", "O'er", "é", "ñ", "ü", "ß", "Å",
         "e\u0301", "a\u0308\u0323", "👩\u200d💻", "🇫🇷", "😀😀", "東京", " ", "  ", "   ", "\t",
         "\n", "\n\n", "\r\n", " \n ", "\u00a0", "\u3000", "\u2009", "\x7f", "\ufeff", "42",
         " 2024", "3.14", "١٢٣", "½", "²", "!!", "...", " --", "<|", "|>", "<|endoftext",
     ]  # fmt: skip
-    out = []
-    for _ in range(n):
-        parts = []
-        for _ in range(rng.randint(0, 30)):
-            roll = rng.random()
-            if roll < 0.45:
-                parts.append(rng.choice(fixed))
-            elif roll < 0.75:
-                lo, hi = ranges[rng.choice(list(ranges))]
-                parts.append("".join(chr(rng.randint(lo, hi)) for _ in range(rng.randint(1, 4))))
-            else:
-                alphabet = "abcdefghijklmnopqrstuvwxyzABCXYZ0123456789 .,;:!?'\"-()"
-                parts.append("".join(rng.choice(alphabet) for _ in range(rng.randint(1, 8))))
-        out.append("".join(parts))
-    return out
+    return make(n, seed, fixed, ranges, max_parts=30, range_below=0.75, max_run=4, max_ascii=8)
 
 
 def encode_batch(hf: HFTokenizer, texts: list[str]) -> list[Encoding]:
@@ -82,8 +67,8 @@ def plays() -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def strings() -> list[str]:
-    return random_unicode_strings(1000)
+def strings(unicode_strings) -> list[str]:
+    return random_unicode_strings(unicode_strings, 1000)
 
 
 @pytest.fixture(scope="module")

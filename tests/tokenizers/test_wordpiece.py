@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import random
 import re
 import shutil
 from pathlib import Path
@@ -33,11 +32,10 @@ def minilm_folder() -> Path:
     return Path(spec.submodule_search_locations[0]) / "model"
 
 
-def random_unicode_strings(n: int, seed: int = 0) -> list[str]:
+def random_unicode_strings(make, n: int, seed: int = 0) -> list[str]:
     """Seeded strings mixing accents, CJK, emoji, punctuation, control characters, long words,
     whitespace of every kind and special-token look-alikes (characters of Unicode <= 9 only,
     where the two libraries' character tables agree)."""
-    rng = random.Random(seed)
     ranges = [
         (0x4E00, 0x9FA5),  # CJK ideographs
         (0x20000, 0x2A6D6),  # CJK extension B
@@ -62,21 +60,7 @@ def random_unicode_strings(n: int, seed: int = 0) -> list[str]:
         "[CLS", "##", "##ing", "...", "!?", "«»", "¿", "—", "“quoted”", "x" * 100, "y" * 101,
         "unaffable", "supercalifragilisticexpialidocious", "3.14", "2024", "١٢٣", "$", "`~^|",
     ]  # fmt: skip
-    out = []
-    for _ in range(n):
-        parts = []
-        for _ in range(rng.randint(0, 25)):
-            roll = rng.random()
-            if roll < 0.45:
-                parts.append(rng.choice(fixed))
-            elif roll < 0.7:
-                lo, hi = rng.choice(ranges)
-                parts.append("".join(chr(rng.randint(lo, hi)) for _ in range(rng.randint(1, 5))))
-            else:
-                alphabet = "abcdefghijklmnopqrstuvwxyzABCXYZ0123456789 .,;:!?'\"-()"
-                parts.append("".join(rng.choice(alphabet) for _ in range(rng.randint(1, 9))))
-        out.append("".join(parts))
-    return out
+    return make(n, seed, fixed, ranges, max_parts=25, range_below=0.7, max_run=5, max_ascii=9)
 
 
 def hf_wordpiece(tok: WordPieceTokenizer, **normalizer_flags: object) -> HFTokenizer:
@@ -109,8 +93,8 @@ def paragraphs(plays: list[str]) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def strings() -> list[str]:
-    return random_unicode_strings(1000)
+def strings(unicode_strings) -> list[str]:
+    return random_unicode_strings(unicode_strings, 1000)
 
 
 @pytest.fixture(scope="module")
