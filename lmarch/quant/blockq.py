@@ -16,7 +16,10 @@ On the CPU the product runs in ``native/blockq.c``: the input row is quantised p
 — integer dot products, as in llama.cpp, which uses 8-bit activations. With 16 bits the
 rounding moves each output by ~1e-5 of its size: SmolLM2 in Q4_1 predicts the same top token
 as its float32 dequantisation at every one of 400 teacher-forced positions (8-bit activations:
-91%). Elsewhere (GPU, training, no C compiler) the layers multiply by the dequantised weight.
+91%). Elsewhere (GPU, training, no C compiler) the layers multiply by the dequantised weight
+(which calls take the kernel: :func:`lmarch.native.policy.block_kernel_call`). A SwiGLU block or
+a whole LLaMA layer over these layers runs as one native call once
+:func:`lmarch.native.accelerate` has swapped in its native module.
 """
 
 from __future__ import annotations
