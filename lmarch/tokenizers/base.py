@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from lmarch.errors import LmarchError
 
@@ -27,6 +28,32 @@ class Tokenizer(Protocol):
     def decode(self, ids: Sequence[int]) -> str: ...
 
     def save(self, path: str | Path) -> None: ...
+
+
+def write_json_file(path: str | Path, data: Any, indent: int | None = 1) -> None:
+    """Write ``data`` as UTF-8 JSON to ``path`` through a temporary file renamed into place, so
+    a run killed mid-write keeps the previous file whole."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, ensure_ascii=False, indent=indent) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def read_json_file(path: str | Path) -> Any:
+    """A parsed JSON file; an unreadable one raises :class:`LmarchError` naming it."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise LmarchError(f"cannot read tokenizer file {path}: {exc}") from exc
+
+
+def read_tokenizer_file(path: str | Path, kind: str, what: str) -> dict[str, Any]:
+    """The JSON object of a tokenizer file whose ``"type"`` is ``kind``; anything else raises
+    :class:`LmarchError` (``what`` names the tokenizer expected, e.g. "character tokenizer")."""
+    data = read_json_file(path)
+    if not isinstance(data, dict) or data.get("type") != kind:
+        raise LmarchError(f'{path}: not a {what} (expected "type": "{kind}")')
+    return data
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:

@@ -66,8 +66,6 @@ tokenizers trained here look exactly as they always have.
 from __future__ import annotations
 
 import heapq
-import json
-import os
 import re
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
@@ -78,6 +76,7 @@ from typing import Any
 import regex
 
 from lmarch.errors import LmarchError
+from lmarch.tokenizers.base import read_json_file, write_json_file
 from lmarch.tokenizers.encoder_input import EncoderInputMixin
 from lmarch.tokenizers.merges import iter_merges, merge_pair
 
@@ -586,18 +585,13 @@ class ByteLevelBPETokenizer(EncoderInputMixin):
             "add_bos_token": self._add_bos or None,
         }
         data.update({key: value for key, value in optional.items() if value is not None})
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(data, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
+        write_json_file(path, data)
 
     @classmethod
     def load(cls, path: str | Path) -> ByteLevelBPETokenizer:
         """Read a file written by :meth:`save`; a malformed file raises :class:`LmarchError`."""
         path = Path(path)
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise LmarchError(f"cannot read tokenizer file {path}: {exc}") from exc
+        data = read_json_file(path)
         try:
             vocab, merges, special, options = _parse_file(data)
             return cls(vocab, merges, special, **options)

@@ -7,12 +7,11 @@ is encoded one character at a time. It cannot encode a character it has not seen
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
 from lmarch.errors import LmarchError
+from lmarch.tokenizers.base import read_tokenizer_file, write_json_file
 
 
 class CharTokenizer:
@@ -70,22 +69,12 @@ class CharTokenizer:
 
     def save(self, path: str | Path) -> None:
         """Write ``{"type": "char", "chars": [...]}`` to ``path``."""
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        data = {"type": "char", "chars": self._chars}
-        tmp.write_text(json.dumps(data, ensure_ascii=False) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
+        write_json_file(path, {"type": "char", "chars": self._chars}, indent=None)
 
     @classmethod
     def load(cls, path: str | Path) -> CharTokenizer:
         """Read a file written by :meth:`save`; a malformed file raises :class:`LmarchError`."""
-        path = Path(path)
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise LmarchError(f"cannot read tokenizer file {path}: {exc}") from exc
-        if not isinstance(data, dict) or data.get("type") != "char":
-            raise LmarchError(f'{path}: not a character tokenizer (expected "type": "char")')
+        data = read_tokenizer_file(path, "char", "character tokenizer")
         chars = data.get("chars")
         if not isinstance(chars, list):
             raise LmarchError(f'{path}: "chars" must be a list of characters')

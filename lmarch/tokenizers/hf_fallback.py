@@ -11,12 +11,12 @@ the library's, special tokens included, and so is the truncation of pairs.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from lmarch.errors import LmarchError
+from lmarch.tokenizers.base import read_tokenizer_file, write_json_file
 from lmarch.tokenizers.encoder_input import EncoderInputMixin
 
 ROLES = ("cls", "sep", "pad", "mask", "unk")
@@ -117,22 +117,13 @@ class HFTokenizersFallback(EncoderInputMixin):
             "roles": self._roles,
             "tokenizer": json.loads(self._hf.to_str()),
         }
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(data, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
+        write_json_file(path, data)
 
     @classmethod
     def load(cls, path: str | Path) -> HFTokenizersFallback:
         """Read a file written by :meth:`save`; a malformed file raises :class:`LmarchError`."""
         path = Path(path)
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise LmarchError(f"cannot read tokenizer file {path}: {exc}") from exc
-        if not isinstance(data, dict) or data.get("type") != "hf_tokenizers":
-            raise LmarchError(
-                f'{path}: not a fallback tokenizer (expected "type": "hf_tokenizers")'
-            )
+        data = read_tokenizer_file(path, "hf_tokenizers", "fallback tokenizer")
         roles = data.get("roles") or {}
         if not isinstance(roles, dict) or not isinstance(data.get("tokenizer"), dict):
             raise LmarchError(f'{path}: "roles" and "tokenizer" must be JSON objects')

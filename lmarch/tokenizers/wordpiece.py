@@ -35,7 +35,6 @@ with other jobs (load average about 7): the 38 Shakespeare plays (4.8 M characte
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections import Counter
@@ -44,10 +43,10 @@ from pathlib import Path
 from typing import Any
 
 from lmarch.errors import LmarchError
+from lmarch.tokenizers.base import read_json_file, read_tokenizer_file, write_json_file
 from lmarch.tokenizers.bert_normalize import BertNormalizer, bert_pre_tokenize
 from lmarch.tokenizers.encoder_input import EncoderInputMixin
 from lmarch.tokenizers.wordpiece_files import (
-    read_json,
     read_vocab_lines,
     tokenizer_json_options,
     tokens_in_id_order,
@@ -355,11 +354,7 @@ class WordPieceTokenizer(EncoderInputMixin):
 
     def save(self, path: str | Path) -> None:
         """Write the tokenizer as one JSON file (``{"type": "wordpiece", "vocab": [...], ...}``)."""
-        path = Path(path)
-        data = {"type": "wordpiece", "vocab": self._tokens, **self._settings()}
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(data, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
+        write_json_file(path, {"type": "wordpiece", "vocab": self._tokens, **self._settings()})
 
     def save_vocab(self, path: str | Path) -> None:
         """Write BERT's ``vocab.txt``: one token per line, in id order (settings not included)."""
@@ -376,9 +371,7 @@ class WordPieceTokenizer(EncoderInputMixin):
     def load(cls, path: str | Path) -> WordPieceTokenizer:
         """Read a file written by :meth:`save`; a malformed file raises one :class:`LmarchError`."""
         path = Path(path)
-        data = read_json(path)
-        if not isinstance(data, dict) or data.get("type") != "wordpiece":
-            raise LmarchError(f'{path}: not a WordPiece tokenizer (expected "type": "wordpiece")')
+        data = read_tokenizer_file(path, "wordpiece", "WordPiece tokenizer")
         types = {
             "unk_token": str, "pad_token": str, "cls_token": str, "sep_token": str,
             "mask_token": str, "continuing_subword_prefix": str, "max_input_chars_per_word": int,
@@ -419,7 +412,7 @@ class WordPieceTokenizer(EncoderInputMixin):
         ``max_length`` when encoding). Anything else BERT does not use raises :class:`LmarchError`.
         """
         path = Path(path)
-        data = read_json(path)
+        data = read_json_file(path)
         try:
             return cls(**tokenizer_json_options(data))
         except (LmarchError, TypeError, AttributeError, KeyError, ValueError) as exc:
@@ -437,7 +430,7 @@ class WordPieceTokenizer(EncoderInputMixin):
         if not (folder / "vocab.txt").is_file():
             raise LmarchError(f"no tokenizer.json or vocab.txt in {folder}")
         config_path = folder / "tokenizer_config.json"
-        config = read_json(config_path) if config_path.is_file() else {}
+        config = read_json_file(config_path) if config_path.is_file() else {}
         if not isinstance(config, dict):
             raise LmarchError(f"{config_path}: expected a JSON object")
         options: dict[str, Any] = {

@@ -26,14 +26,6 @@ def read_vocab_lines(path: Path) -> list[str]:
         raise LmarchError(f"cannot read vocabulary file {path}: {exc}") from exc
 
 
-def read_json(path: Path) -> Any:
-    """A parsed JSON file; an unreadable one raises :class:`LmarchError` naming it."""
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise LmarchError(f"cannot read tokenizer file {path}: {exc}") from exc
-
-
 def tokens_in_id_order(vocab: Sequence[str] | Mapping[str, int] | Any) -> list[str]:
     """The tokens of a list or a token -> id mapping, checked: ids 0..n-1, no repeats."""
     if isinstance(vocab, Mapping):
