@@ -149,3 +149,23 @@ def mixed_unicode_strings(
 def unicode_strings():
     """:func:`mixed_unicode_strings`, for the tokenizer tests' fixtures."""
     return mixed_unicode_strings
+
+
+@pytest.fixture
+def tiny_decoders():
+    """``tiny_decoders(vocab_size)``: a 2-layer GPT and a 2-layer LLaMA (grouped-query attention,
+    4 query / 2 key-value heads), 32 wide with a 32-token context, seeded (torch seed 0)."""
+    from lmarch.models import GPT, GPTConfig, Llama, LlamaConfig
+
+    def make(vocab_size: int) -> list[torch.nn.Module]:
+        torch.manual_seed(0)
+        gpt = GPT(GPTConfig(vocab_size=vocab_size, block_size=32, n_layer=2, n_head=2, n_embd=32))
+        llama = Llama(
+            LlamaConfig(
+                vocab_size=vocab_size, block_size=32, n_layer=2, n_head=4, n_kv_head=2,
+                n_embd=32, intermediate_size=64,
+            )
+        )  # fmt: skip
+        return [gpt, llama]
+
+    return make

@@ -100,26 +100,10 @@ def test_stream_text_cuts_at_stop_string_and_matches_generate() -> None:
     assert "".join(stream_text(model, tok, "ab", 30)) == full
 
 
-def test_static_shape_step_equals_the_dynamic_path() -> None:
+def test_static_shape_step_equals_the_dynamic_path(tiny_decoders) -> None:
     """The decode step used under torch.compile (0-d tensor position, whole cache attended with
     a mask) gives the same logits as the sliced-cache path, for GPT and LLaMA."""
-    from lmarch.models import Llama, LlamaConfig
-
-    torch.manual_seed(0)
-    models = [
-        GPT(GPTConfig(vocab_size=50, block_size=32, n_layer=2, n_head=2, n_embd=16)),
-        Llama(
-            LlamaConfig(
-                vocab_size=50,
-                block_size=32,
-                n_layer=2,
-                n_head=4,
-                n_kv_head=2,
-                n_embd=32,
-                intermediate_size=48,
-            )
-        ),
-    ]
+    models = tiny_decoders(50)
     ids = torch.randint(0, 50, (1, 12), generator=torch.Generator().manual_seed(1))
     for model in models:
         model.eval()
@@ -168,28 +152,12 @@ def test_compiled_quantised_decoding_compiles_once_and_matches_eager(scheme: str
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
 
 
-def test_last_only_logits_are_the_last_row_of_the_full_logits() -> None:
+def test_last_only_logits_are_the_last_row_of_the_full_logits(tiny_decoders) -> None:
     """``forward(..., last_only=True)`` (what a prompt's prefill asks for, so the output head
     runs once per prompt) equals the last position of the full logits, in every causal family."""
-    from lmarch.models import Llama, LlamaConfig
     from lmarch.models.bigram import BigramConfig, BigramLM
 
-    torch.manual_seed(0)
-    models = [
-        GPT(GPTConfig(vocab_size=40, block_size=32, n_layer=2, n_head=2, n_embd=32)),
-        Llama(
-            LlamaConfig(
-                vocab_size=40,
-                block_size=32,
-                n_layer=2,
-                n_head=4,
-                n_kv_head=2,
-                n_embd=32,
-                intermediate_size=64,
-            )
-        ),  # fmt: skip
-        BigramLM(BigramConfig(vocab_size=40)),
-    ]
+    models = [*tiny_decoders(40), BigramLM(BigramConfig(vocab_size=40))]
     ids = torch.randint(0, 40, (2, 9), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         for model in models:
