@@ -27,6 +27,7 @@ from lmarch.weights.name_map import Rule, WeightMap
 from lmarch.weights.safetensors_io import unique_state_dict
 
 _T, _H = "transformer.", "transformer.h.{i}."
+_MASKS = r"\.attn\.(masked_)?bias$"
 
 GPT2_MAP = WeightMap(
     [
@@ -48,9 +49,8 @@ GPT2_MAP = WeightMap(
         Rule("norm_f.bias", _T + "ln_f.bias"),
     ],
     # lm_head.weight is tied to wte; the attn.bias / masked_bias buffers of old checkpoints are masks.
-    ignore=[r"^lm_head\.weight$", r"\.attn\.(masked_)?bias$"],
+    ignore=[r"^lm_head\.weight$", _MASKS],
 )
-_MASKS = r"\.attn\.(masked_)?bias$"
 
 
 def gpt2_map(config: GPTConfig) -> WeightMap:
@@ -72,8 +72,13 @@ _ACTIVATIONS = {
     "swish": "silu",
     "tanh": "tanh",
 }
-_ACTIVATIONS_TO_HF = {"gelu_tanh": "gelu_new", "gelu": "gelu", "relu": "relu", "silu": "silu"}
-_ACTIVATIONS_TO_HF["tanh"] = "tanh"
+_ACTIVATIONS_TO_HF = {
+    "gelu_tanh": "gelu_new",
+    "gelu": "gelu",
+    "relu": "relu",
+    "silu": "silu",
+    "tanh": "tanh",
+}
 
 GPT2_FIELDS = HFConfigFields(
     "gpt2",

@@ -93,8 +93,13 @@ _ACTIVATIONS = {
     "relu": "relu",
     "tanh": "tanh",
 }
-_ACTIVATIONS_TO_HF = {"silu": "silu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh"}
-_ACTIVATIONS_TO_HF.update(relu="relu", tanh="tanh")
+_ACTIVATIONS_TO_HF = {
+    "silu": "silu",
+    "gelu": "gelu",
+    "gelu_tanh": "gelu_pytorch_tanh",
+    "relu": "relu",
+    "tanh": "tanh",
+}
 
 # RoPE types of transformers' ROPE_INIT_FUNCTIONS that lmarch implements, and the keys each reads
 _ROPE_KEYS = {
