@@ -1,9 +1,10 @@
 """GPT-2 in the Hugging Face layout (``GPT2LMHeadModel``): names, config and folders.
 
 Every field of ``GPT2Config`` either changes our model as it changes transformers' or is
-refused by name (:data:`GPT2_FIELDS`). Their attention and MLP projections are ``Conv1D`` modules storing W as [in, out] (x @ W), while
-ours are ``nn.Linear`` storing [out, in]; those matrices are transposed on the way across. Their
-fused ``c_attn`` has the same row order as our ``qkv`` (all of Q, then K, then V).
+refused by name (:data:`GPT2_FIELDS`). Their attention and MLP projections are ``Conv1D``
+modules storing W as [in, out] (x @ W), while ours are ``nn.Linear`` storing [out, in]; those
+matrices are transposed on the way across. Their fused ``c_attn`` has the same row order as
+our ``qkv`` (all of Q, then K, then V).
 """
 
 from __future__ import annotations

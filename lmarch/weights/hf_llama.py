@@ -1,8 +1,9 @@
 """LLaMA in the Hugging Face layout (``LlamaForCausalLM``): names, config and folders.
 
 Every field of ``LlamaConfig`` either changes our model as it changes transformers' or is
-refused by name (:data:`LLAMA_FIELDS`). Their q/k/v projections are three matrices and gate/up two; ours are fused (``attn.qkv``,
-``ffn.gate_up``), so their rows are concatenated on the way in and split on the way out.
+refused by name (:data:`LLAMA_FIELDS`). Their q/k/v projections are three matrices and gate/up
+two; ours are fused (``attn.qkv``, ``ffn.gate_up``), so their rows are concatenated on the way
+in and split on the way out.
 """
 
 from __future__ import annotations
