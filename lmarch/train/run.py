@@ -212,9 +212,15 @@ def train_run(
         if preset is None:
             raise LmarchError("no preset given", hint="e.g. --preset gpt-char-tiny")
         p = get_preset(preset)
+        if p.use == "weights":
+            raise LmarchError(
+                f"preset {preset} holds real pretrained weights; it is not trained from scratch",
+                hint="use it with generate, chat or embed, or fine-tune it with classify train",
+            )
         if not p.trainable:
             raise LmarchError(
-                f"preset {preset} is {p.use}: it is not trained here",
+                f"preset {preset} is shape only (parameter and FLOP accounting); it is not "
+                "trained here",
                 hint="'lmarch presets' lists the trainable ones (use column 'train')",
             )
         objective = resolve_objective(p.family, objective)

@@ -103,10 +103,15 @@ def test_bad_train_settings_are_refused_before_any_work(settings, needle, tmp_pa
     assert not (tmp_path / "run").exists()
 
 
-def test_shape_only_preset_is_refused(tmp_path, cli) -> None:
-    assert "llama3-8b is shape only" in cli.error(
-        "train", "--preset", "llama3-8b", "--out", tmp_path / "r"
-    )
+@pytest.mark.parametrize(
+    ("preset", "needle"),
+    [
+        ("llama3-8b", "llama3-8b is shape only"),
+        ("smollm2-135m", "smollm2-135m holds real pretrained weights"),
+    ],
+)
+def test_presets_not_trained_here_are_refused(preset, needle, tmp_path, cli) -> None:
+    assert needle in cli.error("train", "--preset", preset, "--out", tmp_path / "r")
 
 
 @pytest.mark.parametrize(
