@@ -58,6 +58,7 @@ ROPE_SCALING_KEYS: dict[str, tuple[str, ...]] = {
     "default": (),
     "linear": ("factor",),
     "ntk": ("factor",),
+    "factors": ("factors",),
     "dynamic": ("factor", "original_max_position_embeddings"),
     "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
     "yarn": (
@@ -112,6 +113,9 @@ def check_rope_scaling(scaling: dict, rotary_dim: int, where: str = "rope_scalin
             if not isinstance(value, bool):
                 raise ValueError(f"{where}: truncate must be true or false, got {value!r}")
             continue
+        if key == "factors":
+            _check_factors(value, rotary_dim, where)
+            continue
         number = isinstance(value, (int, float)) and not isinstance(value, bool)
         if not number or not 0 < value < float("inf"):
             raise ValueError(f"{where}: {key} must be a number > 0, got {value!r}")
@@ -119,6 +123,16 @@ def check_rope_scaling(scaling: dict, rotary_dim: int, where: str = "rope_scalin
         raise ValueError(f"{where}: {kind} scaling needs a rotary width > 2, got {rotary_dim}")
     if kind == "llama3" and scaling["high_freq_factor"] <= scaling["low_freq_factor"]:
         raise ValueError(f"{where}: high_freq_factor must exceed low_freq_factor")
+
+
+def _check_factors(factors: object, rotary_dim: int, where: str) -> None:
+    """Per-frequency divisors: one number > 0 per rotated pair."""
+    if not isinstance(factors, (list, tuple)) or len(factors) != rotary_dim // 2:
+        size = len(factors) if isinstance(factors, (list, tuple)) else type(factors).__name__
+        raise ValueError(f"{where}: factors must be {rotary_dim // 2} numbers, got {size}")
+    for f in factors:
+        if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 < f < float("inf"):
+            raise ValueError(f"{where}: factors must be numbers > 0, got {f!r}")
 
 
 def _yarn_mscale(factor: float, mscale: float = 1.0) -> float:
@@ -192,6 +206,8 @@ def rope_inverse_frequencies(
       short ones kept, a smooth blend between.
     - ``{"type": "yarn", "factor", "original_max_position_embeddings", ...}`` — YaRN's
       frequencies (its attention factor: :func:`rope_attention_factor`).
+    - ``{"type": "factors", "factors": [f_0, ...]}`` — omega_i / f_i, one divisor per pair, as
+      llama.cpp applies a file's ``rope_freqs`` tensor (how Llama 3.1 GGUFs store their scaling).
     - ``{"type": "dynamic", ...}`` depends on the sequence length: the frequencies here are the
       ones used up to the original length (plain RoPE); see :class:`DynamicNTKRotaryEmbedding`.
     """
@@ -214,6 +230,8 @@ def rope_inverse_frequencies(
         blended = (1 - smooth) * scaled / factor + smooth * scaled
         medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
         inv_freq = torch.where(medium, blended, scaled)
+    elif kind == "factors":  # llama.cpp's rope_freqs tensor: omega_i / f_i
+        inv_freq = inv_freq / torch.tensor(scaling["factors"], dtype=torch.float32)
     elif kind not in ("default", "ntk", "dynamic"):
         raise ValueError(f"unknown RoPE scaling type {kind!r}")
     return inv_freq

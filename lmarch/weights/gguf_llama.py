@@ -234,6 +234,20 @@ def llama_config_from_gguf(gguf: GGUFFile) -> LlamaConfig:
             "type": "linear",
             "factor": _meta_number(gguf, "rope.scaling.factor", whole=False),
         }
+    if "rope_freqs.weight" in gguf.tensor_names:
+        if scaling is not None:
+            raise LmarchError(
+                f"{gguf.path}: metadata llama.rope.scaling.type={kind!r} and tensor "
+                "'rope_freqs.weight' both rescale RoPE; lmarch applies one or the other"
+            )
+        freqs = gguf.tensor_info("rope_freqs.weight").shape
+        if freqs != (rotary // 2,):
+            raise LmarchError(
+                f"{gguf.path}: tensor 'rope_freqs.weight' has shape {freqs}, the rotary width "
+                f"{rotary} implies ({rotary // 2},)"
+            )
+        # llama.cpp divides each frequency by its factor (Llama 3.1's scaling, precomputed)
+        scaling = {"type": "factors", "factors": gguf.load("rope_freqs.weight").tolist()}
     context = _meta_number(gguf, "context_length")
     if context > MAX_CONTEXT:
         raise LmarchError(

@@ -226,6 +226,11 @@ def _rope_to_hf(c: LlamaConfig) -> tuple[float, dict[str, Any] | None, int]:
     kind = (scaling or {}).get("type", (scaling or {}).get("rope_type", "default"))
     if scaling is None or kind == "default":
         return c.rope_theta, None, c.block_size
+    if kind == "factors":
+        raise LmarchError(
+            "RoPE with per-frequency factors (a GGUF's rope_freqs tensor) has no Hugging Face "
+            "LLaMA config field"
+        )
     if kind == "ntk":  # static NTK is plain RoPE with a larger base
         d = c.rotary_dim
         return c.rope_theta * scaling["factor"] ** (d / (d - 2)), None, c.block_size

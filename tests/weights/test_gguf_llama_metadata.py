@@ -3,6 +3,7 @@ built, with one line naming the metadata key and its value."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,8 @@ import pytest
 import torch
 
 from lmarch.errors import LmarchError
+from lmarch.models import Llama
+from lmarch.nn.position import rope_inverse_frequencies
 from lmarch.weights.gguf_llama import load_gguf_llama
 
 gguf = pytest.importorskip("gguf")
@@ -46,7 +49,12 @@ def _tensors(n_layer: int = 2) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def _write(path: Path, meta: dict[str, Any], shapes: dict[str, tuple[int, ...]]) -> Path:
+def _write(
+    path: Path,
+    meta: dict[str, Any],
+    shapes: dict[str, tuple[int, ...]],
+    values: dict[str, np.ndarray] | None = None,
+) -> Path:
     w = gguf.GGUFWriter(path, "llama")
     for key, value in meta.items():
         if value is None:
@@ -59,7 +67,10 @@ def _write(path: Path, meta: dict[str, Any], shapes: dict[str, tuple[int, ...]])
             w.add_uint64(f"llama.{key}", value)
     rng = np.random.default_rng(0)
     for name, shape in shapes.items():
-        w.add_tensor(name, rng.standard_normal(shape).astype(np.float32))
+        value = (values or {}).get(name)
+        if value is None:
+            value = rng.standard_normal(shape).astype(np.float32)
+        w.add_tensor(name, np.asarray(value, dtype=np.float32))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -137,4 +148,39 @@ def test_a_tensor_of_the_wrong_shape_is_named(tmp_path: Path) -> None:
     with pytest.raises(LmarchError) as info:
         load_gguf_llama(path)
     expected = "tensor 'blk.1.ffn_down.weight' has shape (32, 40), the metadata implies (32, 48)"
+    assert str(info.value) == f"{path}: {expected}"
+
+
+LLAMA3 = {
+    "type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 64,
+}  # fmt: skip
+
+
+def test_rope_freqs_tensor_is_applied_as_llama_cpp_does(tmp_path: Path) -> None:
+    """Llama 3.1 GGUFs keep their RoPE scaling as a rope_freqs tensor of per-frequency divisors
+    (the converter's 1 / (ratio)); the model then equals one built with that llama3 scaling,
+    and differs from plain RoPE (so ignoring the tensor would be a silent wrong answer)."""
+    plain = rope_inverse_frequencies(8, 10000.0)
+    factors = (plain / rope_inverse_frequencies(8, 10000.0, LLAMA3)).numpy()
+    assert factors[0] == 1.0 and 1.0 < factors[1] < 8.0 and factors[-1] == pytest.approx(8.0)
+    path = tmp_path / "llama31.gguf"
+    _write(path, META, _tensors() | {"rope_freqs.weight": (4,)}, {"rope_freqs.weight": factors})
+    model, _ = load_gguf_llama(path)
+    assert model.config.rope_scaling["type"] == "factors"
+    ids = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8, 9, 7, 9, 3] * 3])
+    with torch.no_grad():
+        got = model(ids)
+        for scaling, close in ((LLAMA3, True), (None, False)):
+            ref = Llama(dataclasses.replace(model.config, rope_scaling=scaling)).eval()
+            ref.load_state_dict(model.state_dict())
+            err = (ref(ids) - got).abs().max().item()
+            assert (err <= 1e-5) == close, (scaling, err)
+
+
+def test_rope_freqs_of_the_wrong_size_is_named(tmp_path: Path) -> None:
+    path = _write(tmp_path / "bad.gguf", META, _tensors() | {"rope_freqs.weight": (8,)})
+    with pytest.raises(LmarchError) as info:
+        load_gguf_llama(path)
+    expected = "tensor 'rope_freqs.weight' has shape (8,), the rotary width 8 implies (4,)"
     assert str(info.value) == f"{path}: {expected}"
