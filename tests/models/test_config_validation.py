@@ -61,7 +61,7 @@ BAD = [
         LlamaConfig,
         dict(rope_scaling={"type": "longrope", "factor": 2.0}),
         "LlamaConfig.rope_scaling: RoPE scaling type 'longrope' is not supported; one of "
-        "['default', 'dynamic', 'linear', 'llama3', 'ntk', 'yarn']",
+        "['default', 'dynamic', 'factors', 'linear', 'llama3', 'ntk', 'yarn']",
     ),
     (
         LlamaConfig,
