@@ -178,6 +178,31 @@ def _check_against_tensors(gguf: GGUFFile, c: LlamaConfig, explicit_head_dim: bo
             )
 
 
+def _rope_scaling(gguf: GGUFFile) -> dict[str, Any] | None:
+    """The RoPE scaling llama.cpp applies for this file's metadata: a factor s (under
+    ``rope.scaling.factor``, or ``rope.scale_linear`` in older files; 0 means none) divides every
+    frequency unless the type is YaRN, which lmarch refuses; the type defaults to linear."""
+    meta = gguf.metadata
+    kind = meta.get("llama.rope.scaling.type", "linear")
+    key = "rope.scaling.factor" if "llama.rope.scaling.factor" in meta else "rope.scale_linear"
+    factor = meta.get(f"llama.{key}", 0.0)
+    if factor == 0:
+        factor = 1.0
+    if kind not in ("none", "linear", "yarn"):
+        raise LmarchError(
+            f"{gguf.path}: metadata llama.rope.scaling.type={kind!r} is not supported"
+        )
+    if factor == 1:
+        return None
+    factor = _meta_number(gguf, key, whole=False)
+    if kind != "linear":
+        raise LmarchError(
+            f"{gguf.path}: metadata llama.rope.scaling.type={kind!r} with llama.{key}={factor} "
+            "is not supported"
+        )
+    return {"type": "linear", "factor": factor}
+
+
 def llama_config_from_gguf(gguf: GGUFFile) -> LlamaConfig:
     """Our LlamaConfig from a GGUF file's ``llama.*`` metadata, checked against itself and against
     the tensors' shapes before any model is built: a contradiction is one :class:`LmarchError`
@@ -218,26 +243,17 @@ def llama_config_from_gguf(gguf: GGUFFile) -> LlamaConfig:
         raise LmarchError(
             f"{gguf.path}: no vocabulary size (llama.vocab_size or tokenizer.ggml.tokens)"
         )
-    scaling = None
-    kind = meta.get("llama.rope.scaling.type")
-    factor = meta.get("llama.rope.scaling.factor", 1.0)
-    if kind not in (None, "none", "linear", "yarn"):
+    experts = meta.get("llama.expert_count", 0)
+    if experts:
         raise LmarchError(
-            f"{gguf.path}: metadata llama.rope.scaling.type={kind!r} is not supported"
+            f"{gguf.path}: metadata llama.expert_count={experts!r}: mixture-of-experts LLaMA files "
+            "(Mixtral) are not supported"
         )
-    if kind in ("linear", "yarn") and factor != 1.0:
-        if kind != "linear":
-            raise LmarchError(
-                f"{gguf.path}: metadata llama.rope.scaling.type={kind!r} is not supported"
-            )
-        scaling = {
-            "type": "linear",
-            "factor": _meta_number(gguf, "rope.scaling.factor", whole=False),
-        }
+    scaling = _rope_scaling(gguf)
     if "rope_freqs.weight" in gguf.tensor_names:
         if scaling is not None:
             raise LmarchError(
-                f"{gguf.path}: metadata llama.rope.scaling.type={kind!r} and tensor "
+                f"{gguf.path}: metadata llama.rope.scaling.factor and tensor "
                 "'rope_freqs.weight' both rescale RoPE; lmarch applies one or the other"
             )
         freqs = gguf.tensor_info("rope_freqs.weight").shape

@@ -78,6 +78,24 @@ def _write(
     return path
 
 
+@pytest.mark.parametrize(
+    ("changes", "factor"),
+    [
+        ({"rope.scaling.type": "linear", "rope.scaling.factor": 4.0}, 4.0),
+        ({"rope.scaling.factor": 2.0}, 2.0),  # llama.cpp's default type is linear
+        ({"rope.scale_linear": 3.0}, 3.0),  # the older key
+        ({"rope.scaling.factor": 0.0}, None),  # 0 means no scaling
+        ({"rope.scaling.type": "yarn", "rope.scaling.factor": 1.0}, None),
+    ],
+)
+def test_linear_rope_scaling_as_llama_cpp_reads_it(
+    tmp_path: Path, changes: dict[str, Any], factor: float | None
+) -> None:
+    model, _ = load_gguf_llama(_write(tmp_path / "s.gguf", {**META, **changes}, _tensors()))
+    expected = None if factor is None else {"type": "linear", "factor": factor}
+    assert model.config.rope_scaling == expected
+
+
 def test_consistent_file_loads(tmp_path: Path) -> None:
     model, _ = load_gguf_llama(_write(tmp_path / "ok.gguf", META, _tensors()))
     c = model.config
@@ -127,7 +145,10 @@ BAD_METADATA = [
     ({"rope.dimension_count": 10}, "metadata llama.rope.dimension_count=10 must be even and at most the head width 8"),
     ({"attention.layer_norm_rms_epsilon": -1.0}, "metadata llama.attention.layer_norm_rms_epsilon=-1.0 must be a number > 0"),
     ({"rope.freq_base": "x"}, "metadata llama.rope.freq_base='x' must be a number > 0"),
-    ({"rope.scaling.type": "yarn", "rope.scaling.factor": 4.0}, "metadata llama.rope.scaling.type='yarn' is not supported"),
+    ({"rope.scaling.type": "yarn", "rope.scaling.factor": 4.0}, "metadata llama.rope.scaling.type='yarn' with llama.rope.scaling.factor=4.0 is not supported"),
+    ({"rope.scaling.type": "none", "rope.scale_linear": 2.0}, "metadata llama.rope.scaling.type='none' with llama.rope.scale_linear=2.0 is not supported"),
+    ({"rope.scaling.factor": "x"}, "metadata llama.rope.scaling.factor='x' must be a number > 0"),
+    ({"expert_count": 8}, "metadata llama.expert_count=8: mixture-of-experts LLaMA files (Mixtral) are not supported"),
     ({"rope.scaling.type": "longrope"}, "metadata llama.rope.scaling.type='longrope' is not supported"),
 ]  # fmt: skip
 
