@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -244,3 +245,90 @@ def test_tokenizer_larger_than_the_vocabulary_is_one_clear_error(tmp_path, shake
         LmarchError, match="the tokenizer has 400 ids but the model's vocabulary holds only 300"
     ):
         load(tmp_path)
+
+
+# --------------------------------------------------------------- a small Q8_0 / F32 GGUF llama
+
+
+def _tiny_llama_gguf(path: Path, layer_type: str) -> Path:
+    """A 2-layer LLaMA GGUF (width 64, 2 query / 1 KV heads, SwiGLU 128, tied embeddings) with
+    random weights, its layers stored as ``layer_type`` ("Q8_0" or "F32"), the embedding table
+    as Q8_0, and a 260-token byte-level BPE vocabulary in its metadata."""
+    import gguf
+    from gguf.quants import quantize
+
+    from lmarch.tokenizers.bpe import bytes_to_unicode
+
+    tokens = [bytes_to_unicode()[b] for b in range(256)] + ["ab", "abc", "<s>", "</s>"]
+    w = gguf.GGUFWriter(path, "llama")
+    for key, value in [
+        ("block_count", 2), ("context_length", 128), ("embedding_length", 64),
+        ("feed_forward_length", 128), ("attention.head_count", 2),
+        ("attention.head_count_kv", 1),
+    ]:  # fmt: skip
+        w.add_uint32(f"llama.{key}", value)
+    w.add_float32("llama.attention.layer_norm_rms_epsilon", 1e-5)
+    w.add_string("tokenizer.ggml.model", "gpt2")
+    w.add_string("tokenizer.ggml.pre", "gpt2")
+    w.add_array("tokenizer.ggml.tokens", tokens)
+    w.add_array("tokenizer.ggml.token_type", [1] * 258 + [3, 3])
+    w.add_array("tokenizer.ggml.merges", ["a b", "ab c"])
+    w.add_uint32("tokenizer.ggml.bos_token_id", 258)
+    w.add_uint32("tokenizer.ggml.eos_token_id", 259)
+    rng = np.random.default_rng(0)
+
+    def add(name: str, shape: tuple[int, ...], kind: str) -> None:
+        data = (rng.standard_normal(shape) * 0.1).astype(np.float32)
+        if kind == "F32":
+            w.add_tensor(name, data)
+        else:
+            q = getattr(gguf.GGMLQuantizationType, kind)
+            w.add_tensor(name, quantize(data, q), raw_dtype=q)
+
+    add("token_embd.weight", (260, 64), "Q8_0")
+    add("output_norm.weight", (64,), "F32")
+    for i in range(2):
+        add(f"blk.{i}.attn_norm.weight", (64,), "F32")
+        add(f"blk.{i}.ffn_norm.weight", (64,), "F32")
+        for name, shape in [
+            ("attn_q", (64, 64)), ("attn_k", (32, 64)), ("attn_v", (32, 64)),
+            ("attn_output", (64, 64)), ("ffn_gate", (128, 64)), ("ffn_up", (128, 64)),
+            ("ffn_down", (64, 128)),
+        ]:  # fmt: skip
+            add(f"blk.{i}.{name}.weight", shape, layer_type)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_auto_takes_a_q8_0_file_as_stored(tmp_path) -> None:
+    """A GGUF whose layers are Q8_0 runs on those blocks by default (quant "q8"): every
+    projection holds the file's weights exactly (the float loader's dequantised ones), and
+    greedy tokens equal the float32 model's. Layers stored in float: auto is float."""
+    from lmarch.generation import GenerationStats, SamplingConfig
+    from lmarch.loading.speed import gguf_native_scheme
+    from lmarch.quant.blockq import BlockQ8Linear
+    from lmarch.quant.gguf import load_gguf_llama_blocks
+    from lmarch.tasks.generate import generate_text
+
+    q8 = _tiny_llama_gguf(tmp_path / "q8.gguf", "Q8_0")
+    f32 = _tiny_llama_gguf(tmp_path / "f32.gguf", "F32")
+    assert gguf_native_scheme(q8) == "q8" and gguf_native_scheme(f32) is None
+    assert load(f32).quant == "none"
+    fast, exact = load(q8), load(q8, quant="none")
+    assert fast.quant == "q8" and exact.quant == "none"
+    blocks, _ = load_gguf_llama_blocks(q8, scheme="q8")
+    for name in ["blocks.0.attn.qkv", "blocks.1.ffn.gate_up", "blocks.1.ffn.down", "lm_head"]:
+        layer = blocks.get_submodule(name)
+        assert isinstance(layer, BlockQ8Linear)
+        assert torch.equal(layer.dequantized_weight(), exact.model.get_submodule(name).weight)
+    answers = []
+    for loaded in (fast, exact):
+        stats = GenerationStats()
+        greedy = SamplingConfig(temperature=0.0)
+        for _ in generate_text(loaded, "abc ab", 16, greedy, ignore_eos=True, stats=stats):
+            pass
+        answers.append(stats.token_ids)
+    assert len(answers[0]) == 16 and answers[0] == answers[1]

@@ -58,7 +58,7 @@ def load(
     """Load ``spec``: a preset with shipped weights, a ``.gguf`` file, a Hugging Face folder,
     an ``lmarch train`` run folder or an ``lmarch classify train`` folder.
 
-    ``quant``: ``"auto"`` (the fastest exact path: a GGUF's own Q4 blocks on the native
+    ``quant``: ``"auto"`` (the fastest exact path: a GGUF's own Q4 or Q8 blocks on the native
     kernels when it has them, else float), ``"none"`` (float32), ``"q4"`` / ``"q8"``
     (llama.cpp's block formats on lmarch's native kernels), ``"int4"`` / ``"int8"``
     (PyTorch's weight-only kernels, bfloat16 activations). ``dtype`` casts a float model
@@ -70,7 +70,7 @@ def load(
     source = resolve(spec)
     chosen = choose_quant(quant, source.kind, source.path, device, dtype)
     if source.kind == "gguf":
-        loaded = read_gguf(source, context, chosen if chosen in ("q4", "int4") else "none")
+        loaded = read_gguf(source, context, chosen if chosen != "int8" else "none")
     elif source.kind == "hf":
         loaded = read_hf(source)
     elif source.kind == "run":

@@ -86,18 +86,23 @@ def _family(model: nn.Module) -> str:
 def read_gguf(source: Source, context: int, blocks: str = "none") -> LoadedModel:
     """A LLaMA-architecture GGUF file: weights, tokenizer and chat convention from its metadata.
 
-    ``blocks="q4"`` keeps the file's 4-bit blocks for lmarch's native kernels and ``"int4"``
-    maps them onto PyTorch's int4 kernel (:mod:`lmarch.quant.gguf`); ``"none"`` dequantises to
-    float32."""
+    ``blocks="q4"`` / ``"q8"`` keep the file's Q4 / Q8_0 blocks for lmarch's native kernels and
+    ``"int4"`` maps its 4-bit blocks onto PyTorch's int4 kernel (:mod:`lmarch.quant.gguf`);
+    ``"none"`` dequantises to float32."""
     from lmarch.tokenizers.gguf_vocab import tokenizer_from_gguf
 
     if blocks == "int4":
-        from lmarch.quant.gguf import load_gguf_llama_int4 as read
-    elif blocks == "q4":
-        from lmarch.quant.gguf import load_gguf_llama_blocks as read
+        from lmarch.quant.gguf import load_gguf_llama_int4
+
+        model, gguf = load_gguf_llama_int4(source.path, block_size=context)
+    elif blocks in ("q4", "q8"):
+        from lmarch.quant.gguf import load_gguf_llama_blocks
+
+        model, gguf = load_gguf_llama_blocks(source.path, block_size=context, scheme=blocks)
     else:
-        from lmarch.weights.gguf_llama import load_gguf_llama as read
-    model, gguf = read(source.path, block_size=context)
+        from lmarch.weights.gguf_llama import load_gguf_llama
+
+        model, gguf = load_gguf_llama(source.path, block_size=context)
     meta = gguf.metadata
     stops = {meta.get("tokenizer.ggml.eos_token_id"), meta.get("tokenizer.ggml.eot_token_id")}
     stops.discard(None)

@@ -3,9 +3,9 @@ the two steps that follow a choice (quantise in :mod:`lmarch.quant`, swap in nat
 :mod:`lmarch.native`).
 
 ``auto`` is the fastest exact path: a GGUF whose projections are stored in the block formats
-lmarch's native kernels take as they are (Q4_0 / Q4_1, with a Q8_0 output head, as llama.cpp
-writes its Q4 files) runs on those blocks (``"q4"``), with greedy tokens equal to the float32
-model's (tests/test_loading.py). Without the native kernels (no C compiler, or
+lmarch's native kernels take as they are (all Q4_0 / Q4_1, or all Q8_0, with a Q8_0 output
+head, as llama.cpp writes its Q4 and Q8 files) runs on those blocks (``"q4"`` / ``"q8"``), with
+greedy tokens equal to the float32 model's (tests/test_loading.py). Without the native kernels (no C compiler, or
 ``LMARCH_NATIVE=0``) it falls back to float32 with one notice
 (:class:`~lmarch.errors.LmarchNotice`, one line on stderr from the command line). Any other model:
 float (``"none"``).
@@ -21,14 +21,16 @@ from torch import nn
 from lmarch.errors import LmarchError, LmarchNotice
 
 QUANT_CHOICES = ("auto", "none", "int8", "int4", "q8", "q4")
-NATIVE_PROJECTION_TYPES = ("Q4_0", "Q4_1")  # copied as stored into BlockQ4Linear
-NATIVE_HEAD_TYPES = ("Q8_0",)  # copied as stored into BlockQ8Linear
+# the block formats each scheme copies as stored (BlockQ4Linear / BlockQ8Linear)
+NATIVE_BLOCK_TYPES = {"q4": ("Q4_0", "Q4_1"), "q8": ("Q8_0",)}
+NATIVE_HEAD_TYPES = ("Q8_0",)  # the output head is a BlockQ8Linear in both schemes
 
 
-def gguf_runs_natively(path: str | Path) -> bool:
-    """True when every 2-D tensor of the file's layers is stored as Q4_0 / Q4_1 and its output
-    head (or the embedding table it is tied to) as Q8_0: the q4 loader then takes every block
-    as it is, without a second rounding."""
+def gguf_native_scheme(path: str | Path) -> str | None:
+    """``"q4"`` when every 2-D tensor of the file's layers is stored as Q4_0 / Q4_1, ``"q8"``
+    when every one is Q8_0 — in both cases with the output head (or the embedding table it is
+    tied to) in Q8_0 — else None: the block loader then takes every block as it is, without a
+    second rounding."""
     from lmarch.weights.gguf import read_gguf
 
     gguf = read_gguf(path)
@@ -36,14 +38,11 @@ def gguf_runs_natively(path: str | Path) -> bool:
         infos = {name: gguf.tensor_info(name) for name in gguf.tensor_names}
     finally:
         gguf.close()
-    layers = [i for n, i in infos.items() if n.startswith("blk.") and len(i.shape) == 2]
+    layers = {i.type_name for n, i in infos.items() if n.startswith("blk.") and len(i.shape) == 2}
     head = infos.get("output.weight") or infos.get("token_embd.weight")
-    return (
-        bool(layers)
-        and all(i.type_name in NATIVE_PROJECTION_TYPES for i in layers)
-        and head is not None
-        and head.type_name in NATIVE_HEAD_TYPES
-    )
+    if not layers or head is None or head.type_name not in NATIVE_HEAD_TYPES:
+        return None
+    return next((s for s, types in NATIVE_BLOCK_TYPES.items() if layers <= set(types)), None)
 
 
 def native_ready(quiet: bool = False) -> bool:
@@ -70,17 +69,19 @@ def choose_quant(quant: str, kind: str, path: Path, device: str, dtype: object) 
         # an asked-for dtype or device means a float model; only a GGUF has blocks to keep
         if kind != "gguf" or dtype is not None or device != "cpu":
             return "none"
-        if not gguf_runs_natively(path):
+        scheme = gguf_native_scheme(path)
+        if scheme is None:
             return "none"
         if not native_ready(quiet=True):
             warnings.warn(
                 "native kernels unavailable (no C compiler, or LMARCH_NATIVE=0): running in "
-                "float32, slower than on the file's Q4 blocks; --quant none avoids this notice",
+                f"float32, slower than on the file's {scheme} blocks; --quant none avoids this "
+                "notice",
                 LmarchNotice,
                 stacklevel=3,
             )
             return "none"
-        return "q4"
+        return scheme
     if quant in ("q4", "q8"):
         if device != "cpu":
             raise LmarchError(f"--quant {quant} runs on the CPU only, not on {device}")
@@ -112,7 +113,7 @@ def quantize_and_accelerate(model: nn.Module, have: str, want: str) -> None:
 __all__ = [
     "QUANT_CHOICES",
     "choose_quant",
-    "gguf_runs_natively",
+    "gguf_native_scheme",
     "native_ready",
     "quantize_and_accelerate",
 ]

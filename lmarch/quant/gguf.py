@@ -4,7 +4,8 @@
 only reads and writes files. The native fast path is installed afterwards by the loader.)
 
 Two targets. :func:`load_gguf_llama_blocks` keeps llama.cpp's blocks as they are in the file
-(:class:`~lmarch.quant.blockq.BlockQ4Linear` for Q4_0/Q4_1, a Q8_0 output head) and runs them
+(:class:`~lmarch.quant.blockq.BlockQ4Linear` for Q4_0/Q4_1 or
+:class:`~lmarch.quant.blockq.BlockQ8Linear` for Q8_0, a Q8_0 output head) and runs them
 with lmarch's native CPU kernels — the fast path. :func:`load_gguf_llama_int4` maps them onto
 PyTorch's int4 kernel layout, as follows.
 
@@ -170,16 +171,25 @@ def _head_name(gguf: GGUFFile, config: LlamaConfig, path: str | Path) -> str:
 
 
 def load_gguf_llama_blocks(
-    path: str | Path, block_size: int | None = None
+    path: str | Path, block_size: int | None = None, scheme: str = "q4"
 ) -> tuple[Llama, GGUFFile]:
-    """A Llama for fast CPU decoding with lmarch's native block kernels: every projection a
-    :class:`~lmarch.quant.blockq.BlockQ4Linear` holding the file's own Q4_1 / Q4_0 blocks, the
-    output head a :class:`~lmarch.quant.blockq.BlockQ8Linear` (the file's Q8_0 blocks when it
-    stores them so, as llama.cpp's Q4 files do; a tied embedding table shares its blocks),
-    everything else in float32. :func:`lmarch.load` then swaps in the native decoder layers
-    (one native call per layer and decoded token)."""
+    """A Llama for fast CPU decoding with lmarch's native block kernels, everything but the
+    projections in float32. ``scheme="q4"``: every projection a
+    :class:`~lmarch.quant.blockq.BlockQ4Linear` holding the file's own Q4_1 / Q4_0 blocks;
+    ``"q8"``: a :class:`~lmarch.quant.blockq.BlockQ8Linear` holding its Q8_0 blocks (tensors
+    stored otherwise are quantised to the scheme). The output head is a
+    :class:`~lmarch.quant.blockq.BlockQ8Linear` (the file's Q8_0 blocks when it stores them
+    so, as llama.cpp's Q4 files do; a tied embedding table shares its blocks).
+    :func:`lmarch.load` then swaps in the native decoder layers (one native call per layer and
+    decoded token)."""
+    if scheme not in ("q4", "q8"):
+        raise LmarchError(f"unknown block scheme {scheme!r}", hint="q4 or q8")
 
     def make_linear(gguf: GGUFFile, rule: Rule) -> nn.Module:
+        if scheme == "q8":
+            pieces = [q8_blocks(gguf, name) for name in rule.parts]
+            codes, d = (_map_rows(rule, [p[j] for p in pieces]) for j in range(2))
+            return BlockQ8Linear.from_blocks(codes, d)
         pieces = [q4_blocks(gguf, name) for name in rule.parts]
         packed, dm = (_map_rows(rule, [p[j] for p in pieces]) for j in range(2))
         return BlockQ4Linear.from_blocks(packed, dm)
