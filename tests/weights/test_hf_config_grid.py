@@ -310,3 +310,17 @@ def test_config_json_that_is_not_an_object_is_refused(tmp_path: Path) -> None:
     (folder / "config.json").write_text("[1, 2]")
     with pytest.raises(LmarchError, match=r"config\.json holds a JSON list, not an object"):
         load_hf_gpt2(folder)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_folder_loads_as_float32(tmp_path: Path, dtype: torch.dtype) -> None:
+    """A folder saved in half precision gives float32 parameters holding the same values (the
+    logits of transformers' model with those rounded weights, computed in float32)."""
+    folder = _tiny_folder(tmp_path, "llama")
+    hf = transformers.LlamaForCausalLM.from_pretrained(folder).to(dtype)
+    hf.save_pretrained(folder)
+    ours = load_hf_llama(folder).eval()
+    assert {p.dtype for p in ours.parameters()} == {torch.float32}
+    with torch.no_grad():
+        reference = hf.float().eval()(IDS).logits
+        assert (ours(IDS) - reference).abs().max().item() <= 1e-4
