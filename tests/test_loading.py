@@ -74,22 +74,34 @@ def test_import_lmarch_stays_light() -> None:
     assert lmarch.load is load and lmarch.LoadedModel is LoadedModel
 
 
-def test_weights_reads_and_writes_files_only() -> None:
-    """No module under lmarch/weights imports lmarch.quant or lmarch.native (at any depth)."""
-    offenders = []
-    for path in sorted((ROOT / "lmarch" / "weights").rglob("*.py")):
+def _lmarch_imports(package: str) -> list[tuple[str, str]]:
+    """(file, imported lmarch subpackage) for every import of an lmarch subpackage, at any
+    depth (imports inside functions too), in the files under lmarch/<package>."""
+    found = []
+    for path in sorted((ROOT / "lmarch" / package).rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             names = []
             if isinstance(node, ast.Import):
                 names = [alias.name for alias in node.names]
             elif isinstance(node, ast.ImportFrom) and node.module:
-                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
-            for name in names:
-                if name.split(".")[:2] in (["lmarch", "quant"], ["lmarch", "native"]):
-                    offenders.append(f"{path.name}: {name}")
-                if name == "lmarch" and isinstance(node, ast.ImportFrom):
-                    bad = {a.name for a in node.names} & {"quant", "native"}
-                    offenders += [f"{path.name}: lmarch.{b}" for b in bad]
+                names = [node.module]
+                if node.module == "lmarch":  # from lmarch import native
+                    names = [f"lmarch.{a.name}" for a in node.names]
+            found += [(path.name, n.split(".")[1]) for n in names if n.startswith("lmarch.")]
+    return found
+
+
+@pytest.mark.parametrize(
+    ("package", "forbidden"),
+    [
+        ("weights", {"quant", "native", "loading"}),  # weights/ only reads and writes files
+        ("quant", {"loading"}),
+        ("native", {"loading"}),
+        ("models", {"loading", "weights", "quant", "native"}),
+    ],
+)
+def test_layers_import_downwards_only(package: str, forbidden: set[str]) -> None:
+    offenders = [(f, sub) for f, sub in _lmarch_imports(package) if sub in forbidden]
     assert offenders == []
 
 
