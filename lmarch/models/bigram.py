@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
+from lmarch.models.validate import check_int
+
 
 @dataclass
 class BigramConfig:
@@ -19,6 +21,10 @@ class BigramConfig:
 
     vocab_size: int = 65
     block_size: int = 64
+
+    def __post_init__(self) -> None:
+        check_int("BigramConfig", "vocab_size", self.vocab_size)
+        check_int("BigramConfig", "block_size", self.block_size)
 
 
 class BigramLM(nn.Module):

@@ -93,6 +93,7 @@ def test_classify_train_options_are_classify_config() -> None:
         (["--val-fraction", "1"], "val_fraction must be in (0, 1)"),
         (["--dtype", "float16"], "dtype must be one of ['float32', 'bfloat16']"),
         (["--n-layer", "two"], "invalid int value: 'two'"),
+        (["--preset", "bigram-char", "--block-size", "0"], "BigramConfig.block_size must be"),
     ],
 )
 def test_bad_train_settings_are_refused_before_any_work(settings, needle, tmp_path, cli) -> None:
