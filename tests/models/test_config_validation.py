@@ -118,8 +118,10 @@ def test_bad_value_is_refused_with_its_range(cls: type, overrides: dict, message
 @pytest.mark.parametrize("cls", list(TINY))
 def test_the_edges_of_each_range_are_accepted(cls: type) -> None:
     """The checks are not stricter than their messages: the paper defaults and the edge values
-    (one layer, one-wide heads, dropout 0 and 0.999) build."""
-    edges = dict(n_layer=1, n_head=32, dropout=0.999)
+    (one layer, the narrowest heads, dropout 0 and 0.999) build. LLaMA's heads must hold at
+    least one rotated pair, so they are 2 wide; the others' may be 1."""
+    n_head = 16 if cls is LlamaConfig else 32
+    edges = dict(n_layer=1, n_head=n_head, dropout=0.999)
     config = cls(**{**TINY[cls], **edges})
-    assert (config.n_layer, config.n_head, config.dropout) == (1, 32, 0.999)
+    assert (config.n_layer, config.n_head, config.dropout) == (1, n_head, 0.999)
     assert cls().n_layer >= 1 and cls(**{**TINY[cls], "dropout": 0.0}).dropout == 0.0
