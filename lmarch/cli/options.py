@@ -55,7 +55,6 @@ def add_config_options(
     exclude: Iterable[str] = (),
     aliases: Mapping[str, Iterable[str]] | None = None,
     unset: bool = False,
-    help_suffix: str = "",
 ) -> list[str]:
     """Add one option per scalar field of dataclass ``cls`` to ``parser``; return their names.
 
@@ -71,7 +70,7 @@ def add_config_options(
         default = defaults.get(f.name, _default_of(f))
         text = field_help(cls, f)
         shown = f"{cls.__name__} default: {default}" if unset else f"default: {default}"
-        text = f"{text} ({shown}{help_suffix})" if text else f"({shown}{help_suffix})"
+        text = f"{text} ({shown})" if text else f"({shown})"
         text = text.replace("%", "%%")  # argparse formats help with %
         flags = [option_name(f.name), *aliases.get(f.name, ())]
         value = UNSET if unset else default
