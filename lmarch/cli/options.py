@@ -69,7 +69,8 @@ def add_config_options(
     for f, kind in option_fields(cls, exclude):
         default = defaults.get(f.name, _default_of(f))
         text = field_help(cls, f)
-        shown = f"{cls.__name__} default: {default}" if unset else f"default: {default}"
+        value_text = "unset" if default in (None, (), []) else default
+        shown = f"{cls.__name__} default: {value_text}" if unset else f"default: {value_text}"
         text = f"{text} ({shown})" if text else f"({shown})"
         text = text.replace("%", "%%")  # argparse formats help with %
         flags = [option_name(f.name), *aliases.get(f.name, ())]
