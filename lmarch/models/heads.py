@@ -89,6 +89,27 @@ def bert_task_objective(config: BertConfig, task: str) -> str:
     return REPLACED_TOKEN_DETECTION if config.variant == "electra" else MASKED_LM
 
 
+# the other way round: which task a model of ours is (to name its Hugging Face class)
+_TASK_OF_CLASS: dict[type[nn.Module], str] = {
+    BertModel: "base",
+    BertForMaskedLM: "masked_lm",
+    BertForSequenceClassification: "sequence_classification",
+    BertForPooledClassification: "pooled_classification",
+    BertForTokenClassification: "token_classification",
+    BertForQuestionAnswering: "question_answering",
+    ElectraForPreTraining: "pretraining",
+    AlbertForPreTraining: "pretraining",
+}
+
+
+def bert_task_of(model: nn.Module) -> str:
+    """The task (a key of :data:`BERT_TASKS`) of one of our BERT-family model classes."""
+    task = _TASK_OF_CLASS.get(type(model))
+    if task is None:
+        raise TypeError(f"{type(model).__name__} is not a BERT-family model")
+    return task
+
+
 def encoder_of(model: nn.Module) -> nn.Module:
     """The bare encoder of a BERT-family model: the model itself, or the ``bert`` under a
     head."""
@@ -107,6 +128,7 @@ __all__ = [
     "RUN_OBJECTIVES",
     "TOKEN_CLASSIFIER",
     "bert_task_objective",
+    "bert_task_of",
     "build_bert_task_model",
     "encoder_of",
 ]

@@ -18,17 +18,8 @@ from typing import Any
 from torch import nn
 
 from lmarch.errors import LmarchError
-from lmarch.models.bert import (
-    AlbertForPreTraining,
-    BertConfig,
-    BertForMaskedLM,
-    BertForQuestionAnswering,
-    BertForSequenceClassification,
-    BertForTokenClassification,
-    BertModel,
-    ElectraForPreTraining,
-)
-from lmarch.models.heads import build_bert_task_model
+from lmarch.models.bert import BertConfig
+from lmarch.models.heads import bert_task_of, build_bert_task_model
 from lmarch.weights.hf import (
     COMMON_INERT,
     HFConfigFields,
@@ -56,13 +47,6 @@ _TASK_SUFFIX = {
     "token_classification": "ForTokenClassification",
     "question_answering": "ForQuestionAnswering",
     "pretraining": "ForPreTraining",
-}
-_CLASSES: dict[str, type[nn.Module]] = {
-    "base": BertModel,
-    "masked_lm": BertForMaskedLM,
-    "sequence_classification": BertForSequenceClassification,
-    "token_classification": BertForTokenClassification,
-    "question_answering": BertForQuestionAnswering,
 }
 _ACT_FROM_HF = {
     "gelu": "gelu",
@@ -174,13 +158,13 @@ def _head_rules(c: BertConfig, task: str) -> list[Rule]:
 
 
 def task_of(model: nn.Module) -> str:
-    """The task name of one of our BERT-family model classes."""
-    if isinstance(model, (ElectraForPreTraining, AlbertForPreTraining)):
-        return "pretraining"
-    for task, cls in _CLASSES.items():
-        if type(model) is cls:
-            return task
-    raise TypeError(f"{type(model).__name__} is not a BERT-family model")
+    """The task name of one of our BERT-family model classes (see
+    :func:`lmarch.models.heads.bert_task_of`); the classify-train classifier has no Hugging
+    Face class."""
+    task = bert_task_of(model)
+    if task not in TASKS:
+        raise LmarchError(f"a {type(model).__name__} has no Hugging Face layout")
+    return task
 
 
 def bert_map(config: BertConfig, task: str = "base", pooler: bool | None = None) -> WeightMap:
