@@ -156,6 +156,10 @@ def test_explicit_quant_none_and_non_gguf_auto_are_float(runs) -> None:
     assert loaded.quant == "none" and next(loaded.model.parameters()).dtype == torch.float64
     with pytest.raises(LmarchError, match="unknown quantisation 'int3'"):
         load(runs["clm"], quant="int3")
+    with pytest.raises(
+        LmarchError, match="dtype torch.bfloat16 is for float models, not quant 'int8'"
+    ):
+        load(runs["clm"], quant="int8", dtype=torch.bfloat16)
 
 
 def _checkpoint_model(run: Path) -> torch.nn.Module:

@@ -69,6 +69,8 @@ def load(
     start = time.perf_counter()
     source = resolve(spec)
     chosen = choose_quant(quant, source.kind, source.path, device, dtype)
+    if dtype is not None and chosen != "none":
+        raise LmarchError(f"dtype {dtype} is for float models, not quant {chosen!r}")
     if source.kind == "gguf":
         loaded = read_gguf(source, context, chosen if chosen != "int8" else "none")
     elif source.kind == "hf":
@@ -81,8 +83,6 @@ def load(
     quantize_and_accelerate(loaded.model, loaded.quant, chosen)
     loaded.quant = chosen
     if dtype is not None:
-        if chosen != "none":
-            raise LmarchError(f"dtype {dtype} is for float models, not --quant {chosen}")
         loaded.model.to(dtype)
     if device != "cpu":
         loaded.model.to(device)
