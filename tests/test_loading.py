@@ -348,3 +348,20 @@ def test_auto_takes_a_q8_0_file_as_stored(tmp_path) -> None:
             pass
         answers.append(stats.token_ids)
     assert len(answers[0]) == 16 and answers[0] == answers[1]
+
+
+def test_a_run_whose_tokenizer_outgrew_its_model_is_one_line(runs, tmp_path, capsys) -> None:
+    """A run folder whose tokenizer.json was replaced by a larger one: `lmarch sample` says
+    both sizes in one line (exit 2) instead of an index error inside the embedding."""
+    import shutil
+
+    from lmarch.tokenizers.char import CharTokenizer
+
+    run = tmp_path / "run"
+    shutil.copytree(runs["clm"], run)
+    rows = load(runs["clm"]).model.config.vocab_size
+    CharTokenizer([chr(0x4E00 + i) for i in range(rows + 5)]).save(run / "tokenizer.json")
+    code, _, err = run_cli(capsys, "sample", str(run), "--max-new-tokens", "2")
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1, err
+    assert f"the tokenizer has {rows + 5} ids but the model's vocabulary holds only {rows}" in err
