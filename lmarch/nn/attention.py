@@ -14,7 +14,9 @@ n_heads / n_kv_heads query heads shares one key/value head (multi-query when n_k
 This file is the reference: the equation written out (:func:`reference_attention`) and PyTorch's
 fused SDPA; one-token decoding steps compute the same equation as two batched products
 (:func:`grouped_query_decode_attention`). lmarch's native kernel for causal self-attention is a
-subclass swapped in from outside (:func:`lmarch.native.accelerate`).
+subclass swapped in from outside (:func:`lmarch.native.accelerate`). Where PyTorch would run its
+CPU flash kernel under autograd, the call goes through :class:`lmarch.nn.sdpa_grad.CpuFlashAttention`
+(the same kernels), because that kernel's backward cannot be differentiated a second time.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lmarch.nn.cache import KVCache
+from lmarch.nn.sdpa_grad import CpuFlashAttention, picks_cpu_flash
 
 # A hook applied to queries and keys after projection, before attention: rotary embeddings
 # (RoPE) plug in here. Arguments: q [B,H,T,D], k [B,H_kv,T,D], start position of this chunk.
@@ -97,7 +100,8 @@ def scaled_dot_product_attention(
     ``is_causal`` applies the causal mask (queries and keys of equal length); ``mask`` is an
     explicit boolean mask. ``implementation`` is ``"sdpa"`` (fused: flash / memory-efficient /
     math kernels chosen by PyTorch) or ``"reference"`` (:func:`reference_attention`).
-    ``scale`` multiplies the scores (default 1 / sqrt(D)).
+    ``scale`` multiplies the scores (default 1 / sqrt(D)). Second derivatives work on both: when
+    PyTorch picks its CPU flash kernel, its once-differentiable backward is wrapped (``sdpa_grad``).
     """
     if implementation not in ("sdpa", "reference"):
         raise ValueError(f"unknown attention implementation {implementation!r}")
@@ -112,7 +116,11 @@ def scaled_dot_product_attention(
         return reference_attention(
             q, repeat_kv(k, n_rep), repeat_kv(v, n_rep), mask, dropout_p, scale
         )
-    kwargs = {"enable_gqa": True} if k.shape[1] != q.shape[1] else {}
+    gqa = k.shape[1] != q.shape[1]
+    if _SDPA_HAS_GQA and picks_cpu_flash(q, k, v, mask, dropout_p, is_causal, scale, gqa):
+        # the same kernels, with a backward that a second derivative can go through
+        return CpuFlashAttention.apply(q, k, v, mask, is_causal, scale)
+    kwargs = {"enable_gqa": True} if gqa else {}
     return F.scaled_dot_product_attention(
         q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, **kwargs
     )
