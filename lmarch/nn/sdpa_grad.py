@@ -22,6 +22,9 @@ _MATH = torch.ops.aten._scaled_dot_product_attention_math.default
 # PyTorch's own choice of SDPA kernel for given inputs; absent in some builds (then we never wrap)
 _CHOICE = getattr(torch, "_fused_sdp_choice", None)
 _FLASH_CHOICE = int(SDPBackend.FLASH_ATTENTION)
+# torch.func transforms (grad, vmap) wrap tensors that an autograd.Function would have to declare
+# rules for; under them plain SDPA runs, as before
+_TRANSFORMS_ACTIVE = getattr(torch._C, "_are_functorch_transforms_active", lambda: True)
 
 
 def picks_cpu_flash(
@@ -47,6 +50,7 @@ def picks_cpu_flash(
         and (mask is None or mask.dtype == torch.bool)
         and _CHOICE is not None
         and not torch.compiler.is_compiling()  # compiled graphs get their own backward
+        and not _TRANSFORMS_ACTIVE()
         and _CHOICE(q, k, v, mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)
         == _FLASH_CHOICE
     )

@@ -179,3 +179,13 @@ def test_compiled_gpt_equals_eager() -> None:
     assert torch.allclose(compiled, eager, rtol=1e-5, atol=1e-5)
     for g, g_eager in zip(grads, eager_grads, strict=True):
         assert torch.allclose(g, g_eager, rtol=1e-5, atol=1e-6)
+
+
+def test_torch_func_grad_still_takes_plain_sdpa() -> None:
+    # an autograd.Function would need its own functorch rules; under torch.func the wrapper
+    # steps aside and first-order gradients are plain SDPA's, as before
+    q, k, v = _inputs("causal")
+    got = torch.func.grad(lambda q: scaled_dot_product_attention(q, k, v, is_causal=True).sum())(q)
+    q.requires_grad_()
+    (want,) = torch.autograd.grad(_plain(q, k, v, is_causal=True).sum(), q)
+    assert torch.equal(got, want)
