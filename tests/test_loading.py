@@ -185,6 +185,16 @@ def test_mlm_run_loads_its_masked_lm(runs) -> None:
         assert torch.equal(loaded.model(ids), _checkpoint_model(runs["mlm"])(ids))
 
 
+def test_the_plain_run_reader_refuses_other_objectives(runs) -> None:
+    """weights.checkpoint.load_run builds next-token models only; it names lmarch.load."""
+    from lmarch.weights.checkpoint import load_run
+
+    with pytest.raises(LmarchError, match=r"is a mlm run; .*hint: load it with lmarch.load"):
+        load_run(runs["mlm"])
+    model, _, config = load_run(runs["clm"])
+    assert config["objective"] == "clm" and type(model).__name__ == "GPT"
+
+
 def test_rtd_run_loads_its_discriminator(runs) -> None:
     """An rtd run is ELECTRA's discriminator (the generator trained beside it is dropped):
     replaced-token logits equal the checkpoint's discriminator's."""
