@@ -55,7 +55,7 @@ SOURCES = tuple(
         "decoder.c",
         "activations.c",
         "attention.c",
-        "layernorm.c",
+        "rows.c",
         "gpt_block.c",
     )
 )

@@ -18,7 +18,7 @@ Built from modules, the same block is about twenty autograd nodes, each allocati
 and some (residual adds, bias broadcasts, bias-gradient sums) a pass over memory of their own;
 at a small model's sizes the time between the matrix products was a quarter of a training step.
 Here LayerNorm, the residual and bias passes, attention and GELU are lmarch's C kernels
-(``layernorm.c``, ``attention.c``, ``activations.c``) and the products are the BLAS PyTorch
+(``rows.c``, ``attention.c``, ``activations.c``) and the products are the BLAS PyTorch
 uses (MKL's sgemm: the same products the module version computes). Two ways to run it:
 
 - whole sequences per thread (``gpt_block.c``), when PyTorch's sgemm can be called from C
@@ -79,7 +79,7 @@ def _seeds(seed: int) -> tuple[int, int, int]:
 
 
 def _add_dropped(base: Tensor | None, o: Tensor, p: float, seed: int) -> Tensor:
-    """base + Dropout_p(o) with the mask of stream ``seed`` (``layernorm.c``)."""
+    """base + Dropout_p(o) with the mask of stream ``seed`` (``rows.c``)."""
     n, c = o.shape
     out = torch.empty_like(o)
     native_library().lmarch_add_dropped(

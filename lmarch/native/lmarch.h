@@ -85,7 +85,7 @@ int lmarch_causal_attention_backward(const float *qkv, const float *y, const flo
                                      int64_t kv_heads, int64_t d, float *dqkv, int threads,
                                      float p, uint64_t seed, int64_t b_first);
 
-/* ---- LayerNorm and row passes (layernorm.c) --------------------------------------------- */
+/* ---- LayerNorm and row passes (rows.c) -------------------------------------------------- */
 
 void lmarch_layer_norm_forward(const float *x, const float *g, const float *b, float *y,
                                float *mean, float *rstd, int64_t n, int64_t c, float eps,
