@@ -8,7 +8,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 # Spelled in pieces so that this file does not match itself.
-OUTSIDE = ("../" + "shared", '"' + 'shared" /', "parents[2].parent", "shared/" + "data")
+OUTSIDE = ("../" + "shared", '"' + 'shared" /', "parents[2]" + ".parent", "shared/" + "data")
 TEXT_SUFFIXES = {".py", ".md", ".toml", ".txt", ".cfg", ".yml", ".yaml", ".json", ""}
 
 
