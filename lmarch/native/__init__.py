@@ -171,9 +171,10 @@ def native_library() -> ctypes.CDLL | None:
         return None
 
 
-@torch.compiler.assume_constant_result  # a constant to torch.compile: no graph break
 def native_available() -> bool:
-    """True when :func:`native_library` could be built and loaded."""
+    """True when :func:`native_library` could be built and loaded. Asked when swapping modules
+    in and building layers, never inside a forward, so compiled graphs do not see it (and
+    importing lmarch does not import ``torch._dynamo``, ~1.4 s)."""
     return native_library() is not None
 
 
