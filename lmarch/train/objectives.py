@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from lmarch.data.masking import IGNORE_INDEX, MaskingConfig
 from lmarch.models.bert import BertConfig, BertForMaskedLM, ElectraForPreTraining
+from lmarch.models.heads import build_bert_task_model, encoder_of
 
 OBJECTIVES = ("clm", "mlm", "rtd")
 RTD_WEIGHT = 50.0  # lambda of Clark et al. 2020, sec. 3.1
@@ -136,7 +137,7 @@ def replaced_token_detection_loss(model: nn.Module, batch: tuple[Tensor, ...]) -
 def objective_model(objective: str, config: BertConfig) -> nn.Module:
     """The module a pre-training run trains: a masked LM, or generator + discriminator."""
     if objective == "mlm":
-        return BertForMaskedLM(config)
+        return build_bert_task_model(config, "masked_lm")
     if objective == "rtd":
         return ElectraPretrainingModel(config)
     raise ValueError(f"no encoder model for objective {objective!r}")
@@ -157,8 +158,8 @@ def pretrained_encoder(model: nn.Module) -> nn.Module:
     """The encoder worth fine-tuning inside a pre-training model: the masked LM's ``bert``,
     or ELECTRA's discriminator's."""
     if isinstance(model, ElectraPretrainingModel):
-        return model.discriminator.bert
-    return getattr(model, "bert", model)
+        return encoder_of(model.discriminator)
+    return encoder_of(model)
 
 
 __all__ = [
