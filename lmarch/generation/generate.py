@@ -174,10 +174,13 @@ class GenerationStats:
         return n / self.decode_s if n > 0 and self.decode_s > 0 else 0.0
 
 
-def check_prompt(model: nn.Module, prompt_ids: list[int]) -> list[int]:
+def check_prompt(model: nn.Module, prompt_ids: list[int], max_new_tokens: int = 0) -> list[int]:
     """The prompt's ids as the model can take them: refused when empty or when an id lies
-    outside the model's vocabulary (a tokenizer that is not the model's), and cut to its last
-    ``model.max_positions`` tokens, with a :class:`~lmarch.errors.LmarchNotice`, when longer."""
+    outside the model's vocabulary (a tokenizer that is not the model's), and, when longer than
+    the context ``model.max_positions``, cut to its last tokens with a
+    :class:`~lmarch.errors.LmarchNotice`. The cut leaves room for ``max_new_tokens`` (at least
+    one prompt token is kept): a prompt that filled the whole window would make every new token
+    a full-window forward pass instead of one cached step."""
     if not prompt_ids:
         raise LmarchError("the prompt is empty: it encodes to no tokens", hint="give some text")
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
@@ -189,13 +192,15 @@ def check_prompt(model: nn.Module, prompt_ids: list[int]) -> list[int]:
         )
     window = model.max_positions
     if len(prompt_ids) > window:
+        keep = max(1, window - max_new_tokens)
+        room = f", leaving room for {window - keep} new" if keep < window else ""
         warnings.warn(
             f"the prompt has {len(prompt_ids)} tokens, more than the model's context of "
-            f"{window}: only its last {window} tokens are kept",
+            f"{window}: only its last {keep} tokens are kept{room}",
             LmarchNotice,
             stacklevel=3,
         )
-        prompt_ids = prompt_ids[-window:]
+        prompt_ids = prompt_ids[-keep:]
     return prompt_ids
 
 
@@ -230,7 +235,7 @@ def stream_text(
     else:
         generator.seed()
     prompt_ids = check_prompt(
-        model, tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        model, tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt), max_new_tokens
     )
     stats.prompt_tokens = len(prompt_ids)
     ids = torch.tensor([prompt_ids], dtype=torch.long, device=device)

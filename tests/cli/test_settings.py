@@ -139,22 +139,23 @@ def test_bad_generate_input_is_one_line(argv, needle, tiny_run, tmp_path, cli) -
 
 
 def test_long_prompt_is_cut_with_a_notice(tiny_run, cli) -> None:
-    """A prompt of 100 tokens for a 32-token context: one notice on stderr, `prompt_tokens` 32,
-    and the tokens are the greedy continuation of the prompt's last 32 tokens."""
+    """A prompt of 100 tokens for a 32-token context and 8 new tokens: one notice on stderr,
+    `prompt_tokens` 24 (room is left for the 8), and the tokens are the greedy continuation of
+    the prompt's last 24 tokens."""
     prompt = (tiny_run.parent / "tiny.txt").read_text(encoding="utf-8")[:100]
     code, out, err = cli("generate", tiny_run, prompt, "--max-new-tokens", "8", "--json")
     assert code == 0
     notices = [line for line in err.splitlines() if "notice" in line]
     assert notices == [
         "lmarch generate: notice: the prompt has 100 tokens, more than the model's context of "
-        "32: only its last 32 tokens are kept"
+        "32: only its last 24 tokens are kept, leaving room for 8 new"
     ]
     import json
 
     summary = json.loads(out.strip().splitlines()[-1])
-    assert summary["prompt_tokens"] == 32
+    assert summary["prompt_tokens"] == 24
     model, tok, _ = load_run(tiny_run)
-    expected = generate(model, torch.tensor([tok.encode(prompt)[-32:]]), 8)[0, 32:].tolist()
+    expected = generate(model, torch.tensor([tok.encode(prompt)[-24:]]), 8)[0, 24:].tolist()
     assert summary["token_ids"] == expected
 
 
