@@ -40,7 +40,8 @@ def plot_loss_curve(metrics_path: str | Path, out_path: str | Path, title: str =
     ax.set_ylabel("cross-entropy (nats/token)")
     ax.set_title(title or "loss")
     ax.grid(alpha=0.3)
-    ax.legend()
+    if ax.get_legend_handles_labels()[0]:  # nothing logged yet: no legend to draw
+        ax.legend()
     fig.tight_layout()
     out_path = Path(out_path)
     fig.savefig(out_path)
