@@ -20,15 +20,17 @@ from torch import nn
 from lmarch.errors import LmarchError
 from lmarch.models.bert import BertConfig
 from lmarch.models.heads import bert_task_of, build_bert_task_model
+from lmarch.nn.init import empty_weights
 from lmarch.weights.hf import (
     COMMON_INERT,
     HFConfigFields,
+    build_from_weights,
     read_hf_config,
     read_hf_weights,
     write_hf_folder,
 )
 from lmarch.weights.name_map import Rule, WeightMap
-from lmarch.weights.safetensors_io import load_into_model, unique_state_dict
+from lmarch.weights.safetensors_io import unique_state_dict
 
 # model_type -> (class-name stem, prefix of the encoder inside task models)
 _STEMS = {"bert": "Bert", "roberta": "Roberta", "albert": "Albert", "electra": "Electra"}
@@ -346,7 +348,9 @@ def load_hf_bert(folder: str | Path, task: str | None = None) -> nn.Module:
             theirs = {k[len(prefix) :]: v for k, v in theirs.items() if k.startswith(prefix)}
         pooler_name = "pooler.weight" if kind == "albert" else "pooler.dense.weight"
         config = dataclasses.replace(config, add_pooler=pooler_name in theirs)
-    model = build_task_model(config, task, num_labels=len(hf.get("id2label") or {0: 0, 1: 1}))
+    num_labels = len(hf.get("id2label") or {0: 0, 1: 1})
+    with empty_weights():  # the layout only: nothing is allocated before the file is checked
+        model = build_task_model(config, task, num_labels=num_labels)
     # BERT's own checkpoints keep the next-sentence head and the pooler beside the MLM head
     ignore = [*_ALIASES, r"^cls\.seq_relationship\."]
     if (model if task == "base" else model.bert).pooler is None:
@@ -355,8 +359,11 @@ def load_hf_bert(folder: str | Path, task: str | None = None) -> nn.Module:
         ignore.append(".*")  # another task's checkpoint: take what this model needs, leave the rest
     weight_map = WeightMap(map_for_model(model).rules, ignore=ignore)
     tensors = weight_map.to_ours(theirs, config.n_blocks, where=str(folder))
-    load_into_model(model, tensors, source=str(folder))
-    return model
+    # built on the meta device and given the file's tensors once their names and shapes are
+    # checked: a config.json that claims absurd sizes is refused, not allocated
+    return build_from_weights(
+        lambda: build_task_model(config, task, num_labels=num_labels), tensors, str(folder)
+    )
 
 
 def save_hf_bert(model: nn.Module, folder: str | Path) -> None:

@@ -271,6 +271,8 @@ def _tiny_folder(tmp_path: Path, family: str) -> Path:
     torch.manual_seed(0)
     if family == "gpt2":
         model = transformers.GPT2LMHeadModel(transformers.GPT2Config(**GPT2_BASE))
+    elif family == "bert":
+        model = transformers.BertForMaskedLM(transformers.BertConfig(**BERT_BASE))
     else:
         model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**LLAMA_BASE))
     model.save_pretrained(tmp_path)
@@ -285,6 +287,8 @@ BAD_FOLDERS = [
     ("llama", {"max_position_embeddings": 1 << 40}, "/config.json: llama config field max_position_embeddings: LlamaConfig.block_size must be at most 16777216 (the rotary tables hold every position), got 1099511627776"),
     ("llama", {"intermediate_size": 1 << 30}, ": tensor blocks.0.ffn.gate_up.weight has shape (96, 32), model expects (2147483648, 32)"),
     ("llama", {"rope_parameters": "linear"}, "/config.json: llama config field rope_scaling='linear' is not supported (hint: lmarch implements a dict (or null))"),
+    ("bert", {"hidden_size": 1 << 20, "num_attention_heads": 1}, ": tensor bert.tok_emb.weight has shape (61, 32), model expects (61, 1048576)"),
+    ("bert", {"intermediate_size": 1 << 30}, ": tensor bert.blocks.0.ffn.fc_in.weight has shape (48, 32), model expects (1073741824, 32)"),
 ]  # fmt: skip
 
 
@@ -299,7 +303,7 @@ def test_a_config_that_contradicts_its_weights_is_refused_before_allocating(
     folder = _tiny_folder(tmp_path, family)
     path = folder / "config.json"
     path.write_text(json.dumps({**json.loads(path.read_text()), **edits}))
-    load = load_hf_gpt2 if family == "gpt2" else load_hf_llama
+    load = {"gpt2": load_hf_gpt2, "llama": load_hf_llama, "bert": load_hf_bert}[family]
     with pytest.raises(LmarchError) as info:
         load(folder)
     assert str(info.value) == f"{folder}{message}"
