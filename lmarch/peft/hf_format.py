@@ -7,10 +7,15 @@ transformers (weight stored [in, out], ``fan_in_fan_out: true``), but PEFT keeps
 ``nn.Linear`` orientation for them too, so the adapter tensors cross unchanged. The module paths
 come from lmarch's weight name maps (:mod:`lmarch.weights.hf_gpt2`, :mod:`lmarch.weights.hf_llama`).
 
-lmarch fuses LLaMA's q/k/v projections (``attn.qkv``) and gate/up (``ffn.gate_up``); a low-rank
-change of a fused matrix is not three independent LoRAs of rank r, so such an adapter is refused
-when saving; the other LLaMA projections (``attn.out`` = ``o_proj``, ``ffn.down`` =
-``down_proj``) map one to one.
+lmarch fuses LLaMA's q/k/v projections (``attn.qkv``) and gate/up (``ffn.gate_up``). Both ways
+are exact:
+
+- saving a LoRA of a fused layer, W' = W + s B A with B = [B_q; B_k; B_v] split by rows, writes
+  the parts as PEFT LoRAs that share A: q_proj gets (A, B_q), k_proj (A, B_k), v_proj (A, B_v);
+- loading PEFT LoRAs of some of the parts gives the fused layer the block-structured adapter
+  A = [A_q; A_v] (rank 2r), B = [[B_q, 0], [0, 0], [0, B_v]] (zero rows for a part without an
+  adapter), with PEFT's s = alpha/r; when the parts share one A (as lmarch writes them), it is
+  the rank-r adapter (A, [B_q; B_k; B_v]) again.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ import torch
 from torch import nn
 
 from lmarch.errors import LmarchError
-from lmarch.peft.lora import add_lora, lora_layers
+from lmarch.peft.lora import LoRALinear, _set_module, lora_layers, lora_scaling
 from lmarch.weights.name_map import WeightMap
 from lmarch.weights.safetensors_io import load_tensors, save_tensors
 
@@ -51,17 +56,19 @@ _UNSUPPORTED = (
 )
 
 
-def _family(model: nn.Module) -> tuple[str, WeightMap, int]:
-    """(family, name map, layer count) of an lmarch model that has a Hugging Face layout."""
+def _family(model: nn.Module) -> tuple[str, WeightMap, int, dict[str, tuple[int, ...]]]:
+    """(family, name map, layer count, row counts of fused tensors' parts) of an lmarch model
+    that has a Hugging Face layout."""
     from lmarch.models.gpt import GPT
     from lmarch.models.llama import Llama
     from lmarch.weights.hf_gpt2 import gpt2_map
-    from lmarch.weights.hf_llama import llama_map
+    from lmarch.weights.hf_llama import llama_map, split_sizes
 
     if isinstance(model, GPT):
-        return "gpt2", gpt2_map(model.config), model.config.n_layer
+        return "gpt2", gpt2_map(model.config), model.config.n_layer, {}
     if isinstance(model, Llama):
-        return "llama", llama_map(model.config), model.config.n_layer
+        c = model.config
+        return "llama", llama_map(c), c.n_layer, split_sizes(c)
     raise LmarchError(
         f"PEFT adapters are written for GPT-2 and LLaMA models, not {type(model).__name__}"
     )
@@ -70,7 +77,7 @@ def _family(model: nn.Module) -> tuple[str, WeightMap, int]:
 def module_names(model: nn.Module) -> dict[str, str | tuple[str, ...]]:
     """lmarch module name -> Hugging Face module name (a tuple for a matrix HF keeps in parts),
     for every weight matrix of ``model``'s name map."""
-    _, wmap, n_layer = _family(model)
+    _, wmap, n_layer, _ = _family(model)
     names: dict[str, str | tuple[str, ...]] = {}
     for rule in wmap.rules:
         if not rule.ours.endswith(".weight"):
@@ -88,11 +95,18 @@ def save_adapter(
     ``peft.PeftModel.from_pretrained`` onto the matching ``transformers`` model). Refused: no
     adapters, adapters of different rank/alpha/dropout/rsLoRA, an adapter on a layer fused in
     lmarch but split in Hugging Face, an adapter on a layer the name map does not know."""
-    family, _, _ = _family(model)
+    family, _, _, sizes = _family(model)
     layers = lora_layers(model)
     if not layers:
         raise LmarchError("the model has no LoRA adapters to save", hint="call add_lora first")
     names = module_names(model)
+    for name, m in layers.items():
+        if m.scaling != lora_scaling(m.rank, m.alpha, m.rslora):
+            # a block adapter loaded from separate PEFT parts: its scale is not alpha/rank
+            raise LmarchError(
+                f"LoRA layer {name!r} has rank {m.rank} but scale {m.scaling}: it cannot be "
+                "written with one PEFT rank"
+            )
     settings = {(m.rank, m.alpha, m.rslora, _dropout(m)) for m in layers.values()}
     if len(settings) > 1:
         raise LmarchError(
@@ -109,15 +123,13 @@ def save_adapter(
             raise LmarchError(
                 f"layer {name!r} has no Hugging Face name, so its adapter cannot be saved"
             )
-        if isinstance(hf, tuple):
-            raise LmarchError(
-                f"layer {name!r} is fused in lmarch but split in Hugging Face ({', '.join(hf)}); "
-                "its LoRA cannot be written as PEFT adapters",
-                hint="target the unfused projections (attn.out, ffn.down) instead",
-            )
-        targets.append(hf)
-        tensors[f"{_PREFIX}{hf}.lora_A.weight"] = layer.lora_A.detach().contiguous()
-        tensors[f"{_PREFIX}{hf}.lora_B.weight"] = layer.lora_B.detach().contiguous()
+        parts = hf if isinstance(hf, tuple) else (hf,)
+        # a fused layer: its parts share A and take B's rows (W' = W + s B A row block by block)
+        rows = _part_rows(name, sizes) if len(parts) > 1 else (layer.out_features,)
+        for part, b in zip(parts, layer.lora_B.detach().split(rows, dim=0)):
+            targets.append(part)
+            tensors[f"{_PREFIX}{part}.lora_A.weight"] = layer.lora_A.detach().clone()
+            tensors[f"{_PREFIX}{part}.lora_B.weight"] = b.contiguous()
     config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -140,6 +152,12 @@ def save_adapter(
     out.mkdir(parents=True, exist_ok=True)
     (out / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     save_tensors(tensors, out / WEIGHTS_FILE)
+
+
+def _part_rows(name: str, sizes: dict[str, tuple[int, ...]]) -> tuple[int, ...]:
+    """Row counts of the parts of fused layer ``name`` (e.g. ``blocks.3.attn.qkv``)."""
+    generic = re.sub(r"^blocks\.\d+\.", "blocks.{i}.", name) + ".weight"
+    return sizes[generic]
 
 
 def _dropout(layer: nn.Module) -> float:
@@ -185,41 +203,81 @@ def load_adapter(model: nn.Module, folder: str | Path) -> list[str]:
     if not path.is_file():
         raise LmarchError(f"{folder} has no {WEIGHTS_FILE}")
     tensors = load_tensors(path)
-    ours = {hf: name for name, hf in module_names(model).items() if isinstance(hf, str)}
-    found: dict[str, dict[str, torch.Tensor]] = {}
+    _, _, _, sizes = _family(model)
+    # Hugging Face module -> (lmarch module, index of the part, all parts)
+    ours: dict[str, tuple[str, int, tuple[str, ...]]] = {}
+    names = module_names(model)
+    for name, hf in names.items():
+        parts = hf if isinstance(hf, tuple) else (hf,)
+        for k, part in enumerate(parts):
+            ours[part] = (name, k, parts)
+    found: dict[str, dict[int, dict[str, torch.Tensor]]] = {}
     for key, t in tensors.items():
         m = _KEY.match(key)
         if m is None:
             raise LmarchError(f"{path}: tensor {key!r} is not a LoRA A/B matrix lmarch knows")
-        name = ours.get(m.group(1))
-        if name is None:
+        where = ours.get(m.group(1))
+        if where is None:
             raise LmarchError(
                 f"{path}: adapter for {m.group(1)!r}, a layer this model does not have"
             )
-        found.setdefault(name, {})[m.group(2)] = t
+        found.setdefault(where[0], {}).setdefault(where[1], {})[m.group(2)] = t
     if not found:
         raise LmarchError(f"{path} holds no LoRA tensors")
     rank = int(config["r"])
-    names = add_lora(
-        model,
-        [re.escape(n) for n in found],
-        rank=rank,
-        alpha=float(config.get("lora_alpha", 8)),
-        dropout=float(config.get("lora_dropout", 0.0)),
-        rslora=bool(config.get("use_rslora", False)),
-    )
-    layers = lora_layers(model)
-    for name in names:
-        layer, pair = layers[name], found[name]
-        for part in "AB":
-            if part not in pair:
-                raise LmarchError(f"{path}: lora_{part} of layer {name!r} is missing")
-            param = getattr(layer, f"lora_{part}")
-            if tuple(pair[part].shape) != tuple(param.shape):
-                raise LmarchError(
-                    f"{path}: lora_{part} of {name!r} has shape {tuple(pair[part].shape)}, "
-                    f"this model needs {tuple(param.shape)} (an adapter for another base model?)"
-                )
-            with torch.no_grad():
-                param.copy_(pair[part])
-    return names
+    alpha = float(config.get("lora_alpha", 8))
+    rslora = bool(config.get("use_rslora", False))
+    dropout = float(config.get("lora_dropout", 0.0))
+    modules = dict(model.named_modules())
+    for name, by_part in found.items():
+        layer = modules.get(name)
+        if type(layer) is not nn.Linear:
+            raise LmarchError(f"{path}: layer {name!r} is not a plain nn.Linear (already adapted?)")
+        for k, pair in by_part.items():
+            for part in "AB":
+                if part not in pair:
+                    raise LmarchError(f"{path}: lora_{part} of {name!r} (part {k}) is missing")
+        rows = _part_rows(name, sizes) if isinstance(names[name], tuple) else (layer.out_features,)
+        a, b = _fuse(by_part, rows, name, path)
+        if a.shape[1] != layer.in_features or b.shape[0] != layer.out_features:
+            raise LmarchError(
+                f"{path}: the adapter of {name!r} is for a {b.shape[0]}x{a.shape[1]} layer, this "
+                f"model's is {layer.out_features}x{layer.in_features} (an adapter for another base model?)"
+            )
+        lora = LoRALinear.from_linear(layer, a.shape[0], alpha, dropout, rslora)
+        lora.scaling = lora_scaling(rank, alpha, rslora)  # PEFT's r, even for a block adapter
+        with torch.no_grad():
+            lora.lora_A.copy_(a)
+            lora.lora_B.copy_(b)
+        _set_module(model, name, lora)
+    return list(found)
+
+
+def _fuse(
+    by_part: dict[int, dict[str, torch.Tensor]], rows: tuple[int, ...], name: str, path: Path
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One adapter (A [R, in], B [out, R]) for a layer from its parts' adapters: B's row block k
+    is part k's B (zeros for a part without one); with one A shared by every part R = r, else
+    the parts' A are stacked (R = r x parts) and B is block-structured."""
+    if any(k >= len(rows) for k in by_part):
+        raise LmarchError(f"{path}: an adapter part of {name!r} this model does not have")
+    for k, pair in by_part.items():
+        if pair["B"].shape[0] != rows[k] or pair["B"].shape[1] != pair["A"].shape[0]:
+            raise LmarchError(
+                f"{path}: lora_B of {name!r} (part {k}) has shape {tuple(pair['B'].shape)}, "
+                f"this model needs {rows[k]} rows (an adapter for another base model?)"
+            )
+    a_list = [pair["A"] for pair in by_part.values()]
+    shared = all(a.shape == a_list[0].shape and torch.equal(a, a_list[0]) for a in a_list)
+    r = a_list[0].shape[0]
+    width = r if shared else sum(a.shape[0] for a in a_list)
+    b = torch.zeros(sum(rows), width, dtype=a_list[0].dtype)
+    col = 0
+    for k, pair in sorted(by_part.items()):
+        top = sum(rows[:k])
+        n = pair["A"].shape[0]
+        c0 = 0 if shared else col
+        b[top : top + rows[k], c0 : c0 + n] = pair["B"]
+        col += n
+    a = a_list[0] if shared else torch.cat([by_part[k]["A"] for k in sorted(by_part)], dim=0)
+    return a, b

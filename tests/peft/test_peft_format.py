@@ -57,9 +57,17 @@ CASES = {
         ["c_attn", "c_proj", "c_fc"],
     ),
     "llama": (
-        r"blocks\.\d+\.(attn\.out|ffn\.down)",
-        ["mlp.down_proj", "self_attn.o_proj"],
-        ["o_proj", "down_proj"],
+        r"blocks\.\d+\.(attn\.(qkv|out)|ffn\.(gate_up|down))",
+        [
+            "mlp.down_proj",
+            "mlp.gate_proj",
+            "mlp.up_proj",
+            "self_attn.k_proj",
+            "self_attn.o_proj",
+            "self_attn.q_proj",
+            "self_attn.v_proj",
+        ],
+        ["q_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
     ),
 }
 
@@ -110,18 +118,35 @@ def test_peft_adapter_loads_in_lmarch(tmp_path, family):  # type: ignore[no-unty
     theirs.save_pretrained(tmp_path / "adapter")
     ours = (load_hf_gpt2 if family == "gpt2" else load_hf_llama)(tmp_path / "base").eval()
     names = load_adapter(ours, tmp_path / "adapter")
-    assert len(names) == 2 * (len(targets) + (family == "gpt2"))
+    # LLaMA: q_proj + v_proj -> attn.qkv, gate_proj + up_proj -> ffn.gate_up (block adapters)
+    assert len(names) == 8
+    if family == "llama":
+        assert ours.blocks[0].attn.qkv.lora_A.shape == (8, 32)  # q's and v's A stacked
+        # rank 8 with PEFT's scale for r = 4: not one PEFT rank, so not written back
+        with pytest.raises(LmarchError, match="cannot be written with one PEFT rank"):
+            save_adapter(ours, tmp_path / "back")
     assert all(layer.scaling == 12 / 2.0 for layer in lora_layers(ours).values())
     ids = _ids()
     with torch.no_grad():
         assert (ours(ids) - theirs(ids).logits).abs().max().item() <= TOL
 
 
-def test_fused_llama_layer_is_refused_on_save(tmp_path):  # type: ignore[no-untyped-def]
-    model = Llama(LLAMA_CFG)
-    add_lora(model, r"blocks\.0\.attn\.qkv", rank=2)
-    with pytest.raises(LmarchError, match="fused in lmarch but split in Hugging Face"):
-        save_adapter(model, tmp_path / "a")
+def test_fused_llama_adapter_round_trips_at_its_rank(tmp_path):  # type: ignore[no-untyped-def]
+    model = _base("llama", tmp_path / "base")
+    add_lora(model, r"blocks\.\d+\.(attn\.qkv|ffn\.gate_up)", rank=3, alpha=5)
+    _randomise_b(model)
+    save_adapter(model, tmp_path / "a")
+    again = load_hf_llama(tmp_path / "base").eval()
+    load_adapter(again, tmp_path / "a")
+    # the parts share A, so the fused layer is rank 3 again, not 3 x 3
+    for name, layer in lora_layers(again).items():
+        original = lora_layers(model)[name]
+        assert torch.equal(layer.lora_A, original.lora_A)
+        assert torch.equal(layer.lora_B, original.lora_B)
+        assert layer.scaling == original.scaling
+    ids = _ids()
+    with torch.no_grad():
+        assert (again(ids) - model(ids)).abs().max().item() <= 1e-6
 
 
 @pytest.mark.parametrize(
