@@ -224,11 +224,14 @@ def load_adapter(model: nn.Module, folder: str | Path) -> list[str]:
         found.setdefault(where[0], {}).setdefault(where[1], {})[m.group(2)] = t
     if not found:
         raise LmarchError(f"{path} holds no LoRA tensors")
-    rank = int(config["r"])
+    rank = config.get("r")
+    if not isinstance(rank, int) or rank < 1:
+        raise LmarchError(f"{folder / CONFIG_FILE}: r={rank!r} is not a positive rank")
     alpha = float(config.get("lora_alpha", 8))
     rslora = bool(config.get("use_rslora", False))
     dropout = float(config.get("lora_dropout", 0.0))
     modules = dict(model.named_modules())
+    built: dict[str, LoRALinear] = {}  # every layer checked before the model is changed
     for name, by_part in found.items():
         layer = modules.get(name)
         if type(layer) is not nn.Linear:
@@ -237,6 +240,11 @@ def load_adapter(model: nn.Module, folder: str | Path) -> list[str]:
             for part in "AB":
                 if part not in pair:
                     raise LmarchError(f"{path}: lora_{part} of {name!r} (part {k}) is missing")
+            if pair["A"].shape[0] != rank:
+                raise LmarchError(
+                    f"{path}: the adapter of {name!r} has rank {pair['A'].shape[0]}, the config "
+                    f"says r={rank} (per-layer ranks are not supported)"
+                )
         rows = _part_rows(name, sizes) if isinstance(names[name], tuple) else (layer.out_features,)
         a, b = _fuse(by_part, rows, name, path)
         if a.shape[1] != layer.in_features or b.shape[0] != layer.out_features:
@@ -249,8 +257,10 @@ def load_adapter(model: nn.Module, folder: str | Path) -> list[str]:
         with torch.no_grad():
             lora.lora_A.copy_(a)
             lora.lora_B.copy_(b)
+        built[name] = lora
+    for name, lora in built.items():
         _set_module(model, name, lora)
-    return list(found)
+    return list(built)
 
 
 def _fuse(

@@ -3,6 +3,7 @@ lmarch's native fast paths leaving LoRA layers to the reference forward, and ref
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -83,6 +84,8 @@ def test_model_state_dict_keeps_base_keys_and_adds_a_and_b():
     assert added == {f"blocks.{i}.attn.qkv.lora_{p}" for i in range(2) for p in "AB"}
     assert before <= set(model.state_dict())
     assert type(model.blocks[0].attn.qkv) is not nn.Linear
+    twin = copy.deepcopy(model)  # copies (and pickling) never call LoRALinear.__init__
+    assert torch.equal(twin.blocks[1].attn.qkv.lora_A, model.blocks[1].attn.qkv.lora_A)
 
 
 def test_merge_and_unmerge_are_exact():

@@ -177,3 +177,8 @@ def test_adapter_for_another_base_is_refused(tmp_path):  # type: ignore[no-untyp
     wider = GPT(GPTConfig(vocab_size=61, block_size=16, n_layer=2, n_head=2, n_embd=64))
     with pytest.raises(LmarchError, match="an adapter for another base model"):
         load_adapter(wider, tmp_path / "a")
+    assert lora_layers(wider) == {}  # nothing half-loaded
+    config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    (tmp_path / "a" / "adapter_config.json").write_text(json.dumps({**config, "r": 4}))
+    with pytest.raises(LmarchError, match=r"has rank 2, the config says r=4"):
+        load_adapter(GPT(GPT_CFG), tmp_path / "a")
