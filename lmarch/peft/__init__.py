@@ -4,6 +4,7 @@ format for them (:mod:`lmarch.peft.hf_format`)."""
 from lmarch.peft.hf_format import load_adapter, save_adapter
 from lmarch.peft.lora import (
     LoRALinear,
+    QuantLoRALinear,
     add_lora,
     lora_layers,
     lora_scaling,
@@ -14,6 +15,7 @@ from lmarch.peft.lora import (
 
 __all__ = [
     "LoRALinear",
+    "QuantLoRALinear",
     "add_lora",
     "load_adapter",
     "lora_layers",

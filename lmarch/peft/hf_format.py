@@ -29,7 +29,14 @@ import torch
 from torch import nn
 
 from lmarch.errors import LmarchError
-from lmarch.peft.lora import LoRALinear, _set_module, lora_layers, lora_scaling
+from lmarch.peft.lora import (
+    LoRALinear,
+    QuantLoRALinear,
+    _quantised_types,
+    _set_module,
+    lora_layers,
+    lora_scaling,
+)
 from lmarch.weights.name_map import WeightMap
 from lmarch.weights.safetensors_io import load_tensors, save_tensors
 
@@ -231,10 +238,13 @@ def load_adapter(model: nn.Module, folder: str | Path) -> list[str]:
     rslora = bool(config.get("use_rslora", False))
     dropout = float(config.get("lora_dropout", 0.0))
     modules = dict(model.named_modules())
-    built: dict[str, LoRALinear] = {}  # every layer checked before the model is changed
+    built: dict[
+        str, LoRALinear | QuantLoRALinear
+    ] = {}  # every layer checked before the model is changed
     for name, by_part in found.items():
         layer = modules.get(name)
-        if type(layer) is not nn.Linear:
+        quantised = isinstance(layer, _quantised_types())
+        if type(layer) is not nn.Linear and not quantised:
             raise LmarchError(f"{path}: layer {name!r} is not a plain nn.Linear (already adapted?)")
         for k, pair in by_part.items():
             for part in "AB":
@@ -252,7 +262,12 @@ def load_adapter(model: nn.Module, folder: str | Path) -> list[str]:
                 f"{path}: the adapter of {name!r} is for a {b.shape[0]}x{a.shape[1]} layer, this "
                 f"model's is {layer.out_features}x{layer.in_features} (an adapter for another base model?)"
             )
-        lora = LoRALinear.from_linear(layer, a.shape[0], alpha, dropout, rslora)
+        if quantised:
+            lora: LoRALinear | QuantLoRALinear = QuantLoRALinear(
+                layer, a.shape[0], alpha, dropout, rslora
+            )
+        else:
+            lora = LoRALinear.from_linear(layer, a.shape[0], alpha, dropout, rslora)
         lora.scaling = lora_scaling(rank, alpha, rslora)  # PEFT's r, even for a block adapter
         with torch.no_grad():
             lora.lora_A.copy_(a)

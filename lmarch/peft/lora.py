@@ -14,6 +14,11 @@ very same ``weight`` / ``bias`` Parameters, so the base model's state-dict keys 
 the adapter adds only ``<layer>.lora_A`` / ``<layer>.lora_B``. Being a subclass, its
 ``type(m) is nn.Linear`` is False: lmarch's fused native blocks (:mod:`lmarch.native.policy`)
 leave it alone and run the reference forward.
+
+A weight-only quantised layer of :mod:`lmarch.quant` (int8, int4, Q8_0, Q4_1) gets a
+:class:`QuantLoRALinear` instead: the frozen quantised layer as ``base`` plus the same adapter
+(its keys become ``<layer>.base.*``); float A and B train on top, as in QLoRA. Merging into a
+quantised weight would requantise it, so it is refused.
 """
 
 from __future__ import annotations
@@ -103,6 +108,50 @@ class LoRALinear(nn.Linear):
         return f"{super().extra_repr()}, rank={self.rank}, alpha={self.alpha}, rslora={self.rslora}"
 
 
+def _quantised_types() -> tuple[type, ...]:
+    from lmarch.quant.blockq import BlockQ4Linear, BlockQ8Linear
+    from lmarch.quant.int4 import Int4WeightOnlyLinear
+    from lmarch.quant.int8 import Int8WeightOnlyLinear
+
+    return (Int8WeightOnlyLinear, Int4WeightOnlyLinear, BlockQ4Linear, BlockQ8Linear)
+
+
+class QuantLoRALinear(nn.Module):
+    """A frozen weight-only quantised layer plus a float adapter:
+    y = base(x) + s * dropout(x) A^T B^T (Hu et al. 2021; s as in :func:`lora_scaling`)."""
+
+    merged = False  # a quantised weight is never merged into
+
+    def __init__(
+        self, base: nn.Module, rank: int, alpha: float, dropout: float = 0.0, rslora: bool = False
+    ) -> None:
+        super().__init__()
+        self.base = base
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.rank, self.alpha, self.rslora = rank, float(alpha), rslora
+        self.scaling = lora_scaling(rank, alpha, rslora)
+        self.lora_A = nn.Parameter(torch.empty(rank, self.in_features))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.lora_dropout: nn.Module = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.train(base.training)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """base(x) + s * dropout(x) A^T B^T."""
+        a, b = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)
+        return self.base(x) + F.linear(F.linear(self.lora_dropout(x), a), b) * self.scaling
+
+    def merge(self) -> None:
+        """Refused: folding s B A into a quantised weight would requantise (change) it."""
+        raise LmarchError(
+            "a LoRA on a quantised layer cannot be merged exactly",
+            hint="save the adapter, or merge onto the float model",
+        )
+
+    def unmerge(self) -> None:
+        """Nothing to do: a quantised layer's adapter is never merged."""
+
+
 def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
@@ -133,12 +182,13 @@ def add_lora(
     compiled = [re.compile(p) for p in patterns]
     if rank < 1:
         raise LmarchError(f"LoRA rank must be at least 1, got {rank}")
-    chosen: list[tuple[str, nn.Linear]] = []
+    chosen: list[tuple[str, nn.Module]] = []
+    layer_types = (nn.Linear, QuantLoRALinear, *_quantised_types())
     for name, module in model.named_modules():
-        if isinstance(module, nn.Linear) and any(p.fullmatch(name) for p in compiled):
-            if isinstance(module, LoRALinear):
+        if isinstance(module, layer_types) and any(p.fullmatch(name) for p in compiled):
+            if isinstance(module, (LoRALinear, QuantLoRALinear)):
                 raise LmarchError(f"layer {name!r} already has a LoRA adapter")
-            if type(module) is not nn.Linear:
+            if isinstance(module, nn.Linear) and type(module) is not nn.Linear:
                 raise LmarchError(
                     f"layer {name!r} is a {type(module).__name__}; LoRA takes nn.Linear"
                 )
@@ -151,7 +201,7 @@ def add_lora(
         )
     shared = _shared_weights(model)
     for name, layer in chosen:
-        if id(layer.weight) in shared:
+        if isinstance(layer, nn.Linear) and id(layer.weight) in shared:
             # merging would also change the tied tensor (e.g. the embeddings under a tied head)
             raise LmarchError(
                 f"layer {name!r} shares its weight with another layer; LoRA refuses it"
@@ -162,18 +212,28 @@ def add_lora(
                 f"LoRA rank {rank} is larger than layer {name!r} allows (min(in, out) = {limit})"
             )
     for name, layer in chosen:
-        _set_module(model, name, LoRALinear.from_linear(layer, rank, alpha, dropout, rslora))
+        if isinstance(layer, nn.Linear):
+            lora: nn.Module = LoRALinear.from_linear(layer, rank, alpha, dropout, rslora)
+        else:
+            lora = QuantLoRALinear(layer, rank, alpha, dropout, rslora)
+        _set_module(model, name, lora)
     return [name for name, _ in chosen]
 
 
-def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
-    """The model's LoRA layers by module name."""
-    return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+def lora_layers(model: nn.Module) -> dict[str, LoRALinear | QuantLoRALinear]:
+    """The model's LoRA layers (float and quantised bases) by module name."""
+    kinds = (LoRALinear, QuantLoRALinear)
+    return {n: m for n, m in model.named_modules() if isinstance(m, kinds)}
 
 
 def merge_lora(model: nn.Module) -> None:
-    """Fold every adapter into its weight (W <- W + s B A)."""
-    for layer in lora_layers(model).values():
+    """Fold every adapter into its weight (W <- W + s B A); refused, with nothing changed, when
+    any adapted layer is quantised."""
+    layers = lora_layers(model).values()
+    for layer in layers:
+        if isinstance(layer, QuantLoRALinear):
+            layer.merge()  # raises
+    for layer in layers:
         layer.merge()
 
 
