@@ -3,12 +3,17 @@ output exactly, only A and B train, merging is refused, and the adapter saves/lo
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
+from lmarch import native
 from lmarch.errors import LmarchError
 from lmarch.models.gpt import GPT, GPTConfig
+from lmarch.models.llama import Llama, LlamaConfig
 from lmarch.peft import (
     QuantLoRALinear,
     add_lora,
@@ -79,3 +84,47 @@ def test_only_adapters_train_over_int8_and_the_adapter_round_trips(tmp_path):  #
     load_adapter(again, tmp_path / "a")
     with torch.no_grad():
         assert torch.equal(again(ids), model(ids))
+
+
+@pytest.mark.skipif(
+    not native.native_available(),
+    reason="lmarch's native kernels are unavailable here: accelerate is the identity",
+)
+def test_native_inference_blocks_and_lora():
+    """LoRA before accelerate(training=False): the Q4_1 LLaMA layers are not swapped and cached
+    decoding equals the reference; LoRA after it is refused (those blocks do not re-check)."""
+    from lmarch.native import accelerate
+    from lmarch.native.swaps import native_modules
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=64,
+        block_size=32,
+        n_layer=2,
+        n_head=4,
+        n_kv_head=2,
+        n_embd=64,
+        intermediate_size=128,
+    )
+    base = quantize_(Llama(cfg).eval(), "q4", skip=lambda name, m: name == "lm_head")
+    pattern = r"blocks\.\d+\.(attn\.(qkv|out)|ffn\.(gate_up|down))"
+    late = copy.deepcopy(base)
+    accelerate(late, training=False)
+    assert native_modules(late)["NativeDecoderBlock"] == 2
+    with pytest.raises(LmarchError, match="swapped for inference"):
+        add_lora(late, pattern, rank=4)
+    add_lora(base, pattern, rank=4)
+    with torch.no_grad():
+        for layer in lora_layers(base).values():
+            nn.init.normal_(layer.lora_B, std=0.1)
+    fast = accelerate(copy.deepcopy(base), training=False)
+    assert native_modules(fast)["NativeDecoderBlock"] == 0
+    assert native_modules(fast)["NativeSwiGLU"] == 0
+    ids = _ids()[:1, :6]
+    outs = []
+    for model in (base, fast):
+        cache = model.make_cache(1, 32)
+        with torch.no_grad():
+            model(ids[:, :5], cache=cache, start=0)
+            outs.append(model(ids[:, 5:], cache=cache, start=5))
+    assert (outs[0] - outs[1]).abs().max().item() <= 1e-5
