@@ -202,7 +202,12 @@ def add_lora(
     order. Refused: a pattern matching no ``nn.Linear``, a rank outside 1..min(in, out), a layer
     that already has an adapter. The model's code is not changed."""
     patterns = [targets] if isinstance(targets, str) else list(targets)
-    compiled = [re.compile(p) for p in patterns]
+    try:
+        compiled = [re.compile(p) for p in patterns]
+    except re.error as e:
+        raise LmarchError(
+            f"LoRA target pattern {e.pattern!r} is not a regular expression ({e})"
+        ) from None
     if rank < 1:
         raise LmarchError(f"LoRA rank must be at least 1, got {rank}")
     chosen: list[tuple[str, nn.Module]] = []

@@ -163,6 +163,8 @@ def test_accelerated_gpt_with_lora_matches_the_reference(lora_first):  # type: i
 def test_a_pattern_matching_nothing_is_refused():
     with pytest.raises(LmarchError, match=r"matches no Linear layer"):
         add_lora(_gpt(), r"blocks\.\d+\.attn\.q_proj")
+    with pytest.raises(LmarchError, match=r"LoRA target pattern .* is not a regular expression"):
+        add_lora(_gpt(), r"blocks\.(")
 
 
 def test_a_rank_larger_than_the_layer_is_refused():
