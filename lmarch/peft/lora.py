@@ -198,9 +198,12 @@ def add_lora(
 ) -> list[str]:
     """Replace every ``nn.Linear`` of ``model`` whose full module name (as in
     ``model.named_modules()``, e.g. ``blocks.0.attn.qkv``) matches ``targets`` by
-    :func:`re.fullmatch` (a list: any of them) with a :class:`LoRALinear`; returns the names, in
-    order. Refused: a pattern matching no ``nn.Linear``, a rank outside 1..min(in, out), a layer
-    that already has an adapter. The model's code is not changed."""
+    :func:`re.fullmatch` (a list: any of them) with a :class:`LoRALinear` (a quantised layer of
+    :mod:`lmarch.quant`: with a :class:`QuantLoRALinear`); returns the names, in order. Refused:
+    a pattern that is not a regular expression or matches no such layer, a rank outside
+    1..min(in, out), a layer that already has an adapter, a weight tied to another layer, a
+    layer inside a block swapped by ``accelerate(training=False)``. The model's code is not
+    changed."""
     patterns = [targets] if isinstance(targets, str) else list(targets)
     try:
         compiled = [re.compile(p) for p in patterns]
