@@ -16,6 +16,7 @@ Every fast path is a module of :mod:`lmarch.native` swapped in from outside by
 
 from __future__ import annotations
 
+from functools import cache
 from typing import Any
 
 import torch
@@ -169,10 +170,16 @@ def block_kernel_call(x: Tensor) -> bool:
     return x.device.type == "cpu" and not (x.requires_grad and torch.is_grad_enabled())
 
 
-def _block_layer(layer: nn.Module) -> bool:
+@cache
+def _block_classes() -> tuple[type, type]:
+    """(BlockQ4Linear, BlockQ8Linear), imported once (``quant.blockq`` imports this module)."""
     from lmarch.quant.blockq import BlockQ4Linear, BlockQ8Linear
 
-    return type(layer) in (BlockQ4Linear, BlockQ8Linear) and layer.bias is None
+    return BlockQ4Linear, BlockQ8Linear
+
+
+def _block_layer(layer: nn.Module) -> bool:
+    return type(layer) in _block_classes() and layer.bias is None
 
 
 def swiglu_layers(ffn: nn.Module) -> tuple[nn.Module, nn.Module] | None:
@@ -184,23 +191,32 @@ def swiglu_layers(ffn: nn.Module) -> tuple[nn.Module, nn.Module] | None:
     return None
 
 
-def swaps_swiglu(module: nn.Module) -> bool:
-    """A SwiGLU :class:`~lmarch.nn.ffn.GatedMLP` (exactly) over two Q4_1 layers without biases:
-    ``lmarch_q4_1_swiglu`` computes it as one call."""
-    from lmarch.quant.blockq import BlockQ4Linear
-
+def _q4_swiglu(module: nn.Module) -> bool:
+    """SwiGLU over two Q4_1 layers without biases (what ``lmarch_q4_1_swiglu`` reads)."""
+    q4 = _block_classes()[0]
     return (
-        type(module) is GatedMLP
-        and swiglu_layers(module) is not None
-        and type(module.gate_up) is BlockQ4Linear
-        and type(module.down) is BlockQ4Linear
-        and module.gate_up.native
+        swiglu_layers(module) is not None and type(module.gate_up) is q4 and type(module.down) is q4
     )
 
 
-def swiglu_call(x: Tensor) -> bool:
-    """The fused SwiGLU call: as any block-quantised product."""
-    return block_kernel_call(x)
+def swaps_swiglu(module: nn.Module) -> bool:
+    """A SwiGLU :class:`~lmarch.nn.ffn.GatedMLP` (exactly) over two Q4_1 layers without biases:
+    ``lmarch_q4_1_swiglu`` computes it as one call."""
+    return type(module) is GatedMLP and _q4_swiglu(module) and module.gate_up.native
+
+
+def swiglu_call(module: nn.Module, x: Tensor) -> bool:
+    """The fused SwiGLU call: as any block-quantised product, while both layers still are the
+    Q4_1 layers it was swapped for (an adapter added later wraps them: the reference runs)."""
+    return block_kernel_call(x) and _q4_swiglu(module)
+
+
+def _decoder_layers(block: nn.Module) -> bool:
+    """The four block-quantised matrices ``decoder.c`` reads, still in place."""
+    attn = block.attn
+    return (
+        _block_layer(attn.qkv) and _block_layer(attn.out) and swiglu_layers(block.ffn) is not None
+    )
 
 
 def swaps_decoder_layer(module: nn.Module) -> bool:
@@ -216,11 +232,9 @@ def swaps_decoder_layer(module: nn.Module) -> bool:
         and attn.causal
         and attn.softmax_scale is None
         and attn.head_dim % 2 == 0
-        and _block_layer(attn.qkv)
-        and _block_layer(attn.out)
         and type(module.norm_attn) is RMSNorm
         and type(module.norm_ffn) is RMSNorm
-        and swiglu_layers(module.ffn) is not None
+        and _decoder_layers(module)
     )
 
 
@@ -232,7 +246,8 @@ def decoder_step_call(
     start: Any,
 ) -> bool:
     """One new token (B = T = 1) over a cache, in eager float32 CPU inference, at a Python int
-    position (a compiled graph keeps the PyTorch operators)."""
+    position (a compiled graph keeps the PyTorch operators), while the layer's four matrices
+    are still the block-quantised layers it was swapped for (not wrapped by an adapter since)."""
     return (
         cache is not None
         and attention_mask is None
@@ -244,6 +259,7 @@ def decoder_step_call(
         and not (x.requires_grad and torch.is_grad_enabled())
         and block.attn.softmax_scale is None
         and not torch.compiler.is_compiling()
+        and _decoder_layers(block)
     )
 
 

@@ -25,7 +25,7 @@ class NativeSwiGLU(GatedMLP):
 
     def forward(self, x: Tensor) -> Tensor:
         """x [..., K] -> [..., K]."""
-        if not swiglu_call(x):
+        if not swiglu_call(self, x):
             return super().forward(x)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])

@@ -34,7 +34,6 @@ from lmarch.peft.lora import (
     QuantLoRALinear,
     _quantised_types,
     _set_module,
-    check_adaptable,
     lora_layers,
     lora_scaling,
 )
@@ -244,7 +243,6 @@ def load_adapter(model: nn.Module, folder: str | Path) -> list[str]:
     ] = {}  # every layer checked before the model is changed
     for name, by_part in found.items():
         layer = modules.get(name)
-        check_adaptable(model, name)
         quantised = isinstance(layer, _quantised_types())
         if type(layer) is not nn.Linear and not quantised:
             raise LmarchError(f"{path}: layer {name!r} is not a plain nn.Linear (already adapted?)")

@@ -152,29 +152,6 @@ class QuantLoRALinear(nn.Module):
         """Nothing to do: a quantised layer's adapter is never merged."""
 
 
-# lmarch.native's inference-only swaps (accelerate(training=False)) read their quantised layers'
-# buffers at call time without re-checking the layer types, so an adapter added inside one of them
-# afterwards would be bypassed or fail; the training swaps re-check per call and take LoRA late.
-_NATIVE_INFERENCE_BLOCKS = frozenset({"NativeSwiGLU", "NativeDecoderBlock"})
-
-
-def check_adaptable(model: nn.Module, name: str) -> None:
-    """Refuse an adapter on layer ``name`` inside a block that :func:`lmarch.native.accelerate`
-    swapped for inference (add the adapter before accelerating: the block is then not swapped)."""
-    parts = name.split(".")
-    for k in range(len(parts)):
-        owner = model.get_submodule(".".join(parts[:k])) if k else model
-        kind = type(owner)
-        if (
-            kind.__module__.startswith("lmarch.native")
-            and kind.__name__ in _NATIVE_INFERENCE_BLOCKS
-        ):
-            raise LmarchError(
-                f"layer {name!r} sits in a block lmarch.native.accelerate swapped for inference",
-                hint="add LoRA before accelerating the model",
-            )
-
-
 def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
@@ -201,9 +178,10 @@ def add_lora(
     :func:`re.fullmatch` (a list: any of them) with a :class:`LoRALinear` (a quantised layer of
     :mod:`lmarch.quant`: with a :class:`QuantLoRALinear`); returns the names, in order. Refused:
     a pattern that is not a regular expression or matches no such layer, a rank outside
-    1..min(in, out), a layer that already has an adapter, a weight tied to another layer, a
-    layer inside a block swapped by ``accelerate(training=False)``. The model's code is not
-    changed."""
+    1..min(in, out), a layer that already has an adapter, a weight tied to another layer. A
+    block that :func:`lmarch.native.accelerate` swapped before takes the adapter too: its
+    per-call check sees the wrapped layer and runs the reference forward. The model's code is
+    not changed."""
     patterns = [targets] if isinstance(targets, str) else list(targets)
     try:
         compiled = [re.compile(p) for p in patterns]
@@ -232,7 +210,6 @@ def add_lora(
         )
     shared = _shared_weights(model)
     for name, layer in chosen:
-        check_adaptable(model, name)
         if isinstance(layer, nn.Linear) and id(layer.weight) in shared:
             # merging would also change the tied tensor (e.g. the embeddings under a tied head)
             raise LmarchError(

@@ -92,7 +92,8 @@ def test_only_adapters_train_over_int8_and_the_adapter_round_trips(tmp_path):  #
 )
 def test_native_inference_blocks_and_lora():
     """LoRA before accelerate(training=False): the Q4_1 LLaMA layers are not swapped and cached
-    decoding equals the reference; LoRA after it is refused (those blocks do not re-check)."""
+    decoding equals the reference; LoRA added after it wraps the swapped blocks' layers, their
+    per-call check sees it, and they decode as the reference too."""
     from lmarch.native import accelerate
     from lmarch.native.swaps import native_modules
 
@@ -111,20 +112,22 @@ def test_native_inference_blocks_and_lora():
     late = copy.deepcopy(base)
     accelerate(late, training=False)
     assert native_modules(late)["NativeDecoderBlock"] == 2
-    with pytest.raises(LmarchError, match="swapped for inference"):
-        add_lora(late, pattern, rank=4)
+    add_lora(late, pattern, rank=4)
     add_lora(base, pattern, rank=4)
+    torch.manual_seed(1)
     with torch.no_grad():
         for layer in lora_layers(base).values():
             nn.init.normal_(layer.lora_B, std=0.1)
+    late.load_state_dict(base.state_dict())
     fast = accelerate(copy.deepcopy(base), training=False)
     assert native_modules(fast)["NativeDecoderBlock"] == 0
     assert native_modules(fast)["NativeSwiGLU"] == 0
     ids = _ids()[:1, :6]
     outs = []
-    for model in (base, fast):
+    for model in (base, fast, late):
         cache = model.make_cache(1, 32)
         with torch.no_grad():
             model(ids[:, :5], cache=cache, start=0)
             outs.append(model(ids[:, 5:], cache=cache, start=5))
     assert (outs[0] - outs[1]).abs().max().item() <= 1e-5
+    assert (outs[0] - outs[2]).abs().max().item() <= 1e-5
