@@ -31,6 +31,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/quant_linear.py
 	$(PY) benchmarks/decode.py
 	$(PY) benchmarks/quality_bar.py
+	$(PY) benchmarks/attention.py
 
 lint: $(STAMP)
 	.venv/bin/ruff check lmarch tests benchmarks

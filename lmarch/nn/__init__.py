@@ -11,6 +11,7 @@ from lmarch.nn.attention import (
 from lmarch.nn.block import TransformerBlock
 from lmarch.nn.cache import KVCache
 from lmarch.nn.ffn import MLP, GatedMLP, get_activation, swiglu_hidden_dim
+from lmarch.nn.flash import flash_attention
 from lmarch.nn.norm import LayerNorm, RMSNorm, build_norm
 from lmarch.nn.pooling import l2_normalize, pool
 from lmarch.nn.position import (
@@ -37,6 +38,7 @@ __all__ = [
     "apply_rotary",
     "build_norm",
     "causal_mask",
+    "flash_attention",
     "get_activation",
     "l2_normalize",
     "padding_mask",
