@@ -139,3 +139,15 @@ def test_nothing_quadratic_is_saved_for_backward() -> None:
     # the written-out equation does save T x T probabilities: the check can tell them apart
     ref_largest, _ = _largest_saved(lambda: reference_attention(q, k, v, causal_mask(t, t)))
     assert ref_largest >= t * t
+
+
+def test_more_queries_than_keys_causal_leaves_early_rows_empty() -> None:
+    # bottom-right aligned with T > S: the first T - S queries see no key and give zeros
+    out, _ = _compare(1, 2, 2, 30, 10, 8, causal=True, block_q=8, block_k=4)
+    assert torch.equal(out[:, :, :20], torch.zeros_like(out[:, :, :20]))
+
+
+def test_grouped_query_heads_with_padding_and_cached_keys() -> None:
+    pad = torch.ones(2, 41, dtype=torch.bool)
+    pad[0, :7] = False
+    _compare(2, 6, 2, 19, 41, 16, causal=True, pad=pad, scale=0.2, block_q=8, block_k=16)
