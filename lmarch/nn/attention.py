@@ -54,6 +54,12 @@ def padding_mask(attention_mask: Tensor) -> Tensor:
     return attention_mask.bool()[:, None, None, :]
 
 
+def attention_scale(head_dim: int, scale: float | None = None) -> float:
+    """The factor on q k^T before the softmax: ``scale``, or the paper's 1 / sqrt(d_k) when None
+    (Vaswani et al. 2017, eq. 1)."""
+    return 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+
+
 def reference_attention(
     q: Tensor,
     k: Tensor,
@@ -67,7 +73,7 @@ def reference_attention(
     ``mask`` is boolean (True = may attend) and broadcasts against [B, H, T_q, T_k]; ``scale``
     defaults to 1 / sqrt(d) (GPT-2 checkpoints may ask for 1, or 1 / (sqrt(d) * layer)).
     """
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    scale = attention_scale(q.shape[-1], scale)
     scores = (q @ k.transpose(-2, -1)) * scale
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
@@ -156,7 +162,7 @@ def grouped_query_decode_attention(
     n_rep = h // h_kv
     rows = q.reshape(b * h_kv, n_rep * t, d)
     keys, values = k.reshape(b * h_kv, s, d), v.reshape(b * h_kv, s, d)
-    alpha = 1.0 / math.sqrt(d) if scale is None else scale
+    alpha = attention_scale(d, scale)
     scores = torch.baddbmm(rows.new_empty(()), rows, keys.transpose(1, 2), beta=0.0, alpha=alpha)
     if allowed is not None:
         scores = scores.masked_fill(~allowed.repeat(n_rep, 1), float("-inf"))

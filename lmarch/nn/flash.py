@@ -28,11 +28,11 @@ Backward, with P_ij = e^{S_ij - L_i} recomputed block by block:
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
+
+from lmarch.nn.attention import attention_scale
 
 _NEG_INF = float("-inf")
 
@@ -212,7 +212,7 @@ def flash_attention(
         if key_padding_mask.shape != (b, k.shape[2]):
             raise ValueError(f"key_padding_mask must be [B, S] = {(b, k.shape[2])}")
         pad = key_padding_mask.to(device=q.device, dtype=torch.bool)
-    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    scale = attention_scale(d, scale)
     return FlashAttentionFunction.apply(
         q.contiguous(), k.contiguous(), v.contiguous(), pad, causal, scale, block_q, block_k
     )
