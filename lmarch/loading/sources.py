@@ -171,6 +171,7 @@ def read_run(source: Source) -> LoadedModel:
     """An ``lmarch train`` run folder, as the model its objective trained: the next-token model
     (``clm``), the masked LM with its head (``mlm``), or ELECTRA's discriminator (``rtd``: the
     generator trained beside it is dropped). Encoders pool by the mean over real tokens."""
+    from lmarch.loading.saving import chat_from_config
     from lmarch.models.registry import build_model, config_from_dict
     from lmarch.weights.checkpoint import load_run
 
@@ -189,7 +190,8 @@ def read_run(source: Source) -> LoadedModel:
     objective = RUN_OBJECTIVES[run.get("objective", "clm")]
     family = run["model"]["family"]
     if objective == CAUSAL_LM:
-        return LoadedModel(model, tokenizer, source.name, family, objective)
+        chat = chat_from_config(run)
+        return LoadedModel(model, tokenizer, source.name, family, objective, chat=chat)
     from lmarch.train.objectives import ElectraPretrainingModel
 
     if isinstance(model, ElectraPretrainingModel):  # what ELECTRA keeps: the discriminator
