@@ -5,7 +5,11 @@ path of the same matrix, ``base_model.model.transformer.h.0.attn.c_attn.lora_A.w
 and ``...lora_B.weight`` [out, r], as ``peft`` writes them. GPT-2's layers are ``Conv1D`` in
 transformers (weight stored [in, out], ``fan_in_fan_out: true``), but PEFT keeps A and B in the
 ``nn.Linear`` orientation for them too, so the adapter tensors cross unchanged. The module paths
-come from lmarch's weight name maps (:mod:`lmarch.weights.hf_gpt2`, :mod:`lmarch.weights.hf_llama`).
+come from lmarch's weight name maps (:mod:`lmarch.weights.hf_gpt2`, :mod:`lmarch.weights.hf_llama`,
+:mod:`lmarch.weights.hf_bert` for BERT, RoBERTa, ALBERT and ELECTRA, bare or with a task head).
+Layers of other ranks or alphas than the adapter's most common ones are written to PEFT's
+``rank_pattern`` / ``alpha_pattern`` under their full module path, and read back with PEFT's
+matching rule.
 
 lmarch fuses LLaMA's q/k/v projections (``attn.qkv``) and gate/up (``ffn.gate_up``). Both ways
 are exact:
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -50,8 +55,6 @@ _KEY = re.compile(r"^base_model\.model\.(.+)\.lora_([AB])(?:\.default)?\.weight$
 _UNSUPPORTED = (
     "use_dora",
     "modules_to_save",
-    "rank_pattern",
-    "alpha_pattern",
     "layer_replication",
     "lora_bias",
     "target_parameters",
@@ -64,8 +67,10 @@ _UNSUPPORTED = (
 
 
 def _family(model: nn.Module) -> tuple[str, WeightMap, int, dict[str, tuple[int, ...]]]:
-    """(family, name map, layer count, row counts of fused tensors' parts) of an lmarch model
+    """(family, name map, block count, row counts of fused tensors' parts) of an lmarch model
     that has a Hugging Face layout."""
+    from lmarch.models.bert import BertModel
+    from lmarch.models.bert_heads import EncoderWithHead
     from lmarch.models.gpt import GPT
     from lmarch.models.llama import Llama
     from lmarch.weights.hf_gpt2 import gpt2_map
@@ -76,8 +81,18 @@ def _family(model: nn.Module) -> tuple[str, WeightMap, int, dict[str, tuple[int,
     if isinstance(model, Llama):
         c = model.config
         return "llama", llama_map(c), c.n_layer, split_sizes(c)
+    if isinstance(model, (BertModel, EncoderWithHead)):
+        from lmarch.weights.hf_bert import map_for_model
+
+        c = model.config
+        encoder = model if isinstance(model, BertModel) else model.bert
+        prefix = "" if isinstance(model, BertModel) else "bert."
+        # ALBERT shares one block per group: HF names the groups, not the layers
+        sizes = {f"{prefix}blocks.{{i}}.attn.qkv.weight": (c.n_embd,) * 3}
+        return "bert", map_for_model(model), len(encoder.blocks), sizes
     raise LmarchError(
-        f"PEFT adapters are written for GPT-2 and LLaMA models, not {type(model).__name__}"
+        "PEFT adapters are written for GPT-2, LLaMA and BERT-family models, "
+        f"not {type(model).__name__}"
     )
 
 
@@ -114,12 +129,16 @@ def save_adapter(
                 f"LoRA layer {name!r} has rank {m.rank} but scale {m.scaling}: it cannot be "
                 "written with one PEFT rank"
             )
-    settings = {(m.rank, m.alpha, m.rslora, _dropout(m)) for m in layers.values()}
+    settings = {(m.rslora, _dropout(m)) for m in layers.values()}
     if len(settings) > 1:
-        raise LmarchError(
-            "adapters of different rank/alpha/dropout/rsLoRA cannot be saved together"
-        )
-    rank, alpha, rslora, dropout = settings.pop()
+        raise LmarchError("adapters of different dropout or rsLoRA cannot be saved together")
+    rslora, dropout = settings.pop()
+    # the most common rank and alpha are the defaults; the other layers go to PEFT's patterns
+    ranks = Counter(m.rank for m in layers.values())
+    alphas = Counter(m.alpha for m in layers.values())
+    rank, alpha = ranks.most_common(1)[0][0], alphas.most_common(1)[0][0]
+    rank_pattern: dict[str, int] = {}
+    alpha_pattern: dict[str, float] = {}
     tensors: dict[str, torch.Tensor] = {}
     targets = []
     for name, layer in layers.items():
@@ -135,11 +154,15 @@ def save_adapter(
         rows = _part_rows(name, sizes) if len(parts) > 1 else (layer.out_features,)
         for part, b in zip(parts, layer.lora_B.detach().split(rows, dim=0)):
             targets.append(part)
+            if layer.rank != rank:
+                rank_pattern[part] = layer.rank
+            if layer.alpha != alpha:
+                alpha_pattern[part] = layer.alpha
             tensors[f"{_PREFIX}{part}.lora_A.weight"] = layer.lora_A.detach().clone()
             tensors[f"{_PREFIX}{part}.lora_B.weight"] = b.contiguous()
     config = {
         "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
+        "task_type": _TASK_TYPES.get((family, _task(model))),
         "base_model_name_or_path": base_model_name_or_path,
         "r": rank,
         "lora_alpha": alpha,
@@ -151,8 +174,9 @@ def save_adapter(
         "target_modules": sorted(targets),
         "modules_to_save": None,
         "use_dora": False,
-        "rank_pattern": {},
-        "alpha_pattern": {},
+        # full module paths: PEFT matches a key k against a name n by re.match(rf"(.*\.)?({k})$", n)
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern,
         "inference_mode": True,
     }
     out = Path(folder)
@@ -162,9 +186,39 @@ def save_adapter(
 
 
 def _part_rows(name: str, sizes: dict[str, tuple[int, ...]]) -> tuple[int, ...]:
-    """Row counts of the parts of fused layer ``name`` (e.g. ``blocks.3.attn.qkv``)."""
-    generic = re.sub(r"^blocks\.\d+\.", "blocks.{i}.", name) + ".weight"
+    """Row counts of the parts of fused layer ``name`` (``blocks.3.attn.qkv``,
+    ``bert.blocks.0.attn.qkv``)."""
+    generic = re.sub(r"(^|\.)blocks\.\d+\.", r"\1blocks.{i}.", name, count=1) + ".weight"
     return sizes[generic]
+
+
+def _task(model: nn.Module) -> str:
+    """``"base"`` for GPT, LLaMA and a bare encoder; else the BERT task model's task."""
+    from lmarch.models.bert_heads import EncoderWithHead
+
+    if isinstance(model, EncoderWithHead):
+        from lmarch.models.heads import bert_task_of
+
+        return bert_task_of(model)
+    return "base"
+
+
+# PEFT's task_type for each lmarch model: it picks the PeftModel class. The classification ones
+# are left out on purpose: PEFT would then also expect the (untouched) head in the adapter.
+_TASK_TYPES = {
+    ("gpt2", "base"): "CAUSAL_LM",
+    ("llama", "base"): "CAUSAL_LM",
+    ("bert", "base"): "FEATURE_EXTRACTION",
+}
+
+
+def pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
+    r"""PEFT's per-layer override: the value of the first key ``k`` of ``patterns`` (a rank or
+    alpha pattern) for which ``re.match(rf"(.*\.)?({k})$", module)`` holds, else ``default``."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
 
 
 def _dropout(layer: nn.Module) -> float:
@@ -235,6 +289,7 @@ def load_adapter(model: nn.Module, folder: str | Path) -> list[str]:
     if not isinstance(rank, int) or rank < 1:
         raise LmarchError(f"{folder / CONFIG_FILE}: r={rank!r} is not a positive rank")
     alpha = float(config.get("lora_alpha", 8))
+    rank_pattern, alpha_pattern = _patterns(config, folder / CONFIG_FILE)
     rslora = bool(config.get("use_rslora", False))
     dropout = float(config.get("lora_dropout", 0.0))
     modules = dict(model.named_modules())
@@ -246,15 +301,28 @@ def load_adapter(model: nn.Module, folder: str | Path) -> list[str]:
         quantised = isinstance(layer, _quantised_types())
         if type(layer) is not nn.Linear and not quantised:
             raise LmarchError(f"{path}: layer {name!r} is not a plain nn.Linear (already adapted?)")
-        for k, pair in by_part.items():
+        hf_parts = names[name] if isinstance(names[name], tuple) else (names[name],)
+        first: tuple[int, float, float] | None = None  # (rank, alpha, scale) of the first part
+        for k, pair in sorted(by_part.items()):
             for part in "AB":
                 if part not in pair:
                     raise LmarchError(f"{path}: lora_{part} of {name!r} (part {k}) is missing")
-            if pair["A"].shape[0] != rank:
+            hf = hf_parts[k] if k < len(hf_parts) else name
+            r_k = pattern_value(rank_pattern, hf, rank)
+            alpha_k = float(pattern_value(alpha_pattern, hf, alpha))
+            if pair["A"].shape[0] != r_k:
                 raise LmarchError(
                     f"{path}: the adapter of {name!r} has rank {pair['A'].shape[0]}, the config "
-                    f"says r={rank} (per-layer ranks are not supported)"
+                    f"says r={r_k} for {hf!r}"
                 )
+            scale = lora_scaling(r_k, alpha_k, rslora)
+            if first is None:
+                first = (r_k, alpha_k, scale)
+            elif scale != first[2]:
+                # parts of one fused layer with their own scales: fold the ratio into B
+                pair["B"] = pair["B"] * (scale / first[2])
+        assert first is not None
+        part_rank, part_alpha, part_scale = first
         rows = _part_rows(name, sizes) if isinstance(names[name], tuple) else (layer.out_features,)
         a, b = _fuse(by_part, rows, name, path)
         if a.shape[1] != layer.in_features or b.shape[0] != layer.out_features:
@@ -264,11 +332,12 @@ def load_adapter(model: nn.Module, folder: str | Path) -> list[str]:
             )
         if quantised:
             lora: LoRALinear | QuantLoRALinear = QuantLoRALinear(
-                layer, a.shape[0], alpha, dropout, rslora
+                layer, a.shape[0], part_alpha, dropout, rslora
             )
         else:
-            lora = LoRALinear.from_linear(layer, a.shape[0], alpha, dropout, rslora)
-        lora.scaling = lora_scaling(rank, alpha, rslora)  # PEFT's r, even for a block adapter
+            lora = LoRALinear.from_linear(layer, a.shape[0], part_alpha, dropout, rslora)
+        lora.scaling = part_scale  # PEFT's scale for the part's r, even for a block adapter
+        del part_rank
         with torch.no_grad():
             lora.lora_A.copy_(a)
             lora.lora_B.copy_(b)
@@ -276,6 +345,25 @@ def load_adapter(model: nn.Module, folder: str | Path) -> list[str]:
     for name, lora in built.items():
         _set_module(model, name, lora)
     return list(built)
+
+
+def _patterns(config: dict[str, Any], path: Path) -> tuple[dict[str, int], dict[str, float]]:
+    """The config's ``rank_pattern`` and ``alpha_pattern``, checked (module regex -> number)."""
+    out = []
+    for field, kind in (("rank_pattern", int), ("alpha_pattern", (int, float))):
+        pattern = config.get(field) or {}
+        ok = isinstance(pattern, dict) and all(
+            isinstance(v, kind) and not isinstance(v, bool) and v > 0 for v in pattern.values()
+        )
+        if not ok:
+            raise LmarchError(f"{path}: {field} must map module patterns to positive numbers")
+        for key in pattern:
+            try:
+                re.compile(key)
+            except re.error as e:
+                raise LmarchError(f"{path}: {field} key {key!r} is not a regex ({e})") from None
+        out.append(pattern)
+    return out[0], out[1]
 
 
 def _fuse(

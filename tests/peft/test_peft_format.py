@@ -160,7 +160,7 @@ def test_fused_llama_adapter_round_trips_at_its_rank(tmp_path):  # type: ignore[
         ("use_dora", True),
         ("bias", "all"),
         ("modules_to_save", ["lm_head"]),
-        ("rank_pattern", {"c_fc": 2}),
+        ("layer_replication", [[0, 1]]),
     ],
 )
 def test_unsupported_peft_options_are_refused(tmp_path, field, value):  # type: ignore[no-untyped-def]
