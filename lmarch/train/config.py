@@ -12,9 +12,13 @@ from dataclasses import dataclass
 from lmarch.errors import LmarchError
 from lmarch.settings import coerce_value, field_names, setting
 
-__all__ = ["TrainConfig", "coerce_value", "field_names"]
+__all__ = ["PRECISIONS", "TrainConfig", "coerce_value", "field_names", "merge_saved_settings"]
 
-DTYPES = ("float32", "bfloat16")
+# Mixed precision: "fp32" none; "bf16" autocast to bfloat16 (CPU and CUDA; Kalamkar et al. 2019);
+# "fp16" autocast to float16 with dynamic loss scaling (Micikevicius et al. 2018), CUDA only.
+PRECISIONS = ("fp32", "bf16", "fp16")
+# ``dtype`` is the older name of ``precision`` (run folders written before it carry it)
+DTYPES = {"float32": "fp32", "bfloat16": "bf16"}
 
 
 @dataclass
@@ -36,7 +40,13 @@ class TrainConfig:
     eval_iters: int = setting(20, "batches per evaluation")
     log_interval: int = setting(10, "log the training loss every this many iterations")
     checkpoint_interval: int | None = setting(None, "checkpoint every N; unset: at every eval")
-    dtype: str = setting("float32", "'float32', or 'bfloat16' to train under bf16 autocast")
+    precision: str = setting(
+        "fp32", "'fp32', 'bf16' (autocast, CPU or CUDA) or 'fp16' (autocast + loss scaling, CUDA)"
+    )
+    dtype: str | None = setting(None, "old name of precision: 'float32' (fp32), 'bfloat16' (bf16)")
+    grad_checkpointing: bool = setting(
+        False, "recompute each Transformer block in the backward pass (less memory, ~1/3 slower)"
+    )
     compile: bool = setting(False, "torch.compile the model")
     device: str = setting("auto", "'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:1', ...")
     seed: int = setting(1337, "seed of the initial weights and of the batch order")
@@ -74,12 +84,38 @@ class TrainConfig:
         need(0 <= number("beta2") < 1, "beta2", "in [0, 1)")
         need(number("grad_clip") >= 0, "grad_clip", "a number >= 0 (0 disables clipping)")
         need(0 < number("val_fraction") < 1, "val_fraction", "in (0, 1)")
-        need(self.dtype in DTYPES, "dtype", f"one of {list(DTYPES)}")
+        need(self.precision in PRECISIONS, "precision", f"one of {list(PRECISIONS)}")
+        if self.dtype is not None:
+            need(self.dtype in DTYPES, "dtype", f"one of {list(DTYPES)} (or set precision)")
+            folded = DTYPES[self.dtype]
+            if self.precision not in ("fp32", folded):
+                raise LmarchError(
+                    f"TrainConfig.dtype={self.dtype!r} contradicts precision={self.precision!r}",
+                    hint="set precision only (dtype is its old name)",
+                )
+            self.precision, self.dtype = folded, None  # one field holds the choice from here on
+        if self.precision == "fp16" and str(self.device).startswith("cpu"):
+            raise LmarchError(
+                "precision fp16 needs a CUDA device (its loss scaling is for GPUs); "
+                f"device is {self.device!r}",
+                hint="use precision=bf16 on the CPU",
+            )
         need(isinstance(self.seed, int) and not isinstance(self.seed, bool), "seed", "an integer")
-        for name in ("compile", "skip_nonfinite"):
+        for name in ("compile", "skip_nonfinite", "grad_checkpointing"):
             need(isinstance(getattr(self, name), bool), name, "true or false")
 
     @property
     def decay_iters(self) -> int:
         """Iterations over which the learning rate decays to ``min_lr``."""
         return self.lr_decay_iters if self.lr_decay_iters is not None else self.max_iters
+
+
+def merge_saved_settings(saved: dict, overrides: dict) -> dict:
+    """A resumed run's saved training settings with ``overrides`` on top. ``dtype`` (a run
+    folder's older name for ``precision``) and ``precision`` are one choice: the one given in
+    ``overrides`` replaces the saved value under either name."""
+    saved = dict(saved)
+    if "precision" in overrides or "dtype" in overrides:
+        saved.pop("precision", None)
+        saved.pop("dtype", None)
+    return {**saved, **overrides}

@@ -38,7 +38,7 @@ from lmarch.settings import build_config, coerce_value, field_names
 from lmarch.tokenizers.base import Tokenizer, load_tokenizer
 from lmarch.tokenizers.kinds import build_tokenizer
 from lmarch.train.callbacks import LossPlot, ProgressBar
-from lmarch.train.config import TrainConfig
+from lmarch.train.config import TrainConfig, merge_saved_settings
 from lmarch.train.objectives import masking_for, objective_loss, objective_model
 from lmarch.train.trainer import Callback, Trainer, TrainResult, causal_lm_loss
 from lmarch.weights.checkpoint import read_json, write_json
@@ -199,7 +199,7 @@ def train_run(
         model_over, train_over = split_overrides(family, overrides)
         if model_over:
             raise LmarchError(f"cannot change model settings on resume: {sorted(model_over)}")
-        train_cfg = build_config(TrainConfig, {**saved["train"], **train_over})
+        train_cfg = build_config(TrainConfig, merge_saved_settings(saved["train"], train_over))
         model_cfg = config_from_dict(saved["model"])
         tokenizer = load_tokenizer(out / "tokenizer.json")
         data = saved.get("data", data)

@@ -1,10 +1,13 @@
 """The training loop: mini-batch AdamW on a loss, with everything a real run needs around it.
 
 Per iteration: for each of ``gradient_accumulation_steps`` micro-batches, loss / steps is
-back-propagated (under bf16 autocast if asked); gradients are clipped to global norm
-``grad_clip`` (Pascanu et al. 2013); the learning rate is set from the schedule; AdamW steps.
-Around that: periodic evaluation, JSONL metrics, callbacks (progress bar, plots), atomic
-checkpoints and bit-identical resume.
+back-propagated; gradients are clipped to global norm ``grad_clip`` (Pascanu et al. 2013); the
+learning rate is set from the schedule; AdamW steps. Options: ``precision`` bf16 (autocast) or
+fp16 (autocast with dynamic loss scaling, Micikevicius et al. 2018: the loss is multiplied by S
+before the backward, gradients divided by S before clipping, a step with inf/nan gradients is
+skipped and S halved, S doubled after 2000 clean steps), and ``grad_checkpointing``
+(:mod:`lmarch.train.checkpointing`). Around that: periodic evaluation, JSONL metrics, callbacks
+(progress bar, plots), atomic checkpoints and bit-identical resume (loss scale included).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from torch import Tensor, nn
 from lmarch.data.batches import RandomBlockSampler
 from lmarch.errors import LmarchError
 from lmarch.native import accelerate
+from lmarch.train.checkpointing import checkpoint_blocks
 from lmarch.train.config import TrainConfig
 from lmarch.train.optim import build_optimizer, learning_rate_at
 from lmarch.train.state import (
@@ -85,6 +89,23 @@ class TrainResult:
         }
 
 
+def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of ``precision`` on ``device``, refusing what the device lacks."""
+    if precision == "fp32":
+        return None
+    if precision == "fp16" and device.type != "cuda":
+        raise LmarchError(
+            f"precision fp16 needs a CUDA device (its loss scaling is for GPUs), not {device}",
+            hint="use precision=bf16 on the CPU",
+        )
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise LmarchError(
+            f"precision bf16 is not supported by {torch.cuda.get_device_name(device)}",
+            hint="use precision=fp16 (with loss scaling) on this GPU",
+        )
+    return torch.bfloat16 if precision == "bf16" else torch.float16
+
+
 def resolve_device(name: str) -> torch.device:
     """``auto`` picks CUDA when present, else the CPU."""
     if name == "auto":
@@ -112,6 +133,14 @@ class Trainer:
         self.config = config
         self.device = resolve_device(config.device)
         self.model = accelerate(model.to(self.device), training=True)  # native fast paths
+        self.autocast_dtype = _autocast_dtype(config.precision, self.device)
+        # fp16's narrow range needs loss scaling; bf16 has float32's exponent range and does not
+        self.scaler = torch.amp.GradScaler(self.device.type) if config.precision == "fp16" else None
+        if config.grad_checkpointing and checkpoint_blocks(self.model) == 0:
+            raise LmarchError(
+                f"grad_checkpointing: {type(model).__name__} has no Transformer block to checkpoint",
+                hint="drop --set grad_checkpointing=true for this model",
+            )
         self.train_batches = train_batches
         self.val_batches = val_batches
         self.out_dir = Path(out_dir) if out_dir is not None else None
@@ -127,8 +156,8 @@ class Trainer:
     # ---- pieces of one iteration ----------------------------------------------------------
 
     def _autocast(self) -> contextlib.AbstractContextManager:
-        if self.config.dtype == "bfloat16":
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        if self.autocast_dtype is not None:
+            return torch.autocast(self.device.type, dtype=self.autocast_dtype)
         return contextlib.nullcontext()
 
     def _to_device(self, batch: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
@@ -146,15 +175,21 @@ class Trainer:
             batch = self._to_device(self.train_batches.sample())
             with self._autocast():
                 loss = self.loss_fn(self._forward_model, batch) / cfg.gradient_accumulation_steps
-            loss.backward()
+            (loss if self.scaler is None else self.scaler.scale(loss)).backward()
             total += loss.detach()
         if cfg.skip_nonfinite and not torch.isfinite(total):
             self.optimizer.zero_grad(set_to_none=True)
             self.step += 1
             return total
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
-        self.optimizer.step()
+        if self.scaler is None:
+            self.optimizer.step()
+        else:
+            self.scaler.step(self.optimizer)  # skipped when a gradient is inf/nan
+            self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         return total
@@ -187,6 +222,8 @@ class Trainer:
         optim_tensors, optim_meta = optimizer_to_tensors(self.optimizer)
         rng = rng_to_tensors({"train_batches": self.train_batches.generator})
         meta = {"step": self.step, "optimizer": optim_meta}
+        if self.scaler is not None:
+            meta["scaler"] = self.scaler.state_dict()  # the loss scale and its growth counter
         write_checkpoint(
             self.out_dir,
             {
@@ -206,6 +243,8 @@ class Trainer:
         state = load_tensors(ckpt / "trainer.safetensors")
         optimizer_from_tensors(self.optimizer, state, meta["optimizer"])
         rng_from_tensors(state, {"train_batches": self.train_batches.generator})
+        if self.scaler is not None and "scaler" in meta:
+            self.scaler.load_state_dict(meta["scaler"])
         self.step = int(meta["step"])
         return True
 
