@@ -164,10 +164,78 @@ def build_parser() -> OneLineParser:
     se.add_argument("--cache", default=None, help="where to keep the index embeddings")
     se.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
 
+    _add_finetune_parsers(sub)
+
     d = sub.add_parser("demo", help="train a small GPT on Shakespeare (~3 min) and sample it")
     d.add_argument("--out", default="runs/demo")
     d.add_argument("--max-iters", type=int, default=None)
     return parser
+
+
+def _add_finetune_parsers(sub: argparse._SubParsersAction) -> None:
+    """``lmarch finetune`` (options from FinetuneConfig and TrainConfig) and ``lmarch merge``."""
+    from lmarch.tasks.finetune import FinetuneConfig
+    from lmarch.train.config import TrainConfig
+
+    f = sub.add_parser("finetune", help="fine-tune a pretrained causal LM: full, LoRA or QLoRA")
+    f.add_argument("model", nargs="?", help="a preset with weights, a .gguf, an HF or run folder")
+    f.add_argument("--data", default="shakespeare", help="'shakespeare', a .txt, folder or .jsonl")
+    f.add_argument("--out", required=True, help="run folder (adapter in PEFT's format, or weights)")
+    f.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting"
+    )
+    f.add_argument("--config", default=None, help="TOML file of settings")
+    f.add_argument("--resume", action="store_true", help="continue the run in --out")
+    f.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
+    f.set_defaults(
+        finetune_keys=add_config_options(
+            f.add_argument_group("fine-tuning (FinetuneConfig)"), FinetuneConfig, unset=True
+        ),
+        train_keys=add_config_options(
+            f.add_argument_group("training (TrainConfig)"), TrainConfig, unset=True
+        ),
+    )
+    m = sub.add_parser("merge", help="fold a LoRA run's adapter into full weights")
+    m.add_argument("run_dir", help="a folder written by 'lmarch finetune --method lora|qlora'")
+    m.add_argument("--out", required=True, help="run folder for the merged model")
+    m.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from lmarch.tasks.finetune import finetune
+    from lmarch.train.run import parse_set_options, read_config_file
+
+    console = Console(stderr=args.json)
+    overrides: dict = read_config_file(args.config) if args.config else {}
+    overrides.update(parse_set_options(args.set))
+    overrides.update(given_values(args, [*args.finetune_keys, *args.train_keys]))
+    result = finetune(
+        args.model, args.data, args.out, overrides, resume=args.resume, log=console.print
+    )
+    console.print(
+        f"done: {result.iters} iterations, val loss {result.val_loss_before:.4f} -> "
+        f"{result.val_loss_after:.4f}, {result.trainable_share:.3%} of parameters trained "
+        f"-> {args.out}"
+    )
+    if args.json:
+        print(json.dumps(result.as_dict()))
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from lmarch.tasks.finetune import merge_run
+
+    summary = merge_run(args.run_dir, args.out)
+    Console(stderr=args.json).print(
+        f"merged {summary['merged_layers']} adapted layers ({summary['method']}) -> {args.out}"
+    )
+    if args.json:
+        print(json.dumps(summary))
+    return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -417,6 +485,8 @@ COMMANDS = {
     "embed": cmd_embed,
     "search": cmd_search,
     "demo": cmd_demo,
+    "finetune": cmd_finetune,
+    "merge": cmd_merge,
 }
 
 

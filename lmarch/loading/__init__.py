@@ -68,6 +68,10 @@ def load(
     """
     start = time.perf_counter()
     source = resolve(spec)
+    if source.kind == "finetuned":  # base + adapter: the base is loaded by this same function
+        from lmarch.loading.finetuned import read_finetuned
+
+        return read_finetuned(source, quant, device, dtype, context)
     chosen = choose_quant(quant, source.kind, source.path, device, dtype)
     if dtype is not None and chosen != "none":
         raise LmarchError(f"dtype {dtype} is for float models, not quant {chosen!r}")

@@ -29,7 +29,8 @@ CLASSIFIER_FILE = "classifier.json"  # what lmarch classify train writes beside 
 
 @dataclass(frozen=True)
 class Source:
-    """A resolved spec: ``kind`` is ``"gguf"``, ``"hf"``, ``"run"`` or ``"classifier"``;
+    """A resolved spec: ``kind`` is ``"gguf"``, ``"hf"``, ``"run"``, ``"finetuned"`` (a LoRA /
+    QLoRA run: :mod:`lmarch.loading.finetuned`) or ``"classifier"``;
     ``name`` is what messages call it."""
 
     kind: str
@@ -70,6 +71,9 @@ def resolve(spec: str | Path) -> Source:
     if path.is_dir() and (path / "config.json").is_file():
         config = _read_json(path / "config.json")
         is_run = isinstance(config, dict) and "family" in (config.get("model") or {})
+        finetune = config.get("finetune") if is_run else None
+        if isinstance(finetune, dict) and finetune.get("method") in ("lora", "qlora"):
+            return Source("finetuned", path, spec)  # an adapter over a base named in the config
         return Source("run" if is_run else "hf", path, spec if is_run else path.name)
     names = ", ".join(n for n, p in PRESETS.items() if p.weights)
     raise LmarchError(
