@@ -32,6 +32,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/decode.py
 	$(PY) benchmarks/quality_bar.py
 	$(PY) benchmarks/attention.py
+	$(PY) benchmarks/memory.py
 
 lint: $(STAMP)
 	.venv/bin/ruff check lmarch tests benchmarks
