@@ -30,6 +30,7 @@ from lmarch.models.validate import (
     check_bool,
     check_choice,
     check_divides,
+    check_flash_dropout,
     check_fraction,
     check_int,
     check_optional_int,
@@ -43,6 +44,7 @@ from lmarch.nn import (
     TransformerBlock,
     padding_mask,
 )
+from lmarch.nn.attention import ATTENTION_IMPLEMENTATIONS
 from lmarch.nn.ffn import ACTIVATIONS
 from lmarch.nn.init import init_normal
 from lmarch.nn.pooling import pool
@@ -111,7 +113,8 @@ class BertConfig:
                 "block_size",
             )
         check_bool(name, "add_pooler", self.add_pooler)
-        check_choice(name, "attention", self.attention, ("sdpa", "reference"))
+        check_choice(name, "attention", self.attention, ATTENTION_IMPLEMENTATIONS)
+        check_flash_dropout(name, self.attention, self.dropout)
 
     @property
     def embedding_dim(self) -> int:

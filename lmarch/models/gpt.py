@@ -21,6 +21,7 @@ from lmarch.models.validate import (
     check_bool,
     check_choice,
     check_divides,
+    check_flash_dropout,
     check_fraction,
     check_int,
     check_optional_int,
@@ -34,10 +35,9 @@ from lmarch.nn import (
     MultiHeadAttention,
     TransformerBlock,
 )
+from lmarch.nn.attention import ATTENTION_IMPLEMENTATIONS
 from lmarch.nn.ffn import ACTIVATIONS
 from lmarch.nn.init import init_normal
-
-ATTENTION_IMPLEMENTATIONS = ("sdpa", "reference")
 
 
 @dataclass
@@ -72,6 +72,7 @@ class GPTConfig:
         check_positive(name, "layer_norm_eps", self.layer_norm_eps)
         check_choice(name, "activation", self.activation, sorted(ACTIVATIONS))
         check_choice(name, "attention", self.attention, ATTENTION_IMPLEMENTATIONS)
+        check_flash_dropout(name, self.attention, self.dropout)
         for field_name in ("bias", "tie_embeddings", "scale_attn_weights"):
             check_bool(name, field_name, getattr(self, field_name))
         check_bool(name, "scale_attn_by_inverse_layer_idx", self.scale_attn_by_inverse_layer_idx)

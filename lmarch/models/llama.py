@@ -23,6 +23,7 @@ from lmarch.models.validate import (
     check_bool,
     check_choice,
     check_divides,
+    check_flash_dropout,
     check_fraction,
     check_int,
     check_optional_int,
@@ -35,6 +36,7 @@ from lmarch.nn import (
     RMSNorm,
     TransformerBlock,
 )
+from lmarch.nn.attention import ATTENTION_IMPLEMENTATIONS
 from lmarch.nn.ffn import ACTIVATIONS
 from lmarch.nn.init import init_normal
 from lmarch.nn.position import MAX_ROTARY_POSITIONS, check_rope_scaling, rotary_embedding
@@ -101,7 +103,8 @@ class LlamaConfig:
                 raise ConfigError(str(exc), "rope_scaling") from exc
         check_fraction(name, "dropout", self.dropout)
         check_choice(name, "activation", self.activation, sorted(ACTIVATIONS))
-        check_choice(name, "attention", self.attention, ("sdpa", "reference"))
+        check_choice(name, "attention", self.attention, ATTENTION_IMPLEMENTATIONS)
+        check_flash_dropout(name, self.attention, self.dropout)
         for field_name in ("tie_embeddings", "attention_bias", "mlp_bias"):
             check_bool(name, field_name, getattr(self, field_name))
 

@@ -55,6 +55,16 @@ def check_choice(owner: str, name: str, value: Any, choices: Iterable[Any]) -> N
         raise ConfigError(f"{owner}.{name} must be one of {list(choices)}, got {value!r}", name)
 
 
+def check_flash_dropout(owner: str, attention: str, dropout: float) -> None:
+    """The written-out flash attention has no attention dropout: refuse it with dropout > 0."""
+    if attention == "flash" and dropout > 0:
+        raise ConfigError(
+            f"{owner}.attention='flash' has no attention dropout; set dropout=0 "
+            f"(got {dropout}) or use attention='sdpa'",
+            "attention",
+        )
+
+
 def check_bool(owner: str, name: str, value: Any) -> None:
     """``value`` must be True or False."""
     if not isinstance(value, bool):

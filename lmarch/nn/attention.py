@@ -17,6 +17,7 @@ fused SDPA; one-token decoding steps compute the same equation as two batched pr
 subclass swapped in from outside (:func:`lmarch.native.accelerate`). Where PyTorch would run its
 CPU flash kernel under autograd, the call goes through :class:`lmarch.nn.sdpa_grad.CpuFlashAttention`
 (the same kernels), because that kernel's backward cannot be differentiated a second time.
+``implementation="flash"`` runs the tiled algorithm written out in :mod:`lmarch.nn.flash`.
 """
 
 from __future__ import annotations
@@ -34,6 +35,10 @@ from lmarch.nn.sdpa_grad import CpuFlashAttention, picks_cpu_flash
 # A hook applied to queries and keys after projection, before attention: rotary embeddings
 # (RoPE) plug in here. Arguments: q [B,H,T,D], k [B,H_kv,T,D], start position of this chunk.
 QKTransform = Callable[[Tensor, Tensor, int], tuple[Tensor, Tensor]]
+
+# "sdpa": PyTorch's fused kernels; "reference": the equation written out; "flash": the tiled
+# online-softmax algorithm written out (lmarch.nn.flash; no attention dropout)
+ATTENTION_IMPLEMENTATIONS = ("sdpa", "reference", "flash")
 
 
 def causal_mask(n_queries: int, n_keys: int, device: torch.device | None = None) -> Tensor:
@@ -105,13 +110,24 @@ def scaled_dot_product_attention(
 
     ``is_causal`` applies the causal mask (queries and keys of equal length); ``mask`` is an
     explicit boolean mask. ``implementation`` is ``"sdpa"`` (fused: flash / memory-efficient /
-    math kernels chosen by PyTorch) or ``"reference"`` (:func:`reference_attention`).
+    math kernels chosen by PyTorch), ``"reference"`` (:func:`reference_attention`) or
+    ``"flash"`` (:func:`lmarch.nn.flash.flash_attention`: causal and key-padding masks, no
+    dropout; a mask of another shape goes to the reference).
     ``scale`` multiplies the scores (default 1 / sqrt(D)). Second derivatives work on both: when
     PyTorch picks its CPU flash kernel, its once-differentiable backward is wrapped (``sdpa_grad``).
     """
-    if implementation not in ("sdpa", "reference"):
+    if implementation not in ATTENTION_IMPLEMENTATIONS:
         raise ValueError(f"unknown attention implementation {implementation!r}")
     n_q, n_k = q.shape[-2], k.shape[-2]
+    if implementation == "flash":
+        if dropout_p > 0:
+            raise ValueError("the written-out flash attention has no attention dropout")
+        from lmarch.nn.flash import flash_attention  # it builds on this file
+
+        keys = _key_padding(mask, q.shape[0], n_k)
+        if mask is None or keys is not None:
+            return flash_attention(q, k, v, causal=is_causal, key_padding_mask=keys, scale=scale)
+        implementation = "reference"  # a mask per query (static-shape decoding)
     if is_causal and (implementation == "reference" or mask is not None or n_q != n_k):
         # one bottom-right aligned triangle for both paths (SDPA's own is top-left aligned)
         causal = causal_mask(n_q, n_k, q.device)
@@ -130,6 +146,17 @@ def scaled_dot_product_attention(
     return F.scaled_dot_product_attention(
         q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, **kwargs
     )
+
+
+def _key_padding(mask: Tensor | None, batch: int, n_keys: int) -> Tensor | None:
+    """``mask`` as a [B, S] key-padding mask when it is one ([B, 1, 1, S] or [B, S]), else None."""
+    if mask is None or mask.dtype != torch.bool:
+        return None
+    if mask.dim() == 4 and mask.shape[1] == 1 and mask.shape[2] == 1:
+        mask = mask[:, 0, 0, :]
+    if mask.dim() == 2 and mask.shape[1] == n_keys and mask.shape[0] in (1, batch):
+        return mask.expand(batch, n_keys)
+    return None
 
 
 def repeat_kv(x: Tensor, n_rep: int) -> Tensor:
@@ -255,7 +282,10 @@ class MultiHeadAttention(nn.Module):
             if k.dtype != q.dtype:  # a float32 cache under half-precision weights (CPU)
                 q = q.to(k.dtype)
         n_rep = self.n_heads // self.n_kv_heads
-        if n_rep > 1 and not (self.implementation == "sdpa" and _SDPA_HAS_GQA):
+        shares_kv = self.implementation == "flash" or (
+            self.implementation == "sdpa" and _SDPA_HAS_GQA
+        )
+        if n_rep > 1 and not shares_kv:
             k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
 
         mask, is_causal = attention_mask, False

@@ -151,3 +151,51 @@ def test_grouped_query_heads_with_padding_and_cached_keys() -> None:
     pad = torch.ones(2, 41, dtype=torch.bool)
     pad[0, :7] = False
     _compare(2, 6, 2, 19, 41, 16, causal=True, pad=pad, scale=0.2, block_q=8, block_k=16)
+
+
+def _family_models(attention: str) -> dict[str, torch.nn.Module]:
+    from lmarch.models import GPT, GPTConfig, Llama, LlamaConfig
+    from lmarch.models.bert import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    return {
+        "gpt": GPT(GPTConfig(vocab_size=50, block_size=40, n_layer=2, n_head=2, n_embd=32,
+                             attention=attention)),
+        "llama": Llama(LlamaConfig(vocab_size=50, block_size=40, n_layer=2, n_head=4, n_kv_head=2,
+                                   n_embd=32, intermediate_size=48, attention=attention)),
+        "bert": BertModel(BertConfig(vocab_size=50, block_size=40, n_layer=2, n_head=4, n_embd=32,
+                                     intermediate_size=64, dropout=0.0, attention=attention)),
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("family", ["gpt", "llama", "bert"])
+def test_every_family_runs_on_it_with_the_reference_outputs_and_gradients(family) -> None:
+    """``attention="flash"`` in a model config: logits (BERT: states, with padding) and every
+    parameter's gradient equal those of ``attention="reference"`` to 1e-5."""
+    flash, ref = _family_models("flash")[family], _family_models("reference")[family]
+    ids = torch.randint(0, 50, (2, 37), generator=torch.Generator().manual_seed(1))
+    kwargs = {}
+    if family == "bert":
+        mask = torch.ones_like(ids)
+        mask[1, 20:] = 0
+        kwargs = {"attention_mask": mask}
+    outs = []
+    for model in (flash, ref):
+        out = model(ids, **kwargs)
+        (out.float().square().mean()).backward()
+        outs.append(out.detach())
+    assert (outs[0] - outs[1]).abs().max().item() <= TOL
+    grads = dict(ref.named_parameters())
+    for name, p in flash.named_parameters():
+        if p.grad is None:  # BERT's pooler: not on the path to the states
+            assert grads[name].grad is None, name
+            continue
+        assert (p.grad - grads[name].grad).abs().max().item() <= TOL, name
+
+
+def test_flash_in_a_config_refuses_attention_dropout() -> None:
+    from lmarch.models import GPTConfig
+    from lmarch.models.validate import ConfigError
+
+    with pytest.raises(ConfigError, match="attention='flash' has no attention dropout"):
+        GPTConfig(attention="flash", dropout=0.1)
