@@ -45,7 +45,7 @@ class TrainConfig:
     )
     dtype: str | None = setting(None, "old name of precision: 'float32' (fp32), 'bfloat16' (bf16)")
     grad_checkpointing: bool = setting(
-        False, "recompute each Transformer block in the backward pass (less memory, ~1/3 slower)"
+        False, "recompute each Transformer block in the backward (less memory, one more forward)"
     )
     compile: bool = setting(False, "torch.compile the model")
     device: str = setting("auto", "'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:1', ...")
