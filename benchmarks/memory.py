@@ -1,7 +1,7 @@
 """Peak memory and time of one training step: gradient checkpointing on/off, fp32 and bf16.
 
 The model is a 12-layer GPT shaped so that activations dominate (default d=384, 6 heads,
-T=512, batch 8, a 512-token vocabulary: the saved activations are ~1.2 GB, the weights 85 MB).
+T=512, batch 8, a 512-token vocabulary: ~1.2 GB of saved activations, ~80 MiB of weights).
 Each case runs the real :class:`lmarch.train.trainer.Trainer` (native fast paths swapped in, as
 ``lmarch train`` does) with ``grad_checkpointing`` and ``precision`` set, in a fresh child process:
 
