@@ -15,7 +15,7 @@ the adapter adds only ``<layer>.lora_A`` / ``<layer>.lora_B``. Being a subclass,
 ``type(m) is nn.Linear`` is False: lmarch's fused native blocks (:mod:`lmarch.native.policy`)
 leave it alone and run the reference forward.
 
-A weight-only quantised layer of :mod:`lmarch.quant` (int8, int4, Q8_0, Q4_1) gets a
+A weight-only quantised layer of :mod:`lmarch.quant` (int8, int4, Q8_0, Q4_1, NF4) gets a
 :class:`QuantLoRALinear` instead: the frozen quantised layer as ``base`` plus the same adapter
 (its keys become ``<layer>.base.*``); float A and B train on top, as in QLoRA. Merging into a
 quantised weight would requantise it, so it is refused.
@@ -112,8 +112,9 @@ def _quantised_types() -> tuple[type, ...]:
     from lmarch.quant.blockq import BlockQ4Linear, BlockQ8Linear
     from lmarch.quant.int4 import Int4WeightOnlyLinear
     from lmarch.quant.int8 import Int8WeightOnlyLinear
+    from lmarch.quant.nf4 import NF4Linear
 
-    return (Int8WeightOnlyLinear, Int4WeightOnlyLinear, BlockQ4Linear, BlockQ8Linear)
+    return (Int8WeightOnlyLinear, Int4WeightOnlyLinear, BlockQ4Linear, BlockQ8Linear, NF4Linear)
 
 
 class QuantLoRALinear(nn.Module):

@@ -1,4 +1,5 @@
-"""Quantise a model in place: every ``nn.Linear`` becomes a weight-only int8 or int4 layer.
+"""Quantise a model in place: every ``nn.Linear`` becomes a weight-only int8, int4, Q8_0,
+Q4_1 or NF4 layer.
 
 Any family works, because the swap happens from outside the model: the model file keeps its
 ``nn.Linear`` layers, and ``quantize_`` walks the module tree and replaces them.
@@ -17,20 +18,35 @@ from lmarch.errors import LmarchError
 from lmarch.quant.blockq import BlockQ4Linear, BlockQ8Linear, check_block_shape
 from lmarch.quant.int4 import Int4WeightOnlyLinear, check_int4_shape
 from lmarch.quant.int8 import Int8WeightOnlyLinear
+from lmarch.quant.nf4 import NF4Linear, check_nf4
 
-__all__ = ["SCHEMES", "quantize_", "quantize_for_decoding", "quantize_linear"]
+__all__ = [
+    "DEFAULT_GROUP_SIZE",
+    "SCHEMES",
+    "quantize_",
+    "quantize_for_decoding",
+    "quantize_linear",
+]
 
-SCHEMES = ("int8", "int4", "q8", "q4")
+SCHEMES = ("int8", "int4", "q8", "q4", "nf4")
+# the group (block) size a scheme takes when none is given
+DEFAULT_GROUP_SIZE = {"int4": 32, "nf4": 64}
 
 SkipFn = Callable[[str, nn.Linear], bool]
 
 
-def quantize_linear(linear: nn.Linear, scheme: str = "int8", group_size: int = 32) -> nn.Module:
-    """One ``nn.Linear`` as its quantised counterpart (``linear`` itself is not changed)."""
+def quantize_linear(
+    linear: nn.Linear, scheme: str = "int8", group_size: int | None = None
+) -> nn.Module:
+    """One ``nn.Linear`` as its quantised counterpart (``linear`` itself is not changed).
+    ``group_size`` (int4's group, NF4's block) defaults to :data:`DEFAULT_GROUP_SIZE`."""
+    group_size = group_size or DEFAULT_GROUP_SIZE.get(scheme, 32)
     if scheme == "int8":
         return Int8WeightOnlyLinear.from_linear(linear)
     if scheme == "int4":
         return Int4WeightOnlyLinear.from_linear(linear, group_size=group_size)
+    if scheme == "nf4":
+        return NF4Linear.from_linear(linear, block_size=group_size)
     if scheme == "q8":
         return BlockQ8Linear.from_linear(linear)
     if scheme == "q4":
@@ -41,14 +57,16 @@ def quantize_linear(linear: nn.Linear, scheme: str = "int8", group_size: int = 3
 def quantize_(
     model: nn.Module,
     scheme: str = "int8",
-    group_size: int = 32,
+    group_size: int | None = None,
     skip: SkipFn | None = None,
 ) -> nn.Module:
     """Replace every ``nn.Linear`` in ``model`` by a weight-only quantised layer, in place.
 
     ``scheme`` is ``"int8"`` (per-output-channel) or ``"int4"`` (groups of ``group_size``
     inputs), both on PyTorch's kernels, or ``"q8"`` / ``"q4"``: llama.cpp's Q8_0 / Q4_1 blocks
-    of 32 inputs on lmarch's native kernels (:mod:`lmarch.quant.blockq`). ``skip(name, linear)`` returning True keeps that layer in float; ``name`` is the
+    of 32 inputs on lmarch's native kernels (:mod:`lmarch.quant.blockq`), or ``"nf4"``:
+    QLoRA's NormalFloat blocks of ``group_size`` (default 64) with double-quantised scales,
+    dequantised on the fly (:mod:`lmarch.quant.nf4`). ``skip(name, linear)`` returning True keeps that layer in float; ``name`` is the
     dotted module path (``"blocks.0.ffn.down"``, ``"lm_head"``).
 
     Only exact ``nn.Linear`` instances are replaced: subclasses (such as the ``out_proj`` of
@@ -66,6 +84,7 @@ def quantize_(
         raise LmarchError(
             f"unknown quantisation scheme {scheme!r}", hint=f"choose one of {SCHEMES}"
         )
+    group_size = group_size or DEFAULT_GROUP_SIZE.get(scheme, 32)
     if type(model) is nn.Linear:
         if skip is not None and skip("", model):
             return model
@@ -92,6 +111,8 @@ def quantize_(
                 check_int4_shape(child.in_features, child.out_features, group_size)
             elif scheme in ("q8", "q4"):
                 check_block_shape(child.in_features)
+            elif scheme == "nf4":
+                check_nf4(child.weight, group_size)
         except LmarchError as err:
             raise LmarchError(
                 f"cannot quantise {name!r} to {scheme}: {err.args[0]}",
