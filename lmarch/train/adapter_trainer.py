@@ -51,6 +51,8 @@ class AdapterTrainer(Trainer):
         optim_tensors, optim_meta = optimizer_to_tensors(self.optimizer)
         rng = rng_to_tensors({"train_batches": self.train_batches.generator})
         meta = {"step": self.step, "optimizer": optim_meta, "trainable_only": True}
+        if self.scaler is not None:
+            meta["scaler"] = self.scaler.state_dict()  # fp16's loss scale, as Trainer keeps it
         weights = trainable_tensors(self.model)
         write_checkpoint(
             self.out_dir,
@@ -91,5 +93,7 @@ class AdapterTrainer(Trainer):
         state = load_tensors(ckpt / "trainer.safetensors")
         optimizer_from_tensors(self.optimizer, state, meta["optimizer"])
         rng_from_tensors(state, {"train_batches": self.train_batches.generator})
+        if self.scaler is not None and "scaler" in meta:
+            self.scaler.load_state_dict(meta["scaler"])
         self.step = int(meta["step"])
         return True
