@@ -165,6 +165,7 @@ def build_parser() -> OneLineParser:
     se.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
 
     _add_finetune_parsers(sub)
+    _add_quantize_parser(sub)
 
     d = sub.add_parser("demo", help="train a small GPT on Shakespeare (~3 min) and sample it")
     d.add_argument("--out", default="runs/demo")
@@ -221,6 +222,39 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     )
     if args.json:
         print(json.dumps(result.as_dict()))
+    return 0
+
+
+def _add_quantize_parser(sub: argparse._SubParsersAction) -> None:
+    """``lmarch quantize`` (:mod:`lmarch.tasks.quantize`)."""
+    q = sub.add_parser("quantize", help="store a model's Linear weights in 8 or 4 bits")
+    q.add_argument("model", help="a preset with weights, a .gguf file, an HF or run folder")
+    q.add_argument(
+        "--method",
+        required=True,
+        help="int8 | int4 | nf4 | q8_0 | q4_0 (weight-only; see lmarch.tasks.quantize)",
+    )
+    q.add_argument(
+        "--group-size", type=int, default=None, help="int4: 32 (default), 64, 128, 256; nf4: 64"
+    )
+    q.add_argument("--out", required=True, help="run folder to write (loadable by every command)")
+    q.add_argument("--force", action="store_true", help="write into a non-empty --out folder")
+    q.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from lmarch.tasks.quantize import quantize_to_folder
+
+    summary = quantize_to_folder(args.model, args.method, args.out, args.group_size, args.force)
+    group = f" group {summary['group_size']}" if summary["group_size"] else ""
+    Console(stderr=args.json).print(
+        f"quantised {summary['layers']} layers to {summary['method']}{group}: "
+        f"{summary['file_bytes'] / 2**20:.1f} MiB -> {args.out}"
+    )
+    if args.json:
+        print(json.dumps(summary))
     return 0
 
 
@@ -487,6 +521,7 @@ COMMANDS = {
     "demo": cmd_demo,
     "finetune": cmd_finetune,
     "merge": cmd_merge,
+    "quantize": cmd_quantize,
 }
 
 

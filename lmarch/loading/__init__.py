@@ -28,7 +28,12 @@ from lmarch.loading.sources import (
     read_run,
     resolve,
 )
-from lmarch.loading.speed import QUANT_CHOICES, choose_quant, quantize_and_accelerate
+from lmarch.loading.speed import (
+    QUANT_CHOICES,
+    accept_stored_quant,
+    choose_quant,
+    quantize_and_accelerate,
+)
 
 DEFAULT_CONTEXT = 8192  # tokens of KV cache a GGUF model is built for (its own limit if less)
 
@@ -64,7 +69,8 @@ def load(
     (PyTorch's weight-only kernels, bfloat16 activations). ``dtype`` casts a float model
     (and makes ``auto`` choose float); ``device`` moves it; ``context`` caps the KV cache a
     GGUF model is built for. Run folders load the model their objective trained; check it
-    with :meth:`LoadedModel.require`.
+    with :meth:`LoadedModel.require`. A folder ``lmarch quantize`` wrote loads with the
+    quantised layers it stores (``quant`` "auto", "none" or that method).
     """
     start = time.perf_counter()
     source = resolve(spec)
@@ -84,6 +90,8 @@ def load(
     else:
         loaded = read_classifier(source)
     check_vocabulary(loaded)
+    if source.kind == "run" and loaded.quant != "none":  # written by lmarch quantize
+        chosen = accept_stored_quant(loaded.name, loaded.quant, quant)
     quantize_and_accelerate(loaded.model, loaded.quant, chosen)
     loaded.quant = chosen
     if dtype is not None:

@@ -176,6 +176,7 @@ def read_run(source: Source) -> LoadedModel:
     (``clm``), the masked LM with its head (``mlm``), or ELECTRA's discriminator (``rtd``: the
     generator trained beside it is dropped). Encoders pool by the mean over real tokens."""
     from lmarch.loading.saving import chat_from_config
+    from lmarch.loading.speed import rebuild_quantized, stored_quant
     from lmarch.models.registry import build_model, config_from_dict
     from lmarch.weights.checkpoint import load_run
 
@@ -185,23 +186,31 @@ def read_run(source: Source) -> LoadedModel:
             raise LmarchError(f"{source.path}: unknown objective {objective!r}")
         config = config_from_dict(run["model"])
         if objective == "clm":
-            return build_model(config)
+            # a folder 'lmarch quantize' wrote stores quantised layers: rebuild them first
+            return rebuild_quantized(build_model(config), run)
         from lmarch.train.objectives import objective_model
 
-        return objective_model(objective, config)
+        return rebuild_quantized(objective_model(objective, config), run)
 
     model, tokenizer, run = load_run(source.path, build)
     objective = RUN_OBJECTIVES[run.get("objective", "clm")]
     family = run["model"]["family"]
+    quant = stored_quant(run)
     if objective == CAUSAL_LM:
         chat = chat_from_config(run)
-        return LoadedModel(model, tokenizer, source.name, family, objective, chat=chat)
+        return LoadedModel(model, tokenizer, source.name, family, objective, chat=chat, quant=quant)
     from lmarch.train.objectives import ElectraPretrainingModel
 
     if isinstance(model, ElectraPretrainingModel):  # what ELECTRA keeps: the discriminator
         model = model.discriminator
     return LoadedModel(
-        model.eval(), tokenizer, source.name, family, objective, pooling=Pooling("mean")
+        model.eval(),
+        tokenizer,
+        source.name,
+        family,
+        objective,
+        pooling=Pooling("mean"),
+        quant=quant,
     )
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from typing import Any
 
 from torch import nn
 
@@ -93,6 +94,50 @@ def choose_quant(quant: str, kind: str, path: Path, device: str, dtype: object) 
     return quant
 
 
+# ``lmarch quantize`` methods -> the :mod:`lmarch.quant.apply` scheme their layers are
+STORED_METHODS = {"int8": "int8", "int4": "int4", "nf4": "nf4", "q8_0": "q8", "q4_0": "q4_0"}
+
+
+def stored_quant(run_config: dict[str, Any]) -> str:
+    """The method a run folder's weights are stored in (its ``"quant"`` entry, written by
+    ``lmarch quantize``), or ``"none"``."""
+    info = run_config.get("quant")
+    if info is None:
+        return "none"
+    if not isinstance(info, dict) or info.get("method") not in STORED_METHODS:
+        raise LmarchError(
+            f"the run config's 'quant' entry is damaged: {info!r}",
+            hint=f"method must be one of {', '.join(STORED_METHODS)}",
+        )
+    return str(info["method"])
+
+
+def rebuild_quantized(model: nn.Module, run_config: dict[str, Any]) -> nn.Module:
+    """Give a freshly built float model the quantised layers its run folder stores (the
+    ``"layers"`` named in ``"quant"``), so that the saved state dict loads into it."""
+    method = stored_quant(run_config)
+    if method == "none":
+        return model
+    from lmarch.quant.apply import restore_quantized_
+
+    info = run_config["quant"]
+    layers = info.get("layers")
+    if not isinstance(layers, list) or not all(isinstance(n, str) for n in layers):
+        raise LmarchError("the run config's 'quant' entry is damaged: 'layers' is not a list")
+    return restore_quantized_(model, STORED_METHODS[method], info.get("group_size"), layers)
+
+
+def accept_stored_quant(name: str, stored: str, quant: str) -> str:
+    """A model stored quantised loads as it is stored: ``quant`` must be ``"auto"``,
+    ``"none"`` (no further quantisation) or the stored method itself."""
+    if quant not in ("auto", "none", stored, STORED_METHODS[stored]):
+        raise LmarchError(
+            f"{name} is stored quantised as {stored}; it cannot be loaded as {quant}",
+            hint="leave --quant at auto, or quantise the float model instead",
+        )
+    return stored
+
+
 def quantize_and_accelerate(model: nn.Module, have: str, want: str) -> None:
     """Bring ``model`` (quantised as ``have``) to ``want``: quantise a float model
     (:func:`lmarch.quant.apply.quantize_for_decoding`), then, for the block formats, swap in
@@ -103,7 +148,7 @@ def quantize_and_accelerate(model: nn.Module, have: str, want: str) -> None:
         if have != "none":
             raise LmarchError(f"a model loaded as {have} cannot be requantised to {want}")
         quantize_for_decoding(model, want)
-    if want in ("q4", "q8"):
+    if want in ("q4", "q8", "q4_0", "q8_0"):
         from lmarch.native import accelerate
 
         # each SwiGLU block one native call, each LLaMA layer one native call per token
@@ -112,8 +157,12 @@ def quantize_and_accelerate(model: nn.Module, have: str, want: str) -> None:
 
 __all__ = [
     "QUANT_CHOICES",
+    "STORED_METHODS",
+    "accept_stored_quant",
     "choose_quant",
     "gguf_native_scheme",
     "native_ready",
     "quantize_and_accelerate",
+    "rebuild_quantized",
+    "stored_quant",
 ]

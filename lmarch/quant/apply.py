@@ -19,6 +19,7 @@ from lmarch.quant.blockq import BlockQ4Linear, BlockQ8Linear, check_block_shape
 from lmarch.quant.int4 import Int4WeightOnlyLinear, check_int4_shape
 from lmarch.quant.int8 import Int8WeightOnlyLinear
 from lmarch.quant.nf4 import NF4Linear, check_nf4
+from lmarch.quant.q4_0 import q4_0_linear
 
 __all__ = [
     "DEFAULT_GROUP_SIZE",
@@ -26,9 +27,11 @@ __all__ = [
     "quantize_",
     "quantize_for_decoding",
     "quantize_linear",
+    "quantized_like",
+    "restore_quantized_",
 ]
 
-SCHEMES = ("int8", "int4", "q8", "q4", "nf4")
+SCHEMES = ("int8", "int4", "q8", "q4", "q4_0", "nf4")
 # the group (block) size a scheme takes when none is given
 DEFAULT_GROUP_SIZE = {"int4": 32, "nf4": 64}
 
@@ -51,6 +54,8 @@ def quantize_linear(
         return BlockQ8Linear.from_linear(linear)
     if scheme == "q4":
         return BlockQ4Linear.from_linear(linear)
+    if scheme == "q4_0":
+        return q4_0_linear(linear)
     raise LmarchError(f"unknown quantisation scheme {scheme!r}", hint=f"choose one of {SCHEMES}")
 
 
@@ -63,8 +68,9 @@ def quantize_(
     """Replace every ``nn.Linear`` in ``model`` by a weight-only quantised layer, in place.
 
     ``scheme`` is ``"int8"`` (per-output-channel) or ``"int4"`` (groups of ``group_size``
-    inputs), both on PyTorch's kernels, or ``"q8"`` / ``"q4"``: llama.cpp's Q8_0 / Q4_1 blocks
-    of 32 inputs on lmarch's native kernels (:mod:`lmarch.quant.blockq`), or ``"nf4"``:
+    inputs), both on PyTorch's kernels, or ``"q8"`` / ``"q4"`` / ``"q4_0"``: llama.cpp's Q8_0 /
+    Q4_1 / Q4_0 blocks of 32 inputs on lmarch's native kernels (:mod:`lmarch.quant.blockq`,
+    :mod:`lmarch.quant.q4_0`), or ``"nf4"``:
     QLoRA's NormalFloat blocks of ``group_size`` (default 64) with double-quantised scales,
     dequantised on the fly (:mod:`lmarch.quant.nf4`). ``skip(name, linear)`` returning True keeps that layer in float; ``name`` is the
     dotted module path (``"blocks.0.ffn.down"``, ``"lm_head"``).
@@ -109,7 +115,7 @@ def quantize_(
         try:
             if scheme == "int4":
                 check_int4_shape(child.in_features, child.out_features, group_size)
-            elif scheme in ("q8", "q4"):
+            elif scheme in ("q8", "q4", "q4_0"):
                 check_block_shape(child.in_features)
             elif scheme == "nf4":
                 check_nf4(child.weight, group_size)
@@ -125,6 +131,46 @@ def quantize_(
     for parent, attr, child, _ in sites:
         if id(child) in replacements:
             setattr(parent, attr, replacements[id(child)])
+    return model
+
+
+def quantized_like(linear: nn.Linear, scheme: str, group_size: int | None = None) -> nn.Module:
+    """An empty quantised layer of ``linear``'s shape and kind (the codes and constants its
+    ``load_state_dict`` will fill): how a model saved quantised is rebuilt without quantising
+    the freshly initialised float weights first."""
+    group_size = group_size or DEFAULT_GROUP_SIZE.get(scheme, 32)
+    shape = (linear.in_features, linear.out_features)
+    bias = linear.bias is not None
+    if scheme == "int8":
+        return Int8WeightOnlyLinear(*shape, bias=bias)
+    if scheme == "int4":
+        return Int4WeightOnlyLinear(*shape, bias=bias, group_size=group_size)
+    if scheme == "q8":
+        return BlockQ8Linear(*shape, bias=bias)
+    if scheme in ("q4", "q4_0"):
+        return BlockQ4Linear(*shape, bias=bias)
+    if scheme == "nf4":
+        return NF4Linear(*shape, bias=bias, block_size=group_size)
+    raise LmarchError(f"unknown quantisation scheme {scheme!r}", hint=f"choose one of {SCHEMES}")
+
+
+def restore_quantized_(
+    model: nn.Module, scheme: str, group_size: int | None, names: list[str]
+) -> nn.Module:
+    """Replace the ``nn.Linear`` layers called ``names`` by empty layers of ``scheme``
+    (:func:`quantized_like`), in place, so that the state dict of a model that
+    :func:`quantize_` quantised loads into it. A name that is not an ``nn.Linear`` of the
+    model raises ``LmarchError``."""
+    for name in names:
+        try:
+            layer = model.get_submodule(name)
+        except AttributeError:
+            layer = None
+        if type(layer) is not nn.Linear:
+            raise LmarchError(f"the model has no Linear layer {name!r} to hold {scheme} weights")
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, attr,
+                quantized_like(layer, scheme, group_size))  # fmt: skip
     return model
 
 
