@@ -33,6 +33,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/quality_bar.py
 	$(PY) benchmarks/attention.py
 	$(PY) benchmarks/memory.py
+	$(PY) benchmarks/quantize.py
 
 lint: $(STAMP)
 	.venv/bin/ruff check lmarch tests benchmarks

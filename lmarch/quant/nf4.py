@@ -244,14 +244,21 @@ def _absmax_of(q: NF4Weight) -> Tensor:
     return _DYNAMIC.to(q.absmax.device)[q.absmax.long()] * d + q.offset.float()
 
 
+# byte b -> (N[b >> 4], N[b & 15]): one lookup decodes both of a byte's elements
+_NF4_PAIRS = torch.stack([NF4_CODE.repeat_interleave(16), NF4_CODE.repeat(16)], dim=1)
+
+
 def dequantize_nf4(q: NF4Weight, dtype: torch.dtype | None = None) -> Tensor:
     """w~ = N[q] * c (c decoded first when double quantised), computed in float32 and returned
     in ``dtype`` (default: the dtype the weight had) with the weight's shape."""
     n = math.prod(q.shape)
-    idx = torch.stack([q.codes >> 4, q.codes & 0xF], dim=1).reshape(-1)[:n].long()
-    values = NF4_CODE.to(q.codes.device)[idx]
-    scale = _absmax_of(q).repeat_interleave(q.block_size)[:n]
-    return (values * scale).reshape(q.shape).to(dtype or q.dtype)
+    values = _NF4_PAIRS.to(q.codes.device)[q.codes.long()].reshape(-1)[:n]
+    scale = _absmax_of(q)
+    full = n - n % q.block_size
+    out = (values[:full].view(-1, q.block_size) * scale[: full // q.block_size, None]).view(-1)
+    if full < n:  # the shorter last block
+        out = torch.cat([out, values[full:] * scale[-1]])
+    return out.view(q.shape).to(dtype or q.dtype)
 
 
 class NF4Linear(nn.Module):
