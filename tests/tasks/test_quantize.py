@@ -150,7 +150,7 @@ def test_eval_and_sample_take_the_folder(cli, trained_run, folders):  # type: ig
     assert code == 0 and out.startswith(PROMPT) and len(out.strip()) >= len(PROMPT) + 1
 
 
-def test_refusals(cli, trained_run, folders, tmp_path, monkeypatch):  # type: ignore[no-untyped-def]
+def test_refusals(cli, trained_run, folders, tmp_path):  # type: ignore[no-untyped-def]
     out = str(tmp_path / "q")
     line = cli.error("quantize", trained_run, "--method", "int3", "--out", out)
     assert "unknown quantisation method 'int3'" in line and "q4_0" in line
@@ -176,16 +176,17 @@ def test_refusals(cli, trained_run, folders, tmp_path, monkeypatch):  # type: ig
     line = cli.error("generate", folders["int8"], PROMPT, "--quant", "int4")
     assert "is stored quantised as int8; it cannot be loaded as int4" in line
 
-    def embeddings_only(spec, quant):  # type: ignore[no-untyped-def]
-        tok = CharTokenizer.load(trained_run / "tokenizer.json")
-        return LoadedModel(nn.Sequential(nn.Embedding(59, 8)), tok, "bag", "gpt", "causal-lm")
-
-    monkeypatch.setattr("lmarch.tasks.quantize.load", embeddings_only)
-    line = cli.error("quantize", trained_run, "--method", "q8_0", "--out", out)
+    # a real model without Linear layers: the bigram table (one nn.Embedding)
+    bigram, data = tmp_path / "bigram", trained_run.parent / "text.txt"
+    code, _, err = cli("train", "--preset", "bigram-char", "--data", data, "--out", bigram,
+                       "--max-iters", "2", "--eval-interval", "2", "--eval-iters", "1")  # fmt: skip
+    assert code == 0, err
+    line = cli.error("quantize", bigram, "--method", "q8_0", "--out", out)
     assert line == (
         "lmarch quantize: error: the model has no Linear layers to quantise to q8_0 (hint: "
         "quantize stores weight-only quantised Linear layers; this model has none)"
     )
+    assert not Path(out).exists()
 
 
 def test_force_writes_over_a_folder(cli, trained_run, tmp_path):  # type: ignore[no-untyped-def]
