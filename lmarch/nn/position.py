@@ -3,6 +3,7 @@
 Learned (GPT-2, BERT): a trainable table P in R^{T_max x d}, added to token embeddings.
 Sinusoidal (Vaswani et al. 2017, sec. 3.5):
     PE(pos, 2i) = sin(pos / 10000^(2i/d)),   PE(pos, 2i+1) = cos(pos / 10000^(2i/d)).
+(Marian and fairseq keep the same values in two halves instead: all sines, then all cosines.)
 Rotary (RoFormer, Su et al. 2021): queries and keys are rotated by position-dependent angles so
 their dot product depends only on relative position; see :class:`RotaryEmbedding`.
 """
@@ -25,23 +26,52 @@ class LearnedPositionalEmbedding(nn.Embedding):
         return super().forward(positions)
 
 
-def sinusoidal_table(max_positions: int, dim: int, base: float = 10000.0) -> Tensor:
-    """The fixed [max_positions, dim] sinusoid table; even columns sin, odd columns cos."""
-    positions = torch.arange(max_positions, dtype=torch.float32).unsqueeze(1)
-    inv_freq = base ** (-torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+SINUSOID_LAYOUTS = ("interleaved", "halves")
+
+
+def sinusoidal_table(
+    max_positions: int, dim: int, base: float = 10000.0, layout: str = "interleaved"
+) -> Tensor:
+    """The fixed [max_positions, dim] sinusoid table (float32, angles computed in float64).
+
+    ``layout="interleaved"`` (the paper's): even columns sin, odd columns cos.
+    ``layout="halves"`` (Marian, fairseq): columns 0 .. ceil(d/2)-1 hold the sines and the rest
+    the cosines of the same angles pos / base^(2i/d).
+    """
+    if layout not in SINUSOID_LAYOUTS:
+        raise ValueError(f"unknown sinusoid layout {layout!r}; one of {list(SINUSOID_LAYOUTS)}")
+    positions = torch.arange(max_positions, dtype=torch.float64).unsqueeze(1)
+    inv_freq = base ** (-torch.arange(0, dim, 2, dtype=torch.float64) / dim)
     angles = positions * inv_freq
-    table = torch.zeros(max_positions, dim)
-    table[:, 0::2] = torch.sin(angles)
-    table[:, 1::2] = torch.cos(angles[:, : dim // 2])
-    return table
+    sin, cos = torch.sin(angles), torch.cos(angles[:, : dim // 2])
+    if layout == "halves":
+        return torch.cat((sin, cos), dim=1).float()
+    table = torch.zeros(max_positions, dim, dtype=torch.float64)
+    table[:, 0::2] = sin
+    table[:, 1::2] = cos
+    return table.float()
 
 
 class SinusoidalPositionalEmbedding(nn.Module):
     """Fixed sinusoidal encodings, stored as a non-persistent buffer (nothing to learn or save)."""
 
-    def __init__(self, max_positions: int, dim: int, base: float = 10000.0) -> None:
+    def __init__(
+        self, max_positions: int, dim: int, base: float = 10000.0, layout: str = "interleaved"
+    ) -> None:
         super().__init__()
-        self.register_buffer("table", sinusoidal_table(max_positions, dim, base), persistent=False)
+        self.max_positions, self.dim, self.base, self.layout = max_positions, dim, base, layout
+        table = sinusoidal_table(max_positions, dim, base, layout)
+        self.register_buffer("table", table, persistent=False)
+
+    def reset_tables(self, device: torch.device | str | None = None) -> None:
+        """(Re)compute the table, e.g. after building the model on the meta device."""
+        device = device if device is not None else self.table.device
+        if torch.device(device).type == "meta":
+            self.table = torch.empty(self.max_positions, self.dim, device="meta")
+            return
+        with torch.device("cpu"):  # not the ambient default device (meta while loading)
+            table = sinusoidal_table(self.max_positions, self.dim, self.base, self.layout)
+        self.table = table.to(device)
 
     def forward(self, positions: Tensor) -> Tensor:
         return self.table[positions]

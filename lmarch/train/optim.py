@@ -7,6 +7,10 @@ features; norms' gains, biases and embedding tables are left undecayed.
 Schedule (as in GPT-3 and nanoGPT): linear warmup to the peak rate over ``warmup_iters``, then a
 cosine from the peak down to ``min_lr`` at ``lr_decay_iters``, flat afterwards:
     lr(t) = min_lr + 0.5 (1 + cos(pi * (t - warmup) / (decay - warmup))) (lr_max - min_lr).
+
+The original Transformer's schedule (Vaswani et al. 2017, eq. 3), :func:`transformer_lr`:
+    lr(n) = d_model^-0.5 * min(n^-0.5, n * warmup^-1.5)
+(linear growth for ``warmup`` steps, then decay with the inverse square root of the step).
 """
 
 from __future__ import annotations
@@ -59,3 +63,13 @@ def learning_rate_at(step: int, config: TrainConfig) -> float:
     ratio = (step - config.warmup_iters) / span
     coeff = 0.5 * (1.0 + math.cos(math.pi * ratio))
     return config.min_lr + coeff * (config.learning_rate - config.min_lr)
+
+
+def transformer_lr(step: int, d_model: int, warmup: int = 4000, scale: float = 1.0) -> float:
+    """Vaswani et al. 2017, eq. 3: ``scale * d_model^-0.5 * min(n^-0.5, n * warmup^-1.5)`` for
+    the 1-based step number n = ``step`` + 1 (``step`` counts from 0, as the Trainer's does);
+    the peak, d_model^-0.5 * warmup^-0.5, is reached at n = warmup."""
+    if d_model < 1 or warmup < 1:
+        raise ValueError(f"d_model and warmup must be >= 1, got {d_model} and {warmup}")
+    n = step + 1
+    return scale * d_model**-0.5 * min(n**-0.5, n * warmup**-1.5)
