@@ -70,6 +70,15 @@ class KVCache:
         that write and read the cache themselves)."""
         return self._layer_keys[layer], self._layer_values[layer]
 
+    def reorder(self, indices: Tensor, length: int | None = None) -> None:
+        """Make batch row ``i`` a copy of old row ``indices[i]`` (beam search: each surviving
+        beam takes over its parent's keys and values), in place, for the first ``length``
+        positions (default: all)."""
+        end = self.max_len if length is None else length
+        for buffer in (self.keys, self.values):
+            filled = buffer.narrow(3, 0, end)
+            filled.copy_(filled.index_select(1, indices.to(buffer.device)))
+
     def update(
         self, layer: int, k: Tensor, v: Tensor, start: int | Tensor
     ) -> tuple[Tensor, Tensor]:
