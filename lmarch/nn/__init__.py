@@ -10,6 +10,12 @@ from lmarch.nn.attention import (
 )
 from lmarch.nn.block import TransformerBlock
 from lmarch.nn.cache import KVCache
+from lmarch.nn.cross_attention import (
+    CrossAttention,
+    CrossAttentionBlock,
+    EncoderDecoderCache,
+    memory_padding_mask,
+)
 from lmarch.nn.ffn import MLP, GatedMLP, get_activation, swiglu_hidden_dim
 from lmarch.nn.flash import flash_attention
 from lmarch.nn.norm import LayerNorm, RMSNorm, build_norm
@@ -23,15 +29,20 @@ from lmarch.nn.position import (
     rotate_half,
     sinusoidal_table,
 )
+from lmarch.nn.relative_bias import RelativePositionBias, relative_position_bucket
 
 __all__ = [
     "MLP",
+    "CrossAttention",
+    "CrossAttentionBlock",
+    "EncoderDecoderCache",
     "GatedMLP",
     "KVCache",
     "LayerNorm",
     "LearnedPositionalEmbedding",
     "MultiHeadAttention",
     "RMSNorm",
+    "RelativePositionBias",
     "RotaryEmbedding",
     "SinusoidalPositionalEmbedding",
     "TransformerBlock",
@@ -41,9 +52,11 @@ __all__ = [
     "flash_attention",
     "get_activation",
     "l2_normalize",
+    "memory_padding_mask",
     "padding_mask",
     "pool",
     "reference_attention",
+    "relative_position_bucket",
     "repeat_kv",
     "rope_inverse_frequencies",
     "rotate_half",

@@ -3,7 +3,8 @@
     Attention(Q, K, V) = softmax(Q K^T / sqrt(d_k) + M) V
 
 where M is 0 where a query may look and -inf where it may not (the causal mask hides the future,
-the padding mask hides pad tokens). Multi-head attention runs h such attentions on learned
+the padding mask hides pad tokens). An optional additive ``bias`` B joins M inside the softmax,
+softmax(Q K^T * scale + B + M) V: T5's relative position bias (Raffel et al. 2020) is one. Multi-head attention runs h such attentions on learned
 projections of width d_k = d / h and concatenates them:
 
     MultiHead(X) = Concat(head_1, ..., head_h) W_O,   head_i = Attention(X W_Q^i, X W_K^i, X W_V^i)
@@ -72,14 +73,19 @@ def reference_attention(
     mask: Tensor | None = None,
     dropout_p: float = 0.0,
     scale: float | None = None,
+    bias: Tensor | None = None,
 ) -> Tensor:
-    """The equation written out: softmax(q k^T * scale masked) v. Slow, for teaching and tests.
+    """The equation written out: softmax(q k^T * scale + bias, masked) v. Slow, for teaching
+    and tests.
 
     ``mask`` is boolean (True = may attend) and broadcasts against [B, H, T_q, T_k]; ``scale``
-    defaults to 1 / sqrt(d) (GPT-2 checkpoints may ask for 1, or 1 / (sqrt(d) * layer)).
+    defaults to 1 / sqrt(d) (GPT-2 checkpoints may ask for 1, or 1 / (sqrt(d) * layer), T5 for 1);
+    ``bias`` is a float tensor added to the scaled scores (same broadcasting as ``mask``).
     """
     scale = attention_scale(q.shape[-1], scale)
     scores = (q @ k.transpose(-2, -1)) * scale
+    if bias is not None:
+        scores = scores + bias
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     weights = torch.softmax(scores.float(), dim=-1)
@@ -105,6 +111,7 @@ def scaled_dot_product_attention(
     dropout_p: float = 0.0,
     implementation: str = "sdpa",
     scale: float | None = None,
+    bias: Tensor | None = None,
 ) -> Tensor:
     """Attention over [B, H, T, D] tensors, dispatched to PyTorch's fused kernel or the reference.
 
@@ -113,12 +120,17 @@ def scaled_dot_product_attention(
     math kernels chosen by PyTorch), ``"reference"`` (:func:`reference_attention`) or
     ``"flash"`` (:func:`lmarch.nn.flash.flash_attention`: causal and key-padding masks, no
     dropout; a mask of another shape goes to the reference).
-    ``scale`` multiplies the scores (default 1 / sqrt(D)). Second derivatives work on both: when
-    PyTorch picks its CPU flash kernel, its once-differentiable backward is wrapped (``sdpa_grad``).
+    ``scale`` multiplies the scores (default 1 / sqrt(D)). ``bias`` is an additive float bias
+    broadcastable to [B, H, T_q, T_k] (T5's relative positions), differentiable; with a bias the
+    boolean mask is folded into it as -inf (SDPA takes one float mask) and "flash" runs the
+    reference. Second derivatives work on both: when PyTorch picks its CPU flash kernel, its
+    once-differentiable backward is wrapped (``sdpa_grad``).
     """
     if implementation not in ATTENTION_IMPLEMENTATIONS:
         raise ValueError(f"unknown attention implementation {implementation!r}")
     n_q, n_k = q.shape[-2], k.shape[-2]
+    if implementation == "flash" and bias is not None:
+        implementation = "reference"  # the tiled kernel takes no additive bias
     if implementation == "flash":
         if dropout_p > 0:
             raise ValueError("the written-out flash attention has no attention dropout")
@@ -128,7 +140,8 @@ def scaled_dot_product_attention(
         if mask is None or keys is not None:
             return flash_attention(q, k, v, causal=is_causal, key_padding_mask=keys, scale=scale)
         implementation = "reference"  # a mask per query (static-shape decoding)
-    if is_causal and (implementation == "reference" or mask is not None or n_q != n_k):
+    explicit = implementation == "reference" or mask is not None or bias is not None
+    if is_causal and (explicit or n_q != n_k):
         # one bottom-right aligned triangle for both paths (SDPA's own is top-left aligned)
         causal = causal_mask(n_q, n_k, q.device)
         mask = causal if mask is None else mask & causal
@@ -136,9 +149,13 @@ def scaled_dot_product_attention(
     if implementation == "reference":
         n_rep = q.shape[1] // k.shape[1]
         return reference_attention(
-            q, repeat_kv(k, n_rep), repeat_kv(v, n_rep), mask, dropout_p, scale
+            q, repeat_kv(k, n_rep), repeat_kv(v, n_rep), mask, dropout_p, scale, bias
         )
     gqa = k.shape[1] != q.shape[1]
+    if bias is not None:
+        # one float mask: the bias where allowed, -inf where not (SDPA gives an all -inf row zeros)
+        bias = bias.to(q.dtype)
+        mask = bias if mask is None else bias.masked_fill(~mask, float("-inf"))
     if _SDPA_HAS_GQA and picks_cpu_flash(q, k, v, mask, dropout_p, is_causal, scale, gqa):
         # the same kernels, with a backward that a second derivative can go through
         return CpuFlashAttention.apply(q, k, v, mask, is_causal, scale)
@@ -245,14 +262,19 @@ class MultiHeadAttention(nn.Module):
         layer_index: int = 0,
         start: int | Tensor = 0,
         qk_transform: QKTransform | None = None,
+        position_bias: Tensor | None = None,
     ) -> Tensor:
         """x: [B, T, dim] -> [B, T, dim].
 
         ``attention_mask`` is a boolean mask broadcastable to [B, H, T, T_k] (True = may attend),
         combined with the causal mask when the module is causal. With ``cache``, this call's
         keys/values are written at position ``start`` of layer ``layer_index``.
+        ``position_bias`` is an additive float bias broadcastable to [B, H, T, T_k] (T_k counts
+        the cached keys too), added to the scaled scores: T5's relative position bias.
         """
         kw = dict(attention_mask=attention_mask, cache=cache, layer_index=layer_index, start=start)
+        if position_bias is not None:  # only when given: subclasses' attend may not take it
+            kw["position_bias"] = position_bias
         return self.attend(self.qkv(x), x.dtype, qk_transform=qk_transform, **kw)
 
     def attend(
@@ -265,6 +287,7 @@ class MultiHeadAttention(nn.Module):
         layer_index: int = 0,
         start: int | Tensor = 0,
         qk_transform: QKTransform | None = None,
+        position_bias: Tensor | None = None,
     ) -> Tensor:
         """The rest of :meth:`forward` after the fused projection: qkv [B, T, (H + 2 H_kv) D]
         -> [B, T, dim]; the heads' output is cast to ``dtype`` (the input's) before W_O."""
@@ -289,7 +312,8 @@ class MultiHeadAttention(nn.Module):
             k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
 
         mask, is_causal = attention_mask, False
-        if cache is not None and t == 1 and attention_mask is None and not self.training:
+        one_step = cache is not None and t == 1 and attention_mask is None and not self.training
+        if one_step and position_bias is None:
             # one new token over the cache (the common decoding step)
             allowed = None
             if isinstance(start, Tensor):  # static shapes: hide the slots not written yet
@@ -320,6 +344,7 @@ class MultiHeadAttention(nn.Module):
             dropout_p=self.dropout if self.training else 0.0,
             implementation=self.implementation,
             scale=self.softmax_scale,
+            bias=position_bias,
         )
         if y.dtype != dtype:
             y = y.to(dtype)

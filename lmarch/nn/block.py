@@ -47,8 +47,10 @@ class TransformerBlock(nn.Module):
         layer_index: int = 0,
         start: int | Tensor = 0,
         qk_transform: QKTransform | None = None,
+        position_bias: Tensor | None = None,
     ) -> Tensor:
-        """x: [B, T, dim] -> [B, T, dim]; keyword arguments are passed to the attention."""
+        """x: [B, T, dim] -> [B, T, dim]; keyword arguments are passed to the attention
+        (``position_bias``: an additive score bias such as T5's, only when given)."""
         kw = dict(
             attention_mask=attention_mask,
             cache=cache,
@@ -56,6 +58,8 @@ class TransformerBlock(nn.Module):
             start=start,
             qk_transform=qk_transform,
         )
+        if position_bias is not None:
+            kw["position_bias"] = position_bias
         if self.pre_norm:
             x = x + self.attn(self.norm_attn(x), **kw)
             return x + self.ffn(self.norm_ffn(x))
