@@ -32,6 +32,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/decode.py
 	$(PY) benchmarks/quality_bar.py
 	$(PY) benchmarks/attention.py
+	$(PY) benchmarks/finetune.py
 	$(PY) benchmarks/memory.py
 	$(PY) benchmarks/quantize.py
 
