@@ -294,9 +294,11 @@ class UnigramTokenizer(EncoderInputMixin):
     # ------------------------------------------------------------------ decoding
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
-        """Text for ``ids``, as sentencepiece's ``DecodeIds``: ``▁`` back to spaces, the
-        dummy-prefix space dropped, byte pieces joined into UTF-8 (a malformed byte becomes
-        U+FFFD), control pieces dropped, an unknown id written as ``unk_surface``. With
+        """Text for ``ids``, as sentencepiece's ``DecodeIds``: ``▁`` back to spaces, control
+        pieces dropped, an unknown id written as ``unk_surface``, runs of byte pieces joined as
+        UTF-8 (a malformed byte becomes U+FFFD). While nothing has been written yet, a leading
+        ``▁`` (the dummy prefix) is dropped from the next piece, and with
+        ``remove_extra_whitespaces`` that goes on for as long as the output stays empty. With
         ``skip_special_tokens=False`` control pieces are written out as their text."""
         if hasattr(ids, "tolist"):  # tensors and arrays
             ids = ids.tolist()
@@ -305,44 +307,35 @@ class UnigramTokenizer(EncoderInputMixin):
         if bad:
             raise LmarchError(f"token id {bad[0]!r} is not in 0..{size - 1}")
         norm = self.normalizer
-        strip_first = not norm.treat_whitespace_as_suffix and (
-            norm.add_dummy_prefix or norm.remove_extra_whitespaces
-        )
+        strips = norm.add_dummy_prefix or norm.remove_extra_whitespaces
         out: list[str] = []
         pending = bytearray()
-        at_start = True
-
-        def text_of(piece: str) -> str:
-            nonlocal at_start
-            if at_start and strip_first and piece.startswith(SPACE_SYMBOL):
-                piece = piece[1:]
-            at_start = False
-            return piece.replace(SPACE_SYMBOL, " ")
-
-        def flush() -> None:
-            if pending:
-                out.append(text_of(_decode_bytes(bytes(pending))))
-                pending.clear()
-
+        at_start, stripped = True, False
         for i in ids:
             kind = self._types[i]
             if kind == BYTE:
                 pending.append(self._byte_value[i])
                 continue
-            flush()
+            if pending:  # bytes are written as they are, without the space rule
+                out.append(_decode_bytes(bytes(pending)))
+                pending.clear()
+            if stripped or (out and out[-1]):
+                at_start = False
+            stripped = False
+            piece = self._pieces[i]
             if kind == CONTROL:
                 if not skip_special_tokens:
-                    out.append(self._pieces[i])
+                    out.append(piece)
             elif kind == UNKNOWN:
                 out.append(self.unk_surface)
-                at_start = False
             else:
-                out.append(text_of(self._pieces[i]))
-        flush()
-        text = "".join(out)
-        if norm.treat_whitespace_as_suffix and norm.add_dummy_prefix and text.endswith(" "):
-            text = text[:-1]
-        return text
+                if at_start and strips and piece.startswith(SPACE_SYMBOL):
+                    piece = piece[1:]
+                    stripped = not norm.remove_extra_whitespaces
+                out.append(piece.replace(SPACE_SYMBOL, " "))
+        if pending:
+            out.append(_decode_bytes(bytes(pending)))
+        return "".join(out)
 
     # ------------------------------------------------------------------ lookups
 
