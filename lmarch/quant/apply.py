@@ -144,7 +144,13 @@ def quantized_like(linear: nn.Linear, scheme: str, group_size: int | None = None
     if scheme == "int8":
         return Int8WeightOnlyLinear(*shape, bias=bias)
     if scheme == "int4":
-        return Int4WeightOnlyLinear(*shape, bias=bias, group_size=group_size)
+        # built on "meta" and given plain buffers: the kernel packing happens once, on load
+        layer = Int4WeightOnlyLinear(*shape, bias=bias, group_size=group_size, device="meta")
+        layer.qweight = torch.empty(linear.out_features, linear.in_features // 2, dtype=torch.uint8)
+        layer.scales_and_zeros = torch.empty_like(layer.scales_and_zeros, device="cpu")
+        if bias:
+            layer.bias = nn.Parameter(torch.empty(linear.out_features))
+        return layer
     if scheme == "q8":
         return BlockQ8Linear(*shape, bias=bias)
     if scheme in ("q4", "q4_0"):
