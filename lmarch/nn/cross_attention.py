@@ -71,30 +71,20 @@ class EncoderDecoderCache:
         """Positions the self-attention cache holds."""
         return self.self_attention.max_len
 
-    def reorder(self, indices: Tensor) -> None:
+    def reorder(self, indices: Tensor, length: int | None = None) -> None:
         """Keep batch rows ``indices`` (a 1-d long tensor) in every tensor: row j becomes old row
-        ``indices[j]``. The self-attention cache is reordered in place (its length must stay the
-        batch size); the cross keys/values and mask may change batch size (expanding a batch to
-        ``batch * beams`` rows)."""
-        reorder_kv_cache(self.self_attention, indices)
+        ``indices[j]``. The self-attention cache is reordered in place (:meth:`KVCache.reorder`,
+        its first ``length`` positions; the number of rows must stay the batch size); the cross
+        keys/values and mask may change their number of rows (a batch expanded to
+        ``batch * beams``). Beam search over one prompt's beams needs only
+        ``self_attention.reorder``: the cross keys/values are the same for all of them."""
+        self.self_attention.reorder(indices, length)
         self.cross = [
             None if kv is None else (kv[0].index_select(0, indices), kv[1].index_select(0, indices))
             for kv in self.cross
         ]
         if self.memory_mask is not None:
             self.memory_mask = self.memory_mask.index_select(0, indices)
-
-
-def reorder_kv_cache(cache: KVCache, indices: Tensor) -> None:
-    """Reorder ``cache``'s batch rows in place: :meth:`KVCache.reorder` where the class has it,
-    otherwise a gather and copy into the preallocated buffers (their views stay valid)."""
-    reorder = getattr(cache, "reorder", None)
-    if reorder is not None:
-        reorder(indices)
-        return
-    indices = indices.to(cache.keys.device)
-    cache.keys.copy_(cache.keys.index_select(1, indices))
-    cache.values.copy_(cache.values.index_select(1, indices))
 
 
 class CrossAttention(nn.Module):
@@ -276,5 +266,4 @@ __all__ = [
     "CrossAttentionBlock",
     "EncoderDecoderCache",
     "memory_padding_mask",
-    "reorder_kv_cache",
 ]
