@@ -255,9 +255,8 @@ PRESETS: dict[str, Preset] = {
                 dropout=0.0,
                 variant="albert",
             ),
-            # ALBERT's own vocabulary is a SentencePiece unigram model; lmarch trains none
-            # yet, so a run from this shape uses WordPiece (an HF folder keeps its own).
-            "wordpiece",
+            # ALBERT's own vocabulary is a SentencePiece Unigram model (an HF folder keeps its own)
+            "unigram",
             "ALBERT-base v2 shape (12M: factorised embeddings, one block shared by 12 layers)",
             {**_BERT_TRAIN, "learning_rate": 1.76e-3},
         ),

@@ -16,7 +16,7 @@ class Tokenizer(Protocol):
     """Maps text to integer ids and back.
 
     Implementations save themselves as one JSON file whose top-level ``"type"`` field names
-    the class (``"char"``, ``"byte_bpe"``, ``"wordpiece"``; ``"hf_tokenizers"`` for the
+    the class (``"char"``, ``"byte_bpe"``, ``"wordpiece"``, ``"unigram"``; ``"hf_tokenizers"`` for the
     :mod:`~lmarch.tokenizers.hf_fallback` adapter), so :func:`load_tokenizer` can rebuild them.
     """
 
@@ -61,6 +61,7 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     from lmarch.tokenizers.bpe import ByteLevelBPETokenizer
     from lmarch.tokenizers.char import CharTokenizer
     from lmarch.tokenizers.hf_fallback import HFTokenizersFallback
+    from lmarch.tokenizers.unigram import UnigramTokenizer
     from lmarch.tokenizers.wordpiece import WordPieceTokenizer
 
     path = Path(path)
@@ -72,6 +73,7 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         "char": CharTokenizer,
         "byte_bpe": ByteLevelBPETokenizer,
         "wordpiece": WordPieceTokenizer,
+        "unigram": UnigramTokenizer,
         "hf_tokenizers": HFTokenizersFallback,
     }
     if kind not in classes:

@@ -5,7 +5,9 @@
 - ``roberta-bpe``: byte-level BPE laid out as RoBERTa's vocabulary: ``<s> <pad> </s> <unk>`` take
   ids 0-3 (RoBERTa's position ids count from the padding id, which must therefore be small),
   then the bytes and merges, and ``<mask>`` last (Liu et al. 2019);
-- ``wordpiece``: BERT's WordPiece with ``[PAD] [UNK] [CLS] [SEP] [MASK]`` (Devlin et al. 2019).
+- ``wordpiece``: BERT's WordPiece with ``[PAD] [UNK] [CLS] [SEP] [MASK]`` (Devlin et al. 2019);
+- ``unigram``: a SentencePiece-style Unigram model (Kudo 2018) in ALBERT's layout, ``<pad> <unk>
+  [CLS] [SEP] [MASK]`` at ids 0-4 (Lan et al. 2020), with byte fallback so no text is unknown.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from lmarch.tokenizers.base import Tokenizer
 from lmarch.tokenizers.bpe import ByteLevelBPETokenizer
 from lmarch.tokenizers.char import CharTokenizer
 
-TokenizerKind = Literal["char", "bpe", "roberta-bpe", "wordpiece"]
+TokenizerKind = Literal["char", "bpe", "roberta-bpe", "wordpiece", "unigram"]
 TOKENIZER_KINDS: tuple[str, ...] = get_args(TokenizerKind)
 
 _ROBERTA_FRONT = ("<s>", "<pad>", "</s>", "<unk>")
@@ -51,4 +53,10 @@ def build_tokenizer(kind: str, train_text: str, val_text: str, vocab_size: int) 
 
         lines = [line for line in train_text.splitlines() if line.strip()]
         return WordPieceTokenizer.train(lines, vocab_size=vocab_size)
+    if kind == "unigram":
+        from lmarch.tokenizers.unigram_train import ALBERT_SPECIAL_PIECES, train_unigram
+
+        return train_unigram(
+            train_text, vocab_size, byte_fallback=True, special_pieces=ALBERT_SPECIAL_PIECES
+        )
     raise LmarchError(f"unknown tokenizer kind {kind!r}", hint=f"one of {list(TOKENIZER_KINDS)}")

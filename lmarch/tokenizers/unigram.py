@@ -354,7 +354,8 @@ class UnigramTokenizer(EncoderInputMixin):
         """``(piece, score, type name)`` in id order."""
         names = {v: k for k, v in PIECE_TYPES.items()}
         return [
-            (p, s, names[t]) for p, s, t in zip(self._pieces, self._scores, self._types, strict=True)
+            (p, s, names[t])
+            for p, s, t in zip(self._pieces, self._scores, self._types, strict=True)
         ]
 
     def token_to_id(self, token: str) -> int | None:

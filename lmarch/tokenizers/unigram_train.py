@@ -53,6 +53,14 @@ DEFAULT_SPECIAL_PIECES: tuple[tuple[str, str], ...] = (
     ("</s>", "control"),
 )
 """sentencepiece's default layout: ``<unk>`` 0, ``<s>`` 1, ``</s>`` 2."""
+ALBERT_SPECIAL_PIECES: tuple[tuple[str, str], ...] = (
+    ("<pad>", "control"),
+    ("<unk>", "unknown"),
+    ("[CLS]", "control"),
+    ("[SEP]", "control"),
+    ("[MASK]", "user_defined"),
+)
+"""ALBERT's ``spiece.model`` layout: ``<pad>`` 0, ``<unk>`` 1, ``[CLS]`` 2, ``[SEP]`` 3, ``[MASK]`` 4."""
 
 
 def digamma(x: np.ndarray) -> np.ndarray:
@@ -111,7 +119,7 @@ class _Lattice:
         self.size = int((lengths + 1).sum())
         # every prefix of a piece, so that a scan stops as soon as no piece can match
         prefixes: dict[str, int] = {}
-        for piece, idx in piece_ids.items():
+        for piece in piece_ids:
             for j in range(1, len(piece)):
                 prefixes.setdefault(piece[:j], -1)
         prefixes.update(piece_ids)
@@ -161,7 +169,9 @@ class _EdgeSet:
             if reduce == "lse":
                 top = np.maximum.reduceat(scores, bounds)
                 safe = np.where(np.isfinite(top), top, 0.0)
-                total = np.add.reduceat(np.exp(scores - np.repeat(safe, np.diff(_ends(bounds, len(scores))))), bounds)
+                total = np.add.reduceat(
+                    np.exp(scores - np.repeat(safe, np.diff(_ends(bounds, len(scores))))), bounds
+                )
                 values[targets[bounds]] = safe + np.log(total)
             else:
                 top = np.maximum.reduceat(scores, bounds)
@@ -381,7 +391,9 @@ def train_unigram(
             say(f"EM: {int(alive.sum())} pieces, log-likelihood {loglik / weights.sum():.4f}")
         if alive.sum() <= desired:
             break
-        alive = _prune(alive, logp, is_char, edges, inner, whole, weights, desired, shrinking_factor)
+        alive = _prune(
+            alive, logp, is_char, edges, inner, whole, weights, desired, shrinking_factor
+        )
 
     learned = vocab_size - meta
     final: dict[str, float] = {}
@@ -457,4 +469,4 @@ def _prune(
     return keep
 
 
-__all__ = ["DEFAULT_SPECIAL_PIECES", "digamma", "train_unigram"]
+__all__ = ["ALBERT_SPECIAL_PIECES", "DEFAULT_SPECIAL_PIECES", "digamma", "train_unigram"]

@@ -35,5 +35,5 @@ def test_every_kind_builds_and_round_trips(kind, shakespeare_text) -> None:
 
 
 def test_unknown_kind_is_refused() -> None:
-    with pytest.raises(LmarchError, match="unknown tokenizer kind 'unigram'"):
-        build_tokenizer("unigram", "abc", "", 100)
+    with pytest.raises(LmarchError, match="unknown tokenizer kind 'morfessor'"):
+        build_tokenizer("morfessor", "abc", "", 100)
