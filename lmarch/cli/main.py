@@ -65,6 +65,7 @@ def _add_speed_options(p: argparse.ArgumentParser) -> None:
 def build_parser() -> OneLineParser:
     """The argument parser for every subcommand; the settings' options come from the config
     dataclasses (:mod:`lmarch.cli.options`)."""
+    from lmarch.generation.generate import BEAM_SETTINGS
     from lmarch.models.registry import FAMILIES
     from lmarch.tasks.classify import ClassifyConfig
     from lmarch.train.config import TrainConfig
@@ -125,7 +126,11 @@ def build_parser() -> OneLineParser:
     c.add_argument("model", help="a preset with weights, a .gguf file or an HF folder")
     c.add_argument("--system", default=None, help="system message")
     _add_decoding_options(
-        c, temperature=0.7, max_new_tokens=256, exclude=["ignore_eos"], summary=False
+        c,
+        temperature=0.7,
+        max_new_tokens=256,
+        exclude=["ignore_eos", *BEAM_SETTINGS],
+        summary=False,
     )
 
     k = sub.add_parser("classify", help="fine-tune an encoder to classify text, or use one")
@@ -304,13 +309,16 @@ def _decoding(args: argparse.Namespace):
     """SamplingConfig and GenerationConfig from the options, checked before any model loads."""
     from lmarch.cli.options import config_from_args, option_fields
     from lmarch.generation import GenerationConfig, SamplingConfig
+    from lmarch.tasks.generate import check_decoding
 
-    return tuple(
+    sampling, generation = (
         config_from_args(
             cls, args, [f.name for f, _ in option_fields(cls) if hasattr(args, f.name)]
         )
         for cls in (SamplingConfig, GenerationConfig)
     )
+    check_decoding(sampling, generation)  # e.g. sampling options with --num-beams
+    return sampling, generation
 
 
 def _decode(args: argparse.Namespace, loaded, prompt: str) -> int:
@@ -320,6 +328,8 @@ def _decode(args: argparse.Namespace, loaded, prompt: str) -> int:
     from lmarch.tasks.generate import generate_text
 
     sampling, generation = args.decoding
+    if generation.uses_beams:
+        return _decode_beams(args, loaded, prompt)
     stats = GenerationStats()
     pieces = []
     out = sys.stderr if args.json else sys.stdout
@@ -344,6 +354,35 @@ def _decode(args: argparse.Namespace, loaded, prompt: str) -> int:
             "prompt_tokens": stats.prompt_tokens,  # after any cut to the context window
             "prefill_tokens_per_s": stats.prefill_tokens_per_s,
             "decode_tokens_per_s": stats.decode_tokens_per_s,
+            "load_s": loaded.load_s,
+            "quant": loaded.quant,
+            "stopped_by": stats.stopped_by,
+        }
+        print(json.dumps(summary))
+    return 0
+
+
+def _decode_beams(args: argparse.Namespace, loaded, prompt: str) -> int:
+    """``_decode`` with ``--num-beams``: the best continuations once the search ends (with
+    ``--num-return-sequences`` > 1 each under a header with its score)."""
+    from lmarch.generation import GenerationStats
+    from lmarch.tasks.generate import beam_text
+
+    generation = args.decoding[1]
+    stats = GenerationStats()
+    found = beam_text(loaded, prompt, generation, stats=stats)
+    out = sys.stderr if args.json else sys.stdout
+    for i, beam in enumerate(found):
+        if len(found) > 1:
+            out.write(("\n" if i else "") + f"--- beam {i + 1}, score {beam.score:.4f}\n")
+        out.write(beam.text + "\n")
+    if args.json:
+        summary = {
+            "text": found[0].text,
+            "token_ids": stats.token_ids,
+            "prompt_tokens": stats.prompt_tokens,
+            "beams": [{"text": b.text, "token_ids": b.token_ids, "score": b.score} for b in found],
+            "search_s": stats.decode_s,
             "load_s": loaded.load_s,
             "quant": loaded.quant,
             "stopped_by": stats.stopped_by,

@@ -1,6 +1,13 @@
 """Decoding: next-token selection (greedy, temperature, top-k/p, min-p, repetition penalty),
-the generation loop with KV cache, stop strings and streaming."""
+the generation loop with KV cache, stop strings and streaming, and beam search."""
 
+from lmarch.generation.beam import (
+    BeamSearchConfig,
+    BeamSearchOutput,
+    beam_search,
+    beam_search_prompts,
+    seq2seq_beam_search,
+)
 from lmarch.generation.generate import (
     GenerationConfig,
     GenerationStats,
@@ -11,12 +18,17 @@ from lmarch.generation.generate import (
 from lmarch.generation.sampling import SamplingConfig, StopStringMatcher, select_next_token
 
 __all__ = [
+    "BeamSearchConfig",
+    "BeamSearchOutput",
     "GenerationConfig",
     "GenerationStats",
     "SamplingConfig",
     "StopStringMatcher",
+    "beam_search",
+    "beam_search_prompts",
     "generate",
     "iter_tokens",
     "select_next_token",
+    "seq2seq_beam_search",
     "stream_text",
 ]

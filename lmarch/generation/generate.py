@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from lmarch.errors import LmarchError, LmarchNotice
+from lmarch.generation.beam import BeamSearchConfig
 from lmarch.generation.sampling import SamplingConfig, StopStringMatcher, select_next_token
 from lmarch.settings import setting
 from lmarch.tokenizers.base import Tokenizer
@@ -137,6 +138,16 @@ class GenerationConfig:
     seed: int | None = setting(None, "random seed, for reproducible samples")
     stop: tuple[str, ...] = setting((), "stop at this text, not shown (repeatable)")
     ignore_eos: bool = setting(False, "keep generating past the end-of-text token")
+    num_beams: int = setting(1, "beam search with this many beams (1: greedy or sampling)")
+    num_return_sequences: int = setting(1, "beam search: how many of the best beams to show")
+    length_penalty: float = setting(
+        1.0, "beam search: rank by log p / length ** this (> 0 favours longer text)"
+    )
+    early_stopping: str = setting(
+        "false", "beam search: true, false or never (when a prompt's beams are done)"
+    )
+    no_repeat_ngram_size: int = setting(0, "beam search: never repeat an n-gram this long")
+    min_new_tokens: int = setting(0, "beam search: no end of text before this many tokens")
 
     def __post_init__(self) -> None:
         n = self.max_new_tokens
@@ -151,6 +162,53 @@ class GenerationConfig:
             raise LmarchError(f"seed must be an integer, got {self.seed!r}")
         self.stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
         StopStringMatcher(self.stop)  # refuses an empty stop string
+        self.early_stopping = str(self.early_stopping).lower()  # True (library) -> "true"
+        self.beam_config(())  # checks the beam settings' values
+        if self.num_beams == 1:
+            moot = [name for name, default in _BEAM_ONLY.items() if getattr(self, name) != default]
+            if moot:
+                raise LmarchError(
+                    f"{', '.join(moot)} apply to beam search only",
+                    hint="add --num-beams N (N >= 2), or drop them",
+                )
+
+    @property
+    def uses_beams(self) -> bool:
+        """Whether this asks for beam search."""
+        return self.num_beams > 1
+
+    def beam_config(
+        self, eos_token_ids: Sequence[int], pad_token_id: int | None = None
+    ) -> BeamSearchConfig:
+        """These settings as a :class:`~lmarch.generation.beam.BeamSearchConfig` (which checks
+        them), ending at ``eos_token_ids`` unless ``ignore_eos``."""
+        stopping = {"true": True, "false": False, "never": "never"}.get(self.early_stopping)
+        if stopping is None:
+            raise LmarchError(
+                f"early_stopping must be true, false or never, got {self.early_stopping!r}"
+            )
+        return BeamSearchConfig(
+            num_beams=self.num_beams,
+            max_new_tokens=max(1, self.max_new_tokens),
+            min_new_tokens=self.min_new_tokens,
+            length_penalty=float(self.length_penalty),
+            early_stopping=stopping,
+            no_repeat_ngram_size=self.no_repeat_ngram_size,
+            num_return_sequences=self.num_return_sequences,
+            eos_token_id=None if self.ignore_eos else tuple(eos_token_ids),
+            pad_token_id=pad_token_id,
+        )
+
+
+# GenerationConfig's fields that only beam search uses, with their defaults
+_BEAM_ONLY = {
+    "num_return_sequences": 1,
+    "length_penalty": 1.0,
+    "early_stopping": "false",
+    "no_repeat_ngram_size": 0,
+    "min_new_tokens": 0,
+}
+BEAM_SETTINGS = ("num_beams", *_BEAM_ONLY)  # for commands that do not beam-search (chat)
 
 
 @dataclass

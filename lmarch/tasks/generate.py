@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
-from lmarch.generation import GenerationStats, SamplingConfig, stream_text
+from lmarch.generation import GenerationConfig, GenerationStats, SamplingConfig, stream_text
+from lmarch.generation.beam import beam_search_prompts, check_beam_sampling
+from lmarch.generation.generate import check_prompt
+from lmarch.generation.sampling import StopStringMatcher
 from lmarch.loading import LoadedModel
 
 
@@ -46,3 +51,53 @@ def prepare_for_decoding(loaded: LoadedModel, compile: bool = False) -> None:
         # The quantised layers keep their bf16 operands and convert their inputs themselves.
         loaded.model.float()
     loaded.compile_decode = compile
+
+
+def check_decoding(sampling: SamplingConfig, generation: GenerationConfig) -> None:
+    """Refuse settings that do not go together (sampling options with beam search), before
+    any model is loaded."""
+    if generation.uses_beams:
+        check_beam_sampling(sampling)
+
+
+@dataclass(frozen=True)
+class BeamText:
+    """One beam-search result: its text (cut at the end token or a stop string, neither
+    shown), its generated token ids (end token included) and its length-penalised score."""
+
+    text: str
+    token_ids: list[int]
+    score: float
+
+
+def beam_text(
+    loaded: LoadedModel,
+    prompt: str,
+    generation: GenerationConfig,
+    *,
+    stats: GenerationStats | None = None,
+) -> list[BeamText]:
+    """The ``generation.num_return_sequences`` best continuations of the raw ``prompt`` by
+    beam search (:mod:`lmarch.generation.beam`), best first; ``stats`` gets the best one's ids
+    and the whole search's time as its decode time."""
+    stats = stats if stats is not None else GenerationStats()
+    ids = check_prompt(loaded.model, loaded.encode_prompt(prompt), generation.max_new_tokens)
+    stats.prompt_tokens = len(ids)
+    if generation.max_new_tokens == 0:
+        return [BeamText("", [], 0.0)]
+    stops = () if generation.ignore_eos else loaded.stop_token_ids
+    t0 = time.perf_counter()
+    found = beam_search_prompts(loaded.model, [ids], generation.beam_config(stops))[0]
+    stats.decode_s = time.perf_counter() - t0
+    matcher = StopStringMatcher(generation.stop)
+    results = []
+    for hyp in found:
+        new = list(hyp.token_ids)
+        ended = bool(new) and new[-1] in stops
+        text = loaded.tokenizer.decode(new[:-1] if ended else new)
+        cut = matcher.find(text)
+        results.append(BeamText(text if cut is None else text[:cut], new, hyp.score))
+        if len(results) == 1:
+            stats.token_ids = new
+            stats.stopped_by = "stop_string" if cut is not None else "eos" if ended else "length"
+    return results
