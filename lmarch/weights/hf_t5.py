@@ -250,12 +250,13 @@ def t5_config_from_hf(
     pad = hf.get("pad_token_id", 0)
     start = hf.get("decoder_start_token_id")
     layers = hf.get("num_layers", 8 if mt5 else 6)
+    decoder_layers = hf.get("num_decoder_layers")  # None or the encoder's count: symmetric
     return build_config(
         lambda: T5Config(
             vocab_size=hf.get("vocab_size", 250112 if mt5 else 32128),
             block_size=hf.get("n_positions", 512),
             n_layer=layers,
-            n_decoder_layer=hf.get("num_decoder_layers"),
+            n_decoder_layer=None if decoder_layers == layers else decoder_layers,
             n_head=hf.get("num_heads", 6 if mt5 else 8),
             n_embd=hf.get("d_model", 512),
             head_dim=hf.get("d_kv", 64),
