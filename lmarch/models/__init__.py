@@ -25,6 +25,7 @@ from lmarch.models.registry import (
     make_config,
     preset_config,
 )
+from lmarch.models.t5 import T5, T5Config
 
 __all__ = [
     "FAMILIES",
@@ -44,6 +45,8 @@ __all__ = [
     "Llama",
     "LlamaConfig",
     "Preset",
+    "T5",
+    "T5Config",
     "build_model",
     "config_from_dict",
     "config_to_dict",

@@ -20,6 +20,7 @@ from lmarch.models.bert import BertConfig, BertModel
 from lmarch.models.bigram import BigramConfig, BigramLM
 from lmarch.models.gpt import GPT, GPTConfig
 from lmarch.models.llama import Llama, LlamaConfig
+from lmarch.models.t5 import T5, T5Config
 from lmarch.nn.init import empty_weights
 from lmarch.settings import build_config
 from lmarch.tokenizers.kinds import TOKENIZER_KINDS, TokenizerKind
@@ -39,10 +40,11 @@ FAMILIES: dict[str, Family] = {
     "bigram": Family("bigram", BigramConfig, BigramLM),
     "gpt": Family("gpt", GPTConfig, GPT),
     "llama": Family("llama", LlamaConfig, Llama),
+    "t5": Family("t5", T5Config, T5),
 }
 
 
-ModelConfig = BigramConfig | GPTConfig | LlamaConfig | BertConfig
+ModelConfig = BigramConfig | GPTConfig | LlamaConfig | BertConfig | T5Config
 
 
 def family_of_config(config: Any) -> Family:
@@ -286,6 +288,54 @@ PRESETS: dict[str, Preset] = {
         ),
     ]
 }
+
+
+# T5 shapes (Raffel et al. 2020; the T5 v1.1 and mT5 releases). Shape only until the span
+# corruption / seq2seq objectives can train them; their vocabularies are SentencePiece Unigram.
+_T5_V11 = dict(n_layer=8, n_head=6, intermediate_size=1024, activation="gelu_tanh",
+               gated_ffn=True, tie_embeddings=False, scale_output=False)  # fmt: skip
+PRESETS.update(
+    (p.name, p)
+    for p in [
+        Preset(
+            "t5-small",
+            T5Config(),
+            "unigram",
+            "T5 v1 small shape (60M: ReLU, head tied to the embedding and rescaled)",
+            train=None,
+        ),
+        Preset(
+            "t5-v1_1-small",
+            T5Config(**_T5_V11),
+            "unigram",
+            "T5 v1.1 small shape (77M: gated GELU, own output head, no rescaling)",
+            train=None,
+        ),
+        Preset(
+            "mt5-small",
+            T5Config(vocab_size=250112, variant="mt5", **_T5_V11),
+            "unigram",
+            "mT5 small shape (300M, most of it the 250k multilingual vocabulary)",
+            train=None,
+        ),
+        Preset(
+            "t5-tiny",
+            T5Config(
+                vocab_size=2000,
+                block_size=128,
+                n_layer=2,
+                n_head=4,
+                n_embd=128,
+                head_dim=32,
+                intermediate_size=256,
+                dropout=0.0,
+            ),
+            "unigram",
+            "small T5 v1 (2+2 layers, 128 wide) for tests and CPU runs",
+            train=None,
+        ),
+    ]
+)
 
 
 def get_preset(name: str) -> Preset:

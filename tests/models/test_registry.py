@@ -26,7 +26,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 # the same block, so the shape is still checked).
 HEAVY = {"gpt2-medium": {}, "gpt2-large": {}, "gpt2-xl": {"n_layer": 2}}
 TRAINABLE = [name for name, p in PRESETS.items() if p.trainable]
-SHAPE_ONLY = {"llama2-7b", "llama3-8b"}
+SHAPE_ONLY = {"llama2-7b", "llama3-8b", "t5-small", "t5-v1_1-small", "mt5-small", "t5-tiny"}
 REAL_WEIGHTS = {"smollm2-135m", "minilm-l6"}
 
 
