@@ -69,6 +69,9 @@ class T5Config:
     ``scale_output`` multiplies the decoder output by n_embd^-0.5 before the head (v1).
     ``variant`` names the Hugging Face layout it comes from or is written to (t5 or mt5).
     The token ids are T5's: padding 0 (also the decoder's start), end of sequence 1.
+    ``dropout`` acts where T5's does (embeddings, attention weights, each sub-layer's output,
+    the final states) except inside the feed-forward, after its activation, where T5 drops once
+    more; it changes training only.
     """
 
     vocab_size: int = 32128
