@@ -115,7 +115,7 @@ class BeamSearchConfig:
     no_repeat_ngram_size: int = 0  # 0: off
     num_return_sequences: int = 1  # best hypotheses returned per prompt (<= num_beams)
     eos_token_id: int | Sequence[int] | None = None
-    pad_token_id: int | None = None  # fills finished sequences (default: the first eos id)
+    pad_token_id: int | None = None  # fills ended sequences (see fill_token_id)
     forced_bos_token_id: int | None = None
     forced_eos_token_id: int | None = None
 
@@ -152,10 +152,12 @@ class BeamSearchConfig:
 
     @property
     def fill_token_id(self) -> int:
-        """What follows the end of a sequence shorter than the longest returned."""
-        if self.pad_token_id is not None:
-            return self.pad_token_id
-        return self.eos_ids[0] if self.eos_ids else 0
+        """What follows the end of a sequence shorter than the longest returned: the pad id,
+        except that a pad id of 0 (or none) gives the first end id — transformers' rule (it
+        tests the pad id for truth), kept so that whole outputs compare equal."""
+        if self.eos_ids:
+            return self.pad_token_id or self.eos_ids[0]
+        return self.pad_token_id or 0
 
 
 @dataclass

@@ -16,6 +16,7 @@ from lmarch.errors import LmarchError
 from lmarch.generation import GenerationConfig, SamplingConfig
 from lmarch.generation.beam import (
     BeamSearchConfig,
+    CausalBeamDecoder,
     beam_search,
     beam_search_prompts,
     check_beam_sampling,
@@ -144,6 +145,27 @@ def test_batched_search_equals_one_prompt_at_a_time(pairs) -> None:
     together = beam_search_prompts(ours, prompts, config)
     assert together == [beam_search_prompts(ours, [p], config)[0] for p in prompts]
     assert len({h[0].token_ids for h in together}) == 3
+
+
+def test_filling_after_the_end_token_follows_transformers(pairs) -> None:
+    """Sequences that ended early are filled with the pad id, or with the end id when the pad
+    id is 0 (transformers tests it for truth): whole outputs equal generate's either way."""
+    ours, hf = pairs["llama"]
+    prompt = [[8, 1, 4, 4]]
+    for pad in (0, 5):
+        config = BeamSearchConfig(
+            num_beams=4, max_new_tokens=MAX_NEW, eos_token_id=14, pad_token_id=pad,
+            num_return_sequences=4,
+        )  # fmt: skip
+        decoder = CausalBeamDecoder(ours, 4, 4 + MAX_NEW - 1)
+        got = beam_search(decoder, torch.tensor(prompt), config)
+        want = hf.generate(
+            torch.tensor(prompt), attention_mask=torch.ones(1, 4, dtype=torch.long), num_beams=4,
+            num_return_sequences=4, do_sample=False, pad_token_id=pad, eos_token_id=14,
+            max_new_tokens=MAX_NEW,
+        )  # fmt: skip
+        assert got.sequences.tolist() == want.tolist()
+        assert got.lengths.tolist() == [4, 6, 1, 8]  # the fill is there to compare
 
 
 class PositionModel:
