@@ -261,11 +261,11 @@ def beam_search(
     # would be chosen K times in the first step)
     seqs = torch.full((b, k, max_len), c.fill_token_id, dtype=torch.long, device=device)
     seqs[:, :, :t0] = prompt_ids[:, None, :]
-    run_scores = torch.full((b, k), _EMPTY, device=device)
+    run_scores = torch.full((b, k), _EMPTY, dtype=torch.float32, device=device)
     run_scores[:, 0] = 0.0
     # finished hypotheses: K slots per prompt, empty at first
     fin_seqs = seqs.clone()
-    fin_scores = torch.full((b, k), _EMPTY, device=device)
+    fin_scores = torch.full((b, k), _EMPTY, dtype=torch.float32, device=device)
     fin_full = torch.zeros((b, k), dtype=torch.bool, device=device)
     fin_lens = torch.zeros((b, k), dtype=torch.long, device=device)
     may_improve = torch.ones((b, 1), dtype=torch.bool, device=device)
