@@ -15,8 +15,9 @@ import transformers
 from safetensors.torch import load_file, save_file
 
 from lmarch.errors import LmarchError
+from lmarch.models.registry import get_preset
 from lmarch.models.t5 import T5, T5Config
-from lmarch.weights.hf_t5 import T5_FIELDS, load_hf_t5, save_hf_t5
+from lmarch.weights.hf_t5 import T5_FIELDS, load_hf_t5, save_hf_t5, t5_config_from_hf
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -185,3 +186,41 @@ def test_an_mt5_config_that_rescales_cannot_be_written(tmp_path: Path) -> None:
                       intermediate_size=16, variant="mt5")  # fmt: skip
     with pytest.raises(LmarchError, match="mT5 never rescales"):
         save_hf_t5(T5(config), tmp_path)
+
+
+# the fields of the config.json files published with google's t5-small, t5-v1_1-small and
+# mt5-small checkpoints (the weights are not available here; the shapes are)
+PUBLISHED = {
+    "t5-small": (
+        {"d_ff": 2048, "d_kv": 64, "d_model": 512, "decoder_start_token_id": 0,
+         "dropout_rate": 0.1, "eos_token_id": 1, "initializer_factor": 1.0,
+         "is_encoder_decoder": True, "layer_norm_epsilon": 1e-06, "model_type": "t5",
+         "n_positions": 512, "num_heads": 8, "num_layers": 6, "output_past": True,
+         "pad_token_id": 0, "relative_attention_num_buckets": 32, "vocab_size": 32128},
+        False,
+    ),
+    "t5-v1_1-small": (
+        {"d_ff": 1024, "d_kv": 64, "d_model": 512, "decoder_start_token_id": 0,
+         "dropout_rate": 0.1, "eos_token_id": 1, "feed_forward_proj": "gated-gelu",
+         "initializer_factor": 1.0, "is_encoder_decoder": True, "layer_norm_epsilon": 1e-06,
+         "model_type": "t5", "num_decoder_layers": 8, "num_heads": 6, "num_layers": 8,
+         "output_past": True, "pad_token_id": 0, "relative_attention_num_buckets": 32,
+         "tie_word_embeddings": False, "vocab_size": 32128},
+        True,
+    ),
+    "mt5-small": (
+        {"d_ff": 1024, "d_kv": 64, "d_model": 512, "decoder_start_token_id": 0,
+         "dropout_rate": 0.1, "eos_token_id": 1, "feed_forward_proj": "gated-gelu",
+         "initializer_factor": 1.0, "is_encoder_decoder": True, "layer_norm_epsilon": 1e-06,
+         "model_type": "mt5", "num_decoder_layers": 8, "num_heads": 6, "num_layers": 8,
+         "output_past": True, "pad_token_id": 0, "relative_attention_num_buckets": 32,
+         "tie_word_embeddings": False, "tokenizer_class": "T5Tokenizer", "vocab_size": 250112},
+        True,
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", list(PUBLISHED))
+def test_published_configs_read_as_the_presets(name: str) -> None:
+    hf, own_head = PUBLISHED[name]
+    assert t5_config_from_hf(hf, name, untied_head=own_head) == get_preset(name).config
