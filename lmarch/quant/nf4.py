@@ -244,7 +244,7 @@ def _absmax_of(q: NF4Weight) -> Tensor:
     return _DYNAMIC.to(q.absmax.device)[q.absmax.long()] * d + q.offset.float()
 
 
-# byte b -> (N[b >> 4], N[b & 15]): one lookup decodes both of a byte's elements
+# byte b = 16 hi + lo -> (N[hi], N[lo]): one lookup decodes both of a byte's elements
 _NF4_PAIRS = torch.stack([NF4_CODE.repeat_interleave(16), NF4_CODE.repeat(16)], dim=1)
 
 
