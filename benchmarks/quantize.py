@@ -30,7 +30,7 @@ and double quantisation; llama.cpp's q8_0 and q4_0), and each folder is loaded w
 Everything runs in this one process, one model at a time, on ``--threads`` threads.
 
     python benchmarks/quantize.py [--models smollm2,gpt] [--eval-tokens 8192] [--window 512]
-                                  [--decode-tokens 64] [--repeats 3] [--gpt-iters 1000] [--json]
+                                  [--decode-tokens 32] [--repeats 3] [--gpt-iters 1000] [--json]
     python benchmarks/quantize.py --tiny      # a quick check that it works (small settings)
 
 ``--json`` prints one JSON object as the last line.
@@ -168,7 +168,7 @@ def main() -> None:
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset")
     parser.add_argument("--eval-tokens", type=int, default=8192)
     parser.add_argument("--window", type=int, default=512, help="tokens per evaluation window")
-    parser.add_argument("--decode-tokens", type=int, default=64)
+    parser.add_argument("--decode-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--gpt-iters", type=int, default=1000)
     parser.add_argument("--threads", type=int, default=2)
