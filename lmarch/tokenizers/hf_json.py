@@ -6,9 +6,11 @@ and carries the chat template. Byte-level BPE vocabularies (GPT-2, LLaMA 3, Smol
 read with their pre-tokenizer translated into one split regex; WordPiece ones (BERT and its
 kin) go to :meth:`WordPieceTokenizer.from_tokenizer_json`.
 
-An encoder's folder (:func:`encoder_tokenizer_from_hf_folder`) may hold a tokenizer lmarch has no
-written-out reader for, such as ALBERT's SentencePiece-style Unigram model; that one is run by the
-``tokenizers`` library itself through :class:`~lmarch.tokenizers.hf_fallback.HFTokenizersFallback`.
+An encoder's folder (:func:`encoder_tokenizer_from_hf_folder`) may hold a Unigram model: one
+converted from sentencepiece, or a bare ``spiece.model``, is read by
+:mod:`~lmarch.tokenizers.unigram_hf`; one whose pipeline lmarch has no written-out reader for (ALBERT's
+with its lower-casing steps) is run by the ``tokenizers`` library itself through
+:class:`~lmarch.tokenizers.hf_fallback.HFTokenizersFallback`.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from lmarch.errors import LmarchError
 from lmarch.tokenizers.bpe import GPT2_SPLIT_PATTERN, ByteLevelBPETokenizer
 from lmarch.tokenizers.gguf_vocab import SMOLLM_SPLIT_PATTERN
 from lmarch.tokenizers.hf_fallback import HFTokenizersFallback
+from lmarch.tokenizers.unigram import UnigramTokenizer
+from lmarch.tokenizers.unigram_hf import unigram_tokenizer_from_hf_folder
 from lmarch.tokenizers.wordpiece import WordPieceTokenizer
 
 
@@ -157,19 +161,23 @@ def _reads_as_roberta(data: dict) -> bool:
 
 def encoder_tokenizer_from_hf_folder(
     folder: str | Path,
-) -> WordPieceTokenizer | ByteLevelBPETokenizer | HFTokenizersFallback:
+) -> WordPieceTokenizer | ByteLevelBPETokenizer | UnigramTokenizer | HFTokenizersFallback:
     """The tokenizer of a BERT-family folder, with ``encode_batch`` and the ``cls_id`` /
     ``sep_id`` / ``pad_id`` an encoder needs.
 
     - a WordPiece ``tokenizer.json``, or no ``tokenizer.json`` but a ``vocab.txt`` (BERT,
       ELECTRA): :class:`WordPieceTokenizer`;
     - a byte-level BPE with RoBERTa's post-processor: :class:`ByteLevelBPETokenizer`;
-    - anything else (ALBERT's Unigram, a BPE with a normaliser ...): the ``tokenizers``
-      library's own implementation, :class:`HFTokenizersFallback`.
+    - a Unigram model converted from sentencepiece (charsmap and Metaspace only), or no
+      ``tokenizer.json`` but a ``spiece.model``: :class:`UnigramTokenizer`;
+    - anything else (ALBERT's Unigram with its lower-casing steps, a BPE with a normaliser ...):
+      the ``tokenizers`` library's own implementation, :class:`HFTokenizersFallback`.
     """
     folder = Path(folder)
     path = folder / "tokenizer.json"
     if not path.is_file():
+        if (folder / "spiece.model").is_file():
+            return unigram_tokenizer_from_hf_folder(folder)
         return WordPieceTokenizer.from_hf_folder(folder)
     data = _read(path)
     if not isinstance(data, dict):
@@ -182,4 +190,9 @@ def encoder_tokenizer_from_hf_folder(
         tokenizer = tokenizer_from_hf_folder(folder)[0]
         assert isinstance(tokenizer, ByteLevelBPETokenizer)
         return tokenizer
+    if kind == "Unigram":
+        try:
+            return unigram_tokenizer_from_hf_folder(folder)
+        except LmarchError:  # a pipeline lmarch does not reproduce: the library's own
+            pass
     return HFTokenizersFallback.from_hf_folder(folder)

@@ -235,3 +235,111 @@ def test_bad_model_files_are_refused(models, tmp_path) -> None:
             assert "is not a sentencepiece model" in message, (name, message)
     with pytest.raises(LmarchError, match="cannot read"):
         UnigramTokenizer.from_sentencepiece(tmp_path / "missing.model")
+
+
+# ---------------------------------------------------------------- Hugging Face files
+
+
+def _hf_tokenizer_json(model_path: Path, out: Path) -> Path:
+    """A ``tokenizer.json`` for a sentencepiece model, laid out as transformers' converter
+    writes T5's: Precompiled charsmap + Replace(" {2,}"), WhitespaceSplit + Metaspace, the
+    control and user-defined pieces as added tokens."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers
+    from tokenizers import pre_tokenizers as pre
+
+    from lmarch.tokenizers.sentencepiece_model import read_sentencepiece_model
+
+    m = read_sentencepiece_model(model_path)
+    unk = next(i for i, (_, _, t) in enumerate(m.pieces) if t == 2)
+    tok = Tokenizer(models.Unigram([(p, s) for p, s, _ in m.pieces], unk, m.byte_fallback))
+    tok.normalizer = normalizers.Sequence(
+        [normalizers.Precompiled(m.precompiled_charsmap), normalizers.Replace(Regex(" {2,}"), " ")]
+    )
+    tok.pre_tokenizer = pre.Sequence(
+        [pre.WhitespaceSplit(), pre.Metaspace(replacement="▁", prepend_scheme="always")]
+    )
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    tok.add_special_tokens([AddedToken(p, special=True) for p, _, t in m.pieces if t == 3])
+    tok.add_tokens([AddedToken(p, special=False) for p, _, t in m.pieces if t == 4])
+    tok.save(str(out))
+    return out
+
+
+@pytest.mark.parametrize("kind", ["bytes", "unk"])
+def test_tokenizer_json_reads_as_its_sentencepiece_model(models, kind, tmp_path) -> None:
+    """A Unigram tokenizer.json converted from a sentencepiece model encodes as that model:
+    sentencepiece's ids on the random strings and the corpus lines, which are also the
+    ``tokenizers`` library's ids for every corpus line. (On the random strings the library
+    departs from sentencepiece itself: it reads ``<s>`` in text as the control token and
+    U+0085 as whitespace.)"""
+    from tokenizers import Tokenizer
+
+    from lmarch.tokenizers.unigram_hf import unigram_from_tokenizer_json
+
+    path = _hf_tokenizer_json(models[kind], tmp_path / "tokenizer.json")
+    ours = unigram_from_tokenizer_json(path)
+    ref = spm.SentencePieceProcessor(model_file=str(models[kind]))
+    texts = random_strings(500, seed=3)
+    want = ref.encode(texts)
+    assert [t for t, w in zip(texts, want, strict=True) if ours.encode(t) != w] == []
+    lines = CORPUS.splitlines()[:6000]
+    library = [e.ids for e in Tokenizer.from_file(str(path)).encode_batch(lines, False)]
+    assert library == ref.encode(lines)
+    assert [line for line, w in zip(lines, library, strict=True) if ours.encode(line) != w] == []
+    assert [ours.decode(w) for w in want[:100]] == [ref.decode(w) for w in want[:100]]
+
+
+def test_hf_folders(models, tmp_path) -> None:
+    """An encoder folder with a converted Unigram tokenizer.json or a bare spiece.model gets
+    lmarch's tokenizer with the roles tokenizer_config.json names; a pipeline lmarch does not
+    reproduce goes to the library, and a bare spiece.model that needs lower-casing is refused."""
+    import json
+
+    from tokenizers import Tokenizer, normalizers
+
+    from lmarch.tokenizers.hf_fallback import HFTokenizersFallback
+    from lmarch.tokenizers.hf_json import encoder_tokenizer_from_hf_folder
+
+    config = {"cls_token": "[CLS]", "sep_token": "<sep>", "mask_token": "[MASK]"}
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "spiece.model").write_bytes(models["bytes"].read_bytes())
+    (bare / "tokenizer_config.json").write_text(json.dumps(config))
+    converted = tmp_path / "converted"
+    converted.mkdir()
+    _hf_tokenizer_json(models["bytes"], converted / "tokenizer.json")
+    (converted / "tokenizer_config.json").write_text(json.dumps(config))
+    for folder in (bare, converted):
+        tok = encoder_tokenizer_from_hf_folder(folder)
+        assert isinstance(tok, UnigramTokenizer)
+        assert (tok.cls_id, tok.sep_id, tok.mask_id) == tuple(
+            tok.token_to_id(t) for t in ("[CLS]", "<sep>", "[MASK]")
+        )
+        assert tok.encode("Good morrow, cousin.") == UnigramTokenizer.from_sentencepiece(
+            models["bytes"]
+        ).encode("Good morrow, cousin.")
+    # ALBERT-style normalisers in tokenizers' own terms: the library runs that file
+    lowered = Tokenizer.from_file(str(converted / "tokenizer.json"))
+    lowered.normalizer = normalizers.Sequence([normalizers.Lowercase(), lowered.normalizer])
+    lowered.save(str(converted / "tokenizer.json"))
+    assert isinstance(encoder_tokenizer_from_hf_folder(converted), HFTokenizersFallback)
+    (bare / "tokenizer_config.json").write_text(json.dumps({**config, "do_lower_case": True}))
+    with pytest.raises(LmarchError, match="asks to lower-case or strip accents"):
+        encoder_tokenizer_from_hf_folder(bare)
+
+
+def test_unsupported_tokenizer_json_is_refused_by_name(models, tmp_path) -> None:
+    import json
+
+    from lmarch.tokenizers.unigram_hf import unigram_from_tokenizer_json
+
+    path = _hf_tokenizer_json(models["unk"], tmp_path / "tokenizer.json")
+    data = json.loads(path.read_text())
+    data["pre_tokenizer"] = {"type": "Whitespace"}
+    path.write_text(json.dumps(data))
+    with pytest.raises(LmarchError, match=r"pre-tokenizer \['Whitespace'\] is not read"):
+        unigram_from_tokenizer_json(path)
+    data["model"] = {"type": "BPE", "vocab": {}, "merges": []}
+    path.write_text(json.dumps(data))
+    with pytest.raises(LmarchError, match="not a Unigram tokenizer.json"):
+        unigram_from_tokenizer_json(path)
