@@ -1,5 +1,6 @@
 """Model families (one file each) and the preset registry."""
 
+from lmarch.models.bart import Bart, BartConfig
 from lmarch.models.bert import (
     AlbertForPreTraining,
     BertConfig,
@@ -26,12 +27,15 @@ from lmarch.models.registry import (
     preset_config,
 )
 from lmarch.models.t5 import T5, T5Config
+from lmarch.models.transformer import Transformer, TransformerConfig
 
 __all__ = [
     "FAMILIES",
     "GPT",
     "PRESETS",
     "AlbertForPreTraining",
+    "Bart",
+    "BartConfig",
     "BertConfig",
     "BertForMaskedLM",
     "BertForQuestionAnswering",
@@ -47,6 +51,8 @@ __all__ = [
     "Preset",
     "T5",
     "T5Config",
+    "Transformer",
+    "TransformerConfig",
     "build_model",
     "config_from_dict",
     "config_to_dict",

@@ -16,11 +16,13 @@ from typing import Any
 from torch import nn
 
 from lmarch.errors import LmarchError
+from lmarch.models.bart import Bart, BartConfig
 from lmarch.models.bert import BertConfig, BertModel
 from lmarch.models.bigram import BigramConfig, BigramLM
 from lmarch.models.gpt import GPT, GPTConfig
 from lmarch.models.llama import Llama, LlamaConfig
 from lmarch.models.t5 import T5, T5Config
+from lmarch.models.transformer import Transformer, TransformerConfig
 from lmarch.nn.init import empty_weights
 from lmarch.settings import build_config
 from lmarch.tokenizers.kinds import TOKENIZER_KINDS, TokenizerKind
@@ -41,10 +43,14 @@ FAMILIES: dict[str, Family] = {
     "gpt": Family("gpt", GPTConfig, GPT),
     "llama": Family("llama", LlamaConfig, Llama),
     "t5": Family("t5", T5Config, T5),
+    "transformer": Family("transformer", TransformerConfig, Transformer),
+    "bart": Family("bart", BartConfig, Bart),
 }
 
 
-ModelConfig = BigramConfig | GPTConfig | LlamaConfig | BertConfig | T5Config
+ModelConfig = (
+    BigramConfig | GPTConfig | LlamaConfig | BertConfig | T5Config | TransformerConfig | BartConfig
+)
 
 
 def family_of_config(config: Any) -> Family:
@@ -332,6 +338,70 @@ PRESETS.update(
             ),
             "unigram",
             "small T5 v1 (2+2 layers, 128 wide) for tests and CPU runs",
+            train=None,
+        ),
+    ]
+)
+
+# The original Transformer, BART and Marian. Shape only until the seq2seq / denoising
+# objectives can train them (the tiny ones are for tests and accounting).
+_TINY_SEQ2SEQ = dict(
+    vocab_size=2000, block_size=128, n_encoder_layer=2, n_decoder_layer=2, n_head=4,
+    n_embd=128, intermediate_size=256, dropout=0.0,
+)  # fmt: skip
+PRESETS.update(
+    (p.name, p)
+    for p in [
+        Preset(
+            "transformer-base",
+            TransformerConfig(),
+            "bpe",
+            "Vaswani et al. 2017 base shape (63M: 6+6 layers, 512 wide, shared 37k table)",
+            train=None,
+        ),
+        Preset(
+            "transformer-tiny",
+            TransformerConfig(**_TINY_SEQ2SEQ),
+            "bpe",
+            "small original Transformer (2+2 layers, 128 wide, post-LN) for tests and CPU runs",
+            train=None,
+        ),
+        Preset(
+            "bart-base",
+            BartConfig(
+                n_encoder_layer=6,
+                n_decoder_layer=6,
+                n_head=12,
+                n_embd=768,
+                intermediate_size=3072,
+                forced_bos_token_id=0,
+            ),
+            "roberta-bpe",
+            "BART-base shape (139M: 6+6 layers, 768 wide, GPT-2 byte-level BPE)",
+            train=None,
+        ),
+        Preset(
+            "bart-tiny",
+            BartConfig(**_TINY_SEQ2SEQ),
+            "roberta-bpe",
+            "small BART (2+2 layers, 128 wide) for tests and CPU runs",
+            train=None,
+        ),
+        Preset(
+            "marian-tiny",
+            BartConfig(
+                variant="marian",
+                activation="silu",
+                scale_embedding=True,
+                pad_token_id=1999,
+                decoder_start_token_id=1999,
+                eos_token_id=0,
+                forced_eos_token_id=0,
+                bos_token_id=None,
+                **_TINY_SEQ2SEQ,
+            ),
+            "unigram",
+            "small Marian / OPUS-MT (sinusoids, swish, sqrt(d) embeddings; 2+2 layers)",
             train=None,
         ),
     ]

@@ -27,6 +27,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 HEAVY = {"gpt2-medium": {}, "gpt2-large": {}, "gpt2-xl": {"n_layer": 2}}
 TRAINABLE = [name for name, p in PRESETS.items() if p.trainable]
 SHAPE_ONLY = {"llama2-7b", "llama3-8b", "t5-small", "t5-v1_1-small", "mt5-small", "t5-tiny"}
+SHAPE_ONLY |= {"transformer-base", "transformer-tiny", "bart-base", "bart-tiny", "marian-tiny"}
 REAL_WEIGHTS = {"smollm2-135m", "minilm-l6"}
 
 
