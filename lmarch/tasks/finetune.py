@@ -283,6 +283,12 @@ def finetune(
         train_cfg = build_config(TrainConfig, {**defaults, **train_over})
         base, data = base_reference(model), _data_reference(data)
     loaded = load(base, quant="none").require("causal-lm", "finetune")
+    if loaded.quant != "none":  # a folder lmarch quantize wrote keeps its quantised layers
+        raise LmarchError(
+            f"{loaded.name} is stored quantised ({loaded.quant}); fine-tuning starts from float "
+            "weights",
+            hint="fine-tune the float model it came from (--method qlora quantises it to NF4)",
+        )
     block_size = min(cfg.block_size, loaded.model.max_positions)
     train_batches, val_batches, sizes = _samplers(loaded, data, train_cfg, block_size)
     fingerprint = base_fingerprint(loaded.model)

@@ -129,6 +129,10 @@ def test_bad_input_is_one_line(cli, tiny_run, data, tmp_path) -> None:
     assert "nothing to resume" in cli.error("finetune", "--out", tmp_path / "y", "--resume")
     assert "holds no adapter to merge" in cli.error("merge", tiny_run, "--out", tmp_path / "m")
     assert not (tmp_path / "x").exists() and not (tmp_path / "m").exists()
+    # a folder lmarch quantize wrote: fine-tuning starts from float weights
+    assert cli("quantize", tiny_run, "--method", "int8", "--out", tmp_path / "q")[0] == 0
+    line = cli.error("finetune", tmp_path / "q", "--data", data, "--out", tmp_path / "x")
+    assert "is stored quantised (int8); fine-tuning starts from float weights" in line
 
     # an adapter run whose base changes after training, then disappears
     own_base = tmp_path / "own_base"

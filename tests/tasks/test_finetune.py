@@ -290,3 +290,61 @@ def test_an_adapter_run_loads_in_float_only(lora_run) -> None:
     out, _ = lora_run
     with pytest.raises(LmarchError, match="loads with quant auto or none, not 'int8'"):
         lmarch.load(str(out), quant="int8")
+
+
+def test_qlora_trains_adapters_over_an_nf4_base(base_run, words_file, tmp_path) -> None:
+    from lmarch.peft import QuantLoRALinear
+    from lmarch.quant.apply import quantize_
+    from lmarch.quant.nf4 import NF4Linear
+
+    out = tmp_path / "qlora"
+    settings = {**SETTINGS, "method": "qlora"}
+    result = finetune(str(base_run), str(words_file), out, settings, callbacks=[], log=quiet)
+    assert result.val_loss_before - result.val_loss_after >= LORA_DROP  # measured 0.92
+    assert result.trainable_params == 4096  # the same adapters as LoRA's
+    loaded = lmarch.load(str(out))
+    assert loaded.quant == "nf4"
+    layers = lora_layers(loaded.model)
+    assert len(layers) == 4
+    assert all(type(m) is QuantLoRALinear and type(m.base) is NF4Linear for m in layers.values())
+    assert type(loaded.model.lm_head) is torch.nn.Linear  # the head stays float (tied)
+    ids = _ids()
+    with torch.no_grad():
+        nf4 = loaded.model(ids)
+    # by hand: NF4 is deterministic, so the base quantised again gives the trained model exactly
+    model = quantize_(lmarch.load(str(base_run)).model, "nf4", skip=lambda n, m: n == "lm_head")
+    add_lora(model, r"blocks\.0\.(attn|ffn)\.\w+", rank=8, alpha=16)
+    model.load_state_dict(load_tensors(out / "checkpoint" / "model.safetensors"), strict=False)
+    with torch.no_grad():
+        assert torch.equal(model.eval()(ids), nf4)
+    # quant="none": the dequantised NF4 weights in float32 layers, the same function
+    assert (_logits(out, ids, quant="none") - nf4).abs().max().item() <= 1e-5
+    # merge: dequantised base + s B A in plain float weights
+    merge_run(out, tmp_path / "merged")
+    merged = _logits(tmp_path / "merged", ids)
+    assert (merged - nf4).abs().max().item() <= 1e-5
+    config = json.loads((tmp_path / "merged" / "config.json").read_text())
+    assert config["merged_from"]["method"] == "qlora"
+
+
+@pytest.mark.slow
+def test_lora_on_smollm2_lowers_held_out_shakespeare_loss(tmp_path) -> None:
+    """SmolLM2-135M, default LoRA (rank 4 on all 120 projections, 0.748% of the parameters),
+    60 steps of 4 x 64 tokens of the plays (~2 minutes on two idle cores): the loss on the
+    held-out text (the last 10% of every play; the same 8 batches before and after) drops by
+    at least 0.5 nats (measured 4.558 -> 3.877, 0.68)."""
+    before_threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        settings = {
+            "max_iters": 60, "batch_size": 4, "block_size": 64, "eval_iters": 8,
+            "eval_interval": 60,
+        }  # fmt: skip
+        out = tmp_path / "run"
+        result = finetune("smollm2-135m", "shakespeare", out, settings, callbacks=[], log=quiet)
+    finally:
+        torch.set_num_threads(before_threads)
+    assert result.trainable_params == 1_013_760 and result.trainable_share < 0.01
+    assert result.val_loss_before - result.val_loss_after >= 0.5
+    loaded = lmarch.load(str(out))
+    assert len(lora_layers(loaded.model)) == 120 and loaded.chat_template is not None
