@@ -1,6 +1,7 @@
 """Beam search: token-for-token equal to transformers' ``generate(num_beams=4)`` on GPT-2 and
-LLaMA (scores within 1e-4), exact beams on a hand-built model whose probabilities are known, the
-encoder-decoder entry point, the command line, and the refusals."""
+LLaMA, and on T5, BART and Marian through the encoder-decoder step interface (scores within
+1e-4); exact beams on a hand-built model whose probabilities are known; the command line; the
+refusals."""
 
 from __future__ import annotations
 
@@ -26,8 +27,10 @@ from lmarch.models.gpt import GPT, GPTConfig
 from lmarch.models.llama import Llama, LlamaConfig
 from lmarch.nn.cache import KVCache
 from lmarch.tokenizers import ByteLevelBPETokenizer
+from lmarch.weights.hf_bart import load_hf_bart
 from lmarch.weights.hf_gpt2 import save_hf_gpt2
 from lmarch.weights.hf_llama import save_hf_llama
+from lmarch.weights.hf_t5 import load_hf_t5
 
 pytestmark = [
     pytest.mark.usefixtures("one_thread"),
@@ -166,6 +169,87 @@ def test_filling_after_the_end_token_follows_transformers(pairs) -> None:
         )  # fmt: skip
         assert got.sequences.tolist() == want.tolist()
         assert got.lengths.tolist() == [4, 6, 1, 8]  # the fill is there to compare
+
+
+_SEQ2SEQ_SHAPE = dict(
+    d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+    decoder_attention_heads=2, encoder_ffn_dim=48, decoder_ffn_dim=48, max_position_embeddings=40,
+)  # fmt: skip
+SEQ2SEQ = {
+    # family: (matrix gain, forced first token, an end token the model reaches early)
+    "t5": (2.0, None, 48),
+    "bart": (6.0, 0, 4),  # bart-large-cnn forces its first token
+    "marian": (6.0, None, 48),  # its config forces the end token at the last step
+}
+
+
+def _seq2seq_pair(family: str, folder) -> tuple[nn.Module, nn.Module]:  # type: ignore[no-untyped-def]
+    """A random transformers encoder-decoder and lmarch's model read from its folder, both
+    float64; every weight matrix but Marian's fixed sinusoids scaled up (as in _pair)."""
+    torch.manual_seed(0)
+    if family == "t5":
+        config = transformers.T5Config(
+            vocab_size=60, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4,
+            relative_attention_num_buckets=8, relative_attention_max_distance=20,
+            dropout_rate=0.0, decoder_start_token_id=0, eos_token_id=1, pad_token_id=0,
+        )  # fmt: skip
+        hf = transformers.T5ForConditionalGeneration(config)
+    elif family == "bart":
+        hf = transformers.BartForConditionalGeneration(
+            transformers.BartConfig(vocab_size=60, **_SEQ2SEQ_SHAPE)
+        )
+    else:
+        config = transformers.MarianConfig(
+            vocab_size=60, pad_token_id=59, decoder_start_token_id=59, eos_token_id=0,
+            forced_eos_token_id=0, scale_embedding=True, activation_function="swish",
+            **_SEQ2SEQ_SHAPE,
+        )  # fmt: skip
+        hf = transformers.MarianMTModel(config)
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if p.dim() == 2 and "embed_positions" not in name:
+                p.mul_(SEQ2SEQ[family][0])
+    hf.save_pretrained(folder)
+    ours = (load_hf_t5 if family == "t5" else load_hf_bart)(folder)
+    return ours.double().eval(), hf.double().eval()
+
+
+@pytest.mark.parametrize("family", sorted(SEQ2SEQ))
+def test_encoder_decoder_beams_equal_transformers_generate(family: str, tmp_path) -> None:
+    """T5, BART and Marian through seq2seq_beam_search (sources of three lengths, padded;
+    encoded once, repeated over the beams): whole outputs equal generate's and the scores its
+    sequences_scores within 1e-4, with forced first / last tokens where the family has them."""
+    ours, hf = _seq2seq_pair(family, tmp_path)
+    _, forced_bos, eos = SEQ2SEQ[family]
+    pad = hf.generation_config.pad_token_id
+    forced_eos = hf.generation_config.forced_eos_token_id
+    g = torch.Generator().manual_seed(1)
+    mask = torch.ones(3, 9, dtype=torch.long)
+    mask[1, 6:] = 0
+    mask[2, 4:] = 0
+    sources = torch.randint(3, 58, (3, 9), generator=g).masked_fill(mask == 0, pad)
+    lengths = []
+    for settings in (
+        dict(length_penalty=1.5, early_stopping=False, no_repeat_ngram_size=2),
+        dict(length_penalty=0.5, early_stopping="never", min_new_tokens=3),
+    ):
+        settings["num_return_sequences"] = 3
+        config = BeamSearchConfig(
+            num_beams=4, max_new_tokens=MAX_NEW, eos_token_id=eos, pad_token_id=pad,
+            forced_bos_token_id=forced_bos, forced_eos_token_id=forced_eos, **settings,
+        )  # fmt: skip
+        got = seq2seq_beam_search(ours, sources, config, attention_mask=mask)
+        want = hf.generate(
+            input_ids=sources, attention_mask=mask, num_beams=4, max_new_tokens=MAX_NEW,
+            do_sample=False, eos_token_id=eos, forced_bos_token_id=forced_bos,
+            output_scores=True, return_dict_in_generate=True, **settings,
+        )  # fmt: skip
+        assert got.sequences.tolist() == want.sequences.tolist()
+        assert (got.scores - want.sequences_scores).abs().max().item() <= TOL
+        lengths += got.lengths.tolist()
+    assert min(lengths) < MAX_NEW  # some beams ended at the end token
+    if forced_bos is not None:
+        assert set(got.sequences[:, 1].tolist()) == {forced_bos}
 
 
 class PositionModel:
