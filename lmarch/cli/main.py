@@ -180,7 +180,7 @@ def build_parser() -> OneLineParser:
 
 def _add_finetune_parsers(sub: argparse._SubParsersAction) -> None:
     """``lmarch finetune`` (options from FinetuneConfig and TrainConfig) and ``lmarch merge``."""
-    from lmarch.tasks.finetune import FinetuneConfig
+    from lmarch.tasks.finetune import FINETUNE_TRAIN_DEFAULTS, LEARNING_RATES, FinetuneConfig
     from lmarch.train.config import TrainConfig
 
     f = sub.add_parser("finetune", help="fine-tune a pretrained causal LM: full, LoRA or QLoRA")
@@ -198,7 +198,14 @@ def _add_finetune_parsers(sub: argparse._SubParsersAction) -> None:
             f.add_argument_group("fine-tuning (FinetuneConfig)"), FinetuneConfig, unset=True
         ),
         train_keys=add_config_options(
-            f.add_argument_group("training (TrainConfig)"), TrainConfig, unset=True
+            f.add_argument_group(
+                "training (TrainConfig; defaults for fine-tuning, learning rates per method: "
+                + ", ".join(f"{k} {v[0]:g}" for k, v in LEARNING_RATES.items())
+                + ")"
+            ),
+            TrainConfig,
+            unset=True,
+            defaults={**FINETUNE_TRAIN_DEFAULTS, "learning_rate": None, "min_lr": None},
         ),
     )
     m = sub.add_parser("merge", help="fold a LoRA run's adapter into full weights")
