@@ -279,6 +279,8 @@ class CharsMap:
             if self._label(unit) != byte:
                 break
             node ^= self._offset(unit)
+            if node >= n:  # only a corrupt table points outside itself
+                break
             if (unit >> 8) & 1:  # has a leaf: a rule ends here
                 if found < _MAX_TRIE_RESULTS:
                     best_len, best_val = i + 1 - pos, units[node] & 0x7FFFFFFF

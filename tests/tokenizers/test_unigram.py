@@ -343,3 +343,28 @@ def test_unsupported_tokenizer_json_is_refused_by_name(models, tmp_path) -> None
     path.write_text(json.dumps(data))
     with pytest.raises(LmarchError, match="not a Unigram tokenizer.json"):
         unigram_from_tokenizer_json(path)
+
+
+def test_corrupted_model_files_fail_cleanly(models, tmp_path) -> None:
+    """200 randomly damaged copies of a real .model file: each is refused with LmarchError or
+    reads into a tokenizer that encodes and decodes; no other exception, no hang."""
+    data = models["bytes"].read_bytes()
+    rng = random.Random(0)
+    texts = random_strings(20, seed=4)
+    outcomes = {"refused": 0, "read": 0}
+    for _ in range(200):
+        damaged = bytearray(data)
+        for _ in range(rng.randint(1, 6)):
+            damaged[rng.randrange(len(damaged))] ^= 1 << rng.randrange(8)
+        path = tmp_path / "damaged.model"
+        path.write_bytes(bytes(damaged))
+        try:
+            tok = UnigramTokenizer.from_sentencepiece(path)
+        except LmarchError as exc:
+            assert str(path) in str(exc)
+            outcomes["refused"] += 1
+            continue
+        for text in texts:
+            tok.decode(tok.encode(text))
+        outcomes["read"] += 1
+    assert outcomes["refused"] >= 10 and outcomes["read"] >= 100, outcomes
