@@ -57,6 +57,8 @@ from lmarch.weights.safetensors_io import unique_state_dict
 
 __all__ = [
     "DEFAULT_TARGETS",
+    "FINETUNE_TRAIN_DEFAULTS",
+    "LEARNING_RATES",
     "FinetuneConfig",
     "FinetuneResult",
     "finetune",
@@ -271,6 +273,8 @@ def finetune(
             raise LmarchError(f"cannot change fine-tuning settings on resume: {sorted(ft_over)}")
         info = saved["finetune"]
         base = info["base"]
+        if model is not None and base_reference(model) != base:
+            raise LmarchError(f"{out} fine-tunes {base}, not {model}", hint="drop MODEL to resume")
         cfg = build_config(FinetuneConfig, info["settings"])
         train_cfg = build_config(TrainConfig, {**saved["train"], **train_over})
         data = saved["data"]
@@ -282,6 +286,8 @@ def finetune(
         defaults = {**FINETUNE_TRAIN_DEFAULTS, "learning_rate": lr, "min_lr": min_lr}
         train_cfg = build_config(TrainConfig, {**defaults, **train_over})
         base, data = base_reference(model), _data_reference(data)
+        if Path(base) == out.expanduser().resolve():
+            raise LmarchError(f"--out {out} is the model's own folder; it would be overwritten")
     loaded = load(base, quant="none").require("causal-lm", "finetune")
     if loaded.quant != "none":  # a folder lmarch quantize wrote keeps its quantised layers
         raise LmarchError(

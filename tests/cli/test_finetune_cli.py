@@ -74,6 +74,7 @@ def test_resume_from_the_command_line(cli, tiny_run, data, tmp_path) -> None:
     out = tmp_path / "run"
     cli.json("finetune", tiny_run, "--data", data, "--out", out, *QUICK)
     first = load_tensors(out / "adapter_model.safetensors")
+    assert "fine-tunes" in cli.error("finetune", "smollm2-135m", "--out", out, "--resume")
     summary = cli.json("finetune", "--out", out, "--resume", "--max-iters", "12")
     assert summary["iters"] == 12
     second = load_tensors(out / "adapter_model.safetensors")
@@ -128,6 +129,8 @@ def test_bad_input_is_one_line(cli, tiny_run, data, tmp_path) -> None:
     assert "unknown setting 'lora_r'" in cli.error(*base, "--set", "lora_r=4")
     assert "nothing to resume" in cli.error("finetune", "--out", tmp_path / "y", "--resume")
     assert "holds no adapter to merge" in cli.error("merge", tiny_run, "--out", tmp_path / "m")
+    line = cli.error("finetune", tiny_run, "--data", data, "--out", tiny_run)
+    assert "is the model's own folder; it would be overwritten" in line
     assert not (tmp_path / "x").exists() and not (tmp_path / "m").exists()
     # a folder lmarch quantize wrote: fine-tuning starts from float weights
     assert cli("quantize", tiny_run, "--method", "int8", "--out", tmp_path / "q")[0] == 0
