@@ -368,3 +368,44 @@ def test_corrupted_model_files_fail_cleanly(models, tmp_path) -> None:
             tok.decode(tok.encode(text))
         outcomes["read"] += 1
     assert outcomes["refused"] >= 10 and outcomes["read"] >= 100, outcomes
+
+
+def test_albert_folder_with_spiece_model(tmp_path, cli) -> None:
+    """An ALBERT folder holding only spiece.model (ALBERT's layout, trained by sentencepiece)
+    loads with lmarch's tokenizer: [CLS] + sentencepiece's ids + [SEP]; the embed command runs
+    on it; with a damaged spiece.model the command prints one line and exits 2."""
+    transformers = pytest.importorskip("transformers")
+    import json
+
+    import torch
+
+    from lmarch.loading import load
+
+    folder = tmp_path / "albert"
+    folder.mkdir()
+    model_path = _train(
+        tmp_path, "albert", CORPUS[:100_000], 500, pad_id=0, unk_id=1, bos_id=-1, eos_id=-1,
+        control_symbols=["[CLS]", "[SEP]"], user_defined_symbols=["[MASK]"],
+    )  # fmt: skip
+    (folder / "spiece.model").write_bytes(model_path.read_bytes())
+    roles = {"cls_token": "[CLS]", "sep_token": "[SEP]", "pad_token": "<pad>"}
+    (folder / "tokenizer_config.json").write_text(json.dumps({**roles, "mask_token": "[MASK]"}))
+    config = transformers.AlbertConfig(
+        vocab_size=500, embedding_size=16, hidden_size=32, num_hidden_layers=1,
+        num_attention_heads=2, intermediate_size=64, max_position_embeddings=128, pad_token_id=0,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    transformers.AlbertModel(config).save_pretrained(folder)
+    tok = load(str(folder)).tokenizer
+    assert isinstance(tok, UnigramTokenizer)
+    assert (tok.pad_id, tok.unk_id, tok.cls_id, tok.sep_id, tok.mask_id) == (0, 1, 2, 3, 4)
+    ref = spm.SentencePieceProcessor(model_file=str(model_path))
+    for text in CORPUS[100_000:101_000].splitlines() + random_strings(50, seed=6):
+        assert tok.encode_pair(text)[0] == [2, *ref.encode(text), 3]
+    lines = tmp_path / "lines.txt"
+    lines.write_text("Good morrow, cousin.\nWhat light through yonder window breaks?\n")
+    summary = cli.json("embed", folder, lines, "--out", tmp_path / "v.npy")
+    assert (summary["lines"], summary["dim"]) == (2, 32) and (tmp_path / "v.npy").is_file()
+    (folder / "spiece.model").write_bytes(b"\x0a\xff\xff\xff\xff\x0f not a model")
+    message = cli.error("embed", folder, lines, "--out", tmp_path / "w.npy")
+    assert "spiece.model is not a sentencepiece model" in message
