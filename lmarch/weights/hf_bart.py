@@ -211,10 +211,11 @@ _HF_NAMES = {
 }
 
 
-# the token ids a generation_config.json may set (it wins over config.json, as in transformers)
+# the token ids a generation_config.json may set (it wins over config.json, as in transformers;
+# pad_token_id stays config.json's: it is the embeddings' padding row)
 _GENERATION_KEYS = (
-    "pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id",
-    "forced_bos_token_id", "forced_eos_token_id",
+    "bos_token_id", "eos_token_id", "decoder_start_token_id", "forced_bos_token_id",
+    "forced_eos_token_id",
 )  # fmt: skip
 
 
