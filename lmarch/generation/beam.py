@@ -60,6 +60,7 @@ that token.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -128,6 +129,12 @@ class BeamSearchConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise LmarchError(f"{name} must be an integer >= 0, got {value!r}")
+        if isinstance(self.length_penalty, bool) or not (
+            isinstance(self.length_penalty, (int, float)) and math.isfinite(self.length_penalty)
+        ):
+            raise LmarchError(
+                f"length_penalty must be a finite number, got {self.length_penalty!r}"
+            )
         if self.num_return_sequences > self.num_beams:
             raise LmarchError(
                 f"num_return_sequences ({self.num_return_sequences}) cannot exceed num_beams "

@@ -379,6 +379,8 @@ def test_refusals() -> None:
         BeamSearchConfig(num_beams=4, num_return_sequences=5)
     with pytest.raises(LmarchError, match="early_stopping must be True, False or 'never'"):
         BeamSearchConfig(early_stopping="sometimes")
+    with pytest.raises(LmarchError, match="length_penalty must be a finite number, got nan"):
+        BeamSearchConfig(length_penalty=float("nan"))
     with pytest.raises(LmarchError, match="num_beams must be an integer >= 1"):
         BeamSearchConfig(num_beams=0)
     with pytest.raises(LmarchError, match="beam search does not sample: temperature 0.8, top_k 5"):
