@@ -291,6 +291,27 @@ class UnigramTokenizer(EncoderInputMixin):
         """The piece strings of :meth:`encode`."""
         return [self._pieces[i] for i in self.encode(text)]
 
+    def word_ids(self, text: str) -> list[int]:
+        """For each id of ``encode(text)``, the index of the word it belongs to (for whole-word
+        masking): a piece starting with ``▁`` begins a new word (ending with it, under
+        ``treat_whitespace_as_suffix``, closes one); every other piece, byte pieces included,
+        continues the current word."""
+        suffix = self.normalizer.treat_whitespace_as_suffix
+        out: list[int] = []
+        word = -1
+        close = True
+        for i in self.encode(text):
+            piece = self._pieces[i]
+            normal = self._types[i] in (NORMAL, USER_DEFINED)
+            if suffix:
+                if close:
+                    word += 1
+                close = normal and piece.endswith(SPACE_SYMBOL)
+            elif word < 0 or (normal and piece.startswith(SPACE_SYMBOL)):
+                word += 1
+            out.append(word)
+        return out
+
     # ------------------------------------------------------------------ decoding
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:

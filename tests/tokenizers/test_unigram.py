@@ -409,3 +409,18 @@ def test_albert_folder_with_spiece_model(tmp_path, cli) -> None:
     (folder / "spiece.model").write_bytes(b"\x0a\xff\xff\xff\xff\x0f not a model")
     message = cli.error("embed", folder, lines, "--out", tmp_path / "w.npy")
     assert "spiece.model is not a sentencepiece model" in message
+
+
+def test_word_ids_group_pieces_by_word(models) -> None:
+    """word_ids numbers the words of the text: the pieces of word k decode to its k-th
+    whitespace-separated word (bytes of an unseen character stay in their word)."""
+    from lmarch.train.run import masked_lm_sequences
+
+    tok = UnigramTokenizer.from_sentencepiece(models["bytes"])
+    for text in CORPUS.splitlines()[:400] + ["Zounds, 日本語 😀 ça [MASK] va"]:
+        ids, words = tok.encode(text), tok.word_ids(text)
+        assert len(ids) == len(words)
+        groups = [[i for i, w in zip(ids, words, strict=True) if w == k] for k in set(words)]
+        assert [tok.decode(g).strip() for g in groups] == text.split()
+    seqs, word_ids = masked_lm_sequences(tok, CORPUS[:5000], 64, whole_word=True)
+    assert word_ids is not None and [len(s) for s in seqs] == [len(w) for w in word_ids]
