@@ -26,9 +26,9 @@ that the two give the same tokens and scores:
   (``max_new_tokens``) when the length penalty is positive, which is the exact criterion;
 - the scores are float32 log-softmaxes of the logits, whatever the model's dtype.
 
-Constraints on each step's log-probabilities, in this order: no repeated n-gram (Paulus et al.
-2017, section 2.5: a token that would repeat an n-gram of the sequence, prompt included, is
-banned), a minimum of ``min_new_tokens`` before an end token, a forced first token
+Constraints on each step's log-probabilities, in this order: no repeated n-gram (the trigram
+avoidance of Paulus et al. 2017, "A Deep Reinforced Model for Abstractive Summarization", for
+any n: a token that would repeat an n-gram of the sequence, prompt included, is banned), a minimum of ``min_new_tokens`` before an end token, a forced first token
 (``forced_bos_token_id``, applied when the sequence so far is one token long: an
 encoder-decoder's start token) and a forced last one (``forced_eos_token_id`` at the last step).
 
