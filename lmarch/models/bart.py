@@ -23,18 +23,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from lmarch.models.transformer import Transformer, check_seq2seq_config
+from lmarch.models.transformer import EncoderDecoderShape, Transformer, check_seq2seq_config
 from lmarch.models.validate import check_choice, check_optional_int
 
 VARIANTS = ("bart", "marian")
-_INT_FIELDS = (
-    "vocab_size", "block_size", "n_encoder_layer", "n_decoder_layer", "n_head", "n_embd",
-    "intermediate_size",
-)  # fmt: skip
 
 
 @dataclass
-class BartConfig:
+class BartConfig(EncoderDecoderShape):
     """BART / Marian hyper-parameters; defaults are BART-large (Lewis et al. 2019: 12 + 12
     layers, d = 1024, 16 heads, FFN 4096, vocabulary 50265, 1024 positions) as Hugging Face's
     ``BartConfig`` has them.
@@ -74,9 +70,8 @@ class BartConfig:
     def __post_init__(self) -> None:
         name = "BartConfig"
         check_choice(name, "variant", self.variant, VARIANTS)
-        heads = ("n_head", "n_decoder_head")
-        check_seq2seq_config(self, name, _INT_FIELDS, heads)
         check_optional_int(name, "decoder_intermediate_size", self.decoder_intermediate_size)
+        check_seq2seq_config(self, name, ("n_head", "n_decoder_head"))
 
     pre_norm = False  # post-LN in both (mBART's pre-LN is not this family)
     final_logits_bias = True
@@ -97,31 +92,6 @@ class BartConfig:
     def embedding_norm(self) -> bool:
         """BART normalises the embedding sum (``layernorm_embedding``); Marian does not."""
         return self.variant == "bart"
-
-    @property
-    def decoder_vocab_size(self) -> int:
-        """Size of the target vocabulary (the output head's rows)."""
-        return self.target_vocab_size or self.vocab_size
-
-    @property
-    def encoder_heads(self) -> int:
-        """Attention heads of each encoder layer."""
-        return self.n_head
-
-    @property
-    def decoder_heads(self) -> int:
-        """Attention heads of each decoder layer (self- and cross-attention)."""
-        return self.n_decoder_head or self.n_head
-
-    @property
-    def encoder_ffn(self) -> int:
-        """Hidden width of the encoder's feed-forward blocks."""
-        return self.intermediate_size
-
-    @property
-    def decoder_ffn(self) -> int:
-        """Hidden width of the decoder's feed-forward blocks."""
-        return self.decoder_intermediate_size or self.intermediate_size
 
 
 class Bart(Transformer):

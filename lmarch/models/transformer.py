@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lmarch.errors import LmarchError
 from lmarch.models.validate import (
     ConfigError,
     check_bool,
@@ -58,14 +59,52 @@ from lmarch.nn.attention import ATTENTION_IMPLEMENTATIONS
 from lmarch.nn.ffn import ACTIVATIONS
 
 IGNORE_INDEX = -100  # label positions the loss skips (padding), as lmarch.data.masking
-_INT_FIELDS = (
-    "vocab_size", "block_size", "n_encoder_layer", "n_decoder_layer", "n_head", "n_embd",
-    "intermediate_size",
-)  # fmt: skip
+
+
+class EncoderDecoderShape:
+    """What :class:`Transformer` reads from a config beyond its fields: the architecture
+    options where BART and Marian differ from the paper (class attributes here, overridden
+    by :class:`lmarch.models.bart.BartConfig`) and each stack's sizes."""
+
+    INT_FIELDS = (
+        "vocab_size", "block_size", "n_encoder_layer", "n_decoder_layer", "n_head", "n_embd",
+        "intermediate_size",
+    )  # fmt: skip
+    positions = "sinusoidal"  # or "learned"
+    position_offset = 0  # rows of a learned table before position 0
+    sinusoid_layout = "interleaved"  # the paper's; "halves": sines, then cosines
+    embedding_norm = False  # a LayerNorm on the embedding sum
+    final_logits_bias = False  # a fixed bias added to the logits
+
+    @property
+    def decoder_vocab_size(self) -> int:
+        """Size of the target vocabulary (the output head's rows)."""
+        return self.target_vocab_size or self.vocab_size  # type: ignore[attr-defined]
+
+    @property
+    def encoder_heads(self) -> int:
+        """Attention heads of each encoder layer."""
+        return self.n_head  # type: ignore[attr-defined]
+
+    @property
+    def decoder_heads(self) -> int:
+        """Attention heads of each decoder layer (self- and cross-attention)."""
+        return getattr(self, "n_decoder_head", None) or self.n_head  # type: ignore[attr-defined]
+
+    @property
+    def encoder_ffn(self) -> int:
+        """Hidden width of the encoder's feed-forward blocks."""
+        return self.intermediate_size  # type: ignore[attr-defined]
+
+    @property
+    def decoder_ffn(self) -> int:
+        """Hidden width of the decoder's feed-forward blocks."""
+        size = getattr(self, "decoder_intermediate_size", None)
+        return size or self.intermediate_size  # type: ignore[attr-defined]
 
 
 @dataclass
-class TransformerConfig:
+class TransformerConfig(EncoderDecoderShape):
     """Hyper-parameters of the original Transformer; defaults are the paper's base model
     (Vaswani et al. 2017, table 3: N = 6, d_model = 512, d_ff = 2048, h = 8, P_drop = 0.1) with
     its shared source/target vocabulary of ~37000 BPE tokens (sec. 5.1).
@@ -102,48 +141,15 @@ class TransformerConfig:
     attention: str = "sdpa"
 
     def __post_init__(self) -> None:
-        check_seq2seq_config(self, "TransformerConfig", _INT_FIELDS, ("n_head",))
-
-    # The architecture options that BART and Marian set differently (lmarch.models.bart).
-    positions = "sinusoidal"
-    position_offset = 0
-    sinusoid_layout = "interleaved"
-    embedding_norm = False
-    final_logits_bias = False
-
-    @property
-    def decoder_vocab_size(self) -> int:
-        """Size of the target vocabulary (the output head's rows)."""
-        return self.target_vocab_size or self.vocab_size
-
-    @property
-    def encoder_heads(self) -> int:
-        """Attention heads of each encoder layer."""
-        return self.n_head
-
-    @property
-    def decoder_heads(self) -> int:
-        """Attention heads of each decoder layer (self- and cross-attention)."""
-        return self.n_head
-
-    @property
-    def encoder_ffn(self) -> int:
-        """Hidden width of the encoder's feed-forward blocks."""
-        return self.intermediate_size
-
-    @property
-    def decoder_ffn(self) -> int:
-        """Hidden width of the decoder's feed-forward blocks."""
-        return self.intermediate_size
+        check_seq2seq_config(self, "TransformerConfig", ("n_head",))
 
 
-def check_seq2seq_config(
-    c: Any, name: str, int_fields: tuple[str, ...], head_fields: tuple[str, ...]
-) -> None:
+def check_seq2seq_config(c: Any, name: str, head_fields: tuple[str, ...]) -> None:
     """The range checks every encoder-decoder config shares (fields named as in
-    :class:`TransformerConfig`), raising :class:`ConfigError` naming the field: ``int_fields``
-    must be integers >= 1, and ``n_embd`` a multiple of each of ``head_fields`` that is set."""
-    for key in int_fields:
+    :class:`TransformerConfig`), raising :class:`ConfigError` naming the field: the
+    ``INT_FIELDS`` must be integers >= 1, and ``n_embd`` a multiple of each of ``head_fields``
+    that is set."""
+    for key in c.INT_FIELDS:
         check_int(name, key, getattr(c, key))
     check_optional_int(name, "target_vocab_size", getattr(c, "target_vocab_size", None))
     for key in head_fields:
@@ -167,7 +173,10 @@ def check_seq2seq_config(
         check_int(name, key, getattr(c, key), low=0)
     for key in ("bos_token_id", "forced_bos_token_id", "forced_eos_token_id"):
         check_optional_int(name, key, getattr(c, key), low=0)
-    for key in ("pad_token_id", "eos_token_id", "decoder_start_token_id", "forced_bos_token_id"):
+    for key in (
+        "pad_token_id", "eos_token_id", "decoder_start_token_id", "forced_bos_token_id",
+        "forced_eos_token_id",
+    ):  # fmt: skip
         value = getattr(c, key)
         if value is not None and value >= c.decoder_vocab_size:
             raise ConfigError(
@@ -192,7 +201,7 @@ class Stack(nn.Module):
     """One side of the model: positions, an optional LayerNorm on the embeddings, the blocks
     and (pre-LN only) a final LayerNorm. Token tables live on the model, as they may be shared."""
 
-    def __init__(self, c: Any, blocks: list[nn.Module]) -> None:
+    def __init__(self, c: EncoderDecoderShape, blocks: list[nn.Module]) -> None:
         super().__init__()
         self.offset = c.position_offset
         if c.positions == "learned":
@@ -323,8 +332,9 @@ class Transformer(nn.Module):
 
     def _check_length(self, n: int, what: str) -> None:
         if n > self.config.block_size:
-            raise ValueError(
-                f"{what} of {n} tokens exceeds the {self.config.block_size} positions of the model"
+            raise LmarchError(
+                f"{what} of {n} tokens exceeds the model's {self.config.block_size} positions",
+                hint="shorten it (or ask for fewer new tokens)",
             )
 
     # ---- encoder ------------------------------------------------------------------------------
