@@ -338,7 +338,9 @@ def train_unigram(
     roles: dict[str, str] | None = None,
     log: Any = None,
 ) -> UnigramTokenizer:
-    """A Unigram tokenizer of ``vocab_size`` pieces learned from ``text`` (module docstring).
+    """A Unigram tokenizer of ``vocab_size`` pieces learned from ``text`` (module docstring),
+    or fewer when EM keeps fewer (sentencepiece refuses that case; here the smaller vocabulary
+    is returned: the 38 plays give 23,369 pieces when 30,000 are asked for).
 
     ``special_pieces`` are ``(piece, type)`` pairs placed first (exactly one of type
     ``unknown``; ``control`` and ``user_defined`` for the rest), then the byte pieces with
