@@ -248,9 +248,10 @@ class Transformer(nn.Module):
     :class:`EncoderDecoderCache` serve generation (the encoder runs once per source, each
     decoder layer's cross-attention keys/values are computed once)."""
 
-    def __init__(self, config: Any) -> None:
+    def __init__(self, config: EncoderDecoderShape) -> None:
         super().__init__()
-        self.config = c = config
+        c: Any = config  # a TransformerConfig or a BartConfig
+        self.config = config
         self.tok_emb = nn.Embedding(c.vocab_size, c.n_embd, padding_idx=c.pad_token_id)
         self.tgt_emb = None
         if not c.share_embeddings:

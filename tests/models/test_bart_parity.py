@@ -208,3 +208,28 @@ def test_beam_search_matches_token_for_token(name: str, tmp_path: Path) -> None:
     with torch.no_grad():
         mine = seq2seq_beam_search(ours, ids, config, attention_mask=mask).sequences
     assert _strip(mine.tolist(), c.pad_token_id) == _strip(theirs.tolist(), c.pad_token_id)
+
+
+def test_presets_have_the_shapes_of_transformers_models() -> None:
+    """bart-base counts the parameters of facebook/bart-base's shape in transformers
+    (139,420,416) and marian-tiny those of the MarianMTModel its config describes; each
+    preset's config goes through a run folder's dict and back unchanged."""
+    from lmarch.models.registry import (
+        config_from_dict,
+        config_to_dict,
+        count_parameters,
+        get_preset,
+    )
+    from lmarch.weights.hf_bart import bart_config_to_hf
+
+    for name, cls, config_cls in (
+        ("bart-base", transformers.BartForConditionalGeneration, transformers.BartConfig),
+        ("marian-tiny", transformers.MarianMTModel, transformers.MarianConfig),
+    ):
+        config = get_preset(name).config
+        with torch.device("meta"):
+            hf = cls(config_cls(**bart_config_to_hf(config)))
+        trainable = sum(p.numel() for p in hf.parameters() if p.requires_grad)
+        assert count_parameters(config) == trainable
+        assert config_from_dict(config_to_dict(config)) == config
+    assert count_parameters(get_preset("bart-base").config) == 139_420_416

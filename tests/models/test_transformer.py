@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from lmarch.models.registry import count_parameters
+from lmarch.models.registry import config_from_dict, config_to_dict, count_parameters, get_preset
 from lmarch.models.transformer import (
     IGNORE_INDEX,
     Seq2SeqLoss,
@@ -129,6 +129,8 @@ def test_transformer_base_has_the_papers_size() -> None:
     expected = v * d + encoder + decoder
     assert count_parameters(TransformerConfig()) == expected
     assert 62e6 < expected < 65e6
+    base = get_preset("transformer-base").config
+    assert base == TransformerConfig() and config_from_dict(config_to_dict(base)) == base
 
 
 def test_embeddings_are_scaled_by_sqrt_d_and_positions_are_sinusoids() -> None:
