@@ -150,8 +150,9 @@ _ACTIVATIONS = {
     "swish": "silu",
     "tanh": "tanh",
 }
-_ACTIVATIONS_TO_HF = {"gelu": "gelu", "gelu_tanh": "gelu_new", "relu": "relu", "silu": "swish"}
-_ACTIVATIONS_TO_HF["tanh"] = "tanh"
+_ACTIVATIONS_TO_HF = {
+    "gelu": "gelu", "gelu_tanh": "gelu_new", "relu": "relu", "silu": "swish", "tanh": "tanh",
+}  # fmt: skip
 
 _SHAPE = (
     "vocab_size", "max_position_embeddings", "encoder_layers", "encoder_ffn_dim",
