@@ -101,6 +101,78 @@ def test_cached_decoding_equals_the_full_decoder(pre_norm: bool) -> None:
     assert (torch.stack(steps, dim=1) - full).abs().max().item() <= 1e-5
 
 
+def _torch_stacks(model: Transformer) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """torch.nn's own Transformer encoder and decoder (post- or pre-LN as ``model``) holding
+    ``model``'s weights: their in_proj rows are q, k, v as ours are."""
+    nn, c = torch.nn, model.config
+    kw = dict(dropout=0.0, batch_first=True, norm_first=c.pre_norm)
+    enc_layer = nn.TransformerEncoderLayer(c.n_embd, c.n_head, c.intermediate_size, **kw)
+    dec_layer = nn.TransformerDecoderLayer(c.n_embd, c.n_head, c.intermediate_size, **kw)
+    final = (lambda: nn.LayerNorm(c.n_embd)) if c.pre_norm else (lambda: None)
+    encoder = nn.TransformerEncoder(
+        enc_layer, c.n_encoder_layer, final(), enable_nested_tensor=False
+    )
+    decoder = nn.TransformerDecoder(dec_layer, c.n_decoder_layer, final())
+
+    def attention(theirs: torch.nn.Module, *ours: torch.nn.Module) -> None:
+        theirs.in_proj_weight.copy_(torch.cat([m.weight for m in ours[:-1]]))
+        theirs.in_proj_bias.copy_(torch.cat([m.bias for m in ours[:-1]]))
+        theirs.out_proj.load_state_dict(ours[-1].state_dict())
+
+    with torch.no_grad():
+        for theirs, ours in zip(encoder.layers, model.encoder.blocks):
+            attention(theirs.self_attn, ours.attn.qkv, ours.attn.out)
+            pairs = [("norm1", ours.norm_attn), ("norm2", ours.norm_ffn)]
+            pairs += [("linear1", ours.ffn.fc_in), ("linear2", ours.ffn.fc_out)]
+            for name, module in pairs:
+                getattr(theirs, name).load_state_dict(module.state_dict())
+        for theirs, ours in zip(decoder.layers, model.decoder.blocks):
+            attention(theirs.self_attn, ours.self_attn.qkv, ours.self_attn.out)
+            attention(
+                theirs.multihead_attn, ours.cross_attn.q, ours.cross_attn.kv, ours.cross_attn.out
+            )
+            pairs = [
+                ("norm1", ours.norm_self),
+                ("norm2", ours.norm_cross),
+                ("norm3", ours.norm_ffn),
+            ]
+            pairs += [("linear1", ours.ffn.fc_in), ("linear2", ours.ffn.fc_out)]
+            for name, module in pairs:
+                getattr(theirs, name).load_state_dict(module.state_dict())
+        if c.pre_norm:
+            encoder.norm.load_state_dict(model.encoder.norm_f.state_dict())
+            decoder.norm.load_state_dict(model.decoder.norm_f.state_dict())
+    return encoder.eval(), decoder.eval()
+
+
+@pytest.mark.parametrize("pre_norm", [False, True])
+def test_stacks_equal_torch_nn_transformer_layers(pre_norm: bool) -> None:
+    """The encoder and decoder equal torch.nn.TransformerEncoder / TransformerDecoder (the
+    paper's post-LN layers, or norm_first with final norms) holding the same weights, with
+    source padding and the causal target mask: logits to 1e-5."""
+    torch.manual_seed(0)
+    model = Transformer(tiny(pre_norm=pre_norm)).eval()
+    with torch.no_grad():  # gains start at 1 and biases at 0: perturb them so they count
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.add_(0.2 * torch.randn_like(p))
+    encoder, decoder = _torch_stacks(model)
+    src, mask, dec = _inputs(4)
+    with torch.no_grad():
+        memory = encoder(
+            model.encoder.embed(model.tok_emb(src) * math.sqrt(32), 0),
+            src_key_padding_mask=mask == 0,
+        )
+        target = model.decoder.embed(model.tok_emb(dec) * math.sqrt(32), 0)
+        causal = torch.nn.Transformer.generate_square_subsequent_mask(dec.shape[1])
+        states = decoder(
+            target, memory, tgt_mask=causal, tgt_is_causal=True, memory_key_padding_mask=mask == 0
+        )
+        theirs = states @ model.tok_emb.weight.T
+        assert (model(src, mask, dec) - theirs).abs().max().item() <= 1e-5
+        assert (model.encode(src, mask)[0] - memory[0]).abs().max().item() <= 1e-5
+
+
 def test_embeddings_shared_tied_or_separate() -> None:
     """share_embeddings: one table for both sides; tie_embeddings: the head is the target
     table (sec. 3.4); a separate target vocabulary gets its own table and head rows. The
