@@ -184,7 +184,7 @@ def _strip(rows: list[list[int]], pad: int) -> list[list[int]]:
     return out
 
 
-@pytest.mark.parametrize("name", ["bart", "marian_two_vocabs"])
+@pytest.mark.parametrize("name", sorted(CASES))
 def test_beam_search_matches_token_for_token(name: str, tmp_path: Path) -> None:
     """lmarch's beam search (4 beams, length penalty, no repeated 3-grams, a minimum length,
     early stopping) over the model's step interface gives transformers' beams, best first."""
