@@ -17,6 +17,7 @@ from lmarch.loading.model import ChatConvention, LoadedModel, Pooling
 from lmarch.models.heads import (
     CAUSAL_LM,
     RUN_OBJECTIVES,
+    SEQ2SEQ,
     bert_task_objective,
     build_bert_task_model,
 )
@@ -24,6 +25,7 @@ from lmarch.models.registry import PRESETS, family_of_config, get_preset
 from lmarch.weights.loader import package_file, package_folder
 
 BERT_FAMILY = ("bert", "roberta", "albert", "electra")
+T5_FAMILY = ("t5", "mt5")
 CLASSIFIER_FILE = "classifier.json"  # what lmarch classify train writes beside its checkpoint
 
 
@@ -123,8 +125,9 @@ def read_gguf(source: Source, context: int, blocks: str = "none") -> LoadedModel
 
 
 def read_hf(source: Source) -> LoadedModel:
-    """A Hugging Face folder: GPT-2 or LLaMA with a byte-level BPE ``tokenizer.json``, or a
-    BERT-family model (BERT, RoBERTa, ALBERT, ELECTRA; sentence-transformers folders too)."""
+    """A Hugging Face folder: GPT-2 or LLaMA with a byte-level BPE ``tokenizer.json``, a
+    BERT-family model (BERT, RoBERTa, ALBERT, ELECTRA; sentence-transformers folders too) or
+    a T5 / mT5 encoder-decoder."""
     from lmarch.tokenizers.hf_json import tokenizer_from_hf_folder
     from lmarch.weights.hf import read_hf_config
     from lmarch.weights.hf_gpt2 import load_hf_gpt2
@@ -133,11 +136,13 @@ def read_hf(source: Source) -> LoadedModel:
     kind = read_hf_config(source.path).get("model_type")
     if kind in BERT_FAMILY:
         return read_hf_encoder(source)
+    if kind in T5_FAMILY:
+        return read_hf_t5(source)
     loaders = {"gpt2": load_hf_gpt2, "llama": load_hf_llama}
     if kind not in loaders:
         raise LmarchError(
             f"{source.path}: model_type {kind!r} is not supported",
-            hint=f"one of {sorted([*loaders, *BERT_FAMILY])}",
+            hint=f"one of {sorted([*loaders, *BERT_FAMILY, *T5_FAMILY])}",
         )
     model = loaders[kind](source.path).eval()
     tokenizer, info = tokenizer_from_hf_folder(source.path)
@@ -169,6 +174,17 @@ def read_hf_encoder(source: Source) -> LoadedModel:
     pooling = Pooling(st.get("pooling", "cls"), bool(st.get("normalize", False)), max_length)
     objective = bert_task_objective(model.config, task_of(model))
     return LoadedModel(model, tokenizer, source.name, "bert", objective, pooling=pooling)
+
+
+def read_hf_t5(source: Source) -> LoadedModel:
+    """A T5 or mT5 folder: the encoder-decoder (objective ``seq2seq``) and its SentencePiece
+    Unigram tokenizer (``tokenizer.json`` or ``spiece.model``)."""
+    from lmarch.tokenizers.unigram_hf import unigram_tokenizer_from_hf_folder
+    from lmarch.weights.hf_t5 import load_hf_t5
+
+    model = load_hf_t5(source.path).eval()
+    tokenizer = unigram_tokenizer_from_hf_folder(source.path)
+    return LoadedModel(model, tokenizer, source.name, "t5", SEQ2SEQ)
 
 
 def read_run(source: Source) -> LoadedModel:
@@ -258,6 +274,7 @@ __all__ = [
     "read_gguf",
     "read_hf",
     "read_hf_encoder",
+    "read_hf_t5",
     "read_run",
     "resolve",
 ]

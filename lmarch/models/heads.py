@@ -35,6 +35,7 @@ CLASSIFIER = "classifier"
 TOKEN_CLASSIFIER = "token-classifier"
 QUESTION_ANSWERING = "question-answering"
 EMBEDDING = "embedding"
+SEQ2SEQ = "seq2seq"  # an encoder-decoder: source text in, target text out (T5, BART)
 OBJECTIVES = (
     CAUSAL_LM,
     MASKED_LM,
@@ -43,6 +44,7 @@ OBJECTIVES = (
     TOKEN_CLASSIFIER,
     QUESTION_ANSWERING,
     EMBEDDING,
+    SEQ2SEQ,
 )
 
 Builder = Callable[[BertConfig, int], nn.Module]

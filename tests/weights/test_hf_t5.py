@@ -224,3 +224,33 @@ PUBLISHED = {
 def test_published_configs_read_as_the_presets(name: str) -> None:
     hf, own_head = PUBLISHED[name]
     assert t5_config_from_hf(hf, name, untied_head=own_head) == get_preset(name).config
+
+
+def _unigram_tokenizer_json(folder: Path) -> Any:
+    """A T5-style Unigram tokenizer.json (T5's special ids 0-2, Metaspace pre-tokenizer), made
+    with the ``tokenizers`` library, which is also the oracle for its ids."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = ["▁to", "▁be", "▁or", "▁not", "▁that", "▁is", "▁the", "▁question", "▁", "t", "o"]
+    letters = sorted(set("abcdefghijklmnopqrstuvwxyz"))
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+    vocab += [(w, -1.0 - i / 10) for i, w in enumerate(words)]
+    vocab += [(c, -8.0) for c in letters if c not in words]
+    tok = Tokenizer(models.Unigram(vocab, unk_id=2, byte_fallback=False))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    tok.save(str(folder / "tokenizer.json"))
+    return tok
+
+
+def test_lmarch_load_reads_a_t5_folder_with_its_unigram_tokenizer(tmp_path: Path) -> None:
+    from lmarch.loading import load
+
+    theirs = _hf_folder(tmp_path, {}, {})
+    oracle = _unigram_tokenizer_json(tmp_path)
+    loaded = load(tmp_path)
+    assert (loaded.family, loaded.objective) == ("t5", "seq2seq")
+    assert (_logits(loaded.model) - _logits(theirs)).abs().max().item() <= 1e-4
+    text = "to be or not to be that is the question"
+    assert loaded.tokenizer.encode(text) == oracle.encode(text).ids
+    with pytest.raises(LmarchError, match=r"holds seq2seq \(t5\); generate needs a causal LM"):
+        loaded.require("causal-lm", "generate")
