@@ -88,7 +88,8 @@ class LoRALinear(nn.Linear):
         y = F.linear(x, self.weight, self.bias)
         if self.merged:
             return y
-        return y + F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B) * self.scaling
+        # s scales B ([out, r]) rather than the output ([..., out]): fewer bytes moved per step
+        return y + F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B * self.scaling)
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -140,7 +141,7 @@ class QuantLoRALinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """base(x) + s * dropout(x) A^T B^T."""
         a, b = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)
-        return self.base(x) + F.linear(F.linear(self.lora_dropout(x), a), b) * self.scaling
+        return self.base(x) + F.linear(F.linear(self.lora_dropout(x), a), b * self.scaling)
 
     def merge(self) -> None:
         """Refused: folding s B A into a quantised weight would requantise (change) it."""
