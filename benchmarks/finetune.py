@@ -22,7 +22,7 @@ Three measurements, each in fresh child processes (one case's memory cannot hide
    two and the ratio of medians is reported (goal: lmarch <= PEFT). lmarch's own LLaMA with the
    same adapters (fused qkv / gate_up) is timed beside them.
 
-    python benchmarks/finetune.py [--iters 150] [--batch-size 4] [--block-size 128]
+    python benchmarks/finetune.py [--iters 100] [--batch-size 4] [--block-size 128]
         [--eval-iters 16] [--mem-steps 3] [--speed-repeats 7] [--threads N] [--json]
     python benchmarks/finetune.py --tiny    # seconds-long smoke run of every part
 
@@ -271,7 +271,7 @@ def _export_hf(folder: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--iters", type=int, default=150, help="LoRA steps of the quality run")
+    parser.add_argument("--iters", type=int, default=100, help="LoRA steps of the quality run")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--block-size", type=int, default=128)
     parser.add_argument("--eval-iters", type=int, default=16, help="held-out batches (quality)")
