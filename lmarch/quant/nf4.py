@@ -39,6 +39,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -261,6 +262,24 @@ def dequantize_nf4(q: NF4Weight, dtype: torch.dtype | None = None) -> Tensor:
     return out.view(q.shape).to(dtype or q.dtype)
 
 
+class _NF4MatMul(torch.autograd.Function):
+    """y = x W~^T + b with W~ dequantised in the forward and again in the backward
+    (dL/dx = g W~): autograd would otherwise keep every layer's float32 W~ from the forward
+    until the backward, i.e. the whole float model during a training step. The codes are
+    buffers, so there is no gradient for the weight."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, layer: NF4Linear, bias: Tensor | None) -> Tensor:
+        ctx.layer = layer
+        return F.linear(x, layer.dequantized_weight().to(x.dtype), bias)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, Tensor | None]:
+        dx = grad @ ctx.layer.dequantized_weight().to(grad.dtype)
+        db = grad.flatten(0, -2).sum(0) if ctx.needs_input_grad[2] else None
+        return dx, None, db
+
+
 class NF4Linear(nn.Module):
     """A frozen ``nn.Linear`` whose weight is stored in NF4 (QLoRA) and dequantised on the fly:
     y = x W~^T + b with W~ = :func:`dequantize_nf4` of the stored codes.
@@ -346,8 +365,11 @@ class NF4Linear(nn.Module):
         return dequantize_nf4(self.quantized(), torch.float32)
 
     def forward(self, x: Tensor) -> Tensor:
-        """y = x W~^T + b, W~ dequantised for this call (never kept, so memory stays 4-bit)."""
+        """y = x W~^T + b, W~ dequantised for this call (never kept, so memory stays 4-bit:
+        when a gradient flows to x, the backward dequantises W~ again, as QLoRA does)."""
         bias = None if self.bias is None else self.bias.to(x.dtype)
+        if torch.is_grad_enabled() and x.requires_grad:
+            return _NF4MatMul.apply(x, self, bias)
         return F.linear(x, self.dequantized_weight().to(x.dtype), bias)
 
     def bits_per_parameter(self) -> float:

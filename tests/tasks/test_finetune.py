@@ -348,3 +348,26 @@ def test_lora_on_smollm2_lowers_held_out_shakespeare_loss(tmp_path) -> None:
     assert result.val_loss_before - result.val_loss_after >= 0.5
     loaded = lmarch.load(str(out))
     assert len(lora_layers(loaded.model)) == 120 and loaded.chat_template is not None
+
+
+def test_qlora_keeps_no_float_weight_for_the_backward() -> None:
+    """QLoRA's memory saving in training: an NF4 layer's backward dequantises W~ again instead
+    of autograd keeping the float32 W~ of every layer from the forward; gradients are those of
+    the plain float layer exactly."""
+    from lmarch.quant.nf4 import NF4Linear
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(128, 96)
+    layer = NF4Linear.from_linear(linear)
+    w = layer.dequantized_weight()
+    x = torch.randn(4, 7, 128, requires_grad=True)
+    saved: list[tuple[int, ...]] = []
+    with torch.autograd.graph.saved_tensors_hooks(
+        lambda t: saved.append(tuple(t.shape)) or t, lambda t: t
+    ):
+        y = layer(x)
+    assert (96, 128) not in saved and (128, 96) not in saved
+    y.square().sum().backward()
+    x_ref = x.detach().clone().requires_grad_(True)
+    torch.nn.functional.linear(x_ref, w, linear.bias.detach()).square().sum().backward()
+    assert torch.equal(x.grad, x_ref.grad)
