@@ -27,8 +27,8 @@ are stood in for by tasks whose targets follow from the source by an exact rule:
 ``shakespeare-speakers`` (standing in for summarisation)
     A passage of three consecutive speeches -> its speakers in order. The source is each
     speech as ``"SPEAKER: line line ..."`` (its lines joined by single spaces), the speeches
-    joined by a single space; the target is the three speaker names joined by ``", "``. The
-    passages are the non-overlapping windows of three speeches from the start of each play,
+    joined by a single space; the target is the three speaker names joined by ``"; "`` (a
+    semicolon, as one name, "Senators, &C", holds a comma). The passages are the non-overlapping windows of three speeches from the start of each play,
     keeping only those whose source is at most :data:`MAX_PASSAGE_CHARS` characters (so that a
     tiny model's encoder holds them).
 
@@ -180,7 +180,7 @@ def _speaker_rows(speeches: tuple[Speech, ...]) -> list[dict[str, str]]:
             window = play[lo : lo + PASSAGE_SPEECHES]
             source = " ".join(f"{s.speaker}: {' '.join(s.lines)}" for s in window)
             if len(source) <= MAX_PASSAGE_CHARS:
-                target = ", ".join(s.speaker for s in window)
+                target = "; ".join(s.speaker for s in window)
                 rows.append({"source": source, "target": target, "play": title})
     return rows
 

@@ -122,15 +122,15 @@ def test_speaker_rows_exact() -> None:
     assert task_rows(SPEAKERS_TASK, "train")[0] == {
         "source": "First Citizen: Before we proceed any further, hear me speak. All: Speak, "
         "speak. First Citizen: You are all resolved rather to die than to famish?",
-        "target": "First Citizen, All, First Citizen",
+        "target": "First Citizen; All; First Citizen",
         "play": "Coriolanus",
     }
     assert task_rows(SPEAKERS_TASK, "test")[1]["target"] == (
-        "HENRY BOLINGBROKE, JOHN OF GAUNT, HENRY BOLINGBROKE"
+        "HENRY BOLINGBROKE; JOHN OF GAUNT; HENRY BOLINGBROKE"
     )
     for row in task_rows(SPEAKERS_TASK, "train"):
         assert len(row["source"]) <= st.MAX_PASSAGE_CHARS
-        speakers = row["target"].split(", ")
+        speakers = row["target"].split("; ")
         assert len(speakers) == st.PASSAGE_SPEECHES
         assert row["source"].startswith(speakers[0] + ": ")
 
