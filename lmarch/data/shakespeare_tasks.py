@@ -28,9 +28,10 @@ are stood in for by tasks whose targets follow from the source by an exact rule:
     A passage of three consecutive speeches -> its speakers in order. The source is each
     speech as ``"SPEAKER: line line ..."`` (its lines joined by single spaces), the speeches
     joined by a single space; the target is the three speaker names joined by ``"; "`` (a
-    semicolon, as one name, "Senators, &C", holds a comma). The passages are the non-overlapping windows of three speeches from the start of each play,
-    keeping only those whose source is at most :data:`MAX_PASSAGE_CHARS` characters (so that a
-    tiny model's encoder holds them).
+    semicolon, as one name, "Senators, &C", holds a comma). The passages are the
+    non-overlapping windows of three speeches from the start of each play, keeping only those
+    whose source is at most :data:`MAX_PASSAGE_CHARS` characters (so that a tiny model's
+    encoder holds them).
 
 Splits are made by play, so no test line or passage comes from a play seen in training.
 tinyshakespeare (``lmarch/data/corpora/tinyshakespeare.txt``) is the plays of char-rnn's file
