@@ -49,7 +49,7 @@ from lmarch.peft import add_lora, lora_layers, mark_only_lora_trainable, merge_l
 from lmarch.settings import build_config, coerce_value, field_names, setting
 from lmarch.train.adapter_trainer import AdapterTrainer
 from lmarch.train.callbacks import LossPlot, ProgressBar
-from lmarch.train.config import TrainConfig
+from lmarch.train.config import TrainConfig, merge_saved_settings
 from lmarch.train.trainer import Callback, Trainer, causal_lm_loss
 from lmarch.weights.checkpoint import read_json, write_json
 from lmarch.weights.run_log import append_metrics
@@ -276,7 +276,7 @@ def finetune(
         if model is not None and base_reference(model) != base:
             raise LmarchError(f"{out} fine-tunes {base}, not {model}", hint="drop MODEL to resume")
         cfg = build_config(FinetuneConfig, info["settings"])
-        train_cfg = build_config(TrainConfig, {**saved["train"], **train_over})
+        train_cfg = build_config(TrainConfig, merge_saved_settings(saved["train"], train_over))
         data = saved["data"]
     else:
         if model is None:
