@@ -31,8 +31,15 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from lmarch.nn.block import TransformerBlock
+from lmarch.nn.cross_attention import CrossAttentionBlock
 
-__all__ = ["CheckpointedForward", "checkpoint_blocks", "checkpointed_blocks", "uncheckpoint_blocks"]
+__all__ = [
+    "CHECKPOINTED_BLOCKS",
+    "CheckpointedForward",
+    "checkpoint_blocks",
+    "checkpointed_blocks",
+    "uncheckpoint_blocks",
+]
 
 
 class CheckpointedForward:
@@ -60,12 +67,16 @@ def _blocks(model: nn.Module, block_types: tuple[type, ...]) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, block_types)]
 
 
-def checkpoint_blocks(model: nn.Module, block_types: tuple[type, ...] = (TransformerBlock,)) -> int:
+CHECKPOINTED_BLOCKS: tuple[type, ...] = (TransformerBlock, CrossAttentionBlock)
+
+
+def checkpoint_blocks(model: nn.Module, block_types: tuple[type, ...] = CHECKPOINTED_BLOCKS) -> int:
     """Checkpoint every block of ``model`` (instances of ``block_types``; subclasses such as the
     native GPT-2 block included), in place; return how many distinct blocks are checkpointed.
 
     Every family built from :class:`~lmarch.nn.block.TransformerBlock` (GPT, LLaMA, the BERT
-    family) is covered. ALBERT's shared block is one module applied at every layer: it counts
+    family) is covered, and the encoder-decoders' decoder layers
+    (:class:`~lmarch.nn.cross_attention.CrossAttentionBlock`: T5, the Transformer, BART). ALBERT's shared block is one module applied at every layer: it counts
     once, and each of its applications is checkpointed separately. Calling it again changes
     nothing more.
     """
