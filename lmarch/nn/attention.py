@@ -214,6 +214,21 @@ def grouped_query_decode_attention(
     return torch.bmm(weights, values).reshape(b, h, t, d)
 
 
+def head_geometry(
+    dim: int, n_heads: int, n_kv_heads: int | None = None, head_dim: int | None = None
+) -> tuple[int, int, int]:
+    """(query heads, key/value heads, head width) of an attention layer: ``n_kv_heads``
+    defaults to ``n_heads`` (and must divide it), ``head_dim`` to ``dim / n_heads``."""
+    n_kv_heads = n_kv_heads or n_heads
+    if n_heads % n_kv_heads:
+        raise ValueError(f"n_heads ({n_heads}) must be a multiple of n_kv_heads ({n_kv_heads})")
+    if head_dim is None:
+        if dim % n_heads:
+            raise ValueError(f"dim ({dim}) must be divisible by n_heads ({n_heads})")
+        head_dim = dim // n_heads
+    return n_heads, n_kv_heads, head_dim
+
+
 class MultiHeadAttention(nn.Module):
     """Multi-head self-attention with grouped-query support and an optional KV cache.
 
@@ -237,13 +252,7 @@ class MultiHeadAttention(nn.Module):
         softmax_scale: float | None = None,
     ) -> None:
         super().__init__()
-        n_kv_heads = n_kv_heads or n_heads
-        if n_heads % n_kv_heads:
-            raise ValueError(f"n_heads ({n_heads}) must be a multiple of n_kv_heads ({n_kv_heads})")
-        if head_dim is None:
-            if dim % n_heads:
-                raise ValueError(f"dim ({dim}) must be divisible by n_heads ({n_heads})")
-            head_dim = dim // n_heads
+        n_heads, n_kv_heads, head_dim = head_geometry(dim, n_heads, n_kv_heads, head_dim)
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
         self.causal = causal
         self.dropout = dropout

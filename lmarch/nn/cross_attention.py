@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from lmarch.nn.attention import (
     MultiHeadAttention,
     QKTransform,
+    head_geometry,
     padding_mask,
     scaled_dot_product_attention,
 )
@@ -113,13 +114,7 @@ class CrossAttention(nn.Module):
         softmax_scale: float | None = None,
     ) -> None:
         super().__init__()
-        n_kv_heads = n_kv_heads or n_heads
-        if n_heads % n_kv_heads:
-            raise ValueError(f"n_heads ({n_heads}) must be a multiple of n_kv_heads ({n_kv_heads})")
-        if head_dim is None:
-            if dim % n_heads:
-                raise ValueError(f"dim ({dim}) must be divisible by n_heads ({n_heads})")
-            head_dim = dim // n_heads
+        n_heads, n_kv_heads, head_dim = head_geometry(dim, n_heads, n_kv_heads, head_dim)
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
         self.dropout = dropout
         self.implementation = implementation
