@@ -171,6 +171,7 @@ def build_parser() -> OneLineParser:
 
     _add_finetune_parsers(sub)
     _add_quantize_parser(sub)
+    _add_seq2seq_parsers(sub)
 
     d = sub.add_parser("demo", help="train a small GPT on Shakespeare (~3 min) and sample it")
     d.add_argument("--out", default="runs/demo")
@@ -234,6 +235,102 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     )
     if args.json:
         print(json.dumps(result.as_dict()))
+    return 0
+
+
+def _add_seq2seq_parsers(sub: argparse._SubParsersAction) -> None:
+    """``lmarch translate`` and ``lmarch summarize`` (:mod:`lmarch.tasks.seq2seq`): train, run
+    and eval on {source, target} rows; the two differ only in name."""
+    from lmarch.train.config import TrainConfig
+
+    data_help = "a .jsonl of {source, target} rows, or shakespeare-piglatin / shakespeare-speakers"
+    for task, what in (("translate", "translate"), ("summarize", "summarize")):
+        p = sub.add_parser(task, help=f"{what} text with an encoder-decoder (train, run, eval)")
+        psub = p.add_subparsers(dest="seq2seq_command", required=True, parser_class=OneLineParser)
+        tr = psub.add_parser("train", help="train a preset, or fine-tune a model folder")
+        tr.add_argument("--model", required=True, help="a trainable seq2seq preset or a folder")
+        tr.add_argument("--data", required=True, help=data_help)
+        tr.add_argument("--out", required=True, help="run folder to write")
+        tr.add_argument(
+            "--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting"
+        )
+        tr.add_argument("--config", default=None, help="TOML file of settings ([model] / [train])")
+        tr.add_argument("--eval-rows", type=int, default=200, help="held-out rows scored after")
+        tr.set_defaults(
+            train_keys=add_config_options(
+                tr.add_argument_group("training (TrainConfig)"), TrainConfig, unset=True
+            )
+        )
+        r = psub.add_parser("run", help="decode text(s) with a trained or HF model folder")
+        r.add_argument("model", help="a seq2seq run folder or an HF T5 / BART / Marian folder")
+        r.add_argument("texts", nargs="+", help="source text(s)")
+        e = psub.add_parser("eval", help="BLEU, chrF and ROUGE of a model on rows")
+        e.add_argument("model", help="a seq2seq run folder or an HF T5 / BART / Marian folder")
+        e.add_argument("--data", required=True, help=data_help)
+        e.add_argument("--split", default="test", help="split of a bundled task (train/valid/test)")
+        e.add_argument("--limit", type=int, default=None, help="score only the first N rows")
+        for q in (r, e):
+            q.add_argument("--num-beams", type=int, default=1, help="1: greedy; more: beam search")
+            q.add_argument("--max-new-tokens", type=int, default=None, help="default: the run's")
+        for q in (tr, r, e):
+            q.add_argument(
+                "--no-truncate", action="store_true", help="refuse a source too long to encode"
+            )
+            q.add_argument("--json", action="store_true", help="print a JSON summary last")
+
+
+def cmd_seq2seq(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from lmarch.tasks import seq2seq
+
+    console = Console(stderr=args.json)
+    truncate = not args.no_truncate
+    if args.seq2seq_command == "run":
+        outputs = seq2seq.translate_texts(
+            args.model, args.texts, args.num_beams, args.max_new_tokens, truncate
+        )
+        if args.json:
+            print(json.dumps([{"source": s, "output": o} for s, o in zip(args.texts, outputs)]))
+        else:
+            for output in outputs:
+                print(output)
+        return 0
+    if args.seq2seq_command == "eval":
+        result = seq2seq.evaluate_seq2seq(
+            args.model,
+            args.data,
+            args.split,
+            num_beams=args.num_beams,
+            limit=args.limit,
+            truncate=truncate,
+            max_new_tokens=args.max_new_tokens,
+        )
+    else:
+        from lmarch.train.run import parse_set_options, read_config_file
+
+        overrides: dict = read_config_file(args.config) if args.config else {}
+        overrides.update(parse_set_options(args.set))
+        overrides.update(given_values(args, args.train_keys))
+        result = seq2seq.train_seq2seq(
+            args.command,
+            args.model,
+            args.data,
+            args.out,
+            overrides,
+            truncate=truncate,
+            eval_rows=args.eval_rows,
+            log=console.print,
+        )
+    scores = result.get("eval", result)
+    if "bleu" in scores:
+        console.print(
+            f"{scores['rows']} rows: BLEU {scores['bleu']:.2f}, chrF {scores['chrf']:.2f}, "
+            f"ROUGE-1/2/L {scores['rouge1']:.2f} / {scores['rouge2']:.2f} / "
+            f"{scores['rougeL']:.2f}, exact {scores['exact_match']:.1f}%"
+        )
+    if args.json:
+        print(json.dumps(result))
     return 0
 
 
@@ -568,6 +665,8 @@ COMMANDS = {
     "finetune": cmd_finetune,
     "merge": cmd_merge,
     "quantize": cmd_quantize,
+    "translate": cmd_seq2seq,
+    "summarize": cmd_seq2seq,
 }
 
 

@@ -26,6 +26,7 @@ from lmarch.weights.loader import package_file, package_folder
 
 BERT_FAMILY = ("bert", "roberta", "albert", "electra")
 T5_FAMILY = ("t5", "mt5")
+BART_FAMILY = ("bart", "marian")
 CLASSIFIER_FILE = "classifier.json"  # what lmarch classify train writes beside its checkpoint
 
 
@@ -138,11 +139,13 @@ def read_hf(source: Source) -> LoadedModel:
         return read_hf_encoder(source)
     if kind in T5_FAMILY:
         return read_hf_t5(source)
+    if kind in BART_FAMILY:
+        return read_hf_bart(source)
     loaders = {"gpt2": load_hf_gpt2, "llama": load_hf_llama}
     if kind not in loaders:
         raise LmarchError(
             f"{source.path}: model_type {kind!r} is not supported",
-            hint=f"one of {sorted([*loaders, *BERT_FAMILY, *T5_FAMILY])}",
+            hint=f"one of {sorted([*loaders, *BERT_FAMILY, *T5_FAMILY, *BART_FAMILY])}",
         )
     model = loaders[kind](source.path).eval()
     tokenizer, info = tokenizer_from_hf_folder(source.path)
@@ -187,6 +190,21 @@ def read_hf_t5(source: Source) -> LoadedModel:
     return LoadedModel(model, tokenizer, source.name, "t5", SEQ2SEQ)
 
 
+def read_hf_bart(source: Source) -> LoadedModel:
+    """A BART or Marian folder: the encoder-decoder (objective ``seq2seq``) and its tokenizer,
+    BART's byte-level BPE (``tokenizer.json``, or ``vocab.json`` + ``merges.txt``) or Marian's
+    SentencePiece pair (``source.spm`` / ``target.spm`` + ``vocab.json``)."""
+    from lmarch.tokenizers.marian import bart_tokenizer_from_hf_folder, marian_tokenizer
+    from lmarch.weights.hf_bart import load_hf_bart
+
+    model = load_hf_bart(source.path).eval()
+    if model.config.variant == "marian":
+        tokenizer = marian_tokenizer(source.path)
+    else:
+        tokenizer = bart_tokenizer_from_hf_folder(source.path)
+    return LoadedModel(model, tokenizer, source.name, _family(model), SEQ2SEQ)
+
+
 def read_run(source: Source) -> LoadedModel:
     """An ``lmarch train`` run folder, as the model its objective trained: the next-token model
     (``clm``), the masked LM with its head (``mlm``), or ELECTRA's discriminator (``rtd``: the
@@ -198,6 +216,8 @@ def read_run(source: Source) -> LoadedModel:
 
     def build(run: dict[str, Any]) -> nn.Module:
         objective = run.get("objective", "clm")
+        if objective == "seq2seq":  # an encoder-decoder trained on (source, target) pairs
+            return build_model(config_from_dict(run["model"]))
         if objective not in RUN_OBJECTIVES:
             raise LmarchError(f"{source.path}: unknown objective {objective!r}")
         config = config_from_dict(run["model"])
@@ -209,6 +229,9 @@ def read_run(source: Source) -> LoadedModel:
         return rebuild_quantized(objective_model(objective, config), run)
 
     model, tokenizer, run = load_run(source.path, build)
+    if run.get("objective") == "seq2seq":
+        family = run["model"]["family"]
+        return LoadedModel(model.eval(), tokenizer, source.name, family, SEQ2SEQ)
     objective = RUN_OBJECTIVES[run.get("objective", "clm")]
     family = run["model"]["family"]
     quant = stored_quant(run)
@@ -273,6 +296,7 @@ __all__ = [
     "read_classifier",
     "read_gguf",
     "read_hf",
+    "read_hf_bart",
     "read_hf_encoder",
     "read_hf_t5",
     "read_run",

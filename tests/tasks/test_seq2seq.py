@@ -1,0 +1,212 @@
+"""lmarch.tasks.seq2seq: scoring equals sacrebleu / rouge-score, HF BART and Marian folders
+decode as transformers does, a tiny model learns the bundled transduction task."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from lmarch.data.seq2seq import Seq2SeqPair
+from lmarch.data.shakespeare_tasks import PIG_LATIN_TASK, SPEAKERS_TASK, task_rows
+from lmarch.errors import LmarchError, LmarchNotice
+from lmarch.tasks import seq2seq
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+LINES = [
+    "Before we proceed any further, hear me speak.",
+    "Speak, speak.",
+    "You are all resolved rather to die than to famish?",
+]
+
+
+def write_bart_folder(folder: Path, vocab_size: int = 400, positions: int = 64) -> Path:
+    """A random-initialised tiny BART folder as transformers writes it, with a byte-level BPE
+    (lmarch's RoBERTa-layout trainer) saved as the older vocab.json + merges.txt pair."""
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    from lmarch.tokenizers.kinds import roberta_bpe
+
+    rows = task_rows(PIG_LATIN_TASK, "train")[:1500]
+    tok = roberta_bpe("\n".join(r["source"] + "\n" + r["target"] for r in rows), vocab_size)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps({**tok.vocab, **tok.special_tokens}))
+    merges = "".join(f"{a} {b}\n" for a, b in tok.merges)
+    (folder / "merges.txt").write_text("#version: 0.2\n" + merges, encoding="utf-8")
+    torch.manual_seed(0)
+    config = BartConfig(
+        vocab_size=tok.vocab_size,
+        d_model=32,
+        encoder_layers=1,
+        decoder_layers=1,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=64,
+        max_position_embeddings=positions,
+        dropout=0.0,
+        attention_dropout=0.0,
+        activation_dropout=0.0,
+        forced_bos_token_id=None,
+    )
+    BartForConditionalGeneration(config).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def bart_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_bart_folder(tmp_path_factory.mktemp("bart") / "hf")
+
+
+def test_scores_equal_sacrebleu_and_rouge_score() -> None:
+    import sacrebleu
+    from rouge_score import rouge_scorer
+
+    hyps = ["Eforebay eway oceedpray", "Eakspay, eakspay.", "Ouyay areway allway"]
+    refs = ["Eforebay eway oceedpray anyway", "Eakspay, eakspay.", "Ouyay areway"]
+    got = seq2seq.score_outputs(hyps, refs)
+    assert got["bleu"] == sacrebleu.corpus_bleu(hyps, [refs]).score
+    assert got["chrf"] == sacrebleu.corpus_chrf(hyps, [refs]).score
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=False)
+    for key in ("rouge1", "rouge2", "rougeL"):
+        expected = 100 * sum(scorer.score(r, h)[key].fmeasure for h, r in zip(hyps, refs)) / 3
+        assert got[key] == pytest.approx(expected, abs=1e-12)
+    assert got["exact_match"] == pytest.approx(100 / 3)
+    perfect = seq2seq.score_outputs(refs, refs)
+    assert perfect["bleu"] == pytest.approx(100.0) and perfect["rougeL"] == pytest.approx(100.0)
+
+
+def test_bart_folder_tokenizer_and_greedy_equal_transformers(bart_folder: Path) -> None:
+    from transformers import BartForConditionalGeneration, BartTokenizer
+
+    hf_tok = BartTokenizer(str(bart_folder / "vocab.json"), str(bart_folder / "merges.txt"))
+    hf = BartForConditionalGeneration.from_pretrained(bart_folder).eval()
+    loaded = seq2seq.load_seq2seq(bart_folder)
+    for line in LINES:
+        assert seq2seq.source_ids(loaded, line) == hf_tok(line)["input_ids"]
+    batch = hf_tok(LINES, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        ids = hf.generate(**batch, max_new_tokens=12, num_beams=1, do_sample=False)
+    expected = hf_tok.batch_decode(ids, skip_special_tokens=True)
+    assert seq2seq.translate_texts(loaded, LINES, max_new_tokens=12) == expected
+    with torch.no_grad():
+        beams = hf.generate(**batch, max_new_tokens=12, num_beams=3, do_sample=False)
+    expected_beams = hf_tok.batch_decode(beams, skip_special_tokens=True)
+    assert seq2seq.translate_texts(loaded, LINES, num_beams=3, max_new_tokens=12) == (
+        expected_beams
+    )
+
+
+def test_marian_folder_tokenizer_and_greedy_equal_transformers(tmp_path: Path) -> None:
+    import sentencepiece as spm
+    from transformers import MarianConfig, MarianMTModel, MarianTokenizer
+
+    rows = task_rows(PIG_LATIN_TASK, "train")[:2000]
+    text = tmp_path / "text.txt"
+    text.write_text("\n".join(r["source"] for r in rows), encoding="utf-8")
+    folder = tmp_path / "opus"
+    folder.mkdir()
+    spm.SentencePieceTrainer.train(
+        input=str(text), model_prefix=str(tmp_path / "sp"), vocab_size=300, minloglevel=2
+    )
+    for name in ("source.spm", "target.spm"):
+        (folder / name).write_bytes((tmp_path / "sp.model").read_bytes())
+    proc = spm.SentencePieceProcessor(model_file=str(tmp_path / "sp.model"))
+    pieces = [proc.id_to_piece(i) for i in range(proc.get_piece_size())]
+    vocab = {"</s>": 0, "<unk>": 1}
+    for piece in pieces:
+        vocab.setdefault(piece, len(vocab))
+    vocab["<pad>"] = len(vocab)
+    (folder / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
+    torch.manual_seed(0)
+    pad = vocab["<pad>"]
+    config = MarianConfig(
+        vocab_size=len(vocab),
+        d_model=32,
+        encoder_layers=1,
+        decoder_layers=1,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=64,
+        max_position_embeddings=64,
+        pad_token_id=pad,
+        decoder_start_token_id=pad,
+        eos_token_id=0,
+        forced_eos_token_id=0,
+    )
+    MarianMTModel(config).save_pretrained(folder)
+    hf_tok = MarianTokenizer(
+        str(folder / "source.spm"), str(folder / "target.spm"), str(folder / "vocab.json")
+    )
+    hf = MarianMTModel.from_pretrained(folder).eval()
+    loaded = seq2seq.load_seq2seq(folder)
+    for line in LINES:
+        assert seq2seq.source_ids(loaded, line) == hf_tok(line)["input_ids"]
+    batch = hf_tok(LINES, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        ids = hf.generate(**batch, max_new_tokens=10, num_beams=1, do_sample=False)
+    expected = hf_tok.batch_decode(ids, skip_special_tokens=True)
+    assert seq2seq.translate_texts(loaded, LINES, max_new_tokens=10) == expected
+
+
+def test_a_long_source_is_cut_with_a_notice_or_refused(bart_folder: Path) -> None:
+    loaded = seq2seq.load_seq2seq(bart_folder)
+    long = " ".join(LINES * 20)
+    with pytest.warns(LmarchNotice, match="cut to the encoder's 64"):
+        ids = seq2seq.source_ids(loaded, long)
+    assert len(ids) == 64 and ids[-1] == loaded.model.config.eos_token_id
+    with pytest.raises(LmarchError, match="more than the encoder's 64"):
+        seq2seq.source_ids(loaded, long, truncate=False)
+
+
+def test_fine_tuning_lowers_the_loss_and_eval_scores_with_the_libraries(
+    bart_folder: Path, tmp_path: Path
+) -> None:
+    import sacrebleu
+
+    held_out = seq2seq.read_rows(SPEAKERS_TASK, "test")[:16]
+    before = seq2seq.mean_loss(seq2seq.load_seq2seq(bart_folder), held_out)
+    out = tmp_path / "run"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", LmarchNotice)  # passages cut to 64 positions
+        summary = seq2seq.train_seq2seq(
+            "summarize",
+            str(bart_folder),
+            SPEAKERS_TASK,
+            out,
+            {"max_iters": 60, "batch_size": 16, "learning_rate": 3e-3, "eval_interval": 60},
+            eval_rows=8,
+            log=lambda *_: None,
+        )
+        assert summary["iters"] == 60 and summary["eval"]["rows"] == 8
+        loaded = seq2seq.load_seq2seq(out)
+        after = seq2seq.mean_loss(loaded, held_out)
+        # 60 steps on the speakers task: the held-out loss per token falls by over a third
+        assert after < 0.65 * before, (before, after)
+        result = seq2seq.evaluate_seq2seq(out, SPEAKERS_TASK, "test", limit=6)
+        outputs = seq2seq.translate_texts(out, [r.source for r in held_out[:6]])
+    refs = [r.target for r in held_out[:6]]
+    assert result["bleu"] == sacrebleu.corpus_bleu(outputs, [refs]).score
+    assert result["rougeL"] == seq2seq.score_outputs(outputs, refs)["rougeL"]
+    assert [e["output"] for e in result["examples"]] == outputs[:3]
+    assert result["rows"] == 6 and result["split"] == "test"
+
+
+def test_read_rows_refuses_bad_data(tmp_path: Path) -> None:
+    assert seq2seq.read_rows(PIG_LATIN_TASK, "valid")[0] == Seq2SeqPair(
+        "Boatswain!", "Oatswainbay!", 1
+    )
+    with pytest.raises(LmarchError, match="data not found"):
+        seq2seq.read_rows(str(tmp_path / "missing.jsonl"))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"source": "a", "target": "b"}\n\n{"source": "c", "target": "d"}\n')
+    with pytest.raises(LmarchError, match="bad.jsonl:2: empty row"):
+        seq2seq.read_rows(str(bad))
+    bad.write_text('{"source": "a"}\n')
+    with pytest.raises(LmarchError, match='row without "target"'):
+        seq2seq.read_rows(str(bad))
