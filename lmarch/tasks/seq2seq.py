@@ -131,24 +131,31 @@ def _task_info(spec: str | Path) -> dict[str, Any]:
         return {}
 
 
-def source_ids(loaded: Any, text: str, truncate: bool = True) -> list[int]:
-    """The encoder input of ``text``: its ids wrapped in the model's specials, cut to the
-    encoder's positions with a notice (``truncate``) or refused."""
+def _source(loaded: Any, text: str, truncate: bool) -> tuple[list[int], int]:
+    """(encoder ids of ``text``, its length before any cut)."""
     model = loaded.model
     specials = Seq2SeqSpecials.of(model.config)
     ids = specials.wrap(loaded.tokenizer.encode(text))
     limit = int(model.max_positions)
     if len(ids) <= limit:
-        return ids
+        return ids, len(ids)
     if not truncate:
         raise LmarchError(
             f"the source has {len(ids)} tokens, more than the encoder's {limit}",
             hint="shorten it, or drop --no-truncate to cut it to fit",
         )
-    warnings.warn(
-        f"source of {len(ids)} tokens cut to the encoder's {limit}", LmarchNotice, stacklevel=2
-    )
-    return [*ids[: limit - 1], specials.eos_id]
+    return [*ids[: limit - 1], specials.eos_id], len(ids)
+
+
+def source_ids(loaded: Any, text: str, truncate: bool = True) -> list[int]:
+    """The encoder input of ``text``: its ids wrapped in the model's specials, cut to the
+    encoder's positions with a notice (``truncate``) or refused."""
+    ids, n = _source(loaded, text, truncate)
+    if n > len(ids):
+        warnings.warn(
+            f"source of {n} tokens cut to the encoder's {len(ids)}", LmarchNotice, stacklevel=2
+        )
+    return ids
 
 
 def _strip(ids: Sequence[int], config: Any) -> list[int]:
@@ -242,7 +249,13 @@ def translate_texts(
     if max_new_tokens is None:
         info = {} if hasattr(spec, "model") else _task_info(spec)
         max_new_tokens = int(info.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS))
-    ids = [source_ids(loaded, t, truncate) for t in texts]
+    encoded = [_source(loaded, t, truncate) for t in texts]
+    ids = [i for i, _ in encoded]
+    cut = [n for i, n in encoded if n > len(i)]
+    if cut:  # one line for the lot, not one per row
+        limit = int(loaded.model.max_positions)
+        what = f"source of {cut[0]} tokens" if len(texts) == 1 else f"{len(cut)} sources"
+        warnings.warn(f"{what} cut to the encoder's {limit}", LmarchNotice, stacklevel=2)
     outputs = []
     for lo in range(0, len(ids), batch_size):
         for row in decode_ids(loaded, ids[lo : lo + batch_size], num_beams, max_new_tokens):
