@@ -44,7 +44,12 @@ from typing import Any
 
 from lmarch.errors import LmarchError
 from lmarch.tokenizers.base import read_json_file, read_tokenizer_file, write_json_file
-from lmarch.tokenizers.bert_normalize import BertNormalizer, bert_pre_tokenize
+from lmarch.tokenizers.bert_normalize import (
+    _ASCII_WORDS,
+    BertNormalizer,
+    _word_pattern,
+    bert_pre_tokenize,
+)
 from lmarch.tokenizers.encoder_input import EncoderInputMixin
 from lmarch.tokenizers.wordpiece_files import (
     read_vocab_lines,
@@ -61,6 +66,11 @@ _CACHE_LIMIT = 200_000
 # Substrings of the decoded pieces that lose their space, as the ``tokenizers`` WordPiece decoder
 # does with ``cleanup``: it looks at one piece (with its leading space) at a time.
 _CLEANUP = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","))
+
+
+def _word_matches(text: str) -> Iterable[re.Match[str]]:
+    """The words of :func:`bert_pre_tokenize` as regex matches, so their places are known."""
+    return (_ASCII_WORDS if text.isascii() else _word_pattern()).finditer(text)
 
 
 class WordPieceTokenizer(EncoderInputMixin):
@@ -253,6 +263,55 @@ class WordPieceTokenizer(EncoderInputMixin):
             else:
                 ids.extend(self._encode_word(word))
         return ids
+
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """:meth:`encode` plus, for each token, the span ``(start, end)`` of ``text`` (Python
+        character indices) it was read from, as the ``tokenizers`` library reports offsets.
+
+        Normalisation works one character at a time (cleaning, CJK spacing, accent stripping
+        and lower-casing all do), so each normalised character is traced to the original one
+        it came from; a word's pieces take consecutive slices of its normalised characters
+        (the ``"##"`` is not in the text), and a word that became ``[UNK]`` spans the whole word.
+        Extractive question answering needs this to turn token positions into answer text.
+        """
+        ids: list[int] = []
+        offsets: list[tuple[int, int]] = []
+        if self._special_split is None:
+            chunks = [(0, text, False)]
+        else:
+            chunks, at = [], 0
+            for i, part in enumerate(self._special_split.split(text)):
+                chunks.append((at, part, bool(i % 2)))  # captured specials sit at odd places
+                at += len(part)
+        for base, chunk, special in chunks:
+            if special:
+                ids.append(self._ids[chunk])
+                offsets.append((base, base + len(chunk)))
+                continue
+            normal = self._normalizer.normalize(chunk) if chunk.isascii() else None
+            if normal is not None and len(normal) == len(chunk):  # ASCII kept one to one
+                origin: Sequence[int] = range(base, base + len(chunk))
+            else:
+                pieces, origin = [], []
+                for k, char in enumerate(chunk):
+                    out = self._normalizer.normalize(char)
+                    pieces.append(out)
+                    origin.extend([base + k] * len(out))
+                normal = "".join(pieces)
+            for match in _word_matches(normal):
+                start = match.start()
+                word_ids = self._encode_word(match.group())
+                if word_ids == [self.unk_id] and self._tokens[self.unk_id] != match.group():
+                    ids.append(self.unk_id)
+                    offsets.append((origin[start], origin[match.end() - 1] + 1))
+                    continue
+                for idx in word_ids:
+                    token = self._tokens[idx]
+                    length = len(token) - (len(self._prefix) if start > match.start() else 0)
+                    ids.append(idx)
+                    offsets.append((origin[start], origin[start + length - 1] + 1))
+                    start += length
+        return ids, offsets
 
     def tokenize(self, text: str) -> list[str]:
         """The token strings of :meth:`encode` (continuation pieces keep their ``"##"``)."""
