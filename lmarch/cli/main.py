@@ -171,6 +171,7 @@ def build_parser() -> OneLineParser:
 
     _add_finetune_parsers(sub)
     _add_quantize_parser(sub)
+    _add_answer_parsers(sub)
     _add_seq2seq_parsers(sub)
 
     d = sub.add_parser("demo", help="train a small GPT on Shakespeare (~3 min) and sample it")
@@ -644,6 +645,80 @@ def cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_answer_parsers(sub: argparse._SubParsersAction) -> None:
+    """``lmarch answer train|run|eval``: extractive question answering (:mod:`lmarch.tasks.answer`)."""
+    from lmarch.tasks.answer import AnswerConfig
+
+    a = sub.add_parser("answer", help="fine-tune an encoder to answer questions from a context")
+    asub = a.add_subparsers(dest="answer_command", required=True, parser_class=OneLineParser)
+    at = asub.add_parser("train", help="fine-tune for span answers; exact match and F1")
+    at.add_argument("--model", default="minilm-l6", help="encoder: preset, HF folder, mlm/rtd run")
+    at.add_argument("--data", required=True, help="a SQuAD-layout .jsonl or shakespeare-qa")
+    at.add_argument("--out", required=True, help="run folder for the model and its report")
+    at.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting"
+    )
+    at.add_argument("--resume", action="store_true", help="continue the run in --out")
+    at.add_argument("--no-baseline", action="store_true", help="skip the speaker baselines")
+    at.set_defaults(
+        answer_keys=add_config_options(
+            at.add_argument_group("fine-tuning (AnswerConfig)"), AnswerConfig, unset=True
+        )
+    )
+    ar = asub.add_parser("run", help="answer a question about a context")
+    ar.add_argument("run_dir", help="a folder written by 'lmarch answer train', or an HF QA folder")
+    ar.add_argument("question", help="the question")
+    ar.add_argument("--context", required=True, help="the text that holds the answer")
+    ar.add_argument("--n-best", type=int, default=None, help="answers to list (default: the run's)")
+    ae = asub.add_parser("eval", help="exact match and F1 of a trained model on data")
+    ae.add_argument("run_dir", help="a folder written by 'lmarch answer train'")
+    ae.add_argument("--data", required=True, help="a SQuAD-layout .jsonl or shakespeare-qa")
+    ae.add_argument("--split", default="test", help="shakespeare-qa's train, validation or test")
+    ae.add_argument("--no-baseline", action="store_true", help="skip the speaker baselines")
+    for q in (at, ar, ae):
+        q.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
+
+
+def cmd_answer(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from lmarch.tasks import answer
+    from lmarch.train.run import parse_set_options
+
+    console = Console(stderr=args.json)
+    if args.answer_command == "run":
+        result = answer.run_answer(args.run_dir, args.context, args.question, n_best=args.n_best)
+        if args.json:
+            print(json.dumps(result))
+        else:
+            print(result["answer"])
+            Console(stderr=True).print(
+                f"probability {result['probability']:.3f}, characters "
+                f"{result['start']}-{result['end']} of the context",
+                markup=False,
+            )
+        return 0
+    if args.answer_command == "eval":
+        summary = answer.evaluate_answerer(
+            args.run_dir, args.data, args.split, baseline=not args.no_baseline
+        )
+    else:
+        overrides = {**parse_set_options(args.set), **given_values(args, args.answer_keys)}
+        summary = answer.train_answerer(
+            args.model,
+            args.data,
+            args.out,
+            answer.answer_config(overrides),
+            resume=args.resume,
+            baseline=not args.no_baseline,
+            log=console.print,
+        )
+    console.print(answer.describe_scores(summary), markup=False)
+    if args.json:
+        print(json.dumps(summary))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from lmarch.tasks.demo import run_demo
 
@@ -665,6 +740,7 @@ COMMANDS = {
     "finetune": cmd_finetune,
     "merge": cmd_merge,
     "quantize": cmd_quantize,
+    "answer": cmd_answer,
     "translate": cmd_seq2seq,
     "summarize": cmd_seq2seq,
 }
