@@ -353,3 +353,39 @@ def test_question_examples_round_trip_as_rows() -> None:
         "question": "Who says: Ho.?",
         "answers": {"text": ["SLY"], "answer_start": [0]},
     }
+
+
+def test_a_hugging_face_qa_folder_answers_as_transformers_scores(tmp_path) -> None:
+    """A BertForQuestionAnswering saved as a Hugging Face folder loads for `answer run`, and
+    its answer is the exhaustive decode of transformers' own start/end logits (the oracle)."""
+    transformers = pytest.importorskip("transformers")
+    from lmarch.models.bert import BertForQuestionAnswering
+    from lmarch.weights.hf_bert import save_hf_bert
+
+    ex = shakespeare_qa().test[5]
+    tokenizer = WordPieceTokenizer.train([ex.context, ex.question], vocab_size=300)
+    torch.manual_seed(1)
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size, block_size=64, n_layer=2, n_head=2, n_embd=32,
+        intermediate_size=64, dropout=0.0,
+    )  # fmt: skip
+    save_hf_bert(BertForQuestionAnswering(config), tmp_path)
+    tokenizer.save_vocab(tmp_path / "vocab.txt")
+    answerer = load_answerer(tmp_path)
+    answerer.config = AnswerConfig(max_length=48, doc_stride=16, max_answer_length=5)
+    result = run_answer(answerer, ex.context, ex.question, n_best=3)
+    oracle = transformers.BertForQuestionAnswering.from_pretrained(tmp_path).eval()
+    windows = make_windows(tokenizer, 0, ex.context, ex.question, 48, 16, 64)
+    assert len(windows) > 3
+    starts, ends = [], []
+    with torch.no_grad():
+        for w in windows:
+            out = oracle(
+                input_ids=torch.tensor([w.input_ids]),
+                token_type_ids=torch.tensor([w.token_type_ids]),
+            )
+            starts.append(out.start_logits[0])
+            ends.append(out.end_logits[0])
+    want = _brute_force(ex.context, windows, starts, ends, 5, 3)
+    assert [g["text"] for g in result["n_best"]] == [w[0] for w in want]
+    assert [g["score"] for g in result["n_best"]] == pytest.approx([w[3] for w in want], abs=1e-4)
