@@ -86,9 +86,11 @@ def build_parser() -> OneLineParser:
     t.add_argument("--resume", action="store_true", help="continue the run in --out")
     t.add_argument(
         "--objective",
-        choices=["clm", "mlm", "rtd"],
+        choices=["clm", "mlm", "rtd", "span", "denoise", "seq2seq"],
         default=None,
-        help="next-token (decoders), masked LM or ELECTRA replaced-token detection (BERT family)",
+        help="next-token (decoders), masked LM or ELECTRA replaced-token detection (BERT "
+        "family), T5 span corruption, BART denoising, or seq2seq pairs from a JSONL of "
+        '{"source", "target"} (encoder-decoders)',
     )
     t.add_argument("--whole-word", action="store_true", help="whole-word masking (mlm/rtd)")
     t.add_argument("--json", action="store_true", help="print a JSON summary as the last line")

@@ -38,7 +38,7 @@ from typing import Any
 
 import torch
 
-from lmarch.data.seq2seq import Pair, Seq2SeqSpecials
+from lmarch.data.seq2seq import Pair, Seq2SeqBatches, Seq2SeqSpecials
 from lmarch.errors import LmarchError
 
 NOISE_DENSITY = 0.15  # T5's span corruption
@@ -302,6 +302,51 @@ class TextInfilling:
 # ---- token streams and vocabularies ---------------------------------------------------------
 
 
+def noising_batches(
+    tokenizer: Any,
+    ids: Sequence[int],
+    objective: str,
+    specials: Seq2SeqSpecials,
+    max_length: int,
+    batch_size: int,
+    seed: int,
+    what: str = "text",
+) -> Seq2SeqBatches:
+    """Random seq2seq batches of ``objective`` (``span`` or ``denoise``) made from windows of
+    the token stream ``ids``: windows as long as fit ``max_length`` once corrupted (span) or
+    wrapped in ``specials`` (denoise). ``what`` names the stream in errors."""
+    if objective == "span":
+        window = span_corruption_window(max_length)
+        n_sentinels = sentinel_count(tokenizer)
+        spans = span_counts(window)[1]
+        if n_sentinels < spans:
+            raise LmarchError(
+                f"span corruption of {window} tokens needs {spans} sentinels <extra_id_i> at the "
+                f"end of the vocabulary; the tokenizer has {n_sentinels}",
+                hint="a T5 preset's Unigram vocabulary has 100; or use a smaller block_size",
+            )
+        make: Any = SpanCorruption(tokenizer.vocab_size, specials.eos_id, n_sentinels=n_sentinels)
+    elif objective == "denoise":
+        mask_id = getattr(tokenizer, "mask_id", None)
+        if mask_id is None:
+            raise LmarchError(
+                f"denoising needs a mask token, and this {type(tokenizer).__name__} has none",
+                hint="BART presets train a byte-level BPE with <mask>",
+            )
+        window = max_length - len(specials.wrap([]))
+        ends = frozenset(sentence_end_ids(tokenizer))
+        make = TextInfilling(mask_id, specials, ends, max_length=max_length)
+    else:
+        raise ValueError(f"no noising objective {objective!r}")
+    windows = token_windows(ids, window) if window >= 2 else []
+    if not windows:
+        raise LmarchError(
+            f"the {what} has only {len(ids)} tokens, too few for a window of {window}",
+            hint="give more text or --set block_size=SMALLER",
+        )
+    return Seq2SeqBatches(windows, batch_size, specials, make, seed=seed, block_size=window)
+
+
 def token_windows(ids: Sequence[int], length: int) -> list[list[int]]:
     """Consecutive windows of ``length`` tokens of a token stream (the last, shorter one kept
     when it holds at least half a window)."""
@@ -375,6 +420,7 @@ __all__ = [
     "corrupt_spans",
     "fill_spans",
     "infilling_spans",
+    "noising_batches",
     "permute_sentences",
     "poisson_span_lengths",
     "random_segmentation",

@@ -25,6 +25,9 @@ from lmarch.models.registry import PRESETS, family_of_config, get_preset
 from lmarch.weights.loader import package_file, package_folder
 
 BERT_FAMILY = ("bert", "roberta", "albert", "electra")
+# what a run folder's objective makes of it: lmarch train's encoder-decoder objectives all
+# leave a sequence-to-sequence model (T5, the Transformer, BART / Marian)
+RUN_KINDS = {**RUN_OBJECTIVES, "span": SEQ2SEQ, "denoise": SEQ2SEQ, "seq2seq": SEQ2SEQ}
 T5_FAMILY = ("t5", "mt5")
 BART_FAMILY = ("bart", "marian")
 CLASSIFIER_FILE = "classifier.json"  # what lmarch classify train writes beside its checkpoint
@@ -207,8 +210,9 @@ def read_hf_bart(source: Source) -> LoadedModel:
 
 def read_run(source: Source) -> LoadedModel:
     """An ``lmarch train`` run folder, as the model its objective trained: the next-token model
-    (``clm``), the masked LM with its head (``mlm``), or ELECTRA's discriminator (``rtd``: the
-    generator trained beside it is dropped). Encoders pool by the mean over real tokens."""
+    (``clm``), the masked LM with its head (``mlm``), ELECTRA's discriminator (``rtd``: the
+    generator trained beside it is dropped), or the encoder-decoder (``span``, ``denoise``,
+    ``seq2seq``: objective ``seq2seq``). Encoders pool by the mean over real tokens."""
     from lmarch.loading.saving import chat_from_config
     from lmarch.loading.speed import rebuild_quantized, stored_quant
     from lmarch.models.registry import build_model, config_from_dict
@@ -218,7 +222,7 @@ def read_run(source: Source) -> LoadedModel:
         objective = run.get("objective", "clm")
         if objective == "seq2seq":  # an encoder-decoder trained on (source, target) pairs
             return build_model(config_from_dict(run["model"]))
-        if objective not in RUN_OBJECTIVES:
+        if objective not in RUN_KINDS:
             raise LmarchError(f"{source.path}: unknown objective {objective!r}")
         config = config_from_dict(run["model"])
         if objective == "clm":
@@ -232,9 +236,11 @@ def read_run(source: Source) -> LoadedModel:
     if run.get("objective") == "seq2seq":
         family = run["model"]["family"]
         return LoadedModel(model.eval(), tokenizer, source.name, family, SEQ2SEQ)
-    objective = RUN_OBJECTIVES[run.get("objective", "clm")]
+    objective = RUN_KINDS[run.get("objective", "clm")]
     family = run["model"]["family"]
     quant = stored_quant(run)
+    if objective == SEQ2SEQ:
+        return LoadedModel(model.eval(), tokenizer, source.name, family, objective, quant=quant)
     if objective == CAUSAL_LM:
         chat = chat_from_config(run)
         return LoadedModel(model, tokenizer, source.name, family, objective, chat=chat, quant=quant)

@@ -296,8 +296,15 @@ PRESETS: dict[str, Preset] = {
 }
 
 
-# T5 shapes (Raffel et al. 2020; the T5 v1.1 and mT5 releases). Shape only until the span
-# corruption / seq2seq objectives can train them; their vocabularies are SentencePiece Unigram.
+# T5 shapes (Raffel et al. 2020; the T5 v1.1 and mT5 releases), trained with span corruption
+# (default) or on seq2seq pairs; their vocabularies are SentencePiece Unigram in T5's layout with
+# 100 sentinels at the end (lmarch.train.run.seq2seq_tokenizer). T5 pre-trained with AdaFactor
+# and an inverse-square-root schedule (sec. 3.1.2); the tiny presets take AdamW as the rest do.
+_T5_TRAIN = {"learning_rate": 1e-3, "min_lr": 1e-4, "beta2": 0.99, "warmup_iters": 100,
+             "batch_size": 32, "max_iters": 2000}  # fmt: skip
+# the full-size shapes: a lower peak and longer warmup (lmarch's choice for AdamW, not the paper's)
+_T5_BASE_TRAIN = {**_T5_TRAIN, "learning_rate": 5e-4, "min_lr": 5e-5, "warmup_iters": 2000,
+                  "max_iters": 20000}  # fmt: skip
 _T5_V11 = dict(n_layer=8, n_head=6, intermediate_size=1024, activation="gelu_tanh",
                gated_ffn=True, tie_embeddings=False, scale_output=False)  # fmt: skip
 PRESETS.update(
@@ -308,21 +315,21 @@ PRESETS.update(
             T5Config(),
             "unigram",
             "T5 v1 small shape (60M: ReLU, head tied to the embedding and rescaled)",
-            train=None,
+            _T5_BASE_TRAIN,
         ),
         Preset(
             "t5-v1_1-small",
             T5Config(**_T5_V11),
             "unigram",
             "T5 v1.1 small shape (77M: gated GELU, own output head, no rescaling)",
-            train=None,
+            _T5_BASE_TRAIN,
         ),
         Preset(
             "mt5-small",
             T5Config(vocab_size=250112, variant="mt5", **_T5_V11),
             "unigram",
             "mT5 small shape (300M, most of it the 250k multilingual vocabulary)",
-            train=None,
+            _T5_BASE_TRAIN,
         ),
         Preset(
             "t5-tiny",
@@ -337,14 +344,24 @@ PRESETS.update(
                 dropout=0.0,
             ),
             "unigram",
-            "small T5 v1 (2+2 layers, 128 wide) for tests and CPU runs",
-            train=None,
+            "small T5 v1 (2+2 layers, 128 wide), span-corruption trainable on a CPU",
+            _T5_TRAIN,
         ),
     ]
 )
 
-# The original Transformer, BART and Marian. Shape only until the seq2seq / denoising
-# objectives can train them (the tiny ones are for tests and accounting).
+# The original Transformer, BART and Marian, trained with BART's denoising (default) or on seq2seq
+# pairs. The Transformer's recipe is the paper's (sec. 5.3: Adam beta2 0.98, the inverse-square-
+# root schedule); BART's is its pre-training one scaled down (Lewis et al. 2019: beta2 0.98).
+_VASWANI_TRAIN = {"lr_schedule": "inverse_sqrt", "learning_rate": 1e-3, "beta2": 0.98,
+                  "warmup_iters": 100, "batch_size": 32, "max_iters": 2000}  # fmt: skip
+_BART_TRAIN = {"learning_rate": 1e-3, "min_lr": 1e-4, "beta2": 0.98, "warmup_iters": 100,
+               "weight_decay": 0.01, "batch_size": 32, "max_iters": 2000}  # fmt: skip
+# transformer-base: the paper's peak d^-0.5 warmup^-0.5 = 512^-0.5 4000^-0.5 = 7.0e-4
+_VASWANI_BASE_TRAIN = {**_VASWANI_TRAIN, "learning_rate": 7e-4, "warmup_iters": 4000,
+                       "max_iters": 100000}  # fmt: skip
+_BART_BASE_TRAIN = {**_BART_TRAIN, "learning_rate": 4e-4, "min_lr": 4e-5, "warmup_iters": 2000,
+                    "max_iters": 20000}  # fmt: skip
 _TINY_SEQ2SEQ = dict(
     vocab_size=2000, block_size=128, n_encoder_layer=2, n_decoder_layer=2, n_head=4,
     n_embd=128, intermediate_size=256, dropout=0.0,
@@ -355,16 +372,17 @@ PRESETS.update(
         Preset(
             "transformer-base",
             TransformerConfig(),
-            "bpe",
+            "roberta-bpe",
             "Vaswani et al. 2017 base shape (63M: 6+6 layers, 512 wide, shared 37k table)",
-            train=None,
+            _VASWANI_BASE_TRAIN,
         ),
         Preset(
             "transformer-tiny",
             TransformerConfig(**_TINY_SEQ2SEQ),
-            "bpe",
-            "small original Transformer (2+2 layers, 128 wide, post-LN) for tests and CPU runs",
-            train=None,
+            # byte-level BPE with <s> <pad> </s> <mask>: padding, the decoder's start and a mask
+            "roberta-bpe",
+            "small original Transformer (2+2 layers, 128 wide, post-LN), trainable on a CPU",
+            _VASWANI_TRAIN,
         ),
         Preset(
             "bart-base",
@@ -378,14 +396,14 @@ PRESETS.update(
             ),
             "roberta-bpe",
             "BART-base shape (139M: 6+6 layers, 768 wide, GPT-2 byte-level BPE)",
-            train=None,
+            _BART_BASE_TRAIN,
         ),
         Preset(
             "bart-tiny",
             BartConfig(**_TINY_SEQ2SEQ),
             "roberta-bpe",
-            "small BART (2+2 layers, 128 wide) for tests and CPU runs",
-            train=None,
+            "small BART (2+2 layers, 128 wide), denoising trainable on a CPU",
+            _BART_TRAIN,
         ),
         Preset(
             "marian-tiny",
@@ -402,7 +420,7 @@ PRESETS.update(
             ),
             "unigram",
             "small Marian / OPUS-MT (sinusoids, swish, sqrt(d) embeddings; 2+2 layers)",
-            train=None,
+            {**_VASWANI_TRAIN, "learning_rate": 5e-4},
         ),
     ]
 )

@@ -12,11 +12,19 @@ from dataclasses import dataclass
 from lmarch.errors import LmarchError
 from lmarch.settings import coerce_value, field_names, setting
 
-__all__ = ["PRECISIONS", "TrainConfig", "coerce_value", "field_names", "merge_saved_settings"]
+__all__ = [
+    "LR_SCHEDULES",
+    "PRECISIONS",
+    "TrainConfig",
+    "coerce_value",
+    "field_names",
+    "merge_saved_settings",
+]
 
 # Mixed precision: "fp32" none; "bf16" autocast to bfloat16 (CPU and CUDA; Kalamkar et al. 2019);
 # "fp16" autocast to float16 with dynamic loss scaling (Micikevicius et al. 2018), CUDA only.
 PRECISIONS = ("fp32", "bf16", "fp16")
+LR_SCHEDULES = ("cosine", "inverse_sqrt")  # lmarch.train.optim.learning_rate_at
 # ``dtype`` is the older name of ``precision`` (run folders written before it carry it)
 DTYPES = {"float32": "fp32", "bfloat16": "bf16"}
 
@@ -31,6 +39,11 @@ class TrainConfig:
     min_lr: float = setting(1e-4, "learning rate at the end of the cosine decay")
     warmup_iters: int = setting(100, "iterations of linear warmup from 0 to learning_rate")
     lr_decay_iters: int | None = setting(None, "iterations of cosine decay; unset: max_iters")
+    lr_schedule: str = setting(
+        "cosine",
+        "'cosine' (warmup, then cosine decay to min_lr) or 'inverse_sqrt' (Vaswani et al. 2017: "
+        "warmup to learning_rate, then times sqrt(warmup_iters / step))",
+    )
     weight_decay: float = setting(0.1, "AdamW's decoupled weight decay (matrices only)")
     beta1: float = setting(0.9, "AdamW's first-moment decay")
     beta2: float = setting(0.95, "AdamW's second-moment decay")
@@ -85,6 +98,7 @@ class TrainConfig:
         need(number("grad_clip") >= 0, "grad_clip", "a number >= 0 (0 disables clipping)")
         need(0 < number("val_fraction") < 1, "val_fraction", "in (0, 1)")
         need(self.precision in PRECISIONS, "precision", f"one of {list(PRECISIONS)}")
+        need(self.lr_schedule in LR_SCHEDULES, "lr_schedule", f"one of {list(LR_SCHEDULES)}")
         if self.dtype is not None:
             need(self.dtype in DTYPES, "dtype", f"one of {list(DTYPES)} (or set precision)")
             folded = DTYPES[self.dtype]

@@ -17,6 +17,13 @@ as original or replaced:
 A sampled token that happens to equal the original counts as original. No gradient flows
 through the sampling; generator and discriminator share their token, position and type
 embeddings (the paper's sec. 3.2 finding), and the discriminator is what is kept afterwards.
+
+Encoder-decoders (T5, the Transformer, BART / Marian) train on ``(source, target)`` batches
+with the teacher-forced cross-entropy -1/|y| sum_t log p(y_t | y_<t, x)
+(:class:`lmarch.models.transformer.Seq2SeqLoss`); the objective only says where the pairs
+come from: ``span`` (T5's span corruption), ``denoise`` (BART's text infilling + sentence
+permutation; :mod:`lmarch.data.noising`) or ``seq2seq`` (given pairs;
+:mod:`lmarch.data.seq2seq`).
 """
 
 from __future__ import annotations
@@ -31,8 +38,14 @@ from torch import Tensor, nn
 from lmarch.data.masking import IGNORE_INDEX, MaskingConfig
 from lmarch.models.bert import BertConfig, BertForMaskedLM, ElectraForPreTraining
 from lmarch.models.heads import build_bert_task_model, encoder_of
+from lmarch.models.registry import build_model
+from lmarch.models.transformer import Seq2SeqLoss, TransformerConfig
 
-OBJECTIVES = ("clm", "mlm", "rtd")
+OBJECTIVES = ("clm", "mlm", "rtd", "span", "denoise", "seq2seq")
+SEQ2SEQ_OBJECTIVES = ("span", "denoise", "seq2seq")
+# the original Transformer's label smoothing (Vaswani et al. 2017, sec. 5.4); T5 and BART
+# pre-train with plain cross-entropy
+TRANSFORMER_LABEL_SMOOTHING = 0.1
 RTD_WEIGHT = 50.0  # lambda of Clark et al. 2020, sec. 3.1
 
 # BERT's 80% [MASK] / 10% random / 10% unchanged for MLM; ELECTRA's released code masks with
@@ -134,8 +147,18 @@ def replaced_token_detection_loss(model: nn.Module, batch: tuple[Tensor, ...]) -
     return mlm + RTD_WEIGHT * rtd
 
 
-def objective_model(objective: str, config: BertConfig) -> nn.Module:
-    """The module a pre-training run trains: a masked LM, or generator + discriminator."""
+def seq2seq_loss(config: object) -> Seq2SeqLoss:
+    """The loss of an encoder-decoder run: label smoothing 0.1 for the original Transformer
+    (:class:`TransformerConfig`), plain cross-entropy for T5 and BART / Marian."""
+    smoothing = TRANSFORMER_LABEL_SMOOTHING if type(config) is TransformerConfig else 0.0
+    return Seq2SeqLoss(smoothing)
+
+
+def objective_model(objective: str, config: object) -> nn.Module:
+    """The module a pre-training run trains: a masked LM, generator + discriminator, or for
+    the sequence-to-sequence objectives the encoder-decoder itself."""
+    if objective in SEQ2SEQ_OBJECTIVES:
+        return build_model(config)
     if objective == "mlm":
         return build_bert_task_model(config, "masked_lm")
     if objective == "rtd":
@@ -143,8 +166,13 @@ def objective_model(objective: str, config: BertConfig) -> nn.Module:
     raise ValueError(f"no encoder model for objective {objective!r}")
 
 
-def objective_loss(objective: str) -> Callable[[nn.Module, tuple[Tensor, ...]], Tensor]:
-    """The Trainer loss function of an encoder objective."""
+def objective_loss(
+    objective: str, config: object = None
+) -> Callable[[nn.Module, tuple[Tensor, ...]], Tensor]:
+    """The Trainer loss function of an encoder or encoder-decoder objective (the latter needs
+    the model ``config``: :func:`seq2seq_loss`)."""
+    if objective in SEQ2SEQ_OBJECTIVES:
+        return seq2seq_loss(config)
     return {"mlm": masked_lm_loss, "rtd": replaced_token_detection_loss}[objective]
 
 
@@ -165,6 +193,8 @@ def pretrained_encoder(model: nn.Module) -> nn.Module:
 __all__ = [
     "OBJECTIVES",
     "RTD_WEIGHT",
+    "SEQ2SEQ_OBJECTIVES",
+    "TRANSFORMER_LABEL_SMOOTHING",
     "ElectraPretrainingModel",
     "generator_config",
     "masked_lm_loss",
@@ -175,4 +205,5 @@ __all__ = [
     "pretrained_encoder",
     "replaced_token_detection_loss",
     "sample_from_logits",
+    "seq2seq_loss",
 ]

@@ -53,7 +53,11 @@ def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
 
 
 def learning_rate_at(step: int, config: TrainConfig) -> float:
-    """The scheduled learning rate for iteration ``step`` (0-based)."""
+    """The scheduled learning rate for iteration ``step`` (0-based): warmup + cosine, or with
+    ``lr_schedule="inverse_sqrt"`` :func:`transformer_lr` scaled to peak at ``learning_rate``."""
+    if config.lr_schedule == "inverse_sqrt":
+        warmup = max(1, config.warmup_iters)
+        return transformer_lr(step, 1, warmup, config.learning_rate * warmup**0.5)
     if step < config.warmup_iters:
         return config.learning_rate * (step + 1) / (config.warmup_iters + 1)
     decay = config.decay_iters

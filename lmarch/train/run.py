@@ -7,7 +7,10 @@ The objective picks the batches and the loss the one Trainer runs: next-token pr
 (``clm``, decoders) on random windows of the token stream, or, for the BERT family, masked LM
 (``mlm``, Devlin et al. 2019) or ELECTRA's replaced-token detection (``rtd``, Clark et al.
 2020) on padded batches of ``[CLS] lines... [SEP]`` sequences (see
-:mod:`lmarch.train.objectives`).
+:mod:`lmarch.train.objectives`). Encoder-decoders (T5, the Transformer, BART / Marian) train
+on (source, target) pairs: T5's span corruption (``span``) or BART's denoising (``denoise``)
+of windows of the text (:mod:`lmarch.data.noising`), or the rows of a JSONL file of
+``{"source", "target"}`` (``seq2seq``, :mod:`lmarch.data.seq2seq`).
 """
 
 from __future__ import annotations
@@ -25,12 +28,21 @@ from torch import Tensor
 from lmarch.data.batches import RandomBlockSampler
 from lmarch.data.corpus import load_documents, train_val_split
 from lmarch.data.masking import MaskedLMBatches, MaskedLMCollator, pack_lines
+from lmarch.data.noising import T5_EXTRA_IDS, add_sentinels, noising_batches, seq2seq_unigram
+from lmarch.data.seq2seq import (
+    Seq2SeqBatches,
+    Seq2SeqSpecials,
+    encode_pairs,
+    read_pairs,
+    split_pairs,
+)
 from lmarch.errors import LmarchError
 from lmarch.models.registry import (
     FAMILIES,
     build_model,
     config_from_dict,
     config_to_dict,
+    family_of_config,
     get_preset,
     replace_config,
 )
@@ -39,7 +51,12 @@ from lmarch.tokenizers.base import Tokenizer, load_tokenizer
 from lmarch.tokenizers.kinds import build_tokenizer
 from lmarch.train.callbacks import LossPlot, ProgressBar
 from lmarch.train.config import TrainConfig, merge_saved_settings
-from lmarch.train.objectives import masking_for, objective_loss, objective_model
+from lmarch.train.objectives import (
+    SEQ2SEQ_OBJECTIVES,
+    masking_for,
+    objective_loss,
+    objective_model,
+)
 from lmarch.train.trainer import Callback, Trainer, TrainResult, causal_lm_loss
 from lmarch.weights.checkpoint import read_json, write_json
 
@@ -98,11 +115,32 @@ def split_overrides(
 
 
 ENCODER_OBJECTIVES = ("mlm", "rtd")
+# what each encoder-decoder family trains with, its default (which plain text allows) first
+SEQ2SEQ_FAMILIES = {
+    "t5": ("span", "seq2seq"),
+    "transformer": ("denoise", "seq2seq"),
+    "bart": ("denoise", "seq2seq"),
+}
 
 
 def resolve_objective(family: str, objective: str | None) -> str:
     """The objective of a run: ``clm`` for decoders, ``mlm`` (default) or ``rtd`` for the
-    BERT family; a mismatch is the user's error."""
+    BERT family, ``span`` (default) or ``seq2seq`` for T5, ``denoise`` (default) or
+    ``seq2seq`` for the Transformer and BART / Marian; a mismatch is the user's error."""
+    if family in SEQ2SEQ_FAMILIES:
+        allowed = SEQ2SEQ_FAMILIES[family]
+        objective = objective or allowed[0]
+        if objective not in allowed:
+            raise LmarchError(
+                f"a {family} model trains with --objective {' or '.join(allowed)}, not "
+                f"{objective!r}"
+            )
+        return objective
+    if objective in ("span", "denoise", "seq2seq"):
+        raise LmarchError(
+            f"--objective {objective} needs an encoder-decoder preset, not the {family} family",
+            hint="e.g. --preset t5-tiny (span), bart-tiny (denoise)",
+        )
     if family == "bert":
         objective = objective or "mlm"
         if objective not in ENCODER_OBJECTIVES:
@@ -171,6 +209,113 @@ def encode(tokenizer: Tokenizer, text: str) -> Tensor:
     return torch.tensor(tokenizer.encode(text), dtype=torch.long)
 
 
+def read_run_data(data: str, objective: str, val_fraction: float) -> tuple[str, str, list, list]:
+    """``(train text, val text, train pairs, val pairs)``: the corpus split as
+    :func:`train_val_split` does, or for ``seq2seq`` the JSONL rows split by
+    :func:`lmarch.data.seq2seq.split_pairs` (their texts, one per line, train a tokenizer)."""
+    if objective != "seq2seq":
+        train_text, val_text = train_val_split(load_documents(data), val_fraction)
+        return train_text, val_text, [], []
+    train, val = split_pairs(read_pairs(data), val_fraction)
+
+    def text(rows: list) -> str:
+        return "\n".join(f"{r.source}\n{r.target}" for r in rows)
+
+    return text(train), text(val), train, val
+
+
+def _token_id(tokenizer: Tokenizer, *names: str) -> int | None:
+    for name in names:
+        value = getattr(tokenizer, name, None)
+        if value is not None:
+            return int(value)
+    return None
+
+
+def seq2seq_token_ids(config: Any, tokenizer: Tokenizer) -> dict[str, Any]:
+    """The special-token fields of an encoder-decoder ``config`` taken from its tokenizer:
+    padding and end of sequence; the decoder starts with the padding token (T5, Marian), the
+    beginning token (the Transformer) or the end token (BART), as each family does."""
+    pad = _token_id(tokenizer, "pad_id", "pad_token_id")
+    eos = _token_id(tokenizer, "eos_id", "eos_token_id", "sep_id")
+    bos = _token_id(tokenizer, "bos_id", "bos_token_id", "cls_id")
+    if pad is None or eos is None:
+        raise LmarchError(
+            f"an encoder-decoder needs padding and end-of-sequence tokens; this "
+            f"{type(tokenizer).__name__} lacks {'padding' if pad is None else 'an end token'}"
+        )
+    family = family_of_config(config).name
+    if family == "t5":
+        return {"pad_token_id": pad, "eos_token_id": eos, "decoder_start_token_id": pad}
+    ids: dict[str, Any] = {"pad_token_id": pad, "eos_token_id": eos, "forced_eos_token_id": None}
+    if family == "bart":
+        marian = config.variant == "marian"
+        ids["forced_eos_token_id"] = eos
+        ids["bos_token_id"] = None if marian else bos
+        ids["decoder_start_token_id"] = pad if marian or bos is None else eos
+        if config.forced_bos_token_id is not None:
+            ids["forced_bos_token_id"] = bos
+        return ids
+    ids["bos_token_id"] = bos
+    ids["decoder_start_token_id"] = bos if bos is not None else pad
+    return ids
+
+
+def seq2seq_tokenizer(
+    family: str, config: Any, kind: str, train_text: str, val_text: str
+) -> Tokenizer:
+    """The vocabulary an encoder-decoder run trains: for a Unigram kind, T5's layout
+    (``<pad> </s> <unk>``) with T5's 100 sentinels (T5) or a ``<mask>`` (Marian, for
+    denoising); any other kind as :func:`build_tokenizer` makes it (T5 then gets sentinels
+    added, which only a Unigram vocabulary can take)."""
+    if kind == "unigram":
+        if family == "t5":
+            return seq2seq_unigram(train_text, config.vocab_size, extra_ids=T5_EXTRA_IDS)
+        return seq2seq_unigram(train_text, config.vocab_size, mask_token=True)
+    tokenizer = build_tokenizer(kind, train_text, val_text, config.vocab_size)
+    return add_sentinels(tokenizer) if family == "t5" else tokenizer
+
+
+def seq2seq_batches(
+    tokenizer: Tokenizer,
+    config: Any,
+    objective: str,
+    texts: tuple[str, str],
+    pairs: tuple[list, list],
+    batch_size: int,
+    seed: int,
+    log=print,
+) -> tuple[Seq2SeqBatches, Seq2SeqBatches, str]:
+    """Train and val batches of an encoder-decoder objective, and a line saying their sizes:
+    noised windows of the text (``span``, ``denoise``) or the encoded rows (``seq2seq``;
+    rows longer than ``block_size`` are cut, with a notice)."""
+    specials = Seq2SeqSpecials.of(config)
+    length = config.block_size
+    out = []
+    if objective == "seq2seq":
+        cut = 0
+        for i, rows in enumerate(pairs):
+            encoded, n_cut = encode_pairs(tokenizer, rows, specials, length, length)
+            cut += n_cut
+            out.append(Seq2SeqBatches(encoded, batch_size, specials, seed=seed + i))
+        if cut:
+            log(f"notice: {cut} rows were cut to the model's {length} tokens")
+        sizes = f"{len(pairs[0]):,} train / {len(pairs[1]):,} val pairs"
+        return out[0], out[1], sizes
+    for i, (text, split) in enumerate(zip(texts, ("training text", "validation text"))):
+        ids = tokenizer.encode(text)
+        out.append(
+            noising_batches(
+                tokenizer, ids, objective, specials, length, batch_size, seed + i, split
+            )
+        )
+    sizes = (
+        f"{len(out[0].examples):,} train / {len(out[1].examples):,} val windows of "
+        f"{out[0].block_size} tokens, objective {objective}"
+    )
+    return out[0], out[1], sizes
+
+
 def train_run(
     preset: str | None,
     data: str,
@@ -206,8 +351,9 @@ def train_run(
         preset = saved.get("preset")
         objective = resolve_objective(family, saved.get("objective"))
         whole_word = bool(saved.get("whole_word", False))
-        docs = load_documents(data)
-        train_text, val_text = train_val_split(docs, train_cfg.val_fraction)
+        train_text, val_text, train_pairs, val_pairs = read_run_data(
+            data, objective, train_cfg.val_fraction
+        )
     else:
         if preset is None:
             raise LmarchError("no preset given", hint="e.g. --preset gpt-char-tiny")
@@ -228,11 +374,28 @@ def train_run(
         # both configs are checked before any text is read or any tokenizer trained
         train_cfg = build_config(TrainConfig, {**p.train, **train_over})
         model_cfg = replace_config(p.config, **model_over)
-        docs = load_documents(data)
-        train_text, val_text = train_val_split(docs, train_cfg.val_fraction)
-        tokenizer = build_tokenizer(p.tokenizer, train_text, val_text, model_cfg.vocab_size)
-        model_cfg = replace_config(model_cfg, vocab_size=tokenizer.vocab_size)
-    if objective == "clm":
+        train_text, val_text, train_pairs, val_pairs = read_run_data(
+            data, objective, train_cfg.val_fraction
+        )
+        if objective in SEQ2SEQ_OBJECTIVES:
+            tokenizer = seq2seq_tokenizer(p.family, model_cfg, p.tokenizer, train_text, val_text)
+            ids = seq2seq_token_ids(model_cfg, tokenizer)
+            model_cfg = replace_config(model_cfg, vocab_size=tokenizer.vocab_size, **ids)
+        else:
+            tokenizer = build_tokenizer(p.tokenizer, train_text, val_text, model_cfg.vocab_size)
+            model_cfg = replace_config(model_cfg, vocab_size=tokenizer.vocab_size)
+    if objective in SEQ2SEQ_OBJECTIVES:
+        train_batches, val_batches, sizes = seq2seq_batches(
+            tokenizer,
+            model_cfg,
+            objective,
+            (train_text, val_text),
+            (train_pairs, val_pairs),
+            train_cfg.batch_size,
+            train_cfg.seed,
+            log,
+        )
+    elif objective == "clm":
         block_size = model_cfg.block_size
         train_ids, val_ids = encode(tokenizer, train_text), encode(tokenizer, val_text)
         if len(val_ids) <= block_size + 1:
@@ -290,7 +453,7 @@ def train_run(
         val_batches,
         train_cfg,
         out_dir=out,
-        loss_fn=causal_lm_loss if objective == "clm" else objective_loss(objective),
+        loss_fn=causal_lm_loss if objective == "clm" else objective_loss(objective, model_cfg),
         callbacks=[ProgressBar(), LossPlot()] if callbacks is None else callbacks,
     )
     return trainer.fit(resume=resume)
