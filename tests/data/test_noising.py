@@ -16,6 +16,7 @@ from lmarch.data.noising import (
     corrupt_spans,
     fill_spans,
     infilling_spans,
+    noising_batches,
     permute_sentences,
     poisson_span_lengths,
     random_segmentation,
@@ -222,3 +223,46 @@ def test_sentinels_come_last_and_never_from_text(shakespeare_text) -> None:
 def test_token_windows() -> None:
     assert token_windows(range(10), 4) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
     assert token_windows(range(9), 4) == [[0, 1, 2, 3], [4, 5, 6, 7]]
+
+
+class _Tok:
+    """A stand-in tokenizer: ids 0-9 are words, 10 is '.', then optionally a mask and
+    sentinels."""
+
+    def __init__(self, size: int, mask_id: int | None = None, sentinels: int = 0) -> None:
+        self.vocab_size, self.mask_id, self.sentinels = size, mask_id, sentinels
+
+    def decode(self, ids: list[int]) -> str:
+        return "." if ids == [10] else f"w{ids[0]} "
+
+    def token_to_id(self, token: str) -> int | None:
+        index = int(token[len("<extra_id_") : -1])
+        return self.vocab_size - 1 - index if index < self.sentinels else None
+
+
+def test_noising_batches_make_seq2seq_batches_that_fit() -> None:
+    """Span batches: windows as long as fit 16 input tokens, inputs <= 16; denoising batches:
+    windows of 16 - 2 tokens wrapped in <s> </s>, sentence ends found by their text."""
+    t5 = Seq2SeqSpecials(pad_id=0, eos_id=1, decoder_start_id=0)
+    ids = [2 + (i % 9) if i % 7 else 10 for i in range(400)]
+    batches = noising_batches(_Tok(200, sentinels=100), ids, "span", t5, 16, 8, seed=0)
+    assert batches.block_size == span_corruption_window(16) == 17
+    inputs, mask, decoder_inputs, labels = batches.sample()
+    assert inputs.shape[1] <= 16 and inputs.shape[0] == 8
+    assert (labels[:, 0] == 199).all()  # every target starts with <extra_id_0>
+    bart = Seq2SeqSpecials(pad_id=1, eos_id=0, decoder_start_id=0, bos_id=11)
+    batches = noising_batches(_Tok(20, mask_id=12), ids, "denoise", bart, 16, 8, seed=0)
+    assert batches.block_size == 14 and batches.make_pair.sentence_ends == frozenset({10})
+    inputs, mask, decoder_inputs, labels = batches.sample()
+    assert labels.shape[1] == 16 and (inputs == 12).any(dim=1).all()
+
+
+def test_noising_batches_refuse_what_cannot_work() -> None:
+    t5 = Seq2SeqSpecials(pad_id=0, eos_id=1, decoder_start_id=0)
+    with pytest.raises(LmarchError, match="needs 7 sentinels <extra_id_i> at the end of the vo"):
+        noising_batches(_Tok(200, sentinels=3), list(range(500)), "span", t5, 128, 8, seed=0)
+    with pytest.raises(LmarchError, match="denoising needs a mask token, and this _Tok has none"):
+        noising_batches(_Tok(200), list(range(500)), "denoise", t5, 128, 8, seed=0)
+    with pytest.raises(LmarchError, match="the validation text has only 40 tokens, too few for"):
+        noising_batches(_Tok(200, sentinels=100), list(range(40)), "span", t5, 128, 8, 0,
+                        "validation text")  # fmt: skip
