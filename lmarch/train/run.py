@@ -332,7 +332,10 @@ def train_run(
     On resume the run's saved configs are used, with ``overrides`` applied on top (typically a
     larger ``max_iters``). ``callbacks`` default to a progress bar and the loss plot.
     ``objective`` is ``clm`` (decoders; the default) or ``mlm`` (the BERT family's default) /
-    ``rtd``; ``whole_word`` switches masked LM to whole-word masking.
+    ``rtd``, or for encoder-decoders (:func:`resolve_objective`) ``span`` / ``denoise`` on
+    text or ``seq2seq`` with ``data`` a JSONL of ``{"source", "target"}`` rows (the last
+    ``val_fraction`` of them for validation); ``whole_word`` switches masked LM to whole-word
+    masking.
     """
     out = Path(out)
     overrides = dict(overrides or {})
