@@ -35,6 +35,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/finetune.py
 	$(PY) benchmarks/memory.py
 	$(PY) benchmarks/quantize.py
+	$(PY) benchmarks/seq2seq.py
 
 lint: $(STAMP)
 	.venv/bin/ruff check lmarch tests benchmarks
