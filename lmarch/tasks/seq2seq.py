@@ -421,6 +421,9 @@ def train_seq2seq(
             _jsonl([*train, *val], path)
             overrides["val_fraction"] = len(val) / (len(train) + len(val))
             result = train_run(model, str(path), out, overrides, log=log, objective="seq2seq")
+        config = json.loads((out / "config.json").read_text(encoding="utf-8"))
+        config["data"] = data  # the rows' file was temporary: name where they came from
+        (out / "config.json").write_text(json.dumps(config, indent=1) + "\n", encoding="utf-8")
     elif Path(model).expanduser().is_dir():
         result = _fine_tune(model, train, val, out, overrides, truncate, log)
     else:
