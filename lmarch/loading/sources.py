@@ -220,8 +220,6 @@ def read_run(source: Source) -> LoadedModel:
 
     def build(run: dict[str, Any]) -> nn.Module:
         objective = run.get("objective", "clm")
-        if objective == "seq2seq":  # an encoder-decoder trained on (source, target) pairs
-            return build_model(config_from_dict(run["model"]))
         if objective not in RUN_KINDS:
             raise LmarchError(f"{source.path}: unknown objective {objective!r}")
         config = config_from_dict(run["model"])
@@ -233,9 +231,6 @@ def read_run(source: Source) -> LoadedModel:
         return rebuild_quantized(objective_model(objective, config), run)
 
     model, tokenizer, run = load_run(source.path, build)
-    if run.get("objective") == "seq2seq":
-        family = run["model"]["family"]
-        return LoadedModel(model.eval(), tokenizer, source.name, family, SEQ2SEQ)
     objective = RUN_KINDS[run.get("objective", "clm")]
     family = run["model"]["family"]
     quant = stored_quant(run)

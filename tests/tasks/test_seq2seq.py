@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from lmarch.data.seq2seq import Seq2SeqPair
-from lmarch.data.shakespeare_tasks import PIG_LATIN_TASK, SPEAKERS_TASK, task_rows
+from lmarch.data.shakespeare_tasks import PIG_LATIN_TASK, task_rows
 from lmarch.errors import LmarchError, LmarchNotice
 from lmarch.tasks import seq2seq
 
@@ -169,15 +169,15 @@ def test_fine_tuning_lowers_the_loss_and_eval_scores_with_the_libraries(
 ) -> None:
     import sacrebleu
 
-    held_out = seq2seq.read_rows(SPEAKERS_TASK, "test")[:16]
+    held_out = seq2seq.read_rows(PIG_LATIN_TASK, "test")[:32]
     before = seq2seq.mean_loss(seq2seq.load_seq2seq(bart_folder), held_out)
     out = tmp_path / "run"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", LmarchNotice)  # passages cut to 64 positions
         summary = seq2seq.train_seq2seq(
-            "summarize",
+            "translate",
             str(bart_folder),
-            SPEAKERS_TASK,
+            PIG_LATIN_TASK,
             out,
             {"max_iters": 60, "batch_size": 16, "learning_rate": 3e-3, "eval_interval": 60},
             eval_rows=8,
@@ -186,9 +186,10 @@ def test_fine_tuning_lowers_the_loss_and_eval_scores_with_the_libraries(
         assert summary["iters"] == 60 and summary["eval"]["rows"] == 8
         loaded = seq2seq.load_seq2seq(out)
         after = seq2seq.mean_loss(loaded, held_out)
-        # 60 steps on the speakers task: the held-out loss per token falls by over a third
-        assert after < 0.65 * before, (before, after)
-        result = seq2seq.evaluate_seq2seq(out, SPEAKERS_TASK, "test", limit=6)
+        # 60 steps on Pig Latin: the held-out loss per token falls by over 1 nat (measured
+        # 5.99 -> 4.61 when this was written)
+        assert after < before - 1.0, (before, after)
+        result = seq2seq.evaluate_seq2seq(out, PIG_LATIN_TASK, "test", limit=6)
         outputs = seq2seq.translate_texts(out, [r.source for r in held_out[:6]])
     refs = [r.target for r in held_out[:6]]
     assert result["bleu"] == sacrebleu.corpus_bleu(outputs, [refs]).score
