@@ -82,3 +82,24 @@ def test_bad_input_is_one_line(cli, bart: Path, tmp_path: Path, tiny_run: Path) 
     assert "data not found" in line
     line = cli.error("translate", "run", bart, LINE, "--num-beams", "0")
     assert "--num-beams must be at least 1" in line
+
+
+def test_train_a_preset_on_bundled_rows(cli, tmp_path: Path) -> None:
+    from lmarch.data.shakespeare_tasks import PIG_LATIN_TASK, write_task_jsonl
+
+    data = tmp_path / "valid.jsonl"
+    write_task_jsonl(PIG_LATIN_TASK, "valid", data)
+    out = tmp_path / "run"
+    summary = cli.json(
+        "translate", "train", "--model", "transformer-tiny", "--data", data, "--out", out,
+        "--set", "n_encoder_layer=1", "--set", "n_decoder_layer=1", "--set", "n_embd=32",
+        "--set", "n_head=2", "--set", "intermediate_size=64", "--set", "vocab_size=300",
+        "--max-iters", "3", "--batch-size", "4", "--eval-rows", "2",
+    )  # fmt: skip
+    assert summary["iters"] == 3 and summary["eval"]["rows"] == 2
+    config = json.loads((out / "config.json").read_text())
+    assert config["objective"] == "seq2seq" and config["data"] == str(data)
+    assert config["model"]["family"] == "transformer" and config["model"]["n_embd"] == 32
+    code, out_text, err = cli("translate", "run", out, "Speak, speak.")
+    assert code == 0, err
+    assert out_text == seq2seq.translate_texts(out, ["Speak, speak."])[0] + "\n"
