@@ -338,6 +338,10 @@ def _fine_tune(
     from lmarch.train.trainer import Trainer
     from lmarch.weights.checkpoint import write_json
 
+    if out.expanduser().resolve() == Path(base).expanduser().resolve():
+        raise LmarchError(
+            f"--out {out} is the model's own folder", hint="write the run to a new folder"
+        )
     loaded = load_seq2seq(base, "translate train")
     model, tokenizer = loaded.model, loaded.tokenizer
     family = family_of_config(model.config).name
@@ -402,6 +406,8 @@ def train_seq2seq(
 
     Returns the training result (iterations, losses, tokens/s) with the scores under
     ``"eval"``; the run folder also gets ``seq2seq_task.json`` (task, data, decoding length).
+    ``truncate=False`` refuses over-long rows when fine-tuning; a preset's run (whose
+    tokenizer is trained inside :func:`~lmarch.train.run.train_run`) cuts them with a notice.
     """
     from lmarch.models.registry import PRESETS
 

@@ -103,3 +103,12 @@ def test_train_a_preset_on_bundled_rows(cli, tmp_path: Path) -> None:
     code, out_text, err = cli("translate", "run", out, "Speak, speak.")
     assert code == 0, err
     assert out_text == seq2seq.translate_texts(out, ["Speak, speak."])[0] + "\n"
+
+
+def test_fine_tuning_into_the_models_own_folder_is_refused(cli, bart: Path) -> None:
+    before = sorted(p.name for p in bart.iterdir())
+    line = cli.error(
+        "translate", "train", "--model", bart, "--data", "shakespeare-piglatin", "--out", bart
+    )
+    assert "is the model's own folder" in line
+    assert sorted(p.name for p in bart.iterdir()) == before
