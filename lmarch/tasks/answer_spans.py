@@ -12,8 +12,9 @@ whole answer is labelled with the [CLS] position 0 for both start and end ("no a
 
 Decoding: in every window, each pair of context tokens (i, j) with i <= j and j - i <
 ``max_answer_length`` scores start_logit[i] + end_logit[j]; the best pairs over all windows,
-with their text cut from the context by character offsets, are the n-best answers, their
-probabilities a softmax over the n-best scores (BERT's ``nbest_predictions``).
+with their text cut from the context by character offsets, are the n-best answers (one per
+distinct text), their probabilities a softmax over the n-best scores (BERT's
+``nbest_predictions``).
 """
 
 from __future__ import annotations
@@ -148,8 +149,8 @@ def decode_spans(
 ) -> list[dict]:
     """The ``n_best`` answers of one question (see the module docstring): each a dict with
     ``text``, ``start`` / ``end`` (characters of ``context``), ``score`` (start + end logit)
-    and ``probability``, best first. A span found in two overlapping windows counts once, at
-    its best score."""
+    and ``probability``, best first. A text found twice (two overlapping windows, or the same
+    name at two places) is listed once, where it scores best, as BERT's n-best list does."""
     if max_answer_length < 1 or n_best < 1:
         raise LmarchError("max_answer_length and n_best must be >= 1")
     best: dict[tuple[int, int], float] = {}
@@ -164,13 +165,25 @@ def decode_spans(
         i, j = torch.meshgrid(torch.arange(n), torch.arange(n), indexing="ij")
         allowed = (j >= i) & (j - i < max_answer_length)
         scores = scores.masked_fill(~allowed, float("-inf")).flatten()
-        k = min(n_best, int(allowed.sum()))
-        top = torch.topk(scores, k)
-        for score, flat in zip(top.values.tolist(), top.indices.tolist()):
+        order = torch.argsort(scores, descending=True)[: int(allowed.sum())].tolist()
+        # a window's first n_best distinct texts are enough: a text among the n_best over
+        # all windows is beaten, in its best window, by fewer than n_best other texts
+        texts: set[str] = set()
+        for flat in order:
             a, b = window.offsets[flat // n][0], window.offsets[flat % n][1]
+            if context[a:b] in texts:
+                continue
+            texts.add(context[a:b])
+            score = float(scores[flat])
             if score > best.get((a, b), float("-inf")):
                 best[(a, b)] = score
-    ranked = sorted(best.items(), key=lambda item: (-item[1], item[0]))[:n_best]
+            if len(texts) == n_best:
+                break
+    ranked, seen = [], set()
+    for (a, b), score in sorted(best.items(), key=lambda item: (-item[1], item[0])):
+        if context[a:b] not in seen and len(ranked) < n_best:  # one entry per answer text
+            seen.add(context[a:b])
+            ranked.append(((a, b), score))
     if not ranked:
         return []
     probs = torch.softmax(torch.tensor([score for _, score in ranked]), dim=0).tolist()

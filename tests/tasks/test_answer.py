@@ -176,19 +176,27 @@ def _brute_force(context, windows, starts, ends, max_len, n_best):
                 score = float(s[w.context_start + i]) + float(e[w.context_start + j])
                 span = (w.offsets[i][0], w.offsets[j][1])
                 best[span] = max(best.get(span, float("-inf")), score)
-    ranked = sorted(best.items(), key=lambda kv: (-kv[1], kv[0]))[:n_best]
-    return [(context[a:b], a, b, score) for (a, b), score in ranked]
+    out: list[tuple[str, int, int, float]] = []
+    for (a, b), score in sorted(best.items(), key=lambda kv: (-kv[1], kv[0])):
+        if context[a:b] not in [o[0] for o in out]:
+            out.append((context[a:b], a, b, score))
+    return out[:n_best]
 
 
 def test_decode_spans_equals_brute_force_over_windows() -> None:
     """Random logits over the five windows above: the n-best equal an exhaustive search over
-    every allowed pair (i <= j, j - i < max_answer_length) of every window, a span seen in two
-    windows counted once at its best score; probabilities are the softmax of the n-best."""
+    every allowed pair (i <= j, j - i < max_answer_length) of every window, a text seen twice
+    listed once at its best score; probabilities are the softmax of the n-best."""
     tok = _word_tokenizer()
-    context = " ".join(f"w{i}" for i in range(20))
-    windows = make_windows(tok, 0, context, "who", 10, 4, 64)
     gen = torch.Generator().manual_seed(0)
-    for max_len, n_best in ((1, 3), (3, 5), (30, 20)):
+    cases = [
+        (period, max_len, n_best)
+        for period in (20, 3)
+        for max_len, n_best in ((1, 3), (3, 5), (30, 20))
+    ]
+    for period, max_len, n_best in cases:  # period 3: "w0 w1 w2 w0 ...", texts repeat
+        context = " ".join(f"w{i % period}" for i in range(20))
+        windows = make_windows(tok, 0, context, "who", 10, 4, 64)
         starts = [torch.randn(len(w.input_ids), generator=gen) for w in windows]
         ends = [torch.randn(len(w.input_ids), generator=gen) for w in windows]
         got = decode_spans(context, windows, starts, ends, max_len, n_best)
