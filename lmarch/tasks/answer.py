@@ -12,7 +12,17 @@ the context by character offsets.
 Scores are SQuAD v1.1's exact match and F1 on the test split. On ``shakespeare-qa`` two simple
 baselines are scored beside the model: the passage's first speaker, and its most frequent
 speaker (the answer is a speaker, so either is often right; nearest-header-above would be the
-answer itself, not a baseline).
+answer itself, not a baseline). On the test plays (1,106 questions) they score exact match
+41.3 (first speaker) and 45.9 (most frequent speaker).
+
+Measured on a shared two-core CPU (about a third of it free), MiniLM fine-tuned with learning
+rate 2e-4 and scored on 300 evenly spaced test questions does *not* yet beat them in a few
+minutes: 150 steps of 8 windows of 128 tokens (19 minutes here) gave exact match / F1
+30.3 / 34.4, and 120 steps of 8 windows of 192 tokens 31.3 / 34.4, against 45.7 / 45.8 for
+the most-frequent-speaker baseline on the same questions. Such a model answers with *a*
+speaker's name but not yet the right one; locating the quoted line and the header above it
+needs a longer run (the default, one epoch of 16 windows of 256 tokens, is 403 steps; not
+measured here).
 
 The run folder::
 
