@@ -45,8 +45,11 @@ Each opening must occur exactly once and in order, or reading fails loudly: a ch
 is an error, not a silently different split. The file holds nine plays (most of them
 abridged): train is seven of them, ``valid`` is *The Tempest* and ``test`` is *King Richard II*.
 
-Rows are ``{"source": ..., "target": ..., "play": ...}``; everything is deterministic (no
-randomness anywhere), and :func:`task_rows` caches the work once per process.
+Rows are ``{"source": ..., "target": ..., "play": ...}`` (:func:`task_rows`, or
+:func:`task_pairs` as the rows of a JSONL file read); everything is deterministic (no randomness
+anywhere), and the work is done once per process. ``lmarch train --objective seq2seq`` and
+``lmarch translate|summarize`` take the names wherever ``--data`` takes a JSONL file: they train
+on ``train`` and validate on ``valid``.
 """
 
 from __future__ import annotations
@@ -58,6 +61,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lmarch.data.corpus import TINY_SHAKESPEARE
+from lmarch.data.seq2seq import Seq2SeqPair
 from lmarch.errors import LmarchError
 
 PIG_LATIN_TASK = "shakespeare-piglatin"
@@ -207,6 +211,13 @@ def task_rows(name: str, split: str = "train") -> list[dict[str, str]]:
     return [dict(row) for row in _all_rows(name) if split_of_play(row["play"]) == split]
 
 
+def task_pairs(name: str, split: str = "train") -> list[Seq2SeqPair]:
+    """:func:`task_rows` as :class:`~lmarch.data.seq2seq.Seq2SeqPair` rows (``line``: the
+    1-based row number within the split), what JSONL files read into."""
+    rows = task_rows(name, split)
+    return [Seq2SeqPair(r["source"], r["target"], i) for i, r in enumerate(rows, start=1)]
+
+
 def write_task_jsonl(name: str, split: str, path: str | Path) -> int:
     """Write ``task_rows(name, split)`` to ``path`` as JSONL; returns the number of rows."""
     rows = task_rows(name, split)
@@ -228,6 +239,7 @@ __all__ = [
     "pig_latin",
     "play_speeches",
     "split_of_play",
+    "task_pairs",
     "task_rows",
     "write_task_jsonl",
 ]

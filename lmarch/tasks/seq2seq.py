@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import tempfile
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -41,7 +40,7 @@ from lmarch.data.seq2seq import (
     read_pairs,
     split_pairs,
 )
-from lmarch.data.shakespeare_tasks import SEQ2SEQ_TASKS, SPLITS, is_bundled_task, task_rows
+from lmarch.data.shakespeare_tasks import SEQ2SEQ_TASKS, SPLITS, is_bundled_task, task_pairs
 from lmarch.errors import LmarchError, LmarchNotice
 from lmarch.models.heads import SEQ2SEQ
 
@@ -58,21 +57,13 @@ def read_rows(data: str, split: str = "test") -> list[Seq2SeqPair]:
     """The rows ``data`` names: a bundled task's ``split``, or every row of a JSONL file
     (``split`` applies to bundled tasks only; a file is used whole)."""
     if is_bundled_task(data):
-        rows = task_rows(data, split)
-        return [Seq2SeqPair(r["source"], r["target"], i) for i, r in enumerate(rows, start=1)]
+        return task_pairs(data, split)
     if split not in SPLITS:
         raise LmarchError(f"unknown split {split!r}", hint=f"one of {list(SPLITS)}")
     path = Path(data).expanduser()
     if not path.is_file():
         raise LmarchError(f"data not found: {data}", hint=_DATA_HINT)
     return read_pairs(path)
-
-
-def _jsonl(pairs: Sequence[Seq2SeqPair], path: Path) -> None:
-    path.write_text(
-        "".join(json.dumps({"source": p.source, "target": p.target}) + "\n" for p in pairs),
-        encoding="utf-8",
-    )
 
 
 # --- scoring ---------------------------------------------------------------------------------------
@@ -420,16 +411,8 @@ def train_seq2seq(
     if model in PRESETS:
         from lmarch.train.run import train_run
 
-        # train_run splits a JSONL file's last rows off for validation: write train then
-        # validation rows and ask for exactly that many back.
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "rows.jsonl"
-            _jsonl([*train, *val], path)
-            overrides["val_fraction"] = len(val) / (len(train) + len(val))
-            result = train_run(model, str(path), out, overrides, log=log, objective="seq2seq")
-        config = json.loads((out / "config.json").read_text(encoding="utf-8"))
-        config["data"] = data  # the rows' file was temporary: name where they came from
-        (out / "config.json").write_text(json.dumps(config, indent=1) + "\n", encoding="utf-8")
+        # a bundled task trains on its train plays and validates on its valid play there too
+        result = train_run(model, data, out, overrides, log=log, objective="seq2seq")
     elif Path(model).expanduser().is_dir():
         result = _fine_tune(model, train, val, out, overrides, truncate, log)
     else:

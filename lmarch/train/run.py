@@ -36,6 +36,7 @@ from lmarch.data.seq2seq import (
     read_pairs,
     split_pairs,
 )
+from lmarch.data.shakespeare_tasks import is_bundled_task, task_pairs
 from lmarch.errors import LmarchError
 from lmarch.models.registry import (
     FAMILIES,
@@ -216,7 +217,10 @@ def read_run_data(data: str, objective: str, val_fraction: float) -> tuple[str, 
     if objective != "seq2seq":
         train_text, val_text = train_val_split(load_documents(data), val_fraction)
         return train_text, val_text, [], []
-    train, val = split_pairs(read_pairs(data), val_fraction)
+    if is_bundled_task(data):  # shakespeare-piglatin / -speakers: split by play already
+        train, val = task_pairs(data, "train"), task_pairs(data, "valid")
+    else:
+        train, val = split_pairs(read_pairs(data), val_fraction)
 
     def text(rows: list) -> str:
         return "\n".join(f"{r.source}\n{r.target}" for r in rows)

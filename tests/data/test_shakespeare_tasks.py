@@ -163,3 +163,16 @@ def test_a_changed_corpus_is_refused(monkeypatch, tmp_path) -> None:
             play_speeches()
     finally:
         play_speeches.cache_clear()
+
+
+def test_names_work_as_seq2seq_data_of_lmarch_train() -> None:
+    from lmarch.data.seq2seq import Seq2SeqPair
+    from lmarch.train.run import read_run_data
+
+    pairs = st.task_pairs(SPEAKERS_TASK, "valid")
+    first = task_rows(SPEAKERS_TASK, "valid")[0]
+    assert pairs[0] == Seq2SeqPair(first["source"], first["target"], 1)
+    train_text, val_text, train, val = read_run_data(SPEAKERS_TASK, "seq2seq", 0.1)
+    assert (len(train), len(val)) == (986, 53)  # the train plays, the valid play
+    assert val == pairs
+    assert val_text.splitlines()[:2] == [first["source"], first["target"]]
