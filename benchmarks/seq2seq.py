@@ -21,12 +21,14 @@ Everything runs in this one process, one model at a time, on ``--threads`` threa
 
     python benchmarks/seq2seq.py [--models transformer-tiny,t5-tiny,bart-tiny]
                                  [--tasks shakespeare-piglatin,shakespeare-speakers]
-                                 [--iters 1000] [--batch-size 32] [--eval-rows 200]
+                                 [--iters 300] [--batch-size 16] [--eval-rows 100]
                                  [--train-rows 0] [--threads 2] [--json]
     python benchmarks/seq2seq.py --tiny   # a quick check that it works (a few steps, few rows)
 
 ``--train-rows N`` trains on the first N training rows only (0: all). ``--json`` prints one
-JSON object as the last line.
+JSON object as the last line. The defaults are the budget of the slow test in
+``tests/tasks/test_seq2seq.py`` (transformer-tiny there: speakers BLEU 21.7 / ROUGE-L 32.5,
+Pig Latin chrF 27.1 / ROUGE-L 19.6); each of the six runs takes a few minutes on two idle cores.
 """
 
 from __future__ import annotations
@@ -115,9 +117,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--tasks", default=",".join(SEQ2SEQ_TASKS))
-    parser.add_argument("--iters", type=int, default=1000)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--eval-rows", type=int, default=200)
+    parser.add_argument("--iters", type=int, default=300)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--eval-rows", type=int, default=100)
     parser.add_argument("--train-rows", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--tiny", action="store_true", help="a quick check: 3 steps, few rows")
