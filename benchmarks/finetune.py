@@ -40,28 +40,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from peak_rss import reset_peak, status_kib
+
 MODEL = "smollm2-135m"
 HF_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 HF_PATTERN = r"model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
 METHODS = ("full", "lora", "qlora")
-
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status", encoding="ascii") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
-def _reset_peak() -> bool:
-    """Reset this process's peak resident set to the current one (Linux >= 4.0)."""
-    try:
-        with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def _threads(args: argparse.Namespace) -> None:
@@ -129,8 +113,8 @@ def child_memory(args: argparse.Namespace, method: str) -> dict:
     cfg = TrainConfig(batch_size=args.batch_size, max_iters=1000, warmup_iters=0, device="cpu")
     trainer = Trainer(loaded.model, sampler, sampler, cfg)
     trainer.train_step().item()  # warm-up: AdamW's moments are allocated here
-    setup_peak = _status_kib("VmHWM")  # loading, quantising, the warm-up step
-    reset = _reset_peak()  # (this resets getrusage's maximum too)
+    setup_peak = status_kib("VmHWM")  # loading, quantising, the warm-up step
+    reset = reset_peak()  # (this resets getrusage's maximum too)
     times = []
     for _ in range(args.mem_steps):
         start = time.perf_counter()
@@ -138,8 +122,8 @@ def child_memory(args: argparse.Namespace, method: str) -> dict:
         times.append(time.perf_counter() - start)
     return {
         "method": method,
-        "train_peak_mib": _status_kib("VmHWM") / 1024,
-        "process_peak_mib": max(setup_peak, _status_kib("VmHWM")) / 1024,
+        "train_peak_mib": status_kib("VmHWM") / 1024,
+        "process_peak_mib": max(setup_peak, status_kib("VmHWM")) / 1024,
         "peak_reset": reset,
         "step_s": statistics.median(times),
         "trainable_params": trainable,

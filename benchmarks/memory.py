@@ -31,31 +31,14 @@ import subprocess
 import sys
 import time
 
+from peak_rss import reset_peak, status_kib
+
 CASES = (
     ("fp32", False),
     ("fp32", True),
     ("bf16", False),
     ("bf16", True),
 )
-
-
-def _status_kib(field: str) -> int:
-    """A ``VmRSS`` / ``VmHWM`` line of /proc/self/status, in KiB."""
-    with open("/proc/self/status", encoding="ascii") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
-def _reset_peak() -> bool:
-    """Reset this process's peak resident set to the current one (Linux >= 4.0)."""
-    try:
-        with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def _child(args: argparse.Namespace, precision: str, checkpointing: bool) -> dict:
@@ -84,14 +67,14 @@ def _child(args: argparse.Namespace, precision: str, checkpointing: bool) -> dic
     sampler = RandomBlockSampler(tokens, args.block_size, args.batch_size, 0)
     trainer = Trainer(model, sampler, sampler, cfg)
     trainer.train_step().item()  # warm-up: AdamW's state is allocated here
-    reset = _reset_peak()
-    before = _status_kib("VmRSS")
+    reset = reset_peak()
+    before = status_kib("VmRSS")
     times = []
     for _ in range(args.repeats):
         start = time.perf_counter()
         trainer.train_step().item()
         times.append(time.perf_counter() - start)
-    peak = _status_kib("VmHWM")
+    peak = status_kib("VmHWM")
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     return {
         "precision": precision,
