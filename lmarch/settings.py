@@ -102,3 +102,19 @@ def build_config(cls: type, values: dict[str, Any]) -> Any:
         raise
     except (ValueError, TypeError) as exc:
         raise LmarchError(f"{cls.__name__}: {exc}") from None
+
+
+def route_settings(overrides: dict[str, Any], *classes: type) -> list[dict[str, Any]]:
+    """Split ``--set`` overrides among config dataclasses: each key goes to the first of
+    ``classes`` that has a field of that name, a string parsed by that field's type; a key none
+    has is refused, listing the valid ones. Returns one dict per class, in order."""
+    keys = [field_names(cls) for cls in classes]
+    routed: list[dict[str, Any]] = [{} for _ in classes]
+    for key, value in overrides.items():
+        owner = next((i for i, names in enumerate(keys) if key in names), None)
+        if owner is None:
+            valid = ", ".join(sorted(set().union(*keys)))
+            raise LmarchError(f"unknown setting {key!r}", hint=f"valid keys: {valid}")
+        cls = classes[owner]
+        routed[owner][key] = coerce_value(cls, key, value) if isinstance(value, str) else value
+    return routed

@@ -103,7 +103,8 @@ def read_jsonl_examples(path: str | Path) -> list[Example]:
     return examples
 
 
-def _stable_rank(text: str, seed: int) -> str:
+def stable_rank(text: str, seed: int) -> str:
+    """A seeded, platform-independent sort key for deterministic splits (SHA-256 of seed and text)."""
     return hashlib.sha256(f"{seed}:{text}".encode()).hexdigest()
 
 
@@ -120,7 +121,7 @@ def split_examples(
         by_label.setdefault(ex.label, []).append(ex)
     test_ids: set[int] = set()
     for items in by_label.values():
-        ranked = sorted(range(len(items)), key=lambda i: _stable_rank(items[i].text + str(i), seed))
+        ranked = sorted(range(len(items)), key=lambda i: stable_rank(items[i].text + str(i), seed))
         n_test = max(1, round(len(items) * test_fraction)) if len(items) >= 2 else 0
         test_ids.update(id(items[i]) for i in ranked[:n_test])
     train = [ex for ex in examples if id(ex) not in test_ids]
@@ -174,7 +175,7 @@ def split_plays_by_genre(
     for plays in by_genre.values():
         if len(plays) < 2:
             raise LmarchError(f"genre {plays[0].genre!r} has one play; a by-play split needs two")
-        ranked = sorted(plays, key=lambda d: _stable_rank(d.name, seed))
+        ranked = sorted(plays, key=lambda d: stable_rank(d.name, seed))
         n_test = min(len(plays) - 1, max(1, round(len(plays) * test_fraction)))
         test_names.update(d.name for d in ranked[:n_test])
     train = [d for d in documents if d.name not in test_names]

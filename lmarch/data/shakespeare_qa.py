@@ -35,6 +35,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lmarch.data.classification import stable_rank
 from lmarch.data.corpus import TINY_SHAKESPEARE
 from lmarch.errors import LmarchError
 
@@ -170,10 +171,6 @@ def read_qa_jsonl(path: str | Path) -> list[QAExample]:
     return examples
 
 
-def _stable_rank(text: str, seed: int) -> str:
-    return hashlib.sha256(f"{seed}:{text}".encode()).hexdigest()
-
-
 def split_qa_examples(
     examples: Sequence[QAExample], test_fraction: float = 0.2, seed: int = 0
 ) -> tuple[list[QAExample], list[QAExample]]:
@@ -182,7 +179,7 @@ def split_qa_examples(
     with all their questions, so no test context is seen in training."""
     if not 0.0 < test_fraction < 1.0:
         raise LmarchError(f"test_fraction must lie strictly between 0 and 1, got {test_fraction}")
-    contexts = sorted({ex.context for ex in examples}, key=lambda c: _stable_rank(c, seed))
+    contexts = sorted({ex.context for ex in examples}, key=lambda c: stable_rank(c, seed))
     n_test = max(1, round(len(contexts) * test_fraction)) if len(contexts) >= 2 else 0
     held = set(contexts[:n_test])
     return [ex for ex in examples if ex.context not in held], [

@@ -46,7 +46,7 @@ from lmarch.loading.finetuned import (
 )
 from lmarch.models.registry import config_to_dict
 from lmarch.peft import add_lora, lora_layers, mark_only_lora_trainable, merge_lora, save_adapter
-from lmarch.settings import build_config, coerce_value, field_names, setting
+from lmarch.settings import build_config, route_settings, setting
 from lmarch.train.adapter_trainer import AdapterTrainer
 from lmarch.train.callbacks import LossPlot, ProgressBar
 from lmarch.train.config import TrainConfig, merge_saved_settings
@@ -157,17 +157,7 @@ class FinetuneResult:
 def split_finetune_overrides(overrides: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """Route each ``--set`` key to :class:`FinetuneConfig` or :class:`TrainConfig`, parsing
     strings by the field's type; a key neither has is refused, listing the valid ones."""
-    ft_keys, train_keys = field_names(FinetuneConfig), field_names(TrainConfig)
-    ft, train = {}, {}
-    for key, value in overrides.items():
-        if key in ft_keys:
-            cls, target = FinetuneConfig, ft
-        elif key in train_keys:
-            cls, target = TrainConfig, train
-        else:
-            valid = ", ".join(sorted(ft_keys | train_keys))
-            raise LmarchError(f"unknown setting {key!r}", hint=f"valid keys: {valid}")
-        target[key] = coerce_value(cls, key, value) if isinstance(value, str) else value
+    ft, train = route_settings(overrides, FinetuneConfig, TrainConfig)
     return ft, train
 
 

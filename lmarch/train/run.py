@@ -47,7 +47,7 @@ from lmarch.models.registry import (
     get_preset,
     replace_config,
 )
-from lmarch.settings import build_config, coerce_value, field_names
+from lmarch.settings import build_config, route_settings
 from lmarch.tokenizers.base import Tokenizer, load_tokenizer
 from lmarch.tokenizers.kinds import build_tokenizer
 from lmarch.train.callbacks import LossPlot, ProgressBar
@@ -101,17 +101,7 @@ def split_overrides(
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Route each key to the model config or the training config, parsing strings by field type."""
     model_cls = FAMILIES[family].config_cls
-    model_keys, train_keys = field_names(model_cls), field_names(TrainConfig)
-    model_over, train_over = {}, {}
-    for key, value in overrides.items():
-        if key in model_keys:
-            cls, target = model_cls, model_over
-        elif key in train_keys:
-            cls, target = TrainConfig, train_over
-        else:
-            valid = ", ".join(sorted(model_keys | train_keys))
-            raise LmarchError(f"unknown setting {key!r}", hint=f"valid keys: {valid}")
-        target[key] = coerce_value(cls, key, value) if isinstance(value, str) else value
+    model_over, train_over = route_settings(overrides, model_cls, TrainConfig)
     return model_over, train_over
 
 
