@@ -132,7 +132,7 @@ class WordVectors:
         return self._best(query, k, skip)
 
     def analogy(self, a: str, b: str, c: str, k: int = 1) -> list[tuple[str, float]]:
-        """"a is to b as c is to ?": the ``k`` words nearest ``b - a + c`` by 3CosAdd (the sum of
+        """Answer "a is to b as c is to ?": the ``k`` words nearest ``b - a + c`` by 3CosAdd (the sum of
         the three unit vectors, Mikolov et al. 2013), the three inputs excluded — gensim's
         ``most_similar(positive=[b, c], negative=[a])``."""
         unit = self.unit_vectors
