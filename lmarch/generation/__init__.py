@@ -6,7 +6,6 @@ from lmarch.generation.beam import (
     BeamSearchOutput,
     beam_search,
     beam_search_prompts,
-    seq2seq_beam_search,
 )
 from lmarch.generation.generate import (
     GenerationConfig,
@@ -16,6 +15,7 @@ from lmarch.generation.generate import (
     stream_text,
 )
 from lmarch.generation.sampling import SamplingConfig, StopStringMatcher, select_next_token
+from lmarch.generation.seq2seq import greedy_decode, seq2seq_beam_search
 
 __all__ = [
     "BeamSearchConfig",
@@ -27,6 +27,7 @@ __all__ = [
     "beam_search",
     "beam_search_prompts",
     "generate",
+    "greedy_decode",
     "iter_tokens",
     "select_next_token",
     "seq2seq_beam_search",

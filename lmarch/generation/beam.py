@@ -49,13 +49,11 @@ is beam ``k`` of prompt ``b``)::
         (an encoder's output, cross-attention keys/values repeated over beams) needs no reorder.
 
 :class:`CausalBeamDecoder` adapts any lmarch decoder-only model (``forward(ids, cache=,
-start=, last_only=)``, ``make_cache``, ``max_positions``). An encoder-decoder model plugs in
-by providing ``beam_decoder(input_ids, attention_mask, num_beams, max_len) -> BeamDecoder``
-(encode the sources once, repeat encoder states / cross-attention keys and values
-``num_beams`` times with ``repeat_interleave`` on the batch dimension, allocate a decoder
-self-attention cache of ``max_len`` positions) and ``decoder_start_token_id`` (an attribute of
-the model or of ``model.config``); :func:`seq2seq_beam_search` then starts every decoder from
-that token.
+start=, last_only=)``, ``make_cache``, ``max_positions``); encoder-decoders are stepped by
+:class:`lmarch.generation.seq2seq.EncoderDecoderStepper` (sources encoded once, cross-attention
+keys and values repeated ``num_beams`` times on the batch dimension), and
+:func:`lmarch.generation.seq2seq.seq2seq_beam_search` starts every decoder from the model's
+decoder start token.
 """
 
 from __future__ import annotations
@@ -82,7 +80,6 @@ __all__ = [
     "beam_search_prompts",
     "check_beam_sampling",
     "constrain_log_probs",
-    "seq2seq_beam_search",
 ]
 
 # The score of a slot that holds nothing (an empty finished slot, a beam that may not
@@ -411,33 +408,3 @@ def beam_search_prompts(
     finally:
         model.train(was_training)
     return results
-
-
-def seq2seq_beam_search(
-    model: nn.Module,
-    input_ids: Tensor,
-    config: BeamSearchConfig,
-    attention_mask: Tensor | None = None,
-) -> BeamSearchOutput:
-    """Beam search with an encoder-decoder model for the sources ``input_ids`` [B, S] (padded
-    rows marked 0 in ``attention_mask``): every decoder starts from the model's
-    ``decoder_start_token_id``; the model provides ``beam_decoder`` (module docstring)."""
-    start = getattr(model, "decoder_start_token_id", None)
-    if start is None:
-        start = getattr(getattr(model, "config", None), "decoder_start_token_id", None)
-    if start is None or not hasattr(model, "beam_decoder"):
-        raise LmarchError(
-            f"{type(model).__name__} is not an encoder-decoder model lmarch can beam-search",
-            hint="it needs beam_decoder(...) and a decoder_start_token_id",
-        )
-    b = input_ids.shape[0]
-    was_training = model.training
-    model.eval()
-    try:
-        decoder = model.beam_decoder(
-            input_ids, attention_mask, num_beams=config.num_beams, max_len=config.max_new_tokens
-        )
-        prompt = torch.full((b, 1), int(start), dtype=torch.long, device=input_ids.device)
-        return beam_search(decoder, prompt, config)
-    finally:
-        model.train(was_training)

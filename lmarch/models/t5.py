@@ -268,9 +268,8 @@ class T5(nn.Module):
     gives the decoder's next-token logits [B, T, vocab].
 
     For generation: :meth:`encode` the source once, :meth:`make_cache` (cross-attention keys
-    and values computed there, once), then :meth:`decode_step` per token; :meth:`generate`
-    is greedy decoding and :meth:`beam_decoder` the interface of
-    :func:`lmarch.generation.beam.seq2seq_beam_search`.
+    and values computed there, once), then :meth:`decode_step` per token: the interface that
+    :mod:`lmarch.generation.seq2seq` (greedy decoding and beam search) steps.
     """
 
     def __init__(self, config: T5Config) -> None:
@@ -398,73 +397,13 @@ class T5(nn.Module):
             c.head_dim,
             dtype,
         )
-        cache = EncoderDecoderCache(kv, c.decoder_layers, attention_mask)
-        for i, block in enumerate(self.decoder.blocks):
-            k, v = block.cross_attn.memory_kv(encoder_output)
-            cache.cross[i] = (k.to(kv.keys.dtype), v.to(kv.keys.dtype))
-        return cache
+        layers = [block.cross_attn for block in self.decoder.blocks]
+        return EncoderDecoderCache.for_memory(kv, layers, encoder_output, attention_mask)
 
     def decode_step(self, input_ids: Tensor, cache: EncoderDecoderCache, start: int) -> Tensor:
         """Logits [B, T, vocab] of target ids [B, T] (one token per step while generating) at
         positions ``start ..``, reading and extending ``cache``."""
         return self.decode(input_ids, None, cache=cache, start=start)
 
-    def beam_decoder(
-        self, input_ids: Tensor, attention_mask: Tensor | None, num_beams: int, max_len: int
-    ) -> T5BeamDecoder:
-        """The sources encoded once and repeated ``num_beams`` times (rows prompt-major), with a
-        cache of ``max_len`` target positions: :func:`lmarch.generation.beam.seq2seq_beam_search`
-        steps it."""
-        memory = self.encode(input_ids, attention_mask).repeat_interleave(num_beams, dim=0)
-        mask = None
-        if attention_mask is not None:
-            mask = attention_mask.repeat_interleave(num_beams, dim=0)
-        return T5BeamDecoder(self, self.make_cache(memory, mask, max_len))
 
-    @torch.no_grad()
-    def generate(
-        self,
-        input_ids: Tensor,
-        attention_mask: Tensor | None = None,
-        max_new_tokens: int = 20,
-        eos_token_id: int | None = None,
-    ) -> Tensor:
-        """Greedy decoding: [B, 1 + n] target ids (the start token first), each step the most
-        likely token; a row that has produced the end token continues with padding, and
-        decoding stops when every row has ended or after ``max_new_tokens``."""
-        c = self.config
-        eos = c.eos_token_id if eos_token_id is None else eos_token_id
-        memory = self.encode(input_ids, attention_mask)
-        cache = self.make_cache(memory, attention_mask, max_new_tokens)
-        b = input_ids.shape[0]
-        out = torch.full((b, 1), c.decoder_start_token_id, dtype=torch.long, device=memory.device)
-        done = torch.zeros(b, dtype=torch.bool, device=memory.device)
-        for step in range(max_new_tokens):
-            logits = self.decode_step(out[:, -1:], cache, step)[:, -1]
-            token = logits.argmax(-1).masked_fill(done, c.pad_token_id)
-            out = torch.cat([out, token[:, None]], dim=1)
-            done |= token == eos
-            if bool(done.all()):
-                break
-        return out
-
-
-class T5BeamDecoder:
-    """One-token decoding steps over a T5 cache, in the form beam search calls them:
-    ``step(ids, start)`` -> last-position logits [N, V]; ``reorder_cache(indices)`` permutes the
-    self-attention cache (the cross keys/values are one prompt's for all its beams)."""
-
-    def __init__(self, model: T5, cache: EncoderDecoderCache) -> None:
-        self.model, self.cache, self.length = model, cache, 0
-
-    def step(self, input_ids: Tensor, start: int) -> Tensor:
-        """Logits of the last of ``input_ids`` [N, T] at positions ``start ..``."""
-        self.length = start + input_ids.shape[1]
-        return self.model.decode_step(input_ids, self.cache, start)[:, -1]
-
-    def reorder_cache(self, indices: Tensor) -> None:
-        """Row i continues old row ``indices[i]`` (only the positions written so far move)."""
-        self.cache.self_attention.reorder(indices, self.length)
-
-
-__all__ = ["T5", "T5BeamDecoder", "T5Config", "T5Decoder", "T5Encoder"]
+__all__ = ["T5", "T5Config", "T5Decoder", "T5Encoder"]

@@ -407,119 +407,35 @@ class Transformer(nn.Module):
         )
 
     def make_cache(
-        self, batch_size: int, max_len: int | None = None, memory_mask: Tensor | None = None
+        self,
+        memory: Tensor,
+        attention_mask: Tensor | None = None,
+        max_len: int | None = None,
+        dtype: torch.dtype | None = None,
     ) -> EncoderDecoderCache:
-        """An empty cache for ``batch_size`` targets of up to ``max_len`` tokens: the decoder's
-        self-attention keys/values, slots for each layer's cross-attention keys/values, and the
-        encoder's padding mask [B, S]."""
+        """A decoding cache for the encoder output ``memory`` [B, S, d] (``attention_mask``: its
+        [B, S] real-token mask): every layer's cross-attention keys/values computed now, once
+        per source, and an empty self-attention cache of ``max_len`` target positions."""
         c = self.config
         self_attention = KVCache.like(
             self.lm_head.weight,
             c.n_decoder_layer,
-            batch_size,
+            memory.shape[0],
             c.decoder_heads,
             max_len or c.block_size,
             c.n_embd // c.decoder_heads,
+            dtype,
         )
-        return EncoderDecoderCache(self_attention, c.n_decoder_layer, memory_mask)
+        layers = [block.cross_attn for block in self.decoder.blocks]
+        return EncoderDecoderCache.for_memory(self_attention, layers, memory, attention_mask)
 
     def decode_step(
-        self,
-        decoder_input_ids: Tensor,
-        cache: EncoderDecoderCache,
-        start: int,
-        memory: Tensor | None = None,
+        self, decoder_input_ids: Tensor, cache: EncoderDecoderCache, start: int
     ) -> Tensor:
-        """Logits [B, V] of the last of ``decoder_input_ids`` [B, T] (positions start ..
-        start+T-1), their keys/values written into ``cache``. The first step of a cache needs
-        ``memory`` (its cross keys/values are computed then and reused), later ones do not."""
-        logits = self.decode(decoder_input_ids, memory, cache=cache, start=start, last_only=True)
-        return logits[:, -1]
-
-    def beam_decoder(
-        self, input_ids: Tensor, attention_mask: Tensor | None, num_beams: int, max_len: int
-    ) -> Seq2SeqStepper:
-        """The step interface of :mod:`lmarch.generation.beam`: sources encoded once, each
-        repeated ``num_beams`` times (row b * K + k is beam k of source b)."""
-        memory = self.encode(input_ids, attention_mask)
-        if num_beams > 1:
-            memory = memory.repeat_interleave(num_beams, dim=0)
-            if attention_mask is not None:
-                attention_mask = attention_mask.repeat_interleave(num_beams, dim=0)
-        cache = self.make_cache(memory.shape[0], max_len, attention_mask)
-        return Seq2SeqStepper(self, memory, cache)
-
-    @torch.no_grad()
-    def generate(
-        self,
-        input_ids: Tensor,
-        attention_mask: Tensor | None = None,
-        max_new_tokens: int = 19,
-        min_new_tokens: int = 0,
-    ) -> Tensor:
-        """Greedy decoding, y_t = argmax p(y | y_<t, x), as Hugging Face ``generate`` does it
-        for encoder-decoders: every row starts with ``decoder_start_token_id``; the config's
-        ``forced_bos_token_id`` is forced as the first generated token and its
-        ``forced_eos_token_id`` as the last one allowed; ``eos_token_id`` is banned before
-        ``min_new_tokens``; a finished row is filled with ``pad_token_id``; decoding stops when
-        every row has ended. Returns [B, 1 + n] ids, the start token included."""
-        c = self.config
-        was_training = self.training
-        self.eval()
-        try:
-            b = input_ids.shape[0]
-            stepper = self.beam_decoder(input_ids, attention_mask, 1, max_new_tokens)
-            ids = torch.full((b, 1), c.decoder_start_token_id, device=input_ids.device)
-            done = torch.zeros(b, dtype=torch.bool, device=input_ids.device)
-            for n in range(max_new_tokens):
-                logits = stepper.step(ids[:, -1:], n).float()
-                logits = force_tokens(logits, n, max_new_tokens, min_new_tokens, c)
-                token = logits.argmax(dim=-1)
-                token = torch.where(done, torch.full_like(token, c.pad_token_id), token)
-                ids = torch.cat((ids, token[:, None]), dim=1)
-                done |= token == c.eos_token_id
-                if bool(done.all()):
-                    break
-            return ids
-        finally:
-            self.train(was_training)
-
-
-def force_tokens(logits: Tensor, n: int, max_new: int, min_new: int, c: Any) -> Tensor:
-    """Hugging Face's forced BOS/EOS and minimum-length processors on the logits [B, V] of
-    generated token ``n`` (0-based) out of at most ``max_new``: only ``forced_bos_token_id``
-    at n = 0, only ``forced_eos_token_id`` at the last step, no ``eos_token_id`` before
-    ``min_new``."""
-    if n < min_new:
-        logits[:, c.eos_token_id] = float("-inf")
-    forced = None
-    if n == 0 and c.forced_bos_token_id is not None:
-        forced = c.forced_bos_token_id
-    elif n == max_new - 1 and c.forced_eos_token_id is not None:
-        forced = c.forced_eos_token_id
-    if forced is not None:
-        logits = torch.full_like(logits, float("-inf"))
-        logits[:, forced] = 0.0
-    return logits
-
-
-class Seq2SeqStepper:
-    """A :class:`lmarch.generation.beam.BeamDecoder` over an encoder-decoder: the encoder
-    output of every row and a cache whose cross-attention keys/values the first step fills."""
-
-    def __init__(self, model: Transformer, memory: Tensor, cache: EncoderDecoderCache) -> None:
-        self.model, self.memory, self.cache = model, memory, cache
-        self.length = 0  # target positions written so far
-
-    def step(self, input_ids: Tensor, start: int) -> Tensor:
-        """Logits [rows, V] of the last of ``input_ids`` [rows, T] at positions start ..."""
-        self.length = start + input_ids.shape[1]
-        return self.model.decode_step(input_ids, self.cache, start, self.memory)
-
-    def reorder_cache(self, indices: Tensor) -> None:
-        """Row i continues old row ``indices[i]``: only the self-attention cache moves (a beam's
-        parent is a beam of the same source, so memory and cross keys/values stay put)."""
-        self.cache.self_attention.reorder(indices, self.length)
+        """Logits [B, T, V] of target ids [B, T] (one token per step while generating) at
+        positions ``start ..``, reading and extending ``cache``
+        (:mod:`lmarch.generation.seq2seq` steps it)."""
+        return self.decode(decoder_input_ids, None, cache=cache, start=start)
 
 
 # ---- training -----------------------------------------------------------------------------------

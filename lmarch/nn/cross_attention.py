@@ -24,6 +24,8 @@ layer).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from torch import Tensor, nn
 
 from lmarch.nn.attention import (
@@ -66,6 +68,24 @@ class EncoderDecoderCache:
         self.self_attention = self_attention
         self.cross: list[tuple[Tensor, Tensor] | None] = [None] * n_layers
         self.memory_mask = memory_mask
+
+    @classmethod
+    def for_memory(
+        cls,
+        self_attention: KVCache,
+        layers: Sequence[CrossAttention],
+        memory: Tensor,
+        memory_mask: Tensor | None = None,
+    ) -> EncoderDecoderCache:
+        """A cache whose cross keys/values are every layer's (``layers``: the decoder's
+        cross-attentions, in order) of the encoder output ``memory`` [B, S, d], computed now,
+        once per source, in the self-attention cache's dtype."""
+        cache = cls(self_attention, len(layers), memory_mask)
+        dtype = self_attention.keys.dtype
+        for i, layer in enumerate(layers):
+            k, v = layer.memory_kv(memory)
+            cache.cross[i] = (k.to(dtype), v.to(dtype))
+        return cache
 
     @property
     def max_len(self) -> int:

@@ -10,7 +10,7 @@ name and in the bundled task a user reaches for (``shakespeare-piglatin`` for tr
   or an earlier seq2seq run) with the same Trainer and batches
   (:mod:`lmarch.data.seq2seq`), then scores the result on the held-out rows.
 - :func:`translate_texts` decodes sources greedily (y_t = argmax p(y | y_<t, x)) or with beam
-  search (:func:`lmarch.generation.beam.seq2seq_beam_search`).
+  search (:func:`lmarch.generation.seq2seq.seq2seq_beam_search`).
 - :func:`evaluate_seq2seq` decodes every row of a split and scores the outputs with
   :func:`score_outputs`: corpus BLEU and chrF from ``sacrebleu`` (Papineni et al. 2002; Popović
   2015) and mean ROUGE-1/2/L F1 from ``rouge-score`` (Lin 2004), all on a 0-100 scale, plus the
@@ -168,17 +168,18 @@ def decode_ids(
     num_beams: int = 1,
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
 ) -> list[list[int]]:
-    """Output ids (specials removed) for source id lists: greedy (the model's ``generate``)
+    """Output ids (specials removed) for source id lists: greedy
     or ``num_beams``-wide beam search, sources padded into one batch."""
     from lmarch.data.masking import pad_sequences
-    from lmarch.generation.beam import BeamSearchConfig, seq2seq_beam_search
+    from lmarch.generation.beam import BeamSearchConfig
+    from lmarch.generation.seq2seq import greedy_decode, seq2seq_beam_search
 
     model, c = loaded.model, loaded.model.config
     max_new_tokens = max(1, min(max_new_tokens, int(model.max_positions)))
     input_ids, mask = pad_sequences([list(s) for s in sources], c.pad_token_id)
     with torch.no_grad():
         if num_beams <= 1:
-            rows = model.generate(input_ids, mask, max_new_tokens=max_new_tokens)[:, 1:]
+            rows = greedy_decode(model, input_ids, mask, max_new_tokens=max_new_tokens)[:, 1:]
         else:
             config = BeamSearchConfig(
                 num_beams=num_beams,

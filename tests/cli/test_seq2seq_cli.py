@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from lmarch.data.shakespeare_tasks import SPEAKERS_TASK
+from lmarch.generation.seq2seq import greedy_decode
 from lmarch.tasks import seq2seq
-from tests.tasks.test_seq2seq import write_bart_folder
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -18,14 +18,14 @@ LINE = "Before we proceed any further, hear me speak."
 
 
 @pytest.fixture(scope="module")
-def bart(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_bart_folder(tmp_path_factory.mktemp("bart_cli") / "hf")
+def bart(tiny_bart_folder: Path) -> Path:
+    return tiny_bart_folder
 
 
 def test_run_prints_the_models_greedy_output(cli, bart: Path) -> None:
     loaded = seq2seq.load_seq2seq(bart)
     ids = torch.tensor([seq2seq.source_ids(loaded, LINE)])
-    generated = loaded.model.generate(ids, torch.ones_like(ids), max_new_tokens=16)[0, 1:]
+    generated = greedy_decode(loaded.model, ids, torch.ones_like(ids), max_new_tokens=16)[0, 1:]
     eos = loaded.model.config.eos_token_id
     cut = generated.tolist().index(eos) if eos in generated.tolist() else len(generated)
     expected = loaded.tokenizer.decode(generated[:cut].tolist())

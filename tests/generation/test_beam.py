@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -21,8 +22,8 @@ from lmarch.generation.beam import (
     beam_search,
     beam_search_prompts,
     check_beam_sampling,
-    seq2seq_beam_search,
 )
+from lmarch.generation.seq2seq import seq2seq_beam_search
 from lmarch.models.gpt import GPT, GPTConfig
 from lmarch.models.llama import Llama, LlamaConfig
 from lmarch.nn.cache import KVCache
@@ -325,17 +326,26 @@ def test_length_penalty_and_early_stopping_on_known_probabilities(
 
 
 class Seq2SeqToy(nn.Module):
-    """An 'encoder-decoder' with the interface seq2seq_beam_search needs."""
+    """An 'encoder-decoder' with the step interface of lmarch.generation.seq2seq: its decoder
+    is :class:`PositionModel`, and it records what it was asked for."""
 
     decoder_start_token_id = 3
 
     def __init__(self) -> None:
         super().__init__()
         self.asked: dict = {}
+        self.decoder = PositionModel()
 
-    def beam_decoder(self, input_ids, attention_mask, num_beams, max_len):  # type: ignore[no-untyped-def]
-        self.asked = dict(sources=input_ids, num_beams=num_beams, max_len=max_len)
-        return PositionModel()
+    def encode(self, input_ids: Tensor, attention_mask: Tensor | None) -> Tensor:
+        self.asked["sources"] = input_ids
+        return input_ids.float()[..., None]
+
+    def make_cache(self, memory: Tensor, attention_mask: Tensor | None, max_len: int):  # type: ignore[no-untyped-def]
+        self.asked.update(rows=memory.shape[0], max_len=max_len)
+        return SimpleNamespace(self_attention=SimpleNamespace(reorder=lambda *a: None))
+
+    def decode_step(self, input_ids: Tensor, cache, start: int) -> Tensor:  # type: ignore[no-untyped-def]
+        return self.decoder.step(input_ids, start)[:, None]
 
 
 def test_encoder_decoder_entry_forced_bos() -> None:
@@ -349,7 +359,7 @@ def test_encoder_decoder_entry_forced_bos() -> None:
         num_return_sequences=2,
     )  # fmt: skip
     out = seq2seq_beam_search(model, sources, config)
-    assert model.asked["num_beams"] == 2 and model.asked["max_len"] == 3
+    assert model.asked["rows"] == 2 * 2 and model.asked["max_len"] == 3
     assert torch.equal(model.asked["sources"], sources)
     expected = torch.tensor([[3, 2, 0, 0], [3, 2, 1, 0]])
     assert torch.equal(out.sequences, torch.cat([expected, expected]))

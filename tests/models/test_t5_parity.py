@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lmarch.generation.beam import BeamSearchConfig, seq2seq_beam_search
+from lmarch.generation.beam import BeamSearchConfig
+from lmarch.generation.seq2seq import greedy_decode, seq2seq_beam_search
 from lmarch.models.t5 import T5, T5Config
 from lmarch.models.validate import ConfigError
 from lmarch.weights.hf_t5 import load_hf_t5, t5_to_ours
@@ -145,7 +146,7 @@ def test_greedy_generation_equals_transformers(variant: str, tmp_path: Path) -> 
     want = theirs.generate(
         input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False, num_beams=1
     )
-    got = ours.generate(ids, mask, max_new_tokens=12)
+    got = greedy_decode(ours, ids, mask, max_new_tokens=12)
     assert got.tolist() == want.tolist()
     # an end token met mid-way: that row is padded from there, and decoding stops when all end
     eos = int(got[0, 4])
@@ -158,7 +159,7 @@ def test_greedy_generation_equals_transformers(variant: str, tmp_path: Path) -> 
         eos_token_id=eos,
         pad_token_id=0,
     )
-    got = ours.generate(ids, mask, max_new_tokens=12, eos_token_id=eos)
+    got = greedy_decode(ours, ids, mask, max_new_tokens=12, eos_token_id=eos)
     assert got.tolist() == want.tolist()
     assert eos in got[0].tolist()
 

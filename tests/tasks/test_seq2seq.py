@@ -24,42 +24,9 @@ LINES = [
 ]
 
 
-def write_bart_folder(folder: Path, vocab_size: int = 400, positions: int = 64) -> Path:
-    """A random-initialised tiny BART folder as transformers writes it, with a byte-level BPE
-    (lmarch's RoBERTa-layout trainer) saved as the older vocab.json + merges.txt pair."""
-    from transformers import BartConfig, BartForConditionalGeneration
-
-    from lmarch.tokenizers.kinds import roberta_bpe
-
-    rows = task_rows(PIG_LATIN_TASK, "train")[:1500]
-    tok = roberta_bpe("\n".join(r["source"] + "\n" + r["target"] for r in rows), vocab_size)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.json").write_text(json.dumps({**tok.vocab, **tok.special_tokens}))
-    merges = "".join(f"{a} {b}\n" for a, b in tok.merges)
-    (folder / "merges.txt").write_text("#version: 0.2\n" + merges, encoding="utf-8")
-    torch.manual_seed(0)
-    config = BartConfig(
-        vocab_size=tok.vocab_size,
-        d_model=32,
-        encoder_layers=1,
-        decoder_layers=1,
-        encoder_attention_heads=2,
-        decoder_attention_heads=2,
-        encoder_ffn_dim=64,
-        decoder_ffn_dim=64,
-        max_position_embeddings=positions,
-        dropout=0.0,
-        attention_dropout=0.0,
-        activation_dropout=0.0,
-        forced_bos_token_id=None,
-    )
-    BartForConditionalGeneration(config).save_pretrained(folder)
-    return folder
-
-
 @pytest.fixture(scope="module")
-def bart_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_bart_folder(tmp_path_factory.mktemp("bart") / "hf")
+def bart_folder(tiny_bart_folder: Path) -> Path:
+    return tiny_bart_folder
 
 
 def test_scores_equal_sacrebleu_and_rouge_score() -> None:
