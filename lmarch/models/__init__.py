@@ -26,6 +26,7 @@ from lmarch.models.registry import (
     make_config,
     preset_config,
 )
+from lmarch.models.rnn import RecurrentLM, RNNConfig
 from lmarch.models.t5 import T5, T5Config
 from lmarch.models.transformer import Transformer, TransformerConfig
 
@@ -49,6 +50,8 @@ __all__ = [
     "Llama",
     "LlamaConfig",
     "Preset",
+    "RNNConfig",
+    "RecurrentLM",
     "T5",
     "T5Config",
     "Transformer",

@@ -21,6 +21,7 @@ from lmarch.models.bert import BertConfig, BertModel
 from lmarch.models.bigram import BigramConfig, BigramLM
 from lmarch.models.gpt import GPT, GPTConfig
 from lmarch.models.llama import Llama, LlamaConfig
+from lmarch.models.rnn import RecurrentLM, RNNConfig
 from lmarch.models.t5 import T5, T5Config
 from lmarch.models.transformer import Transformer, TransformerConfig
 from lmarch.nn.init import empty_weights
@@ -45,11 +46,19 @@ FAMILIES: dict[str, Family] = {
     "t5": Family("t5", T5Config, T5),
     "transformer": Family("transformer", TransformerConfig, Transformer),
     "bart": Family("bart", BartConfig, Bart),
+    "rnn": Family("rnn", RNNConfig, RecurrentLM),
 }
 
 
 ModelConfig = (
-    BigramConfig | GPTConfig | LlamaConfig | BertConfig | T5Config | TransformerConfig | BartConfig
+    BigramConfig
+    | GPTConfig
+    | LlamaConfig
+    | BertConfig
+    | T5Config
+    | TransformerConfig
+    | BartConfig
+    | RNNConfig
 )
 
 
@@ -422,6 +431,37 @@ PRESETS.update(
             "small Marian / OPUS-MT (sinusoids, swish, sqrt(d) embeddings; 2+2 layers)",
             {**_VASWANI_TRAIN, "learning_rate": 5e-4},
         ),
+    ]
+)
+
+
+# Recurrent LMs on characters (Karpathy's char-rnn: 2 layers, Adam at 2e-3, gradients clipped
+# at 5; no weight decay, dropout does the regularising as in Zaremba et al. 2014). block_size is
+# the truncated-BPTT length: the state carries on across windows (lmarch.train.tbptt).
+_RNN_CHAR_TRAIN = {"learning_rate": 2e-3, "min_lr": 2e-4, "beta2": 0.99, "warmup_iters": 50,
+                   "weight_decay": 0.0, "grad_clip": 5.0, "batch_size": 32, "max_iters": 2000,
+                   "lr_decay_iters": 2000}  # fmt: skip
+_RNN_CHAR_SMALL = dict(vocab_size=65, n_embd=64, hidden_size=256, n_layer=2, dropout=0.1,
+                       block_size=64)  # fmt: skip
+_RNN_CHAR_TINY = dict(vocab_size=65, n_embd=32, hidden_size=64, n_layer=1, dropout=0.0,
+                      block_size=32)  # fmt: skip
+_RNN_TINY_TRAIN = {**_RNN_CHAR_TRAIN, "batch_size": 8, "max_iters": 200, "lr_decay_iters": 200,
+                   "eval_interval": 50, "eval_iters": 5}  # fmt: skip
+PRESETS.update(
+    (p.name, p)
+    for p in [
+        Preset(
+            f"{cell}-char-{size}",
+            RNNConfig(cell=cell, **shape),
+            "char",
+            f"{words}, character-level, truncated BPTT over {shape['block_size']} steps",
+            train,
+        )
+        for cell, name in (("lstm", "LSTM"), ("gru", "GRU"), ("rnn", "Elman RNN (tanh)"))
+        for size, shape, train, words in (
+            ("small", _RNN_CHAR_SMALL, _RNN_CHAR_TRAIN, f"{name}: 2 layers of 256, embedding 64"),
+            ("tiny", _RNN_CHAR_TINY, _RNN_TINY_TRAIN, f"{name}: 1 layer of 64 (tests, seconds)"),
+        )
     ]
 )
 

@@ -18,6 +18,7 @@ from lmarch.native import native_available, policy
 from lmarch.native.activations import fast_gelu_tanh
 from lmarch.native.attention import NativeCausalAttention
 from lmarch.native.decoder import NativeDecoderBlock
+from lmarch.native.fused_recurrent import swap_fused_recurrent
 from lmarch.native.gpt_block import NativeGPTBlock
 from lmarch.native.swiglu import NativeSwiGLU
 
@@ -38,7 +39,10 @@ def accelerate(model: nn.Module, *, training: bool) -> nn.Module:
     and return it: GPT-2's GELU, causal self-attention and the whole GPT-2 block (forward and
     backward); with ``training=False`` also the SwiGLU MLP over Q4_1 layers and the block-
     quantised LLaMA decoder layer (inference only). The identity when the native library is
-    unavailable (``LMARCH_NATIVE=0``, no C compiler). Calling it twice changes nothing more."""
+    unavailable (``LMARCH_NATIVE=0``, no C compiler), except that recurrent stacks always get
+    PyTorch's fused kernel (:mod:`lmarch.native.fused_recurrent`, no native library needed).
+    Calling it twice changes nothing more."""
+    swap_fused_recurrent(model)
     if not native_available():
         return model
     swaps = _TRAINING if training else _TRAINING + _INFERENCE

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lmarch.data.batches import RandomBlockSampler
+from lmarch.data.batches import RandomBlockSampler, StreamSampler
 from lmarch.data.corpus import load_documents, train_val_split
 from lmarch.data.masking import MaskedLMBatches, MaskedLMCollator, pack_lines
 from lmarch.data.noising import T5_EXTRA_IDS, add_sentinels, noising_batches, seq2seq_unigram
@@ -58,6 +58,7 @@ from lmarch.train.objectives import (
     objective_loss,
     objective_model,
 )
+from lmarch.train.tbptt import CarriedStateLoss
 from lmarch.train.trainer import Callback, Trainer, TrainResult, causal_lm_loss
 from lmarch.weights.checkpoint import read_json, write_json
 
@@ -310,6 +311,12 @@ def seq2seq_batches(
     return out[0], out[1], sizes
 
 
+def clm_loss(config: Any) -> Any:
+    """The next-token loss for ``config``'s family: with the state carried between batches for
+    a recurrent model (:class:`~lmarch.train.tbptt.CarriedStateLoss`), else per window."""
+    return CarriedStateLoss() if family_of_config(config).name == "rnn" else causal_lm_loss
+
+
 def train_run(
     preset: str | None,
     data: str,
@@ -401,12 +408,14 @@ def train_run(
                 f"{block_size}",
                 hint="give more text or --set block_size=SMALLER",
             )
-        train_batches = RandomBlockSampler(
-            train_ids, block_size, train_cfg.batch_size, train_cfg.seed
-        )
-        val_batches = RandomBlockSampler(
-            val_ids, block_size, train_cfg.batch_size, train_cfg.seed + 1
-        )
+        # a recurrent model walks contiguous streams, carrying its state (truncated BPTT)
+        recurrent = family_of_config(model_cfg).name == "rnn"
+        sampler = StreamSampler if recurrent else RandomBlockSampler
+        try:
+            train_batches = sampler(train_ids, block_size, train_cfg.batch_size, train_cfg.seed)
+            val_batches = sampler(val_ids, block_size, train_cfg.batch_size, train_cfg.seed + 1)
+        except ValueError as exc:
+            raise LmarchError(str(exc), hint="give more text or --set block_size=SMALLER") from None
         sizes = f"{len(train_ids):,} train / {len(val_ids):,} val tokens"
     else:
         make = functools.partial(
@@ -450,7 +459,7 @@ def train_run(
         val_batches,
         train_cfg,
         out_dir=out,
-        loss_fn=causal_lm_loss if objective == "clm" else objective_loss(objective, model_cfg),
+        loss_fn=clm_loss(model_cfg) if objective == "clm" else objective_loss(objective, model_cfg),
         callbacks=[ProgressBar(), LossPlot()] if callbacks is None else callbacks,
     )
     return trainer.fit(resume=resume)

@@ -221,6 +221,9 @@ class Trainer:
             return
         optim_tensors, optim_meta = optimizer_to_tensors(self.optimizer)
         rng = rng_to_tensors({"train_batches": self.train_batches.generator})
+        # a sampler that walks its text in order (TBPTT streams) also saves where it is
+        if hasattr(self.train_batches, "position_tensors"):
+            rng.update(self.train_batches.position_tensors())
         meta = {"step": self.step, "optimizer": optim_meta}
         if self.scaler is not None:
             meta["scaler"] = self.scaler.state_dict()  # the loss scale and its growth counter
@@ -243,6 +246,8 @@ class Trainer:
         state = load_tensors(ckpt / "trainer.safetensors")
         optimizer_from_tensors(self.optimizer, state, meta["optimizer"])
         rng_from_tensors(state, {"train_batches": self.train_batches.generator})
+        if hasattr(self.train_batches, "load_position_tensors"):
+            self.train_batches.load_position_tensors(state)
         if self.scaler is not None and "scaler" in meta:
             self.scaler.load_state_dict(meta["scaler"])
         self.step = int(meta["step"])
