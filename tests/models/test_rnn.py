@@ -62,6 +62,9 @@ def test_beam_search_reorders_the_state() -> None:
     """Beam search (3 beams) through the state's reorder: each returned beam's score is the
     log-probability of its tokens recomputed in one pass without a cache (to 1e-5)."""
     model = tiny("lstm")
+    with torch.no_grad():  # larger weights: peaked, state-dependent choices, so beams swap parents
+        for p in model.parameters():
+            p.mul_(4)
     prompt = [5, 6]
     config = BeamSearchConfig(
         num_beams=3, max_new_tokens=6, length_penalty=0.0, num_return_sequences=3
