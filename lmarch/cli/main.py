@@ -273,8 +273,15 @@ def _add_seq2seq_parsers(sub: argparse._SubParsersAction) -> None:
         e.add_argument("--split", default="test", help="split of a bundled task (train/valid/test)")
         e.add_argument("--limit", type=int, default=None, help="score only the first N rows")
         for q in (r, e):
-            q.add_argument("--num-beams", type=int, default=1, help="1: greedy; more: beam search")
+            q.add_argument(
+                "--num-beams", type=int, default=None, help="1: greedy; more: beam search"
+            )
             q.add_argument("--max-new-tokens", type=int, default=None, help="default: the run's")
+            q.add_argument("--min-new-tokens", type=int, default=None, help="no end before")
+            q.add_argument("--length-penalty", type=float, default=None, help="beam score exponent")
+            q.add_argument(
+                "--no-repeat-ngram-size", type=int, default=None, help="ban repeated n-grams"
+            )
         for q in (tr, r, e):
             q.add_argument(
                 "--no-truncate", action="store_true", help="refuse a source too long to encode"
@@ -289,10 +296,17 @@ def cmd_seq2seq(args: argparse.Namespace) -> int:
 
     console = Console(stderr=args.json)
     truncate = not args.no_truncate
-    if args.seq2seq_command == "run":
-        outputs = seq2seq.translate_texts(
-            args.model, args.texts, args.num_beams, args.max_new_tokens, truncate
+    search = {}
+    if args.seq2seq_command in ("run", "eval"):  # None: the model folder's or lmarch's default
+        search = dict(
+            num_beams=args.num_beams,
+            max_new_tokens=args.max_new_tokens,
+            min_new_tokens=args.min_new_tokens,
+            length_penalty=args.length_penalty,
+            no_repeat_ngram_size=args.no_repeat_ngram_size,
         )
+    if args.seq2seq_command == "run":
+        outputs = seq2seq.translate_texts(args.model, args.texts, truncate=truncate, **search)
         if args.json:
             print(json.dumps([{"source": s, "output": o} for s, o in zip(args.texts, outputs)]))
         else:
@@ -301,13 +315,7 @@ def cmd_seq2seq(args: argparse.Namespace) -> int:
         return 0
     if args.seq2seq_command == "eval":
         result = seq2seq.evaluate_seq2seq(
-            args.model,
-            args.data,
-            args.split,
-            num_beams=args.num_beams,
-            limit=args.limit,
-            truncate=truncate,
-            max_new_tokens=args.max_new_tokens,
+            args.model, args.data, args.split, limit=args.limit, truncate=truncate, **search
         )
     else:
         from lmarch.train.run import parse_set_options, read_config_file

@@ -116,6 +116,9 @@ class BeamSearchConfig:
     pad_token_id: int | None = None  # fills ended sequences (see fill_token_id)
     forced_bos_token_id: int | None = None
     forced_eos_token_id: int | None = None
+    # token sequences never to complete: the last id of each is banned after the others
+    bad_words_ids: Sequence[Sequence[int]] = ()
+    renormalize_logits: bool = False  # log-softmax again after the constraints (HF's option)
 
     def __post_init__(self) -> None:
         for name in ("num_beams", "max_new_tokens", "num_return_sequences"):
@@ -144,6 +147,14 @@ class BeamSearchConfig:
             raise LmarchError(
                 f"early_stopping must be True, False or 'never', got {self.early_stopping!r}"
             )
+        try:
+            self.bad_words_ids = tuple(tuple(int(i) for i in w) for w in self.bad_words_ids)
+        except (TypeError, ValueError):
+            raise LmarchError(
+                f"bad_words_ids must be lists of token ids, got {self.bad_words_ids!r}"
+            ) from None
+        if any(not w for w in self.bad_words_ids):
+            raise LmarchError("bad_words_ids holds an empty sequence")
         if isinstance(self.eos_token_id, int):
             self.eos_token_id = (self.eos_token_id,)
         elif self.eos_token_id is not None:
@@ -215,15 +226,32 @@ def _ban_repeated_ngrams(log_probs: Tensor, seqs: Tensor, n: int) -> Tensor:
     return log_probs.masked_fill(hits > 0, float("-inf"))
 
 
+def _ban_bad_words(log_probs: Tensor, seqs: Tensor, bad_words: Sequence[Sequence[int]]) -> Tensor:
+    """Set to -inf the last token of every bad word whose other tokens end the row."""
+    banned = torch.zeros_like(log_probs, dtype=torch.bool)
+    for word in bad_words:
+        *head, last = word
+        if not head:
+            banned[:, last] = True
+        elif seqs.shape[1] >= len(head):
+            ends = (seqs[:, seqs.shape[1] - len(head) :] == seqs.new_tensor(head)).all(-1)
+            banned[:, last] |= ends
+    return log_probs.masked_fill(banned, float("-inf"))
+
+
 def constrain_log_probs(
     log_probs: Tensor, seqs: Tensor, new_tokens: int, max_len: int, config: BeamSearchConfig
 ) -> Tensor:
     """Apply the step constraints to ``log_probs`` [N, V] of the rows ``seqs`` [N, T]
     (``new_tokens`` of which were generated; the sequence may reach ``max_len``): no repeated
-    n-gram, no end token before ``min_new_tokens``, forced first and last tokens."""
+    n-gram, no bad word, no end token before ``min_new_tokens``, forced first and last
+    tokens, and with ``renormalize_logits`` a log-softmax over what is left (Hugging Face's
+    processor order)."""
     length = seqs.shape[1]
     if config.no_repeat_ngram_size > 0:
         log_probs = _ban_repeated_ngrams(log_probs, seqs, config.no_repeat_ngram_size)
+    if config.bad_words_ids:
+        log_probs = _ban_bad_words(log_probs, seqs, config.bad_words_ids)
     if new_tokens < config.min_new_tokens and config.eos_ids:
         log_probs = log_probs.clone()
         log_probs[:, list(config.eos_ids)] = float("-inf")
@@ -235,6 +263,8 @@ def constrain_log_probs(
     if forced is not None:
         log_probs = torch.full_like(log_probs, float("-inf"))
         log_probs[:, forced] = 0.0
+    if config.renormalize_logits:
+        log_probs = F.log_softmax(log_probs, dim=-1)
     return log_probs
 
 

@@ -24,15 +24,20 @@ import torch
 from torch import Tensor, nn
 
 from lmarch.errors import LmarchError
-from lmarch.generation.beam import BeamSearchConfig, BeamSearchOutput, beam_search
+from lmarch.generation.beam import (
+    BeamSearchConfig,
+    BeamSearchOutput,
+    beam_search,
+    constrain_log_probs,
+)
 from lmarch.nn.cross_attention import EncoderDecoderCache
 
 __all__ = [
     "EncoderDecoderStepper",
     "encoder_decoder_stepper",
-    "force_tokens",
     "greedy_decode",
     "seq2seq_beam_search",
+    "seq2seq_search_config",
 ]
 
 _INTERFACE = ("encode", "make_cache", "decode_step")
@@ -88,22 +93,17 @@ def encoder_decoder_stepper(
     return EncoderDecoderStepper(model, model.make_cache(memory, attention_mask, max_len))
 
 
-def force_tokens(logits: Tensor, n: int, max_new: int, min_new: int, config: Any) -> Tensor:
-    """Hugging Face's minimum-length and forced BOS/EOS processors on the logits [B, V] of
-    generated token ``n`` (0-based) out of at most ``max_new``: no ``eos_token_id`` before
-    ``min_new``; only ``forced_bos_token_id`` at n = 0 and only ``forced_eos_token_id`` at the
-    last step, where the config has them."""
-    if n < min_new:
-        logits[:, config.eos_token_id] = float("-inf")
-    forced = None
-    if n == 0 and getattr(config, "forced_bos_token_id", None) is not None:
-        forced = config.forced_bos_token_id
-    elif n == max_new - 1 and getattr(config, "forced_eos_token_id", None) is not None:
-        forced = config.forced_eos_token_id
-    if forced is not None:
-        logits = torch.full_like(logits, float("-inf"))
-        logits[:, forced] = 0.0
-    return logits
+def seq2seq_search_config(model: nn.Module, **settings: Any) -> BeamSearchConfig:
+    """A :class:`BeamSearchConfig` for ``model``: its config's end, padding and forced first /
+    last tokens, then ``settings`` (any BeamSearchConfig field) on top."""
+    c = model.config
+    defaults = {
+        "eos_token_id": c.eos_token_id,
+        "pad_token_id": c.pad_token_id,
+        "forced_bos_token_id": getattr(c, "forced_bos_token_id", None),
+        "forced_eos_token_id": getattr(c, "forced_eos_token_id", None),
+    }
+    return BeamSearchConfig(**{**defaults, **settings})
 
 
 @torch.no_grad()
@@ -114,14 +114,24 @@ def greedy_decode(
     max_new_tokens: int = 20,
     min_new_tokens: int = 0,
     eos_token_id: int | None = None,
+    **constraints: Any,
 ) -> Tensor:
     """Greedy decoding, y_t = argmax_y p(y | y_<t, x), as Hugging Face ``generate`` does it for
-    encoder-decoders: every row starts with the decoder start token; the processors of
-    :func:`force_tokens` apply; a finished row continues with ``pad_token_id``; decoding stops
-    when every row has produced ``eos_token_id`` (default: the config's) or after
+    encoder-decoders: every row starts with the decoder start token; the step constraints of
+    :func:`lmarch.generation.beam.constrain_log_probs` apply (no end before
+    ``min_new_tokens``, the config's forced first / last tokens, and ``constraints``:
+    ``no_repeat_ngram_size``, ``bad_words_ids``); a finished row continues with padding;
+    decoding stops when every row has produced the end token (default: the config's) or after
     ``max_new_tokens``. Returns [B, 1 + n] ids, the start token first."""
-    c = model.config
-    eos = c.eos_token_id if eos_token_id is None else eos_token_id
+    eos = model.config.eos_token_id if eos_token_id is None else eos_token_id
+    config = seq2seq_search_config(
+        model,
+        num_beams=1,
+        max_new_tokens=max_new_tokens,
+        min_new_tokens=min_new_tokens,
+        eos_token_id=eos,
+        **constraints,
+    )
     start = decoder_start_token(model)
     was_training = model.training
     model.eval()
@@ -132,8 +142,8 @@ def greedy_decode(
         done = torch.zeros(b, dtype=torch.bool, device=device)
         for n in range(max_new_tokens):
             logits = stepper.step(ids[:, -1:], n).float()
-            token = force_tokens(logits, n, max_new_tokens, min_new_tokens, c).argmax(dim=-1)
-            token = token.masked_fill(done, c.pad_token_id)
+            logits = constrain_log_probs(logits, ids, n, 1 + max_new_tokens, config)
+            token = logits.argmax(dim=-1).masked_fill(done, model.config.pad_token_id)
             ids = torch.cat((ids, token[:, None]), dim=1)
             done |= token == eos
             if bool(done.all()):

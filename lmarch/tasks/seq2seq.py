@@ -47,6 +47,17 @@ from lmarch.models.heads import SEQ2SEQ
 TASKS = ("translate", "summarize")
 TASK_FILE = "seq2seq_task.json"  # written beside the run's checkpoints
 DEFAULT_MAX_NEW_TOKENS = 128
+# decoding settings besides num_beams / max_new_tokens (BeamSearchConfig field names), and the
+# ones that also apply to greedy decoding
+SEARCH_SETTINGS = (
+    "min_new_tokens",
+    "length_penalty",
+    "early_stopping",
+    "no_repeat_ngram_size",
+    "bad_words_ids",
+    "renormalize_logits",
+)
+GREEDY_SETTINGS = ("max_new_tokens", "min_new_tokens", "no_repeat_ngram_size", "bad_words_ids")
 _DATA_HINT = f"give a .jsonl file of {{source, target}} rows or one of {list(SEQ2SEQ_TASKS)}"
 
 
@@ -162,33 +173,56 @@ def _strip(ids: Sequence[int], config: Any) -> list[int]:
     return out
 
 
-def decode_ids(
-    loaded: Any,
-    sources: Sequence[Sequence[int]],
-    num_beams: int = 1,
-    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
-) -> list[list[int]]:
-    """Output ids (specials removed) for source id lists: greedy
-    or ``num_beams``-wide beam search, sources padded into one batch."""
+def decoding_settings(
+    spec: str | Path | Any,
+    num_beams: int | None = None,
+    max_new_tokens: int | None = None,
+    **given: Any,
+) -> dict[str, Any]:
+    """The search settings for ``spec``: what is ``given`` (None: not given) wins, then an HF
+    folder's own decoding defaults (:func:`lmarch.weights.hf_generation.read_generation_defaults`,
+    with a notice naming any it cannot apply), then the run's target length
+    (``seq2seq_task.json``), then greedy with :data:`DEFAULT_MAX_NEW_TOKENS`."""
+    from lmarch.weights.hf_generation import read_generation_defaults
+
+    folder = None if hasattr(spec, "model") else Path(spec)
+    settings: dict[str, Any] = {"num_beams": 1, "max_new_tokens": DEFAULT_MAX_NEW_TOKENS}
+    if folder is not None and folder.is_dir():
+        settings.update(_task_info(folder))
+        defaults, ignored = read_generation_defaults(folder)
+        settings.update(defaults)
+        if ignored:
+            warnings.warn(
+                f"{folder.name}'s generation config sets {', '.join(ignored)}, which lmarch "
+                "does not apply (greedy or beam search without them)",
+                LmarchNotice,
+                stacklevel=2,
+            )
+    given.update(num_beams=num_beams, max_new_tokens=max_new_tokens)
+    settings.update({k: v for k, v in given.items() if v is not None})
+    if settings["num_beams"] < 1:
+        raise LmarchError(f"--num-beams must be at least 1, got {settings['num_beams']}")
+    known = {"num_beams", "max_new_tokens", *SEARCH_SETTINGS}
+    return {k: v for k, v in settings.items() if k in known}
+
+
+def decode_ids(loaded: Any, sources: Sequence[Sequence[int]], **settings: Any) -> list[list[int]]:
+    """Output ids (specials removed) for source id lists, padded into one batch: greedy when
+    ``num_beams`` is 1 (the default), else beam search, with the other ``settings`` of
+    :func:`decoding_settings`."""
     from lmarch.data.masking import pad_sequences
-    from lmarch.generation.beam import BeamSearchConfig
-    from lmarch.generation.seq2seq import greedy_decode, seq2seq_beam_search
+    from lmarch.generation.seq2seq import greedy_decode, seq2seq_beam_search, seq2seq_search_config
 
     model, c = loaded.model, loaded.model.config
-    max_new_tokens = max(1, min(max_new_tokens, int(model.max_positions)))
+    settings = {"num_beams": 1, "max_new_tokens": DEFAULT_MAX_NEW_TOKENS, **settings}
+    settings["max_new_tokens"] = max(1, min(int(settings["max_new_tokens"]), model.max_positions))
     input_ids, mask = pad_sequences([list(s) for s in sources], c.pad_token_id)
     with torch.no_grad():
-        if num_beams <= 1:
-            rows = greedy_decode(model, input_ids, mask, max_new_tokens=max_new_tokens)[:, 1:]
+        if settings["num_beams"] <= 1:
+            greedy = {k: v for k, v in settings.items() if k in GREEDY_SETTINGS}
+            rows = greedy_decode(model, input_ids, mask, **greedy)[:, 1:]
         else:
-            config = BeamSearchConfig(
-                num_beams=num_beams,
-                max_new_tokens=max_new_tokens,
-                eos_token_id=c.eos_token_id,
-                pad_token_id=c.pad_token_id,
-                forced_bos_token_id=getattr(c, "forced_bos_token_id", None),
-                forced_eos_token_id=getattr(c, "forced_eos_token_id", None),
-            )
+            config = seq2seq_search_config(model, **settings)
             rows = seq2seq_beam_search(model, input_ids, config, mask).sequences[:, 1:]
     return [_strip(row.tolist(), c) for row in rows]
 
@@ -227,20 +261,17 @@ def mean_loss(
 def translate_texts(
     spec: str | Path | Any,
     texts: Sequence[str],
-    num_beams: int = 1,
+    num_beams: int | None = None,
     max_new_tokens: int | None = None,
     truncate: bool = True,
     batch_size: int = 32,
+    **search: Any,
 ) -> list[str]:
     """The model's output for each text of ``texts`` (``spec``: a model folder, or a loaded
-    model). ``max_new_tokens`` defaults to what the run's training targets needed (its
-    ``seq2seq_task.json``), else :data:`DEFAULT_MAX_NEW_TOKENS`."""
-    if num_beams < 1:
-        raise LmarchError(f"--num-beams must be at least 1, got {num_beams}")
+    model), decoded with :func:`decoding_settings` (``search``: ``min_new_tokens``,
+    ``length_penalty``, ``no_repeat_ngram_size``, ...; None = the folder's or the default)."""
+    settings = decoding_settings(spec, num_beams, max_new_tokens, **search)
     loaded = spec if hasattr(spec, "model") else load_seq2seq(spec)
-    if max_new_tokens is None:
-        info = {} if hasattr(spec, "model") else _task_info(spec)
-        max_new_tokens = int(info.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS))
     encoded = [_source(loaded, t, truncate) for t in texts]
     ids = [i for i, _ in encoded]
     cut = [n for i, n in encoded if n > len(i)]
@@ -250,7 +281,7 @@ def translate_texts(
         warnings.warn(f"{what} cut to the encoder's {limit}", LmarchNotice, stacklevel=2)
     outputs = []
     for lo in range(0, len(ids), batch_size):
-        for row in decode_ids(loaded, ids[lo : lo + batch_size], num_beams, max_new_tokens):
+        for row in decode_ids(loaded, ids[lo : lo + batch_size], **settings):
             outputs.append(loaded.tokenizer.decode(row))
     return outputs
 
@@ -259,10 +290,11 @@ def evaluate_seq2seq(
     spec: str | Path | Any,
     data: str,
     split: str = "test",
-    num_beams: int = 1,
+    num_beams: int | None = None,
     limit: int | None = None,
     truncate: bool = True,
     max_new_tokens: int | None = None,
+    **search: Any,
 ) -> dict[str, Any]:
     """Decode the rows of ``data`` (a bundled task's ``split`` or a JSONL file; the first
     ``limit`` rows if given) and score them (:func:`score_outputs`). Returns the metrics, the
@@ -272,19 +304,17 @@ def evaluate_seq2seq(
     if not rows:
         raise LmarchError(f"{data} has no rows in split {split!r}")
     start = time.perf_counter()
+    settings = decoding_settings(spec, num_beams, max_new_tokens, **search)
     loaded = spec if hasattr(spec, "model") else load_seq2seq(spec, "eval")
-    if max_new_tokens is None and not hasattr(spec, "model"):
-        max_new_tokens = _task_info(spec).get("max_new_tokens")
-    outputs = translate_texts(
-        loaded, [r.source for r in rows], num_beams, max_new_tokens, truncate=truncate
-    )
+    outputs = translate_texts(loaded, [r.source for r in rows], truncate=truncate, **settings)
     result: dict[str, Any] = score_outputs(outputs, [r.target for r in rows])
     result.update(
         loss=mean_loss(loaded, rows, truncate=truncate),
         rows=len(rows),
         data=data,
         split=split if is_bundled_task(data) else None,
-        num_beams=num_beams,
+        num_beams=settings["num_beams"],
+        decoding=settings,
         decode_s=time.perf_counter() - start,
         examples=[
             {"source": r.source, "output": o, "reference": r.target}

@@ -68,6 +68,50 @@ def test_bart_folder_tokenizer_and_greedy_equal_transformers(bart_folder: Path) 
     )
 
 
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_a_folders_generation_config_is_applied_as_transformers_does(
+    bart_folder: Path, tmp_path: Path, num_beams: int
+) -> None:
+    """With no decoding flags, a folder's generation_config.json (beams, lengths counted with
+    the start token, length penalty, no-repeat n-grams, early stopping, one- and two-token bad
+    words, renormalised scores) decodes as transformers' ``generate()`` with no arguments."""
+    import shutil
+
+    from transformers import BartForConditionalGeneration, BartTokenizer
+
+    folder = tmp_path / "bart"
+    shutil.copytree(bart_folder, folder)
+    hf_tok = BartTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"))
+    batch = hf_tok(LINES, return_tensors="pt", padding=True)
+    base = json.loads((folder / "generation_config.json").read_text())
+    settings = dict(
+        num_beams=num_beams, max_length=11, min_length=4, length_penalty=2.0,
+        no_repeat_ngram_size=2, early_stopping=True, renormalize_logits=True,
+    )  # fmt: skip
+    (folder / "generation_config.json").write_text(json.dumps({**base, **settings}))
+    hf = BartForConditionalGeneration.from_pretrained(folder).eval()
+    with torch.no_grad():
+        free = hf.generate(**batch)
+    # ban the first word of row 0 and a two-token word that row 1 produced
+    row0 = [t for t in free[0, 1:].tolist() if t > 3]
+    row1 = [t for t in free[1, 1:].tolist() if t > 3]
+    bad = [[row0[0]], row1[1:3]]
+    (folder / "generation_config.json").write_text(
+        json.dumps({**base, **settings, "bad_words_ids": bad})
+    )
+    hf = BartForConditionalGeneration.from_pretrained(folder).eval()
+    with torch.no_grad():
+        ids = hf.generate(**batch)
+    assert not torch.equal(ids, free)  # the bad words changed the outputs
+    expected = hf_tok.batch_decode(ids, skip_special_tokens=True)
+    assert seq2seq.translate_texts(folder, LINES) == expected
+    # a flag given wins over the folder's setting
+    with torch.no_grad():
+        greedy = hf.generate(**batch, num_beams=1, max_new_tokens=6)
+    expected = hf_tok.batch_decode(greedy, skip_special_tokens=True)
+    assert seq2seq.translate_texts(folder, LINES, num_beams=1, max_new_tokens=6) == expected
+
+
 def test_marian_folder_tokenizer_and_greedy_equal_transformers(tmp_path: Path) -> None:
     import sentencepiece as spm
     from transformers import MarianConfig, MarianMTModel, MarianTokenizer
