@@ -5,8 +5,8 @@ vectorised scoring equal to one-at-a-time probabilities, seeded sampling, and re
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from fractions import Fraction
 
 import numpy as np
