@@ -36,6 +36,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/memory.py
 	$(PY) benchmarks/quantize.py
 	$(PY) benchmarks/seq2seq.py
+	$(PY) benchmarks/recurrent.py
 
 lint: $(STAMP)
 	.venv/bin/ruff check lmarch tests benchmarks
