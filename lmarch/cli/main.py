@@ -13,6 +13,8 @@ import warnings
 from collections.abc import Sequence
 from typing import NoReturn
 
+from lmarch.cli import ngram as ngram_cli
+from lmarch.cli import tfidf as tfidf_cli
 from lmarch.cli.options import add_config_options, add_union_options, given_values
 from lmarch.errors import LmarchError, LmarchNotice
 
@@ -175,6 +177,8 @@ def build_parser() -> OneLineParser:
     _add_quantize_parser(sub)
     _add_answer_parsers(sub)
     _add_seq2seq_parsers(sub)
+    ngram_cli.add_parsers(sub)
+    tfidf_cli.add_parsers(sub)
 
     d = sub.add_parser("demo", help="train a small GPT on Shakespeare (~3 min) and sample it")
     d.add_argument("--out", default="runs/demo")
@@ -753,6 +757,8 @@ COMMANDS = {
     "answer": cmd_answer,
     "translate": cmd_seq2seq,
     "summarize": cmd_seq2seq,
+    **ngram_cli.COMMANDS,
+    **tfidf_cli.COMMANDS,
 }
 
 

@@ -1,0 +1,142 @@
+"""``lmarch ngram``: train an n-gram model on a corpus's train split, save it, score it on the
+validation split, sample from it.
+
+A model folder holds ``ngram.safetensors`` (each order's sorted n-gram keys and counts, int64) and
+``ngram.json`` (settings, vocabulary, the corpus and split it was trained on, its validation
+scores). Both are written to a temporary file and renamed, the JSON last: a folder with a readable
+``ngram.json`` holds a complete model.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from safetensors import SafetensorError
+from safetensors.numpy import load_file, save_file
+
+from lmarch.classic.ngram import NgramConfig, NgramLM
+from lmarch.data.corpus import load_documents, train_val_split
+from lmarch.errors import LmarchError
+from lmarch.weights.safetensors_io import atomic_write
+
+MODEL_FILE, META_FILE = "ngram.safetensors", "ngram.json"
+FORMAT = "lmarch-ngram/1"
+
+
+def split_corpus(data: str, val_fraction: float) -> tuple[str, str]:
+    """The train and validation text of ``data``, split as ``lmarch train`` splits it."""
+    return train_val_split(load_documents(data), val_fraction)
+
+
+def save_ngram(model: NgramLM, out: str | Path, extra: dict | None = None) -> Path:
+    """Write ``model`` (and ``extra`` facts for the JSON) to the folder ``out``."""
+    out = Path(out)
+    meta, arrays = model.state()
+    meta = {"format": FORMAT, **meta, **(extra or {})}
+    atomic_write(out / MODEL_FILE, lambda tmp: save_file(arrays, str(tmp)))
+    text = json.dumps(meta, ensure_ascii=False)
+    atomic_write(out / META_FILE, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    return out
+
+
+def read_meta(folder: str | Path) -> dict:
+    """The JSON of a model folder; a folder without one is refused with a hint."""
+    path = Path(folder) / META_FILE
+    if not path.is_file():
+        raise LmarchError(
+            f"no n-gram model in {folder} ({META_FILE} not found)",
+            hint="give a folder written by 'lmarch ngram train --out'",
+        )
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise LmarchError(f"cannot read {path}: {exc}") from exc
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise LmarchError(f"{path} is not an lmarch n-gram model ({FORMAT})")
+    return meta
+
+
+def load_ngram(folder: str | Path) -> tuple[NgramLM, dict]:
+    """The model saved in ``folder`` and its JSON facts."""
+    meta = read_meta(folder)
+    path = Path(folder) / MODEL_FILE
+    try:
+        arrays = load_file(str(path))
+    except (FileNotFoundError, SafetensorError, OSError, ValueError) as exc:
+        raise LmarchError(f"cannot read {path}: {exc}") from exc
+    return NgramLM.from_state(meta, arrays), meta
+
+
+def train_ngram(
+    data: str,
+    out: str | Path,
+    config: NgramConfig,
+    val_fraction: float = 0.1,
+    log: Callable[[str], None] | None = None,
+) -> dict:
+    """Train on ``data``'s train split, score the validation split, save to ``out``; return the
+    summary (also stored in the folder's JSON)."""
+    log = log or (lambda _msg: None)
+    train, val = split_corpus(data, val_fraction)
+    start = time.perf_counter()
+    model = NgramLM.fit_text(train, config)
+    train_s = time.perf_counter() - start
+    log(f"counted {config.order}-grams of {len(train):,} characters in {train_s:.2f} s")
+    start = time.perf_counter()
+    score = model.evaluate_text(val) if val.strip() else None
+    eval_s = time.perf_counter() - start
+    summary = {
+        "data": data,
+        "val_fraction": val_fraction,
+        "order": config.order,
+        "smoothing": config.smoothing,
+        "unit": config.unit,
+        "vocab_size": len(model.vocab),
+        "ngrams": [len(k) for k in model.keys],
+        "discounts": [list(d) for d in model.discounts],
+        "train_characters": len(train),
+        "train_s": round(train_s, 4),
+        "eval_s": round(eval_s, 4),
+        "val": score.as_dict() if score else None,
+    }
+    save_ngram(model, out, {"summary": summary})
+    return summary
+
+
+def eval_ngram(folder: str | Path, data: str | None = None) -> dict:
+    """Score the model in ``folder`` on the validation split of ``data`` (by default the corpus
+    it was trained on), split with the same ``val_fraction``."""
+    model, meta = load_ngram(folder)
+    facts = meta.get("summary", {})
+    data = data or facts.get("data")
+    if not data:
+        raise LmarchError(f"{folder} does not say what it was trained on", hint="give --data")
+    _, val = split_corpus(data, float(facts.get("val_fraction", 0.1)))
+    start = time.perf_counter()
+    score = model.evaluate_text(val)
+    return {
+        "data": data,
+        "order": model.config.order,
+        "smoothing": model.config.smoothing,
+        "unit": model.config.unit,
+        **score.as_dict(),
+        "eval_s": round(time.perf_counter() - start, 4),
+    }
+
+
+def sample_ngram(folder: str | Path, tokens: int, seed: int = 0, prompt: str = "") -> str:
+    """``tokens`` tokens drawn from the model in ``folder`` after ``prompt``."""
+    model, _ = load_ngram(folder)
+    return model.sample(tokens, seed=seed, prompt=prompt)
+
+
+def describe(scores: dict) -> str:
+    """One line of validation figures."""
+    return (
+        f"perplexity {scores['perplexity']:.2f}, {scores['nats_per_token']:.4f} nats/token, "
+        f"{scores['bits_per_char']:.4f} bits/char over {scores['tokens']:,} tokens "
+        f"({scores['unknown']:,} unknown)"
+    )
