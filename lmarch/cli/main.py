@@ -13,6 +13,7 @@ import warnings
 from collections.abc import Sequence
 from typing import NoReturn
 
+from lmarch.cli import compare as compare_cli
 from lmarch.cli import ngram as ngram_cli
 from lmarch.cli import tfidf as tfidf_cli
 from lmarch.cli.options import add_config_options, add_union_options, given_values
@@ -179,6 +180,7 @@ def build_parser() -> OneLineParser:
     _add_seq2seq_parsers(sub)
     ngram_cli.add_parsers(sub)
     tfidf_cli.add_parsers(sub)
+    compare_cli.add_parsers(sub)
 
     d = sub.add_parser("demo", help="train a small GPT on Shakespeare (~3 min) and sample it")
     d.add_argument("--out", default="runs/demo")
@@ -759,6 +761,7 @@ COMMANDS = {
     "summarize": cmd_seq2seq,
     **ngram_cli.COMMANDS,
     **tfidf_cli.COMMANDS,
+    **compare_cli.COMMANDS,
 }
 
 

@@ -41,3 +41,33 @@ def evaluate_tokens(
             count += windows[:, 1:].numel()
     mean = total / count
     return {"loss": mean, "perplexity": math.exp(min(mean, 50.0)), "tokens": count}
+
+
+@torch.no_grad()
+def evaluate_streams(
+    model: nn.Module, tokens: Tensor, block_size: int, streams: int = 16
+) -> dict[str, float]:
+    """Mean next-token cross-entropy over ``tokens`` for a model that carries a state (a
+    recurrent LM), scored as it is trained: the tokens are cut into ``streams`` contiguous
+    streams read side by side in windows of ``block_size``, the state of each stream carried
+    from one window into the next (``model.make_cache`` / ``cache=``). Every token but the
+    first of each stream is predicted once; the last ``(len - 1) % streams`` are left out so the
+    streams are equal. Returns ``loss``, ``perplexity`` and ``tokens``."""
+    length = (len(tokens) - 1) // streams
+    if length < 1:
+        raise ValueError(f"need more than {streams} tokens to evaluate {streams} streams")
+    model.eval()
+    device = next(model.parameters()).device
+    rows = torch.arange(streams)[:, None] * length
+    state = model.make_cache(streams)
+    total, count = 0.0, 0
+    for start in range(0, length, block_size):
+        span = torch.arange(start, min(start + block_size, length) + 1)
+        window = tokens[rows + span].to(device).long()
+        logits = model(window[:, :-1], cache=state)
+        total += F.cross_entropy(
+            logits.flatten(0, 1).float(), window[:, 1:].flatten(), reduction="sum"
+        ).item()
+        count += window[:, 1:].numel()
+    mean = total / count
+    return {"loss": mean, "perplexity": math.exp(min(mean, 50.0)), "tokens": count}

@@ -311,6 +311,21 @@ def seq2seq_batches(
     return out[0], out[1], sizes
 
 
+def clm_batches(
+    config: Any, train_ids: Tensor, val_ids: Tensor, train_cfg: TrainConfig
+) -> tuple[Any, Any]:
+    """Next-token batches of ``config.block_size`` tokens from each split: random windows
+    (:class:`RandomBlockSampler`), or for a recurrent model contiguous streams it carries its
+    state along (:class:`StreamSampler`, truncated BPTT)."""
+    recurrent = family_of_config(config).name == "rnn"
+    sampler = StreamSampler if recurrent else RandomBlockSampler
+    size, batch, seed = config.block_size, train_cfg.batch_size, train_cfg.seed
+    try:
+        return sampler(train_ids, size, batch, seed), sampler(val_ids, size, batch, seed + 1)
+    except ValueError as exc:
+        raise LmarchError(str(exc), hint="give more text or --set block_size=SMALLER") from None
+
+
 def clm_loss(config: Any) -> Any:
     """The next-token loss for ``config``'s family: with the state carried between batches for
     a recurrent model (:class:`~lmarch.train.tbptt.CarriedStateLoss`), else per window."""
@@ -408,14 +423,7 @@ def train_run(
                 f"{block_size}",
                 hint="give more text or --set block_size=SMALLER",
             )
-        # a recurrent model walks contiguous streams, carrying its state (truncated BPTT)
-        recurrent = family_of_config(model_cfg).name == "rnn"
-        sampler = StreamSampler if recurrent else RandomBlockSampler
-        try:
-            train_batches = sampler(train_ids, block_size, train_cfg.batch_size, train_cfg.seed)
-            val_batches = sampler(val_ids, block_size, train_cfg.batch_size, train_cfg.seed + 1)
-        except ValueError as exc:
-            raise LmarchError(str(exc), hint="give more text or --set block_size=SMALLER") from None
+        train_batches, val_batches = clm_batches(model_cfg, train_ids, val_ids, train_cfg)
         sizes = f"{len(train_ids):,} train / {len(val_ids):,} val tokens"
     else:
         make = functools.partial(
