@@ -33,6 +33,9 @@ from lmarch.nn.recurrent import CELLS, Recurrent, RecurrentState
 CELL_MODES = {"lstm": "lstm", "gru": "gru", "rnn": "rnn_tanh", "rnn_relu": "rnn_relu"}
 # an RNN has no position limit; generation and evaluation see this as "whole text at once"
 UNBOUNDED_CONTEXT = 1 << 30
+# a longer input is read in pieces of this many tokens, the state carried from one to the next:
+# the same function, with memory bounded by the piece (a whole validation split is one input)
+READ_CHUNK = 4096
 
 
 @dataclass
@@ -161,16 +164,22 @@ class RecurrentLM(nn.Module):
         """Logits [B, T, vocab] for ids [B, T] (with ``last_only``, [B, 1, vocab]). With
         ``cache`` the stack starts from its state and leaves its final state there; without,
         from zeros. ``start`` is accepted for the decoders' common interface and unused: a
-        recurrent model has no positions."""
+        recurrent model has no positions. Inputs longer than :data:`READ_CHUNK` are read in
+        pieces, the state carried across."""
         if attention_mask is not None and not bool(attention_mask.all()):
             raise ValueError("a recurrent LM reads every token in order; it takes no padding mask")
-        x = self.drop(self.tok_emb(input_ids))
-        out, state = self.rnn(x, cache.state if cache is not None else None)
+        state = cache.state if cache is not None else None
+        pieces = input_ids.split(READ_CHUNK, dim=1)
+        logits = []
+        for i, piece in enumerate(pieces):
+            out, state = self.rnn(self.drop(self.tok_emb(piece)), state)
+            if last_only:
+                out = out[:, -1:]
+            if not last_only or i == len(pieces) - 1:
+                logits.append(self.lm_head(self.drop(out)))
         if cache is not None:
             cache.state = state
-        if last_only:
-            out = out[:, -1:]
-        return self.lm_head(self.drop(out))
+        return logits[0] if len(logits) == 1 else torch.cat(logits, dim=1)
 
 
 __all__ = [

@@ -14,6 +14,7 @@ from lmarch.errors import LmarchError
 from lmarch.generation.beam import BeamSearchConfig, beam_search_prompts
 from lmarch.generation.generate import generate
 from lmarch.models import RecurrentLM, RNNConfig
+from lmarch.models import rnn as rnn_module
 from lmarch.models.registry import PRESETS, build_model, count_parameters
 from lmarch.models.rnn import config_for_budget, rnn_parameter_count
 from lmarch.native import accelerate
@@ -44,6 +45,22 @@ def test_token_by_token_through_the_state_equals_all_at_once(cell: str) -> None:
     last = model(ids, cache=model.make_cache(2), last_only=True)
     assert last.shape == (2, 1, 11)
     assert (last[:, 0] - whole[:, -1]).abs().max() < 1e-6
+
+
+def test_long_inputs_are_read_in_pieces_exactly(monkeypatch) -> None:
+    """Read in pieces of 4 tokens (READ_CHUNK shrunk), a 14-token input gives the logits and
+    final state of one pass (to 1e-6), last_only included."""
+    model = tiny("lstm")
+    ids = torch.randint(11, (2, 14), generator=torch.Generator().manual_seed(3))
+    whole_cache = model.make_cache(2)
+    whole = model(ids, cache=whole_cache)
+    monkeypatch.setattr(rnn_module, "READ_CHUNK", 4)
+    cache = model.make_cache(2)
+    assert (model(ids, cache=cache) - whole).abs().max() < 1e-6
+    for a, b in zip(cache.state, whole_cache.state, strict=True):
+        assert (a - b).abs().max() < 1e-6
+    last = model(ids, last_only=True)
+    assert last.shape == (2, 1, 11) and (last[:, 0] - whole[:, -1]).abs().max() < 1e-6
 
 
 @pytest.mark.parametrize("cell", CELLS)
