@@ -38,14 +38,16 @@ def gensim_test_file(name: str) -> Path:
     ``simlex999.txt``, ...), found without importing gensim; refused when gensim is absent."""
     spec = importlib.util.find_spec("gensim")
     locations = list(spec.submodule_search_locations or []) if spec else []
+    if not locations:
+        raise LmarchError(
+            f"the evaluation file {name} ships inside gensim, which is not installed",
+            hint=GENSIM_PIP,
+        )
     for location in locations:
         path = Path(location) / "test" / "test_data" / name
         if path.is_file():
             return path
-    raise LmarchError(
-        f"the evaluation file {name} ships inside gensim, which is not installed",
-        hint=GENSIM_PIP,
-    )
+    raise LmarchError(f"gensim's test data has no file {name}", hint=GENSIM_PIP)
 
 
 def _unit_rows(vectors: torch.Tensor) -> torch.Tensor:
