@@ -37,6 +37,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/quantize.py
 	$(PY) benchmarks/seq2seq.py
 	$(PY) benchmarks/recurrent.py
+	$(PY) benchmarks/ngram.py
 
 lint: $(STAMP)
 	.venv/bin/ruff check lmarch tests benchmarks
