@@ -16,6 +16,7 @@ from typing import NoReturn
 from lmarch.cli import compare as compare_cli
 from lmarch.cli import ngram as ngram_cli
 from lmarch.cli import tfidf as tfidf_cli
+from lmarch.cli import word2vec as word2vec_cli
 from lmarch.cli.options import add_config_options, add_union_options, given_values
 from lmarch.errors import LmarchError, LmarchNotice
 
@@ -180,6 +181,7 @@ def build_parser() -> OneLineParser:
     _add_seq2seq_parsers(sub)
     ngram_cli.add_parsers(sub)
     tfidf_cli.add_parsers(sub)
+    word2vec_cli.add_parsers(sub)
     compare_cli.add_parsers(sub)
 
     d = sub.add_parser("demo", help="train a small GPT on Shakespeare (~3 min) and sample it")
@@ -761,6 +763,7 @@ COMMANDS = {
     "summarize": cmd_seq2seq,
     **ngram_cli.COMMANDS,
     **tfidf_cli.COMMANDS,
+    **word2vec_cli.COMMANDS,
     **compare_cli.COMMANDS,
 }
 
