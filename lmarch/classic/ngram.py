@@ -349,6 +349,11 @@ class NgramLM:
         return [_safe_discounts(c, cfg.smoothing) for c in self.counts]
 
     @property
+    def num_parameters(self) -> int:
+        """The n-gram counts stored (all orders): what the model learns, as a parameter count."""
+        return int(sum(len(k) for k in self.keys))
+
+    @property
     def predictable(self) -> int:
         """|V| of the smoothing: the vocabulary less ``<s>`` (with it, in nltk mode)."""
         return len(self.vocab) - (0 if self.config.nltk_compat else 1)

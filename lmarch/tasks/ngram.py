@@ -70,6 +70,39 @@ def load_ngram(folder: str | Path) -> tuple[NgramLM, dict]:
     return NgramLM.from_state(meta, arrays), meta
 
 
+def fit_and_score(
+    train: str, val: str, config: NgramConfig, sample_tokens: int = 0, seed: int = 0
+) -> tuple[NgramLM, dict]:
+    """Train on the text ``train``, score the text ``val``; the model and a summary: size,
+    training time and tokens/s, validation ``nats_per_token`` / ``bits_per_char`` /
+    ``perplexity`` (``None`` for a blank ``val``), and a seeded sample of ``sample_tokens``."""
+    start = time.perf_counter()
+    model = NgramLM.fit_text(train, config)
+    train_s = time.perf_counter() - start
+    start = time.perf_counter()
+    score = model.evaluate_text(val) if val.strip() else None
+    eval_s = time.perf_counter() - start
+    train_tokens = int(model.counts[-1].sum())  # the highest order counts each prediction once
+    summary = {
+        "order": config.order,
+        "smoothing": config.smoothing,
+        "unit": config.unit,
+        "vocab_size": len(model.vocab),
+        "ngrams": [len(k) for k in model.keys],
+        "params": model.num_parameters,
+        "discounts": [list(d) for d in model.discounts],
+        "train_characters": len(train),
+        "train_tokens": train_tokens,
+        "train_s": round(train_s, 4),
+        "tokens_per_s": round(train_tokens / max(train_s, 1e-9), 1),
+        "eval_s": round(eval_s, 4),
+        "val": score.as_dict() if score else None,
+    }
+    if sample_tokens:
+        summary["sample"] = model.sample(sample_tokens, seed=seed)
+    return model, summary
+
+
 def train_ngram(
     data: str,
     out: str | Path,
@@ -79,29 +112,11 @@ def train_ngram(
 ) -> dict:
     """Train on ``data``'s train split, score the validation split, save to ``out``; return the
     summary (also stored in the folder's JSON)."""
-    log = log or (lambda _msg: None)
     train, val = split_corpus(data, val_fraction)
-    start = time.perf_counter()
-    model = NgramLM.fit_text(train, config)
-    train_s = time.perf_counter() - start
-    log(f"counted {config.order}-grams of {len(train):,} characters in {train_s:.2f} s")
-    start = time.perf_counter()
-    score = model.evaluate_text(val) if val.strip() else None
-    eval_s = time.perf_counter() - start
-    summary = {
-        "data": data,
-        "val_fraction": val_fraction,
-        "order": config.order,
-        "smoothing": config.smoothing,
-        "unit": config.unit,
-        "vocab_size": len(model.vocab),
-        "ngrams": [len(k) for k in model.keys],
-        "discounts": [list(d) for d in model.discounts],
-        "train_characters": len(train),
-        "train_s": round(train_s, 4),
-        "eval_s": round(eval_s, 4),
-        "val": score.as_dict() if score else None,
-    }
+    model, summary = fit_and_score(train, val, config)
+    if log:
+        log(f"counted {config.order}-grams of {len(train):,} characters in {summary['train_s']} s")
+    summary = {"data": data, "val_fraction": val_fraction, **summary}
     save_ngram(model, out, {"summary": summary})
     return summary
 

@@ -10,7 +10,7 @@ import pytest
 
 from lmarch.classic.ngram import NgramConfig, NgramLM
 from lmarch.data.corpus import load_documents, train_val_split
-from lmarch.tasks.ngram import load_ngram
+from lmarch.tasks.ngram import fit_and_score, load_ngram
 
 
 @pytest.fixture
@@ -35,6 +35,20 @@ def test_train_saves_a_model_that_scores_as_the_library_does(trained, small_text
     loaded, meta = load_ngram(out)
     assert loaded.vocab == model.vocab and meta["summary"] == summary
     assert 1.5 < summary["val"]["bits_per_char"] < 3.5
+    # every character and each line's end is one training prediction
+    assert summary["train_tokens"] == len(train) + 1
+    assert summary["params"] == sum(summary["ngrams"]) == model.num_parameters
+
+
+def test_fit_and_score_is_the_api_for_comparisons(shakespeare_text) -> None:
+    train, val = shakespeare_text[:50_000], shakespeare_text[50_000:60_000]
+    config = NgramConfig(4, "mkn", unit="char")
+    model, summary = fit_and_score(train, val, config, sample_tokens=40, seed=3)
+    assert summary["sample"] == model.sample(40, seed=3)
+    assert summary["val"] == model.evaluate_text(val).as_dict()
+    assert summary["tokens_per_s"] == pytest.approx(
+        summary["train_tokens"] / summary["train_s"], rel=1e-2
+    )
 
 
 def test_eval_repeats_the_training_split_and_takes_other_data(cli, trained, tmp_path) -> None:
