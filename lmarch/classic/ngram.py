@@ -536,7 +536,11 @@ class NgramLM:
             out.append(token)
             context = [BOS] * (n - 1) if choice == EOS_ID else [*context, token]
             context = self._last(context)
-        return detokenize(out, self.config.unit)
+        text = detokenize(out, self.config.unit)
+        if self.config.unit == "word" and prompt and not prompt[-1].isspace():
+            # words after the prompt's last word are separated from it as from each other
+            text = text if not text or text[0] in ",.;:!?\n" else " " + text
+        return text
 
     # --- state -------------------------------------------------------------------------------
 

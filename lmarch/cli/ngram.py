@@ -44,7 +44,7 @@ def cmd_ngram(args: argparse.Namespace) -> int:
     from lmarch.classic.ngram import NgramConfig
     from lmarch.tasks import ngram
 
-    console = Console(stderr=True)
+    console = Console(stderr=True, soft_wrap=True)
     if args.ngram_command == "sample":
         text = ngram.sample_ngram(args.model_dir, args.tokens, seed=args.seed, prompt=args.prompt)
         print(args.prompt + text)

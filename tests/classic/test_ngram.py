@@ -19,6 +19,7 @@ from lmarch.classic.ngram import (
     EOS,
     NgramConfig,
     NgramLM,
+    detokenize,
     modified_kn_discounts,
     tokenize,
 )
@@ -225,6 +226,18 @@ def test_sampling_is_seeded_and_draws_from_the_distribution(shakespeare_text) ->
     freq = np.array([drawn.get(t, 0) for t in lm.vocab[3:]]) / 3000
     assert 0.5 * np.abs(freq - p[3:]).sum() < 0.04  # total variation
     assert p[lm.index["e"]] > 0.5  # "the", "then", "there"
+
+
+def test_word_samples_read_as_text(shakespeare_text) -> None:
+    lm = NgramLM.fit_text(shakespeare_text[:50_000], NgramConfig(3, "kn"))
+    text = lm.sample(40, seed=2, prompt="I pray you")
+    assert text.startswith(" ") or text[0] in ",.;:!?\n"
+    words = tokenize(text, "word")
+    assert sum(len(line) for line in words) + len(words) - 1 == 40  # 40 tokens, line ends too
+    assert " ," not in text and " ." not in text
+    assert (
+        detokenize(["Speak", ",", "speak", ".", EOS, "All", ":"], "word") == "Speak, speak.\nAll:"
+    )
 
 
 def test_state_round_trip_and_refusal_of_a_broken_state(shakespeare_text) -> None:
