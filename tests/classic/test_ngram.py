@@ -83,6 +83,20 @@ def test_add_k_equals_nltk_laplace_and_lidstone(tiny, order, k) -> None:
     assert worst <= 1e-12
 
 
+def test_perplexity_equals_nltks(shakespeare_text) -> None:
+    train = tokenize(shakespeare_text[:5000], "word")
+    held_out = tokenize(shakespeare_text[5000:5600], "word")
+    ref = _nltk_model(Lidstone, 3, train, gamma=0.5)
+    lm = NgramLM.fit(train, NgramConfig(3, "addk", k=0.5, nltk_compat=True))
+    scored = []  # every token of each line, then its first </s>, after two <s>
+    for s in held_out:
+        padded = [BOS, BOS, *s, EOS]
+        scored += [tuple(padded[i - 2 : i + 1]) for i in range(2, len(padded))]
+    logp = lm.log_probs(held_out)
+    assert len(logp) == len(scored)
+    assert math.exp(-logp.mean()) == pytest.approx(ref.perplexity(scored), rel=1e-12)
+
+
 def _reference_modified_kn(sentences, order: int, discounts) -> Callable[[str, tuple], float]:
     """Interpolated modified Kneser-Ney written out with dicts, as Chen & Goodman (1998)
     describe it: raw counts at the highest order, continuation counts N1+(. g) below it, the
