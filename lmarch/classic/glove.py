@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import math
 import re
+import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -55,19 +56,19 @@ def word_tokens(text: str) -> list[str]:
 
 @dataclass
 class GloveConfig:
-    """Training settings; defaults from the paper and the reference ``demo.sh`` (window 10 there
-    is 15; the paper's 10 is used)."""
+    """Training settings: x_max, alpha, the learning rate and the window from the paper (the
+    reference ``demo.sh`` uses window 15); minibatches replace ``glove.c``'s one entry at a time."""
 
-    dim: int = 50
-    window: int = 10
-    x_max: float = 100.0
-    alpha: float = 0.75
-    lr: float = 0.05
-    epochs: int = 25
-    min_count: int = 5
-    batch_size: int = 1024  # nonzero entries per AdaGrad step
-    vectors: str = "sum"  # "sum": W + W~ (the paper's); "word": W alone
-    seed: int = 0
+    dim: int = 50  # vector dimensions d
+    window: int = 10  # words counted on each side, weighted 1/distance
+    x_max: float = 100.0  # counts from x_max on get full weight f = 1
+    alpha: float = 0.75  # exponent of the weighting f below x_max
+    lr: float = 0.05  # AdaGrad's initial learning rate
+    epochs: int = 25  # passes over the nonzero counts
+    min_count: int = 5  # words seen fewer times are dropped before counting
+    batch_size: int = 8192  # nonzero counts per AdaGrad step
+    vectors: str = "sum"  # sum (W + W~, the paper's) or word (W alone)
+    seed: int = 0  # initial vectors and the order of the counts
 
     def __post_init__(self) -> None:
         for name in ("dim", "window", "epochs", "min_count", "batch_size"):
@@ -307,16 +308,29 @@ def train_glove(
     texts: Sequence[str],
     config: GloveConfig | None = None,
     progress: Callable[[int, float], None] | None = None,
+    threads: int | None = None,
 ) -> GloveResult:
     """Train GloVe on ``texts`` (each a document): tokenise (:func:`word_tokens`), keep words seen
     ``min_count`` times, count co-occurrences, run ``epochs`` of AdaGrad.
 
-    ``progress(epoch, J)`` is called after each epoch with the epoch's summed minibatch losses. Refuses a corpus
-    with no word reaching ``min_count``.
+    ``progress(epoch, J)`` is called with epoch 0 and the initial J once the counts are made, then
+    after each epoch with the epoch's summed minibatch losses. Refuses a corpus
+    with no word reaching ``min_count``. ``threads`` sets torch's intra-op threads for the run
+    (restored after): the minibatch operations are small, and on a loaded 2-core machine one thread
+    measured 35x faster than two (0.57 s against 19.5 s for 8 epochs on 60,000 characters).
     """
-    import time
+    previous = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        return _train(texts, config or GloveConfig(), progress)
+    finally:
+        torch.set_num_threads(previous)
 
-    config = config or GloveConfig()
+
+def _train(
+    texts: Sequence[str], config: GloveConfig, progress: Callable[[int, float], None] | None
+) -> GloveResult:
     start = time.perf_counter()
     documents = [word_tokens(t) for t in texts]
     if not any(documents):
@@ -334,6 +348,8 @@ def train_glove(
     entries = model.entries(cooc)
     generator = torch.Generator().manual_seed(config.seed)
     loss_start = model.loss(entries)
+    if progress is not None:
+        progress(0, loss_start)
     epoch_losses = []
     for epoch in range(config.epochs):
         epoch_losses.append(model.epoch(entries, generator))

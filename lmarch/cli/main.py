@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from lmarch.cli import compare as compare_cli
+from lmarch.cli import glove as glove_cli
 from lmarch.cli import ngram as ngram_cli
 from lmarch.cli import tfidf as tfidf_cli
 from lmarch.cli import word2vec as word2vec_cli
@@ -182,6 +183,7 @@ def build_parser() -> OneLineParser:
     ngram_cli.add_parsers(sub)
     tfidf_cli.add_parsers(sub)
     word2vec_cli.add_parsers(sub)
+    glove_cli.add_parsers(sub)
     compare_cli.add_parsers(sub)
 
     d = sub.add_parser("demo", help="train a small GPT on Shakespeare (~3 min) and sample it")
@@ -764,6 +766,7 @@ COMMANDS = {
     **ngram_cli.COMMANDS,
     **tfidf_cli.COMMANDS,
     **word2vec_cli.COMMANDS,
+    **glove_cli.COMMANDS,
     **compare_cli.COMMANDS,
 }
 
