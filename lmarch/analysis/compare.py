@@ -179,7 +179,7 @@ def run_ngram(cfg: CompareConfig, train: str, val: str) -> CompareRow:
     )
     train_s = time.perf_counter() - start
     score = model.evaluate_text(val)
-    stored = sum(len(c) for c in model.counts)
+    stored = model.num_parameters
     return CompareRow(
         model="ngram",
         kind=f"count-based {cfg.ngram_order}-gram, modified Kneser-Ney",
