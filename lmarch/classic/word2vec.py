@@ -3,9 +3,9 @@ Estimation of Word Representations in Vector Space"; 2013b, "Distributed Represe
 and Phrases and their Compositionality"), trained in torch.
 
 Two tables: input vectors ``W`` (the word vectors kept at the end, initialised uniform in
-``±0.5/d``) and output vectors ``U`` (zeros). For an input word ``w`` predicting an output word
-``o`` with ``K`` negatives ``n_k`` drawn from the unigram distribution raised to 3/4, negative
-sampling maximises
+``±1/d`` as gensim 4 does; word2vec.c uses ``±0.5/d``) and output vectors ``U`` (zeros). For an
+input word ``w`` predicting an output word ``o`` with ``K`` negatives ``n_k`` drawn from the
+unigram distribution raised to 3/4, negative sampling maximises
 
     log σ(U_o · W_w) + Σ_k log σ(−U_{n_k} · W_w)
 
@@ -138,7 +138,7 @@ class Word2Vec:
         self.config = config
         generator = torch.Generator().manual_seed(config.seed)
         size, d = len(vocab.words), config.vector_size
-        self.input = (torch.rand(size, d, generator=generator) - 0.5) / d
+        self.input = (torch.rand(size, d, generator=generator) * 2 - 1) / d
         self.output = torch.zeros(size, d)
         self.index = {w: i for i, w in enumerate(vocab.words)}
 
@@ -223,125 +223,104 @@ class Word2Vec:
         progress: Callable[[int, int], None] | None,
     ) -> None:
         config = self.config
-        n, window = ids.numel(), config.window
-        reduced = torch.randint(0, window, (n,), generator=generator)
-        offsets = torch.cat([torch.arange(-window, 0), torch.arange(1, window + 1)])
+        n = ids.numel()
+        reduced = torch.randint(0, config.window, (n,), generator=generator)
         for start in range(0, n, config.batch_words):
             stop = min(start + config.batch_words, n)
-            positions = torch.arange(start, stop)
-            context = positions[:, None] + offsets  # [B, 2w]
-            inside = (context >= 0) & (context < n)
-            context = context.clamp(0, n - 1)
-            valid = (
-                inside
-                & (offsets.abs() <= (window - reduced[start:stop])[:, None])
-                & (sentence_of[context] == sentence_of[positions][:, None])
-            )
-            progress_fraction = float(done_before[start]) / total
-            alpha = config.alpha - (config.alpha - config.min_alpha) * progress_fraction
-            alpha = max(alpha, config.min_alpha)
+            context, valid = context_windows(sentence_of, reduced, config.window, start, stop)
+            alpha = learning_rate(config, float(done_before[start]) / total)
+            centres = ids[start:stop]
             if config.sg:
                 rows, cols = valid.nonzero(as_tuple=True)
-                self._step(
-                    ids[context[rows, cols]], None, ids[positions[rows]], alpha, table, generator
-                )
+                inputs, mask, targets = ids[context[rows, cols]], None, centres[rows]
             else:
                 has_context = valid.any(dim=1)
-                self._step(
-                    ids[context[has_context]],
-                    valid[has_context],
-                    ids[positions[has_context]],
-                    alpha,
-                    table,
-                    generator,
-                )
+                inputs, mask = ids[context[has_context]], valid[has_context]
+                targets = centres[has_context]
+            if targets.numel():
+                shape = (config.shared_negatives,)
+                if config.shared_negatives == 0:
+                    shape = (targets.numel(), config.negative)
+                self.update(inputs, mask, targets, _draw(table, shape, generator), alpha)
             if progress is not None:
                 progress(int(done_before[stop - 1]) + 1, total)
 
-    def _step(
+    def update(
         self,
         inputs: torch.Tensor,
         input_mask: torch.Tensor | None,
         targets: torch.Tensor,
+        negatives: torch.Tensor,
         alpha: float,
-        table: torch.Tensor,
-        generator: torch.Generator,
     ) -> None:
-        """One vectorised SGD update. Skip-gram: ``inputs`` [B] rows. CBOW: ``inputs`` [B, 2w]
-        with ``input_mask`` marking the real context words, averaged into one input."""
-        batch = targets.numel()
-        if batch == 0:
-            return
-        config = self.config
-        if config.shared_negatives == 0:
-            self._step_per_pair(inputs, input_mask, targets, alpha, table, generator)
-            return
-        pool = config.shared_negatives
-        negatives = _draw(table, (pool,), generator)
+        """One vectorised SGD step on B pairs, all gradients taken at the current tables.
+
+        Skip-gram: ``inputs`` is [B] rows of W. CBOW: ``inputs`` is [B, 2w] rows with
+        ``input_mask`` marking the real context words; their mean is the input, and each of them
+        receives the whole input gradient. ``negatives`` is [B, K] (drawn per pair) or [N]
+        (shared by all pairs, each weighted K/N). A negative equal to its pair's target is
+        skipped, as in word2vec.c.
+        """
         if input_mask is None:
             hidden = self.input.index_select(0, inputs)  # [B, d]
         else:
-            mask = input_mask.float()
+            mask = input_mask.to(self.input.dtype)
             hidden = (self.input[inputs] * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
         positive = self.output.index_select(0, targets)  # [B, d]
-        negative = self.output.index_select(0, negatives)  # [N, d]
         g_pos = (1.0 - torch.sigmoid((hidden * positive).sum(1))) * alpha  # [B]
-        # each of the N shared negatives stands for K/N of a pair's K draws; a draw equal to the
-        # pair's target is skipped, as in word2vec.c
-        g_neg = torch.sigmoid(hidden @ negative.T).mul_(-alpha * config.negative / pool)
-        g_neg.masked_fill_(negatives[None, :] == targets[:, None], 0.0)  # [B, N]
-        hidden_grad = torch.addmm(g_pos[:, None] * positive, g_neg, negative)
-        self.output.index_add_(0, negatives, g_neg.T @ hidden)
-        self.output.index_put_((targets,), g_pos[:, None] * hidden, accumulate=True)
-        if input_mask is None:
-            self.input.index_put_((inputs,), hidden_grad, accumulate=True)
+        if negatives.dim() == 2:
+            negative = self.output.index_select(0, negatives.reshape(-1)).view(
+                *negatives.shape, -1
+            )  # [B, K, d]
+            scores = torch.bmm(negative, hidden[:, :, None]).squeeze(2)
+            g_neg = torch.sigmoid(scores).mul_(-alpha)
+            g_neg.masked_fill_(negatives == targets[:, None], 0.0)  # [B, K]
+            hidden_grad = g_pos[:, None] * positive + torch.bmm(g_neg[:, None], negative).squeeze(1)
+            negative_grad = (g_neg[:, :, None] * hidden[:, None, :]).reshape(-1, hidden.shape[1])
+            self.output.index_add_(0, negatives.reshape(-1), negative_grad)
         else:
-            rows = inputs[input_mask]
-            counts = input_mask.sum(1)
-            self.input.index_put_(
-                (rows,), hidden_grad.repeat_interleave(counts, dim=0), accumulate=True
-            )
-
-    def _step_per_pair(
-        self,
-        inputs: torch.Tensor,
-        input_mask: torch.Tensor | None,
-        targets: torch.Tensor,
-        alpha: float,
-        table: torch.Tensor,
-        generator: torch.Generator,
-    ) -> None:
-        """The update with K negatives drawn for every pair, as word2vec.c draws them."""
-        batch = targets.numel()
-        negatives = _draw(table, (batch, self.config.negative), generator)
-        out_rows = torch.cat([targets[:, None], negatives], dim=1)  # [B, 1+K]
-        labels = torch.zeros(out_rows.shape)
-        labels[:, 0] = 1.0
-        weight = torch.ones(out_rows.shape)
-        weight[:, 1:] = (negatives != targets[:, None]).float()
-        if input_mask is None:
-            hidden = self.input.index_select(0, inputs)
-        else:
-            mask = input_mask.float()
-            hidden = (self.input[inputs] * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
-        out_vectors = self.output.index_select(0, out_rows.reshape(-1)).view(*out_rows.shape, -1)
-        scores = torch.bmm(out_vectors, hidden[:, :, None]).squeeze(2)
-        g = (labels - torch.sigmoid(scores)) * weight * alpha  # [B, 1+K]
-        hidden_grad = torch.bmm(g[:, None, :], out_vectors).squeeze(1)  # [B, d]
-        self.output.index_add_(
-            0,
-            out_rows.reshape(-1),
-            (g[:, :, None] * hidden[:, None, :]).reshape(-1, hidden.shape[1]),
-        )
+            negative = self.output.index_select(0, negatives)  # [N, d]
+            scale = -alpha * self.config.negative / negatives.numel()
+            g_neg = torch.sigmoid(hidden @ negative.T).mul_(scale)
+            g_neg.masked_fill_(negatives[None, :] == targets[:, None], 0.0)  # [B, N]
+            hidden_grad = torch.addmm(g_pos[:, None] * positive, g_neg, negative)
+            self.output.index_add_(0, negatives, g_neg.T @ hidden)
+        self.output.index_add_(0, targets, g_pos[:, None] * hidden)
         if input_mask is None:
             self.input.index_add_(0, inputs, hidden_grad)
         else:
-            rows = inputs[input_mask]
-            self.input.index_add_(0, rows, hidden_grad.repeat_interleave(input_mask.sum(1), dim=0))
+            per_word = hidden_grad.repeat_interleave(input_mask.sum(1), dim=0)
+            self.input.index_add_(0, inputs[input_mask], per_word)
 
     def config_dict(self) -> dict:
         """The settings as plain values (saved beside the vectors)."""
         return asdict(self.config)
+
+
+def context_windows(
+    sentence_of: torch.Tensor, reduced: torch.Tensor, window: int, start: int, stop: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Context positions of the centres ``start..stop-1`` of a (subsampled) word stream:
+    ``context`` [B, 2 window] holds positions ``i-window..i-1, i+1..i+window`` (clamped), ``valid``
+    marks those within the centre's dynamic window ``window - reduced[i]`` and its sentence."""
+    n = sentence_of.numel()
+    offsets = torch.cat([torch.arange(-window, 0), torch.arange(1, window + 1)])
+    positions = torch.arange(start, stop)
+    context = positions[:, None] + offsets
+    inside = (context >= 0) & (context < n)
+    context = context.clamp(0, n - 1)
+    valid = (
+        inside
+        & (offsets.abs() <= (window - reduced[start:stop])[:, None])
+        & (sentence_of[context] == sentence_of[positions][:, None])
+    )
+    return context, valid
+
+
+def learning_rate(config: Word2VecConfig, progress: float) -> float:
+    """Linear decay: ``alpha - (alpha - min_alpha) * progress``, progress in [0, 1] the share of
+    all epochs' words already read (gensim's schedule)."""
+    return max(config.alpha - (config.alpha - config.min_alpha) * progress, config.min_alpha)
 
 
 def _draw(table: torch.Tensor, shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
@@ -381,6 +360,8 @@ __all__ = [
     "Vocabulary",
     "Word2Vec",
     "Word2VecConfig",
+    "context_windows",
+    "learning_rate",
     "keep_probabilities",
     "negative_table",
     "train_word2vec",
