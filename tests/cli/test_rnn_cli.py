@@ -60,16 +60,16 @@ def test_sample_and_generate_equal_the_library(gru_run: Path, cli) -> None:
     assert code == 0 and stdout.strip() == tok.decode(ids[len("ROMEO:") :]).strip()
 
 
-def test_eval_reads_the_validation_split_in_one_pass(gru_run: Path, cli) -> None:
-    """`lmarch eval --json` scores every validation token once, the state carried over the
-    whole split (no position limit): equal to evaluate_tokens with one window."""
+def test_eval_scores_every_validation_token(gru_run: Path, cli) -> None:
+    """`lmarch eval --json` scores every validation token once, reading windows of
+    max_positions (4,096) tokens with the state carried through each: evaluate_tokens."""
     data = gru_run.parent / "tiny.txt"
     printed = cli.json("eval", gru_run, "--data", data)
     assert printed == evaluate_run(gru_run, str(data))
     model, tok, _ = load_run(gru_run)
     val = torch.tensor(tok.encode(data.read_text()[54_000:]))
     assert printed["tokens"] == len(val) - 1
-    expected = evaluate_tokens(model, val, len(val))["loss"]
+    expected = evaluate_tokens(model, val, 4096)["loss"]
     assert printed["loss"] == pytest.approx(expected, abs=1e-5)
 
 
