@@ -46,6 +46,7 @@ _FORMAT_HINT = (
     "('word v1 ... vd' rows, no header)"
 )
 _ASCII_SPACE = frozenset(" \t\n\r\v\f")
+_BLOCK_ROWS = 4096  # text rows converted to numbers at a time
 
 
 class HasWordVectors(Protocol):
@@ -197,8 +198,25 @@ def _read_text(
         start = 1
     wanted = count if limit is None else min(limit, count or limit)
     words: list[str] = []
-    tokens: list[str] = []
-    rows: list[int] = []  # line number of each row, for messages
+    blocks: list[np.ndarray] = []
+    tokens: list[str] = []  # numbers of the rows not yet converted
+    rows: list[int] = []  # line number of each of those rows, for messages
+
+    def convert() -> None:
+        # a block at a time, so a large file never holds all its numbers as Python strings
+        try:
+            array = np.array(tokens, dtype=np.float64)
+        except ValueError:
+            bad = next(i for i, t in enumerate(tokens) if not _is_float(t))
+            raise LmarchError(
+                f"{path}, line {rows[bad // dim]}: {tokens[bad]!r} is not a number",
+                hint=_FORMAT_HINT,
+            ) from None
+        # float64 first, then float32: the rounding numpy.float32(text) does, as gensim reads
+        blocks.append(array.astype(np.float32).reshape(len(rows), dim))
+        tokens.clear()
+        rows.clear()
+
     for number in range(start, len(lines)):
         raw = lines[number]
         if not raw.strip():
@@ -224,6 +242,8 @@ def _read_text(
         words.append(parts[0])
         tokens.extend(numbers)
         rows.append(number + 1)
+        if len(rows) == _BLOCK_ROWS:
+            convert()
     if not words:
         raise LmarchError(f"{path} holds no vectors", hint=_FORMAT_HINT)
     if wanted is not None and len(words) < wanted:
@@ -232,15 +252,9 @@ def _read_text(
             f"{path}, line {last}: the file ends after {len(words)} of the {wanted} rows its "
             "header declares (truncated?)"
         )
-    try:
-        array = np.array(tokens, dtype=np.float64)
-    except ValueError:
-        bad = next(i for i, t in enumerate(tokens) if not _is_float(t))
-        raise LmarchError(
-            f"{path}, line {rows[bad // dim]}: {tokens[bad]!r} is not a number", hint=_FORMAT_HINT
-        ) from None
-    # float64 first, then float32: the rounding numpy.float32(text) does, so values equal gensim's
-    return words, array.astype(np.float32).reshape(len(words), dim)
+    if rows:
+        convert()
+    return words, np.concatenate(blocks)
 
 
 def _is_float(text: str) -> bool:

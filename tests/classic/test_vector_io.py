@@ -230,3 +230,15 @@ def test_write_replaces_atomically(tmp_path: Path) -> None:
         write_vectors(random_vectors(count=5, dim=2), path, "glove")
     assert read_vectors(path).words == ["w0", "été", "слово", "词", "o'er"]
     assert os.listdir(tmp_path) == ["v.txt"]
+
+
+def test_text_numbers_are_converted_in_blocks(tmp_path: Path, monkeypatch) -> None:
+    from lmarch.classic import vector_io
+
+    monkeypatch.setattr(vector_io, "_BLOCK_ROWS", 5)  # many blocks, the last one partial
+    path = gensim_test_file("lee_fasttext.vec")
+    assert_same(*read_vector_arrays(path), gensim_read(path, "word2vec-text"))
+    rows = [f"w{i} {i} {i + 0.5}" for i in range(12)]
+    rows[9] = "w9 1 nine"
+    with pytest.raises(LmarchError, match=r"bad\.vec, line 10: 'nine' is not a number"):
+        read_vector_arrays(bad(tmp_path, "\n".join(rows).encode()))
