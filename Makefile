@@ -38,6 +38,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/seq2seq.py
 	$(PY) benchmarks/recurrent.py
 	$(PY) benchmarks/ngram.py
+	$(PY) benchmarks/word2vec.py
 
 lint: $(STAMP)
 	.venv/bin/ruff check lmarch tests benchmarks
