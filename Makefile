@@ -39,6 +39,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/recurrent.py
 	$(PY) benchmarks/ngram.py
 	$(PY) benchmarks/word2vec.py
+	$(PY) benchmarks/vector_io.py
 
 lint: $(STAMP)
 	.venv/bin/ruff check lmarch tests benchmarks

@@ -364,15 +364,22 @@ def write_vectors(vectors: HasWordVectors, path: str | Path, format: str = "glov
         with tmp.open("wb") as f:
             if format != "glove":
                 f.write(header)
-            if format == "word2vec-binary":
-                little = array.astype("<f4")
-                for word, row in zip(words, little, strict=True):
-                    f.write(word.encode("utf-8") + b" " + row.tobytes() + b"\n")
-                return
-            # numpy's str of a float32 is its shortest repr that reads back exactly
-            texts = array.astype(str)
-            for word, row in zip(words, texts, strict=True):
-                f.write((word + " " + " ".join(row) + "\n").encode("utf-8"))
+            # a block of rows per write: few calls, bounded memory
+            for s in range(0, len(words), _BLOCK_ROWS):
+                block, names = array[s : s + _BLOCK_ROWS], words[s : s + _BLOCK_ROWS]
+                if format == "word2vec-binary":
+                    rows = block.astype("<f4")
+                    f.write(
+                        b"".join(
+                            w.encode() + b" " + r.tobytes() + b"\n" for w, r in zip(names, rows)
+                        )
+                    )
+                    continue
+                # numpy's str of a float32 is its shortest repr that reads back exactly
+                texts = block.astype(str).tolist()
+                f.write(
+                    "".join(w + " " + " ".join(r) + "\n" for w, r in zip(names, texts)).encode()
+                )
 
     atomic_write(path, write)
     return Path(path)
