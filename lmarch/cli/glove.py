@@ -27,7 +27,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     )
     n = gsub.add_parser("neighbors", help="the nearest words to a word, by cosine")
     n.add_argument(
-        "vectors", help="a 'glove train' folder, or a word2vec text/binary or GloVe file"
+        "vectors", help="a glove or word2vec run folder, or a word2vec text/binary or GloVe file"
     )
     n.add_argument("word", help="the word to look up")
     n.add_argument("-k", type=int, default=10, help="how many neighbours (default: 10)")

@@ -19,6 +19,7 @@ from lmarch.tokenizers.base import write_json_file
 
 VECTORS_FILE = "vectors.txt"
 SETTINGS_FILE = "glove.json"
+RUN_VECTOR_FILES = (VECTORS_FILE, "vectors.bin")  # the files of glove and word2vec run folders
 
 
 def train_glove_run(
@@ -45,16 +46,19 @@ def train_glove_run(
 
 
 def vectors_path(source: str | Path) -> Path:
-    """The vector file named by ``source``: a run folder's ``vectors.txt``, or the file itself."""
+    """The vector file named by ``source``: the file itself, or in a folder its ``vectors.txt``
+    (a ``glove train`` run) or ``vectors.bin`` (a ``word2vec train`` run)."""
     path = Path(source)
     if path.is_dir():
-        path = path / VECTORS_FILE
-        if not path.is_file():
-            raise LmarchError(
-                f"{source} holds no {VECTORS_FILE}",
-                hint="give a folder written by 'lmarch glove train' or a vector file",
-            )
-    elif not path.exists():
+        for name in RUN_VECTOR_FILES:
+            if (path / name).is_file():
+                return path / name
+        raise LmarchError(
+            f"{source} holds no {' or '.join(RUN_VECTOR_FILES)}",
+            hint="give a folder written by 'lmarch glove train' or 'lmarch word2vec train', or a "
+            "vector file",
+        )
+    if not path.exists():
         raise LmarchError(f"vector file not found: {source}")
     return path
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lmarch.classic.vector_io import read_vectors
+from lmarch.classic.vector_io import read_vectors, write_vectors
 from lmarch.classic.vectors import gensim_test_file
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -85,8 +85,15 @@ def test_refusals_are_one_line(cli, tmp_path: Path) -> None:
     assert "picture.png, line 1: neither a word2vec header nor a 'word v1 ... vd' row" in line
     assert "vector file not found" in cli.error("glove", "neighbors", tmp_path / "nope", "the")
     line = cli.error("glove", "neighbors", tmp_path, "the")
-    assert "holds no vectors.txt" in line
+    assert "holds no vectors.txt or vectors.bin" in line
     broken = gensim_test_file("pang_lee_polarity_fasttext.vec")
     assert "line 150: a word is not valid UTF-8" in cli.error("glove", "neighbors", broken, "the")
     result = cli.json("glove", "neighbors", broken, "the", "--unicode-errors", "replace")
     assert len(result["neighbors"]) == 10
+
+
+def test_neighbors_reads_a_word2vec_run_folder(cli, tmp_path: Path) -> None:
+    vectors = read_vectors(gensim_test_file("test_glove.txt"))
+    write_vectors(vectors, tmp_path / "vectors.bin", "word2vec-binary")  # as word2vec train saves
+    result = cli.json("glove", "neighbors", tmp_path, "of", "-k", "3")
+    assert [(h["word"], h["cosine"]) for h in result["neighbors"]] == vectors.neighbors("of", 3)
