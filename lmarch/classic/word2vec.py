@@ -272,10 +272,10 @@ class Word2Vec:
             negative = self.output.index_select(0, negatives.reshape(-1)).view(
                 *negatives.shape, -1
             )  # [B, K, d]
-            scores = torch.bmm(negative, hidden[:, :, None]).squeeze(2)
+            scores = (negative * hidden[:, None, :]).sum(2)
             g_neg = torch.sigmoid(scores).mul_(-alpha)
             g_neg.masked_fill_(negatives == targets[:, None], 0.0)  # [B, K]
-            hidden_grad = g_pos[:, None] * positive + torch.bmm(g_neg[:, None], negative).squeeze(1)
+            hidden_grad = g_pos[:, None] * positive + (g_neg[:, :, None] * negative).sum(1)
             negative_grad = (g_neg[:, :, None] * hidden[:, None, :]).reshape(-1, hidden.shape[1])
             self.output.index_add_(0, negatives.reshape(-1), negative_grad)
         else:
