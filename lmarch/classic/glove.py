@@ -344,6 +344,11 @@ def _train(
     index = {w: i for i, w in enumerate(vocab)}
     ids = [np.array([index[w] for w in doc if w in index], dtype=np.int64) for doc in documents]
     cooc = cooccurrence(ids, len(vocab), config.window)
+    if cooc.values().numel() == 0:
+        raise LmarchError(
+            f"no two words of the vocabulary occur within {config.window} words of each other",
+            hint="give longer documents or lower --min-count",
+        )
     model = GloVe(vocab, config)
     entries = model.entries(cooc)
     generator = torch.Generator().manual_seed(config.seed)

@@ -93,7 +93,7 @@ def cmd_glove(args: argparse.Namespace) -> int:
         f"{summary['vocab_size']:,} words, {summary['tokens']:,} tokens, "
         f"{summary['nonzeros']:,} co-occurring pairs; J {summary['loss_start']:,.0f} -> "
         f"{summary['loss_end']:,.0f} in {summary['seconds']:.1f} s; vectors in "
-        f"{summary['vectors']}",
+        f"{summary['vectors_file']}",
         markup=False,
     )
     if args.json:

@@ -40,7 +40,7 @@ def train_glove_run(
     result = train_glove([d.text for d in documents], config, progress, threads)
     out.mkdir(parents=True, exist_ok=True)
     write_vectors(result.vectors, out / VECTORS_FILE, "glove")
-    summary = {"data": data, **result.summary(), "vectors": str(out / VECTORS_FILE)}
+    summary = {"data": data, **result.summary(), "vectors_file": str(out / VECTORS_FILE)}
     write_json_file(out / SETTINGS_FILE, summary)
     return summary
 

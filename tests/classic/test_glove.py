@@ -165,6 +165,8 @@ def test_train_refuses_text_without_enough_words() -> None:
         train_glove(["", "12 ... 34"])
     with pytest.raises(LmarchError, match="only 1 distinct words occur at least 5 times"):
         train_glove(["one two three one one one one"])
+    with pytest.raises(LmarchError, match="no two words of the vocabulary occur within 10 words"):
+        train_glove(["one", "two", "one", "two"], GloveConfig(min_count=2))
 
 
 def test_training_on_tinyshakespeare_lowers_j_and_finds_royal_neighbours() -> None:

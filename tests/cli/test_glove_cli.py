@@ -24,6 +24,7 @@ def test_train_writes_vectors_gensim_reads_and_neighbors_reads_them(
         "--dim", "16", "--epochs", "8", "--min-count", "3", "--seed", "2", "--batch-size", "512",
     )  # fmt: skip
     assert summary["settings"]["dim"] == 16 and summary["settings"]["seed"] == 2
+    assert summary["vectors_file"] == str(out / "vectors.txt")
     # measured: J 2,883 -> 1,249 (0.43) in 0.6 s
     assert summary["loss_end"] < 0.5 * summary["loss_start"]
     assert len(summary["epoch_losses"]) == 8
