@@ -26,8 +26,9 @@ Global Vectors for Word Representation"), trained in torch.
 4. **Vectors.** ``W + W~`` (the paper's choice, section 4.2), or ``W`` alone.
 
 Parameters start uniform in ``(−0.5/d, 0.5/d)``, as in ``glove.c``. Everything is vectorised: the
-counts over shifted id arrays (one pass per distance), coalesced as a sparse tensor; the updates
-per minibatch with ``index_add_``.
+counts over shifted id arrays (one pass per distance, pairs merged with ``torch.unique`` and
+summed with ``index_add_``, returned as a coalesced sparse tensor); the updates per minibatch with
+``index_add_``.
 """
 
 from __future__ import annotations
@@ -314,8 +315,8 @@ def train_glove(
     ``min_count`` times, count co-occurrences, run ``epochs`` of AdaGrad.
 
     ``progress(epoch, J)`` is called with epoch 0 and the initial J once the counts are made, then
-    after each epoch with the epoch's summed minibatch losses. Refuses a corpus
-    with no word reaching ``min_count``. ``threads`` sets torch's intra-op threads for the run
+    after each epoch with the epoch's summed minibatch losses. Refuses a corpus with fewer than
+    two words reaching ``min_count``, or whose words never meet in a window. ``threads`` sets torch's intra-op threads for the run
     (restored after): the minibatch operations are small, and on a loaded 2-core machine one thread
     measured 35x faster than two (0.57 s against 19.5 s for 8 epochs on 60,000 characters).
     """
