@@ -140,3 +140,39 @@ class StreamSampler:
         self.shift, self.step = (int(v) for v in tensors["stream_position"])
         self._fresh = True
         self._eval = None
+
+
+class RankSlice:
+    """One rank's share of another sampler's batches, for data-parallel training.
+
+    Every rank's sampler draws the same global batch of B rows from the same seeded generator,
+    and this wrapper keeps the contiguous rows ``[r * B/N, (r + 1) * B/N)`` of rank r of N: the
+    ranks never overlap, together they see exactly the batch one process would, and the data
+    order (the generator, the stream position) stays the same on every rank, so checkpoints
+    and resume work as in one process. Attributes other than ``sample`` (``batch_size`` -- the
+    global B --, ``block_size``, ``generator``, position state) are the wrapped sampler's.
+    """
+
+    def __init__(self, sampler, rank: int, world_size: int) -> None:
+        batch = int(sampler.batch_size)
+        if batch % world_size:
+            raise ValueError(
+                f"batch_size {batch} is not divisible by the {world_size} ranks; each rank "
+                "takes an equal slice of the global batch"
+            )
+        self.sampler = sampler
+        self.rank = rank
+        self.world_size = world_size
+        self.local_batch_size = batch // world_size
+
+    def sample(self, generator: torch.Generator | None = None) -> tuple[Tensor, ...]:
+        """This rank's rows of the wrapped sampler's next global batch."""
+        batch = self.sampler.sample(generator=generator)
+        lo = self.rank * self.local_batch_size
+        return tuple(t[lo : lo + self.local_batch_size] for t in batch)
+
+    def __getattr__(self, name: str):
+        # only called for names not found on the wrapper itself
+        if "sampler" not in self.__dict__:
+            raise AttributeError(name)
+        return getattr(self.__dict__["sampler"], name)

@@ -25,6 +25,8 @@ __all__ = [
 # "fp16" autocast to float16 with dynamic loss scaling (Micikevicius et al. 2018), CUDA only.
 PRECISIONS = ("fp32", "bf16", "fp16")
 LR_SCHEDULES = ("cosine", "inverse_sqrt")  # lmarch.train.optim.learning_rate_at
+# how the run spreads over processes (lmarch.train.parallelize)
+STRATEGIES = ("single", "ddp", "fsdp", "tp")
 # ``dtype`` is the older name of ``precision`` (run folders written before it carry it)
 DTYPES = {"float32": "fp32", "bfloat16": "bf16"}
 
@@ -65,6 +67,11 @@ class TrainConfig:
     seed: int = setting(1337, "seed of the initial weights and of the batch order")
     val_fraction: float = setting(0.1, "share of the text held out for validation")
     skip_nonfinite: bool = setting(False, "skip a step whose loss is nan/inf instead of stopping")
+    strategy: str = setting(
+        "single",
+        "'single' (one process), 'ddp' (data parallel) or 'fsdp' (FSDP2, sharded); several "
+        "processes with torchrun or --nproc N (lmarch.train.parallelize)",
+    )
 
     def __post_init__(self) -> None:
         def need(ok: bool, name: str, rule: str) -> None:
@@ -99,6 +106,7 @@ class TrainConfig:
         need(0 < number("val_fraction") < 1, "val_fraction", "in (0, 1)")
         need(self.precision in PRECISIONS, "precision", f"one of {list(PRECISIONS)}")
         need(self.lr_schedule in LR_SCHEDULES, "lr_schedule", f"one of {list(LR_SCHEDULES)}")
+        need(self.strategy in STRATEGIES, "strategy", f"one of {list(STRATEGIES)}")
         if self.dtype is not None:
             need(self.dtype in DTYPES, "dtype", f"one of {list(DTYPES)} (or set precision)")
             folded = DTYPES[self.dtype]

@@ -8,6 +8,12 @@ before the backward, gradients divided by S before clipping, a step with inf/nan
 skipped and S halved, S doubled after 2000 clean steps), and ``grad_checkpointing``
 (:mod:`lmarch.train.checkpointing`). Around that: periodic evaluation, JSONL metrics, callbacks
 (progress bar, plots), atomic checkpoints and bit-identical resume (loss scale included).
+
+``strategy`` ``ddp`` or ``fsdp`` (:mod:`lmarch.train.parallelize`, applied from outside the model)
+runs the same loop on every rank of a process group: each rank takes its slice of the global
+batch (:class:`~lmarch.data.batches.RankSlice`), losses are averaged over ranks before they are
+logged, only rank 0 logs, calls callbacks and writes files, and FSDP writes sharded checkpoints
+(:mod:`lmarch.train.sharded_checkpoint`). Native fast paths are not swapped in then.
 """
 
 from __future__ import annotations
@@ -23,12 +29,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lmarch.data.batches import RandomBlockSampler
+from lmarch.data.batches import RandomBlockSampler, RankSlice
 from lmarch.errors import LmarchError
 from lmarch.native import accelerate
 from lmarch.train.checkpointing import checkpoint_blocks
 from lmarch.train.config import TrainConfig
+from lmarch.train.distributed import (
+    DistInfo,
+    all_reduce_mean,
+    device_for,
+    dist_info,
+    init_distributed,
+)
 from lmarch.train.optim import build_optimizer, learning_rate_at
+from lmarch.train.parallelize import gradient_sync, parallelize
+from lmarch.train.sharded_checkpoint import find_sharded_checkpoint, load_sharded, save_sharded
 from lmarch.train.state import (
     optimizer_from_tensors,
     optimizer_to_tensors,
@@ -131,9 +146,20 @@ class Trainer:
         callbacks: Sequence[Callback] = (),
     ) -> None:
         self.config = config
-        self.device = resolve_device(config.device)
-        self.model = accelerate(model.to(self.device), training=True)  # native fast paths
+        self.distributed = config.strategy != "single"
+        self.dist = dist_info() if self.distributed else DistInfo()
+        if self.distributed:
+            train_batches = _rank_slice(train_batches, self.dist)  # refuses before any rendezvous
+            val_batches = _rank_slice(val_batches, self.dist)
+            self.device = device_for(config.device, self.dist)
+            self.dist = init_distributed(self.device)
+            self.model = model.to(self.device)  # the reference blocks (lmarch.train.parallelize)
+        else:
+            self.device = resolve_device(config.device)
+            self.model = accelerate(model.to(self.device), training=True)  # native fast paths
         self.autocast_dtype = _autocast_dtype(config.precision, self.device)
+        if config.strategy == "fsdp":
+            self.autocast_dtype = None  # FSDP's mixed-precision policy casts instead
         # fp16's narrow range needs loss scaling; bf16 has float32's exponent range and does not
         self.scaler = torch.amp.GradScaler(self.device.type) if config.precision == "fp16" else None
         if config.grad_checkpointing and checkpoint_blocks(self.model) == 0:
@@ -145,13 +171,20 @@ class Trainer:
         self.val_batches = val_batches
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.loss_fn = loss_fn
-        self.callbacks = list(callbacks)
+        self.callbacks = list(callbacks) if self.dist.is_main else []  # other ranks stay silent
+        self.model, self._parallel_model = parallelize(
+            self.model, config.strategy, self.device, config.precision
+        )
+        if self.dist.rank > 0:
+            torch.manual_seed(config.seed + self.dist.rank)  # dropout masks differ per rank
         self.optimizer = build_optimizer(self.model, config)
         self.step = 0
         self.tokens_per_s = 0.0
         self.last_train_loss = float("nan")
         self.last_val_loss = float("nan")
-        self._forward_model = torch.compile(self.model) if config.compile else self.model
+        self._forward_model = self._parallel_model
+        if config.compile:
+            self._forward_model = torch.compile(self._parallel_model)
 
     # ---- pieces of one iteration ----------------------------------------------------------
 
@@ -171,12 +204,16 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = learning_rate_at(self.step, cfg)
         total = torch.zeros((), device=self.device)
-        for _ in range(cfg.gradient_accumulation_steps):
+        for micro in range(cfg.gradient_accumulation_steps):
             batch = self._to_device(self.train_batches.sample())
-            with self._autocast():
+            # ranks average gradients on the last micro-batch only
+            last = micro == cfg.gradient_accumulation_steps - 1
+            with gradient_sync(self._parallel_model, last), self._autocast():
                 loss = self.loss_fn(self._forward_model, batch) / cfg.gradient_accumulation_steps
-            (loss if self.scaler is None else self.scaler.scale(loss)).backward()
+                (loss if self.scaler is None else self.scaler.scale(loss)).backward()
             total += loss.detach()
+        if cfg.skip_nonfinite and self.distributed:
+            total = all_reduce_mean(total)  # every rank skips the same steps
         if cfg.skip_nonfinite and not torch.isfinite(total):
             self.optimizer.zero_grad(set_to_none=True)
             self.step += 1
@@ -209,7 +246,7 @@ class Trainer:
                 batch = self._to_device(sampler.sample(generator=gen))
                 with self._autocast():
                     losses[i] = self.loss_fn(self._forward_model, batch).float()
-            out[f"{split}_loss"] = losses.mean().item()
+            out[f"{split}_loss"] = all_reduce_mean(losses.mean()).item()
         self.model.train()
         return out
 
@@ -219,6 +256,11 @@ class Trainer:
         """Write model, optimizer and RNG state for the current step (atomically)."""
         if self.out_dir is None:
             return
+        if self.config.strategy == "fsdp":
+            self._save_sharded()
+            return
+        if not self.dist.is_main:
+            return  # DDP's replicas are equal: rank 0 writes the one copy
         optim_tensors, optim_meta = optimizer_to_tensors(self.optimizer)
         rng = rng_to_tensors({"train_batches": self.train_batches.generator})
         # a sampler that walks its text in order (TBPTT streams) also saves where it is
@@ -239,8 +281,17 @@ class Trainer:
     def load_checkpoint(self) -> bool:
         """Restore the latest checkpoint of ``out_dir``; False when there is none."""
         ckpt = find_checkpoint(self.out_dir) if self.out_dir is not None else None
+        sharded = find_sharded_checkpoint(self.out_dir) if self.out_dir is not None else None
+        if sharded is not None and (ckpt is None or sharded.name == "checkpoint"):
+            self._load_sharded(sharded)
+            return True
         if ckpt is None:
             return False
+        if self.config.strategy == "fsdp":
+            raise LmarchError(
+                f"{ckpt} is a single-process checkpoint; --strategy fsdp resumes sharded ones",
+                hint="resume it with --strategy ddp (or single)",
+            )
         load_into_model(self.model, load_tensors(ckpt / "model.safetensors"), str(ckpt))
         meta = read_json(ckpt / "trainer.json")
         state = load_tensors(ckpt / "trainer.safetensors")
@@ -251,12 +302,41 @@ class Trainer:
         if self.scaler is not None and "scaler" in meta:
             self.scaler.load_state_dict(meta["scaler"])
         self.step = int(meta["step"])
+        self._reseed_rank()
         return True
+
+    def _trainer_tensors(self) -> dict[str, Tensor]:
+        rng = rng_to_tensors({"train_batches": self.train_batches.generator})
+        if hasattr(self.train_batches, "position_tensors"):
+            rng.update(self.train_batches.position_tensors())
+        return rng
+
+    def _save_sharded(self) -> None:
+        meta = {"step": self.step, "strategy": self.config.strategy}
+        meta["world_size"] = self.dist.world_size
+        if self.scaler is not None:
+            meta["scaler"] = self.scaler.state_dict()
+        save_sharded(self.out_dir, self.model, self.optimizer, meta, self._trainer_tensors())
+
+    def _load_sharded(self, ckpt: Path) -> None:
+        meta, state = load_sharded(ckpt, self.model, self.optimizer)
+        rng_from_tensors(state, {"train_batches": self.train_batches.generator})
+        if hasattr(self.train_batches, "load_position_tensors"):
+            self.train_batches.load_position_tensors(state)
+        if self.scaler is not None and "scaler" in meta:
+            self.scaler.load_state_dict(meta["scaler"])
+        self.step = int(meta["step"])
+        self._reseed_rank()
+
+    def _reseed_rank(self) -> None:
+        # the checkpoint holds rank 0's generator; the others continue on streams of their own
+        if self.dist.rank > 0:
+            torch.manual_seed(self.config.seed + self.dist.rank + 1_000_003 * self.step)
 
     # ---- the loop ---------------------------------------------------------------------------
 
     def _log(self, row: dict) -> None:
-        if self.out_dir is not None:
+        if self.out_dir is not None and self.dist.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             append_metrics(self.out_dir / "metrics.jsonl", row)  # one whole line per write
 
@@ -290,7 +370,7 @@ class Trainer:
                 window_steps += 1
                 at_end = self.step == stop
                 if self.step % cfg.log_interval == 0 or at_end:
-                    value = loss.item()
+                    value = all_reduce_mean(loss).item()  # the global batch's loss
                     self._check_finite(value)
                     elapsed = time.perf_counter() - window_start
                     self.tokens_per_s = window_steps * tokens_per_iter / max(elapsed, 1e-9)
@@ -333,3 +413,14 @@ class Trainer:
         self._log(row)
         for cb in self.callbacks:
             cb.on_eval(self, row)
+
+
+def _rank_slice(sampler, info: DistInfo):
+    """``sampler`` cut to this rank's slice; a batch the ranks cannot share equally is refused."""
+    try:
+        return RankSlice(sampler, info.rank, info.world_size)
+    except ValueError as exc:
+        raise LmarchError(
+            f"{exc} (global batch_size {sampler.batch_size}, {info.world_size} ranks)",
+            hint=f"set batch_size to a multiple of {info.world_size}",
+        ) from None
