@@ -9,9 +9,10 @@ a time (lmarch's ``StreamSampler``) — and carry their detached state from batc
 (truncated BPTT). Each step is the same code: next-token cross-entropy, backward, global-norm
 clipping to 5, torch AdamW (lmarch's ``build_optimizer``). fp32, no dropout, a fixed thread
 count. After warm-up steps the engines are timed in turn, ``--steps`` steps at a time, repeated
-``--repeats`` times and interleaved so that drift in the machine's speed hits all alike; the
-median tokens/s of each and the ratios to the plain model are reported. Each row gives the share
-of the CPUs other processes used while it was timed (see benchmarks/train_gpt.py).
+``--repeats`` times, interleaved (every other round in reverse order) so that drift in the
+machine's speed hits all alike; the median tokens/s of each and the ratios to the plain model are
+reported. Each row gives the share of the CPUs other processes used while it was timed (see
+benchmarks/train_gpt.py).
 
     python benchmarks/recurrent.py [--cell lstm|gru|rnn] [--repeats 5] [--steps 10]
                                    [--threads 2] [--device cpu] [--json]
@@ -157,8 +158,9 @@ def main() -> None:
     rates: dict[str, list[float]] = {e.name: [] for e in engines}
     loads: dict[str, list[float]] = {e.name: [] for e in engines}
     meter = CpuMeter()
-    for _ in range(args.repeats):
-        for engine in engines:
+    for repeat in range(args.repeats):
+        # every other repeat in reverse order, so a drift in the machine's speed evens out
+        for engine in engines if repeat % 2 == 0 else engines[::-1]:
             meter.foreign_load()
             start = time.perf_counter()
             for b in timed:
