@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from lmarch.cli import compare as compare_cli
+from lmarch.cli import distributed as distributed_cli
 from lmarch.cli import glove as glove_cli
 from lmarch.cli import ngram as ngram_cli
 from lmarch.cli import tfidf as tfidf_cli
@@ -99,6 +100,13 @@ def build_parser() -> OneLineParser:
     )
     t.add_argument("--whole-word", action="store_true", help="whole-word masking (mlm/rtd)")
     t.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
+    t.add_argument(
+        "--nproc",
+        type=int,
+        default=None,
+        metavar="N",
+        help="run on N local processes: starts torchrun (use with --strategy ddp or fsdp)",
+    )
     # every training and model setting is an option too (unset: the preset's or the run's)
     t.set_defaults(
         train_keys=add_config_options(
@@ -185,6 +193,7 @@ def build_parser() -> OneLineParser:
     word2vec_cli.add_parsers(sub)
     glove_cli.add_parsers(sub)
     compare_cli.add_parsers(sub)
+    distributed_cli.add_parsers(sub)
 
     d = sub.add_parser("demo", help="train a small GPT on Shakespeare (~3 min) and sample it")
     d.add_argument("--out", default="runs/demo")
@@ -207,6 +216,13 @@ def _add_finetune_parsers(sub: argparse._SubParsersAction) -> None:
     f.add_argument("--config", default=None, help="TOML file of settings")
     f.add_argument("--resume", action="store_true", help="continue the run in --out")
     f.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
+    f.add_argument(
+        "--nproc",
+        type=int,
+        default=None,
+        metavar="N",
+        help="run on N local processes: starts torchrun (use with --strategy ddp or fsdp)",
+    )
     f.set_defaults(
         finetune_keys=add_config_options(
             f.add_argument_group("fine-tuning (FinetuneConfig)"), FinetuneConfig, unset=True
@@ -768,6 +784,7 @@ COMMANDS = {
     **word2vec_cli.COMMANDS,
     **glove_cli.COMMANDS,
     **compare_cli.COMMANDS,
+    **distributed_cli.COMMANDS,
 }
 
 
@@ -785,6 +802,12 @@ def _raised_by_config_check(exc: BaseException) -> bool:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``lmarch`` console script; returns the exit code."""
     args = build_parser().parse_args(argv)
+    if args.command in ("train", "finetune"):  # --nproc N: torchrun runs N ranks of this
+        from lmarch.train.launch import start_ranks
+
+        code = start_ranks(args, sys.argv[1:] if argv is None else list(argv))
+        if code is not None:
+            return code
 
     def notice(message, category, filename, lineno, file=None, line=None) -> None:
         if issubclass(category, LmarchNotice):

@@ -38,6 +38,8 @@ from lmarch.nn.cross_attention import CrossAttentionBlock
 __all__ = [
     "STRATEGIES",
     "ShardBytes",
+    "check_strategy",
+    "describe_memory",
     "gradient_sync",
     "parallelize",
     "shard_bytes",
@@ -90,12 +92,20 @@ def parallelize(
             fully_shard(block, mp_policy=policy, reshard_after_forward=i < len(blocks) - 1)
         fully_shard(model, mp_policy=policy)
         return model, model
+    check_strategy(strategy)
+    raise AssertionError(f"strategy {strategy!r} passed its check but has no plan")
+
+
+def check_strategy(strategy: str) -> None:
+    """Refuse a strategy this build cannot apply -- before any rank waits for another, so every
+    rank refuses alike and nothing hangs."""
     if strategy == "tp":
         raise LmarchError(
             "--strategy tp (tensor parallel) is not available yet",
             hint="use --strategy ddp or fsdp",
         )
-    raise LmarchError(f"unknown strategy {strategy!r}", hint=f"one of {', '.join(STRATEGIES)}")
+    if strategy not in STRATEGIES:
+        raise LmarchError(f"unknown strategy {strategy!r}", hint=f"one of {', '.join(STRATEGIES)}")
 
 
 @contextlib.contextmanager
@@ -163,3 +173,14 @@ def unsharded_training_bytes(model: nn.Module) -> int:
         numel = p.numel()  # a DTensor's numel is its global size
         full += numel * p.element_size()
     return 4 * full
+
+
+def describe_memory(model: nn.Module, strategy: str, world_size: int) -> str:
+    """One line on the training bytes this rank holds: its parameters (local shards under
+    FSDP), as many gradient bytes, and AdamW's two fp32 moments, against one unsharded process."""
+    mine = 4 * shard_bytes(model).params
+    full = unsharded_training_bytes(model)
+    return (
+        f"{strategy} on {world_size} ranks: parameters + gradients + AdamW state "
+        f"{mine / 2**20:.2f} MiB per rank ({mine / full:.0%} of {full / 2**20:.2f} MiB unsharded)"
+    )

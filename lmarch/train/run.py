@@ -52,12 +52,14 @@ from lmarch.tokenizers.base import Tokenizer, load_tokenizer
 from lmarch.tokenizers.kinds import build_tokenizer
 from lmarch.train.callbacks import LossPlot, ProgressBar
 from lmarch.train.config import TrainConfig, merge_saved_settings
+from lmarch.train.distributed import is_main, teardown
 from lmarch.train.objectives import (
     SEQ2SEQ_OBJECTIVES,
     masking_for,
     objective_loss,
     objective_model,
 )
+from lmarch.train.parallelize import describe_memory
 from lmarch.train.tbptt import CarriedStateLoss
 from lmarch.train.trainer import Callback, Trainer, TrainResult, causal_lm_loss
 from lmarch.weights.checkpoint import read_json, write_json
@@ -355,6 +357,9 @@ def train_run(
     """
     out = Path(out)
     overrides = dict(overrides or {})
+    main_rank = is_main()  # under torchrun only rank 0 logs and writes the run folder
+    if not main_rank:
+        log = _silent
     if resume:
         if not (out / "config.json").is_file():
             raise LmarchError(f"nothing to resume in {out}", hint="drop --resume to start a run")
@@ -442,21 +447,22 @@ def train_run(
         )
     torch.manual_seed(train_cfg.seed)
     model = build_model(model_cfg) if objective == "clm" else objective_model(objective, model_cfg)
-    if not resume:
+    if not resume and main_rank:
         out.mkdir(parents=True, exist_ok=True)
         (out / "metrics.jsonl").unlink(missing_ok=True)
         tokenizer.save(out / "tokenizer.json")
-    write_json(
-        out / "config.json",
-        {
-            "preset": preset,
-            "data": data,
-            "objective": objective,
-            "whole_word": whole_word,
-            "model": config_to_dict(model_cfg),
-            "train": dataclasses.asdict(train_cfg),
-        },
-    )
+    if main_rank:
+        write_json(
+            out / "config.json",
+            {
+                "preset": preset,
+                "data": data,
+                "objective": objective,
+                "whole_word": whole_word,
+                "model": config_to_dict(model_cfg),
+                "train": dataclasses.asdict(train_cfg),
+            },
+        )
     log(
         f"{preset}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, vocab "
         f"{tokenizer.vocab_size}, {sizes}"
@@ -470,4 +476,13 @@ def train_run(
         loss_fn=clm_loss(model_cfg) if objective == "clm" else objective_loss(objective, model_cfg),
         callbacks=[ProgressBar(), LossPlot()] if callbacks is None else callbacks,
     )
-    return trainer.fit(resume=resume)
+    if trainer.distributed:
+        log(describe_memory(trainer.model, train_cfg.strategy, trainer.dist.world_size))
+    try:
+        return trainer.fit(resume=resume)
+    finally:
+        teardown()  # leave the process group (if the strategy started one)
+
+
+def _silent(*args: Any, **kwargs: Any) -> None:
+    """The ``log`` of ranks other than 0."""

@@ -42,7 +42,7 @@ from lmarch.train.distributed import (
     init_distributed,
 )
 from lmarch.train.optim import build_optimizer, learning_rate_at
-from lmarch.train.parallelize import gradient_sync, parallelize
+from lmarch.train.parallelize import check_strategy, gradient_sync, parallelize
 from lmarch.train.sharded_checkpoint import find_sharded_checkpoint, load_sharded, save_sharded
 from lmarch.train.state import (
     optimizer_from_tensors,
@@ -149,7 +149,8 @@ class Trainer:
         self.distributed = config.strategy != "single"
         self.dist = dist_info() if self.distributed else DistInfo()
         if self.distributed:
-            train_batches = _rank_slice(train_batches, self.dist)  # refuses before any rendezvous
+            check_strategy(config.strategy)  # refusals come before any rendezvous
+            train_batches = _rank_slice(train_batches, self.dist)
             val_batches = _rank_slice(val_batches, self.dist)
             self.device = device_for(config.device, self.dist)
             self.dist = init_distributed(self.device)
