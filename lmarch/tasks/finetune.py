@@ -50,6 +50,7 @@ from lmarch.settings import build_config, route_settings, setting
 from lmarch.train.adapter_trainer import AdapterTrainer
 from lmarch.train.callbacks import LossPlot, ProgressBar
 from lmarch.train.config import TrainConfig, merge_saved_settings
+from lmarch.train.distributed import is_main, rank_zero, teardown
 from lmarch.train.trainer import Callback, Trainer, causal_lm_loss
 from lmarch.weights.checkpoint import read_json, write_json
 from lmarch.weights.run_log import append_metrics
@@ -252,6 +253,8 @@ def finetune(
     :data:`FINETUNE_TRAIN_DEFAULTS` and the method's learning rate (:data:`LEARNING_RATES`).
     """
     out = Path(out)
+    main_rank = is_main()  # under torchrun only rank 0 logs and writes the run folder
+    log = rank_zero(log)
     ft_over, train_over = split_finetune_overrides(dict(overrides or {}))
     if resume:
         if not (out / "config.json").is_file():
@@ -278,6 +281,11 @@ def finetune(
         base, data = base_reference(model), _data_reference(data)
         if Path(base) == out.expanduser().resolve():
             raise LmarchError(f"--out {out} is the model's own folder; it would be overwritten")
+    if train_cfg.strategy == "fsdp" and cfg.method in ADAPTER_METHODS:
+        raise LmarchError(
+            f"--strategy fsdp fine-tunes all weights (--method full), not {cfg.method}",
+            hint="adapters are small: use --strategy ddp",
+        )
     loaded = load(base, quant="none").require("causal-lm", "finetune")
     if loaded.quant != "none":  # a folder lmarch quantize wrote keeps its quantised layers
         raise LmarchError(
@@ -309,7 +317,7 @@ def finetune(
     }
     if resume:
         finetune_info["val_loss_before"] = saved["finetune"].get("val_loss_before")
-    else:
+    elif main_rank:
         out.mkdir(parents=True, exist_ok=True)
         for stale in ("metrics.jsonl", "adapter_config.json", "adapter_model.safetensors"):
             (out / stale).unlink(missing_ok=True)
@@ -337,7 +345,8 @@ def finetune(
     if not resume:
         before = trainer.evaluate()
         finetune_info["val_loss_before"] = before["val_loss"]
-        append_metrics(out / "metrics.jsonl", {"iter": 0, **before})
+        if main_rank:
+            append_metrics(out / "metrics.jsonl", {"iter": 0, **before})
     run_config = {
         "model": config_to_dict(loaded.model.config),
         "objective": "clm",
@@ -347,8 +356,12 @@ def finetune(
         "train": dataclasses.asdict(train_cfg),
         "finetune": finetune_info,
     }
-    write_json(out / "config.json", run_config)
-    result = trainer.fit(resume=resume)
+    if main_rank:
+        write_json(out / "config.json", run_config)
+    try:
+        result = trainer.fit(resume=resume)
+    finally:
+        teardown()  # leave the process group (if the strategy started one)
     return FinetuneResult(
         method=cfg.method,
         iters=result.iters,

@@ -46,8 +46,8 @@ class AdapterTrainer(Trainer):
 
     def save_checkpoint(self) -> None:
         """Write the trainable parameters, optimizer and RNG state (atomically)."""
-        if self.out_dir is None:
-            return
+        if self.out_dir is None or not self.dist.is_main:
+            return  # DDP's replicas are equal: rank 0 writes the one copy
         optim_tensors, optim_meta = optimizer_to_tensors(self.optimizer)
         rng = rng_to_tensors({"train_batches": self.train_batches.generator})
         meta = {"step": self.step, "optimizer": optim_meta, "trainable_only": True}

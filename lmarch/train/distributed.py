@@ -16,6 +16,7 @@ from __future__ import annotations
 import datetime
 import os
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -34,6 +35,7 @@ __all__ = [
     "is_distributed",
     "is_main",
     "launched_by_torchrun",
+    "rank_zero",
     "teardown",
 ]
 
@@ -149,3 +151,14 @@ def all_reduce_mean(value: Tensor) -> Tensor:
     out = value.detach().clone()
     dist.all_reduce(out, op=dist.ReduceOp.SUM)
     return out / dist.get_world_size()
+
+
+def rank_zero(log: Callable[..., object]) -> Callable[..., object]:
+    """``log`` on rank 0; on the other ranks a function that says nothing."""
+    if is_main():
+        return log
+
+    def silent(*args: object, **kwargs: object) -> None:
+        return None
+
+    return silent

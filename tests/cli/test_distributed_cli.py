@@ -120,3 +120,36 @@ def test_batch_not_divisible_by_ranks_exits_2_on_every_rank(tmp_path) -> None:
         "equal slice of the global batch (global batch_size 3, 2 ranks) (hint: set batch_size to "
         "a multiple of 2)"
     ], proc.stderr
+
+
+def test_fsdp_refuses_adapter_methods(cli, tmp_path) -> None:
+    line = cli.error(
+        "finetune", "gpt-char-tiny", "--out", tmp_path / "ft", "--method", "lora",
+        "--strategy", "fsdp",
+    )  # fmt: skip
+    assert line == (
+        "lmarch finetune: error: --strategy fsdp fine-tunes all weights (--method full), not "
+        "lora (hint: adapters are small: use --strategy ddp)"
+    )
+
+
+@pytest.mark.slow
+def test_lora_finetune_on_2_ddp_ranks_equals_one_process(fsdp_run, cli, tmp_path) -> None:
+    out, proc = fsdp_run
+    assert proc.returncode == 0, proc.stderr
+    base = tmp_path / "base"
+    cli.json("consolidate", out, "--out", base)
+    common = [
+        "--data", out.parent / "text.txt", "--method", "lora", "--max-iters", "3",
+        "--batch-size", "4", "--eval-iters", "2", "--dropout", "0",
+    ]  # fmt: skip
+    ranks = lmarch("finetune", base, *common, "--out", tmp_path / "ddp", "--strategy", "ddp",
+                   "--nproc", "2", "--json")  # fmt: skip
+    assert ranks.returncode == 0, ranks.stderr
+    one = cli.json("finetune", base, *common, "--out", tmp_path / "one")
+    two = json.loads(ranks.stdout.strip().splitlines()[-1])
+    assert abs(one["val_loss_after"] - two["val_loss_after"]) <= 1e-5
+    a = load_tensors(tmp_path / "one" / "adapter_model.safetensors")
+    b = load_tensors(tmp_path / "ddp" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5
