@@ -50,7 +50,7 @@ def test_vocabulary_subsampling_and_negative_table_equal_gensim(small_sentences)
     assert sorted(zip(vocab.counts, vocab.words)) == sorted(zip(counts, peer.wv.index_to_key))
     assert vocab.counts == sorted(vocab.counts, reverse=True)
     # gensim keeps a word when its uint32 sample_int beats a random uint32
-    keep = keep_probabilities(torch.tensor(vocab.counts), 1e-3).clamp(max=1.0)
+    keep = keep_probabilities(torch.tensor(vocab.counts), 1e-3)
     theirs = [peer.wv.get_vecattr(w, "sample_int") / (2**32 - 1) for w in vocab.words]
     np.testing.assert_allclose(keep.numpy(), theirs, atol=1e-9)
     assert keep[0] < 0.25 and keep[-1] == 1.0  # "the" mostly dropped, rare words all kept
@@ -225,3 +225,44 @@ def test_neighbours_agree_with_gensim_as_much_as_gensim_with_itself(small_senten
     within = _neighbour_overlap(theirs_again, theirs, words)
     assert across >= 0.9 * within, (across, within)
     assert "prince" in {w for w, _ in ours.neighbors("king", 10)}
+
+
+def _mean_scores(vectors: list[WordVectors]) -> dict[str, float]:
+    """Mean over seeds of the analogies answered right and the two Spearman correlations."""
+    from lmarch.tasks.word2vec import evaluate_vectors
+
+    rows = [evaluate_vectors(v) for v in vectors]
+    return {
+        "analogies": statistics.mean(r["analogies"]["correct"] for r in rows),
+        "wordsim353": statistics.mean(r["wordsim353"]["spearman"] for r in rows),
+        "simlex999": statistics.mean(r["simlex999"]["spearman"] for r in rows),
+    }
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sg", [True, False], ids=["skipgram", "cbow"])
+def test_benchmark_scores_within_ten_percent_of_gensim_on_shakespeare(sg: bool) -> None:
+    """The issue's goal, on the whole bundled corpus with gensim's default settings, averaged
+    over seeds (one seed's scores move by 10-40% at this scale; CBOW, quicker, gets five):
+    lmarch's analogies answered right (of the 2,415 questions inside the vocabulary) and
+    WordSim-353 Spearman (110 pairs) reach at least 90% of gensim's. SimLex-999 is near zero for
+    both (Shakespeare does not teach modern similarity), so it is held to an absolute margin of
+    0.03 instead.
+
+    Measured (analogies right, WordSim, SimLex): skip-gram seeds 1-3 lmarch 92.0, 0.179, 0.053,
+    gensim 83.0, 0.148, 0.048; CBOW seeds 1-5 lmarch 63.0, 0.135, -0.016, gensim 62.0, 0.124,
+    -0.027."""
+    from lmarch.tasks.word2vec import corpus_sentences, train_gensim
+
+    sentences = corpus_sentences("shakespeare")
+    ours, theirs = [], []
+    for seed in (1, 2, 3) if sg else (1, 2, 3, 4, 5):
+        config = Word2VecConfig(sg=sg, seed=seed)
+        ours.append(train_word2vec(sentences, config, threads=1)[0].vectors)
+        theirs.append(train_gensim(sentences, config, workers=1)[0])
+    mine, peer = _mean_scores(ours), _mean_scores(theirs)
+    assert mine["analogies"] >= 0.9 * peer["analogies"], (mine, peer)
+    assert mine["wordsim353"] >= 0.9 * peer["wordsim353"], (mine, peer)
+    assert mine["simlex999"] >= peer["simlex999"] - 0.03, (mine, peer)
+    king = {w for w, _ in ours[0].neighbors("king", 10)}
+    assert {"prince", "queen"} & king, king
