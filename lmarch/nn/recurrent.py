@@ -233,7 +233,15 @@ class Recurrent(nn.Module):
         if not self.batch_first:
             input = input.transpose(0, 1)
         if hx is None:
-            hx = self.initial_state(input.shape[0], input)
+            return input, self.initial_state(input.shape[0], input), unbatched
+        if (self.mode == "lstm") != isinstance(hx, tuple):
+            raise ValueError("the LSTM's state is a pair (h_0, c_0); the other cells' is h_0")
+        expected = (self.num_layers * self.num_directions, input.shape[0], self.hidden_size)
+        for h in hx if isinstance(hx, tuple) else (hx,):
+            if tuple(h.shape) != expected:  # a [.., 1, H] state would broadcast silently
+                raise ValueError(
+                    f"expected an initial state of shape {expected}, got {tuple(h.shape)}"
+                )
         return input, hx, unbatched
 
     def _finish(self, output: Tensor, state: State, unbatched: bool) -> tuple[Tensor, State]:

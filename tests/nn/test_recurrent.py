@@ -142,6 +142,10 @@ def test_refusals_name_the_problem() -> None:
         GRU(3, 4, dropout=1.5)
     with pytest.raises(ValueError, match="2 or 3 dimensions"):
         GRU(3, 4)(torch.zeros(1, 2, 3, 3))
+    with pytest.raises(ValueError, match=r"initial state of shape \(2, 5, 4\), got \(2, 1, 4\)"):
+        GRU(3, 4, 2)(torch.zeros(7, 5, 3), torch.zeros(2, 1, 4))  # would broadcast silently
+    with pytest.raises(ValueError, match="state is a pair"):
+        LSTM(3, 4)(torch.zeros(7, 5, 3), torch.zeros(1, 5, 4))
 
 
 def test_recurrent_state_reset_and_reorder() -> None:
