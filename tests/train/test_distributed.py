@@ -18,8 +18,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -30,7 +32,11 @@ from lmarch.models.gpt import GPT, GPTConfig
 from lmarch.train.distributed import free_port, teardown
 from lmarch.train.optim import build_optimizer
 from lmarch.train.parallelize import shard_bytes, unsharded_training_bytes
-from lmarch.train.sharded_checkpoint import check_compatible, load_sharded
+from lmarch.train.sharded_checkpoint import (
+    check_compatible,
+    find_sharded_checkpoint,
+    load_sharded,
+)
 from lmarch.train.trainer import Trainer
 from lmarch.weights.safetensors_io import load_tensors
 
@@ -44,6 +50,23 @@ ROOT = Path(__file__).resolve().parents[2]
 def launch(spec: dict, root: Path, nproc: int = 2, timeout: float = 240) -> list[dict]:
     """Start ``nproc`` ranks of the worker with torchrun's variables; every rank must exit 0
     within ``timeout`` seconds (so a hang fails the test instead of stalling the suite)."""
+    procs = start(spec, root, nproc)
+    outputs = []
+    try:
+        for p in procs:
+            outputs.append(p.communicate(timeout=timeout)[0])
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for p, out in zip(procs, outputs):
+        assert p.returncode == 0, out
+    return [json.loads((root / f"report{r}.json").read_text()) for r in range(nproc)]
+
+
+def start(spec: dict, root: Path, nproc: int) -> list[subprocess.Popen]:
+    """The worker's ranks, started (not waited for)."""
+    root.mkdir(parents=True, exist_ok=True)
     spec_path = root / "spec.json"
     spec_path.write_text(json.dumps({"root": str(root), **spec}))
     port = free_port()
@@ -67,17 +90,7 @@ def launch(spec: dict, root: Path, nproc: int = 2, timeout: float = 240) -> list
                 text=True,
             )
         )
-    outputs = []
-    try:
-        for p in procs:
-            outputs.append(p.communicate(timeout=timeout)[0])
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for p, out in zip(procs, outputs):
-        assert p.returncode == 0, out
-    return [json.loads((root / f"report{r}.json").read_text()) for r in range(nproc)]
+    return procs
 
 
 def reference_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -219,6 +232,39 @@ def test_fsdp_bf16_policy_keeps_fp32_shards(launched, launched_more) -> None:
 def test_sharded_checkpoint_of_1_rank_resumes_on_2(launched, launched_more) -> None:
     # the one-rank checkpoint at step 5 was resumed by 2 ranks up to step 8
     assert max_diff(sharded_weights(launched_more[0] / "one_rank"), launched[2][8]) <= 1e-5
+
+
+@pytest.mark.slow
+def test_rank_killed_mid_run_leaves_a_complete_checkpoint_to_resume(tmp_path, monkeypatch) -> None:
+    long = {"max_iters": 40, "lr_decay_iters": 40}
+    run = {"name": "fault", "config": {"strategy": "fsdp", "checkpoint_interval": 2, **long}}
+    procs = start({"runs": [run]}, tmp_path, 2)
+    meta = tmp_path / "fault" / "checkpoint" / "trainer.json"
+    try:
+        deadline = time.monotonic() + 240
+        while not (meta.is_file() and json.loads(meta.read_text())["step"] >= 4):
+            assert time.monotonic() < deadline and procs[1].poll() is None, "no checkpoint"
+            time.sleep(0.02)
+        procs[1].send_signal(signal.SIGKILL)  # rank 1 dies mid-run
+        procs[0].wait(timeout=120)  # rank 0 fails in its next collective instead of hanging
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert procs[0].returncode != 0
+    saved = find_sharded_checkpoint(tmp_path / "fault")
+    assert saved is not None
+    step = json.loads((saved / "trainer.json").read_text())["step"]
+    assert 4 <= step < 40
+    # one process resumes the last complete checkpoint and ends where an unbroken run ends
+    reference_blocks(monkeypatch)
+    reference = single_run(tmp_path / "single", [40], **long)[40]
+    trainer = Trainer(
+        make_model(), *make_samplers(), train_config(**long), out_dir=tmp_path / "fault"
+    )
+    trainer.fit(resume=True)
+    assert trainer.step == 40
+    assert max_diff(trainer.model.state_dict(), reference) <= 1e-5
 
 
 def test_sharded_checkpoint_from_another_model_is_refused(launched) -> None:
