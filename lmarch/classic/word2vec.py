@@ -278,32 +278,36 @@ class Word2Vec:
         if input_mask is None:
             hidden = self.input.index_select(0, inputs)  # [B, d]
         else:
-            mask = input_mask.to(self.input.dtype)
-            hidden = (self.input[inputs] * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
-        positive = self.output.index_select(0, targets)  # [B, d]
-        g_pos = (1.0 - torch.sigmoid((hidden * positive).sum(1))) * alpha  # [B]
+            # the mean of each centre's real context rows, gathered and averaged in one kernel
+            counts = input_mask.sum(1)
+            offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)[:-1]])
+            hidden = torch.nn.functional.embedding_bag(
+                inputs[input_mask], self.input, offsets, mode="mean"
+            )
         if negatives.dim() == 2:
-            negative = self.output.index_select(0, negatives.reshape(-1)).view(
-                *negatives.shape, -1
-            )  # [B, K, d]
-            scores = (negative * hidden[:, None, :]).sum(2)
-            g_neg = torch.sigmoid(scores).mul_(-alpha)
-            g_neg.masked_fill_(negatives == targets[:, None], 0.0)  # [B, K]
-            hidden_grad = g_pos[:, None] * positive + (g_neg[:, :, None] * negative).sum(1)
-            negative_grad = (g_neg[:, :, None] * hidden[:, None, :]).reshape(-1, hidden.shape[1])
-            self.output.index_add_(0, negatives.reshape(-1), negative_grad)
+            # the target and its K negatives as one block of 1+K output rows per pair
+            rows = torch.cat([targets[:, None], negatives], dim=1)  # [B, 1+K]
+            out = self.output.index_select(0, rows.reshape(-1)).view(*rows.shape, -1)
+            g = (out * hidden[:, None, :]).sum(2).sigmoid_().mul_(-alpha)
+            g[:, 0] += alpha  # label 1 for the target: g = α (label − σ)
+            g[:, 1:].masked_fill_(negatives == targets[:, None], 0.0)
+            hidden_grad = (g[:, :, None] * out).sum(1)
+            out_grad = (g[:, :, None] * hidden[:, None, :]).reshape(-1, hidden.shape[1])
+            self.output.index_add_(0, rows.reshape(-1), out_grad)
         else:
+            positive = self.output.index_select(0, targets)  # [B, d]
+            g_pos = (1.0 - torch.sigmoid((hidden * positive).sum(1))) * alpha  # [B]
             negative = self.output.index_select(0, negatives)  # [N, d]
             scale = -alpha * self.config.negative / negatives.numel()
             g_neg = torch.sigmoid(hidden @ negative.T).mul_(scale)
             g_neg.masked_fill_(negatives[None, :] == targets[:, None], 0.0)  # [B, N]
             hidden_grad = torch.addmm(g_pos[:, None] * positive, g_neg, negative)
             self.output.index_add_(0, negatives, g_neg.T @ hidden)
-        self.output.index_add_(0, targets, g_pos[:, None] * hidden)
+            self.output.index_add_(0, targets, g_pos[:, None] * hidden)
         if input_mask is None:
             self.input.index_add_(0, inputs, hidden_grad)
         else:
-            per_word = hidden_grad.repeat_interleave(input_mask.sum(1), dim=0)
+            per_word = hidden_grad.repeat_interleave(counts, dim=0)
             self.input.index_add_(0, inputs[input_mask], per_word)
 
     def config_dict(self) -> dict:
