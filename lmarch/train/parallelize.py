@@ -15,25 +15,30 @@ returns what to train.
   gradient and optimizer bytes of the unsharded model. ``precision=bf16`` becomes FSDP's
   mixed-precision policy (bf16 parameters in compute, fp32 gradient reduction, fp32 master
   weights) instead of autocast.
+- ``tp`` (tensor parallel, Megatron-LM; :func:`tensor_parallel`): each attention's heads and each
+  MLP's hidden units split over the ranks, column- then row-parallel, one all-reduce per pair.
 
-Native fast paths (:func:`lmarch.native.accelerate`) are not swapped in under ``ddp`` or
-``fsdp``: the fused blocks draw their own dropout seeds and hold buffers FSDP would have to
-shard, so a distributed run trains the reference ``nn`` blocks.
+Native fast paths (:func:`lmarch.native.accelerate`) are not swapped in under a distributed
+strategy: the fused blocks take plain tensors (not FSDP's or TP's DTensor parameters) and were
+not checked under DDP's hooks, so a distributed run trains the reference ``nn`` blocks.
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
 from lmarch.errors import LmarchError
+from lmarch.nn.attention import MultiHeadAttention
 from lmarch.nn.block import TransformerBlock
 from lmarch.nn.cross_attention import CrossAttentionBlock
+from lmarch.nn.ffn import MLP, GatedMLP
 
 __all__ = [
     "STRATEGIES",
@@ -43,6 +48,9 @@ __all__ = [
     "gradient_sync",
     "parallelize",
     "shard_bytes",
+    "tensor_parallel",
+    "tp_full_state_dict",
+    "tp_optimizer",
     "unsharded_training_bytes",
 ]
 
@@ -92,17 +100,24 @@ def parallelize(
             fully_shard(block, mp_policy=policy, reshard_after_forward=i < len(blocks) - 1)
         fully_shard(model, mp_policy=policy)
         return model, model
+    if strategy == "tp":
+        tensor_parallel(model, device)
+        return model, model
     check_strategy(strategy)
     raise AssertionError(f"strategy {strategy!r} passed its check but has no plan")
 
 
-def check_strategy(strategy: str) -> None:
+def check_strategy(strategy: str, model: nn.Module | None = None, world_size: int = 1) -> None:
     """Refuse a strategy this build cannot apply -- before any rank waits for another, so every
-    rank refuses alike and nothing hangs."""
+    rank refuses alike and nothing hangs. ``tp`` is applied by :func:`parallelize` (forward and
+    training steps, tested); the Trainer does not checkpoint it yet, so ``lmarch train`` refuses
+    it after checking that ``model`` could be split over ``world_size`` ranks."""
     if strategy == "tp":
+        if model is not None:
+            check_tensor_parallel(model, world_size)
         raise LmarchError(
-            "--strategy tp (tensor parallel) is not available yet",
-            hint="use --strategy ddp or fsdp",
+            "--strategy tp is not wired into lmarch train yet (its checkpoints are not written)",
+            hint="use --strategy ddp or fsdp; lmarch.train.parallelize applies tp in a script",
         )
     if strategy not in STRATEGIES:
         raise LmarchError(f"unknown strategy {strategy!r}", hint=f"one of {', '.join(STRATEGIES)}")
@@ -184,3 +199,155 @@ def describe_memory(model: nn.Module, strategy: str, world_size: int) -> str:
         f"{strategy} on {world_size} ranks: parameters + gradients + AdamW state "
         f"{mine / 2**20:.2f} MiB per rank ({mine / full:.0%} of {full / 2**20:.2f} MiB unsharded)"
     )
+
+
+# ---- tensor parallel (Megatron-LM, Shoeybi et al. 2019) ------------------------------------------
+
+TP_FAMILIES = ("GPT", "Llama")
+
+
+def _row_order(sizes: list[int], world: int) -> Tensor:
+    """Row permutation of a fused projection whose rows are the segments ``sizes`` (q, k, v or
+    gate, up): afterwards rank r's contiguous 1/world of the rows is [q_r, k_r, v_r], the r-th
+    slice of each segment -- what column-parallel sharding hands to rank r."""
+    starts = torch.tensor([0, *sizes[:-1]]).cumsum(0).tolist()
+    order = []
+    for r in range(world):
+        for start, size in zip(starts, sizes):
+            part = size // world
+            order.extend(range(start + r * part, start + (r + 1) * part))
+    return torch.tensor(order)
+
+
+def _group_rows(linear: nn.Linear, sizes: list[int], world: int) -> None:
+    order = _row_order(sizes, world)
+    with torch.no_grad():
+        linear.weight.copy_(linear.weight[order])
+        if linear.bias is not None:
+            linear.bias.copy_(linear.bias[order])
+    linear._tp_rows = (sizes, world)  # how tp_full_state_dict undoes it
+
+
+def check_tensor_parallel(model: nn.Module, world: int) -> None:
+    """Refuse, in one line, a model tensor parallelism cannot split over ``world`` ranks."""
+    if type(model).__name__ not in TP_FAMILIES:
+        raise LmarchError(
+            f"--strategy tp splits GPT and LLaMA models, not {type(model).__name__}",
+            hint="use --strategy ddp or fsdp",
+        )
+    for module in model.modules():
+        if isinstance(module, MultiHeadAttention):
+            heads, kv = module.n_heads, module.n_kv_heads
+            if heads % world or kv % world:
+                raise LmarchError(
+                    f"--strategy tp on {world} ranks needs the attention heads ({heads} query, "
+                    f"{kv} key/value) divisible by {world}",
+                    hint=f"run on a number of ranks that divides {kv}, or use ddp / fsdp",
+                )
+        hidden = module.hidden if isinstance(module, GatedMLP) else None
+        if isinstance(module, MLP):
+            hidden = module.fc_in.out_features
+        if hidden is not None and hidden % world:
+            raise LmarchError(
+                f"--strategy tp on {world} ranks needs the MLP width {hidden} divisible by {world}"
+            )
+
+
+def tensor_parallel(model: nn.Module, device: torch.device) -> nn.Module:
+    """Split every attention and MLP of ``model`` over the ranks of the process group, in place.
+
+    Megatron's plan: the first matrix of each pair is column-parallel (each rank computes its
+    heads / its slice of the hidden units from the whole input), the second row-parallel (each
+    rank multiplies its slice, one all-reduce sums them), so a block costs two all-reduces and
+    nothing is gathered in between. The fused q/k/v (and gate/up) rows are regrouped first so that
+    rank r's contiguous share holds its own heads of q, k and v; the attention then runs its
+    local heads (``n_heads / N``). Embeddings, norms and the head stay whole on every rank.
+    """
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        RowwiseParallel,
+        parallelize_module,
+    )
+
+    world = dist.get_world_size()
+    check_tensor_parallel(model, world)
+    mesh = init_device_mesh(device.type, (world,))
+    for module in list(model.modules()):
+        if isinstance(module, MultiHeadAttention):
+            hd = module.head_dim
+            sizes = [module.n_heads * hd, module.n_kv_heads * hd, module.n_kv_heads * hd]
+            _group_rows(module.qkv, sizes, world)
+            plan = {"qkv": ColwiseParallel(), "out": RowwiseParallel()}
+            parallelize_module(module, mesh, plan)
+            module.n_heads //= world
+            module.n_kv_heads //= world
+        elif isinstance(module, GatedMLP):
+            _group_rows(module.gate_up, [module.hidden, module.hidden], world)
+            parallelize_module(
+                module, mesh, {"gate_up": ColwiseParallel(), "down": RowwiseParallel()}
+            )
+            module.hidden //= world
+        elif isinstance(module, MLP):
+            parallelize_module(
+                module, mesh, {"fc_in": ColwiseParallel(), "fc_out": RowwiseParallel()}
+            )
+    return model
+
+
+def tp_full_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """The whole weights of a tensor-parallel model under their own names and in their own
+    layout (gathered shards, fused rows put back in order): what one process would hold."""
+    grouped = {
+        f"{name}.{p}": module._tp_rows
+        for name, module in model.named_modules()
+        if hasattr(module, "_tp_rows")
+        for p in ("weight", "bias")
+    }
+    out = {}
+    for name, tensor in model.state_dict().items():
+        full = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+        if name in grouped:
+            order = _row_order(*grouped[name])
+            full = full[torch.argsort(order)]
+        out[name] = full.detach()
+    return out
+
+
+def tp_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """``optimizer`` rebuilt with each parameter group split into its sharded (DTensor) and whole
+    parameters: a fused or foreach step takes one kind of tensor per group."""
+    groups = []
+    for group in optimizer.param_groups:
+        settings = {k: v for k, v in group.items() if k != "params"}
+        for sharded in (True, False):
+            params = [p for p in group["params"] if isinstance(p, DTensor) == sharded]
+            if params:
+                groups.append({**settings, "params": params})
+    accepted = inspect.signature(type(optimizer)).parameters
+    defaults = {k: v for k, v in optimizer.defaults.items() if k in accepted}
+    return type(optimizer)(groups, **defaults)
+
+
+def clip_grad_norm(parameters: list[nn.Parameter], max_norm: float) -> Tensor:
+    """Clip the global gradient norm over parameters of which some are sharded DTensors (tensor
+    parallel) and some are whole on every rank: ||g||^2 = sum over shards (all-reduced) + the
+    whole ones (counted once)."""
+    import torch.distributed as dist
+
+    grads = [p.grad for p in parameters if p.grad is not None]
+    sharded = [g for g in grads if isinstance(g, DTensor) and not g.placements[0].is_replicate()]
+    ids = {id(g) for g in sharded}
+    whole = [g.to_local() if isinstance(g, DTensor) else g for g in grads if id(g) not in ids]
+    local = torch.zeros((), dtype=torch.float32)
+    for g in sharded:
+        local = local + g.to_local().float().pow(2).sum().cpu()
+    dist.all_reduce(local)
+    total = local + sum((g.float().pow(2).sum().cpu() for g in whole), torch.zeros(()))
+    norm = total.sqrt()
+    coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+    for g in grads:
+        local_g = g.to_local() if isinstance(g, DTensor) else g
+        local_g.mul_(coef.to(local_g.device))
+    return norm

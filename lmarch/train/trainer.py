@@ -149,7 +149,8 @@ class Trainer:
         self.distributed = config.strategy != "single"
         self.dist = dist_info() if self.distributed else DistInfo()
         if self.distributed:
-            check_strategy(config.strategy)  # refusals come before any rendezvous
+            # refusals come before any rendezvous
+            check_strategy(config.strategy, model, self.dist.world_size)
             train_batches = _rank_slice(train_batches, self.dist)
             val_batches = _rank_slice(val_batches, self.dist)
             self.device = device_for(config.device, self.dist)

@@ -102,7 +102,7 @@ def test_strategy_refusals_are_one_line(cli, tmp_path) -> None:
     line = cli.error("train", *TINY, "--out", tmp_path / "a", "--strategy", "zero")
     assert "strategy must be one of ['single', 'ddp', 'fsdp', 'tp']" in line
     line = cli.error("train", *TINY, "--out", tmp_path / "b", "--strategy", "tp")
-    assert "--strategy tp (tensor parallel) is not available yet" in line
+    assert "--strategy tp is not wired into lmarch train yet" in line
     line = cli.error("train", *TINY, "--out", tmp_path / "c", "--nproc", "0")
     assert line == "lmarch train: error: --nproc must be >= 1, got 0"
 

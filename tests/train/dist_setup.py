@@ -47,3 +47,15 @@ def train_config(**over) -> TrainConfig:
         device="cpu",
     )
     return TrainConfig(**{**base, **over})
+
+
+# (name, preset, overrides) of the tensor-parallel checks: 4 query heads over 2 ranks; LLaMA with
+# 2 key/value heads (grouped-query), RoPE and SwiGLU
+TP_MODELS = [
+    ("gpt", "gpt-char-tiny", {"n_layer": 2, "n_head": 4, "n_embd": 32, "block_size": 16}),
+    (
+        "llama",
+        "llama-tiny",
+        {"n_layer": 2, "n_head": 4, "n_kv_head": 2, "n_embd": 32, "intermediate_size": 64},
+    ),
+]

@@ -7,19 +7,62 @@ JSON of what the test checks (parameter/gradient/optimizer bytes of this rank).
 
 from __future__ import annotations
 
+import copy
 import json
 import sys
 import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from lmarch.train.distributed import dist_info, teardown
 from lmarch.train.parallelize import shard_bytes
 from lmarch.train.trainer import Trainer, causal_lm_loss
 
 sys.path.insert(0, str(Path(__file__).parent))
-from dist_setup import make_model, make_samplers, train_config  # noqa: E402
+from dist_setup import TP_MODELS, make_model, make_samplers, train_config  # noqa: E402
+
+
+def tensor_parallel_checks() -> dict[str, dict[str, float]]:
+    """GPT (MHA, biases, GELU MLP) and LLaMA (GQA, RoPE, SwiGLU) split over the ranks by
+    ``parallelize(..., "tp")`` against the whole model in this process: the logits, and the
+    weights after one clipped AdamW step (gathered, fused rows put back in order)."""
+    from lmarch.models.registry import build_model, get_preset, replace_config
+    from lmarch.train.parallelize import (
+        clip_grad_norm,
+        parallelize,
+        tp_full_state_dict,
+        tp_optimizer,
+    )
+
+    cpu = torch.device("cpu")
+    out = {}
+    for name, preset, over in TP_MODELS:
+        config = replace_config(get_preset(preset).config, **over)
+        torch.manual_seed(0)
+        whole = build_model(config)
+        split = copy.deepcopy(whole)
+        parallelize(split, "tp", cpu)
+        x = torch.randint(config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(3))
+        y = x.roll(-1, 1)
+        logits = [m(x) for m in (whole, split)]
+        report = {"logits": (logits[0] - logits[1]).abs().max().item()}
+        for z in logits:
+            F.cross_entropy(z.flatten(0, 1), y.flatten()).backward()
+        opt_whole = torch.optim.AdamW(whole.parameters(), lr=1e-3, fused=True)
+        opt_split = tp_optimizer(torch.optim.AdamW(split.parameters(), lr=1e-3, fused=True))
+        norms = (
+            torch.nn.utils.clip_grad_norm_(whole.parameters(), 0.5),
+            clip_grad_norm(list(split.parameters()), 0.5),
+        )
+        report["grad_norm"] = abs(norms[0].item() - norms[1].item())
+        opt_whole.step()
+        opt_split.step()
+        gathered, ref = tp_full_state_dict(split), whole.state_dict()
+        report["step"] = max((ref[k] - gathered[k]).abs().max().item() for k in ref)
+        out[name] = report
+    return out
 
 
 def main(spec_path: str) -> None:
@@ -44,6 +87,8 @@ def main(spec_path: str) -> None:
             if cfg.strategy == "fsdp":
                 local = [p.to_local().dtype for p in trainer.model.parameters()]
                 report[run["name"]]["param_dtypes"] = sorted({str(d) for d in local})
+    if spec.get("tensor_parallel"):
+        report["tp"] = tensor_parallel_checks()
     info = dist_info()
     (root / f"report{info.rank}.json").write_text(json.dumps(report))
     teardown()

@@ -29,9 +29,14 @@ import torch
 
 from lmarch.errors import LmarchError
 from lmarch.models.gpt import GPT, GPTConfig
+from lmarch.models.registry import build_model, get_preset, replace_config
 from lmarch.train.distributed import free_port, teardown
 from lmarch.train.optim import build_optimizer
-from lmarch.train.parallelize import shard_bytes, unsharded_training_bytes
+from lmarch.train.parallelize import (
+    check_tensor_parallel,
+    shard_bytes,
+    unsharded_training_bytes,
+)
 from lmarch.train.sharded_checkpoint import (
     check_compatible,
     find_sharded_checkpoint,
@@ -139,7 +144,7 @@ def launched(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict]
         {"name": "ddp", "config": {"strategy": "ddp"}, "until": 5},
         {"name": "fsdp", "config": {"strategy": "fsdp"}, "until": 5, "measure": True},
     ]
-    reports = launch({"runs": runs}, root)
+    reports = launch({"runs": runs, "tensor_parallel": True}, root)
     with pytest.MonkeyPatch.context() as mp:
         reference_blocks(mp)
         reference = single_run(root / "single", [5, 8])
@@ -265,6 +270,25 @@ def test_rank_killed_mid_run_leaves_a_complete_checkpoint_to_resume(tmp_path, mo
     trainer.fit(resume=True)
     assert trainer.step == 40
     assert max_diff(trainer.model.state_dict(), reference) <= 1e-5
+
+
+def test_tensor_parallel_gpt_and_llama_equal_the_whole_model(launched) -> None:
+    _, reports, _ = launched
+    for rank in reports:
+        for name in ("gpt", "llama"):
+            tp = rank["tp"][name]
+            assert tp["logits"] <= 1e-5, (name, tp)
+            assert tp["grad_norm"] <= 1e-5, (name, tp)
+            assert tp["step"] <= 1e-5, (name, tp)
+
+
+def test_tensor_parallel_refuses_heads_not_divisible_by_ranks() -> None:
+    config = GPTConfig(vocab_size=65, block_size=16, n_layer=1, n_head=3, n_embd=48)
+    with pytest.raises(LmarchError, match=r"tp on 2 ranks needs the attention heads \(3 query"):
+        check_tensor_parallel(GPT(config), 2)
+    llama = build_model(replace_config(get_preset("llama-tiny").config, n_layer=1))
+    with pytest.raises(LmarchError, match=r"\(4 query, 2 key/value\) divisible by 4"):
+        check_tensor_parallel(llama, 4)
 
 
 def test_sharded_checkpoint_from_another_model_is_refused(launched) -> None:
