@@ -293,7 +293,28 @@ def tensor_parallel(model: nn.Module, device: torch.device) -> nn.Module:
             parallelize_module(
                 module, mesh, {"fc_in": ColwiseParallel(), "fc_out": RowwiseParallel()}
             )
+    _local_cache(model)
     return model
+
+
+def _local_cache(model: nn.Module) -> None:
+    """Give the split model a ``make_cache`` for its local key/value heads (the model's own sizes
+    its cache from the config's head count), so greedy and sampled decoding run on it."""
+    from lmarch.nn.cache import KVCache
+
+    attns = [m for m in model.modules() if isinstance(m, MultiHeadAttention)]
+    whole = next(p for p in model.parameters() if not isinstance(p, DTensor))
+
+    def make_cache(
+        batch_size: int, max_len: int | None = None, dtype: torch.dtype | None = None
+    ) -> KVCache:
+        length = max_len or model.max_positions
+        first = attns[0]
+        return KVCache.like(
+            whole, len(attns), batch_size, first.n_kv_heads, length, first.head_dim, dtype
+        )
+
+    model.make_cache = make_cache
 
 
 def tp_full_state_dict(model: nn.Module) -> dict[str, Tensor]:

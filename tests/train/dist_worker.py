@@ -27,7 +27,9 @@ from dist_setup import TP_MODELS, make_model, make_samplers, train_config  # noq
 def tensor_parallel_checks() -> dict[str, dict[str, float]]:
     """GPT (MHA, biases, GELU MLP) and LLaMA (GQA, RoPE, SwiGLU) split over the ranks by
     ``parallelize(..., "tp")`` against the whole model in this process: the logits, and the
-    weights after one clipped AdamW step (gathered, fused rows put back in order)."""
+    weights after one clipped AdamW step (gathered, fused rows put back in order), and 10 greedy
+    tokens decoded with the KV cache."""
+    from lmarch.generation.generate import generate
     from lmarch.models.registry import build_model, get_preset, replace_config
     from lmarch.train.parallelize import (
         clip_grad_norm,
@@ -61,6 +63,9 @@ def tensor_parallel_checks() -> dict[str, dict[str, float]]:
         opt_split.step()
         gathered, ref = tp_full_state_dict(split), whole.state_dict()
         report["step"] = max((ref[k] - gathered[k]).abs().max().item() for k in ref)
+        prompt = x[:, :4]
+        tokens = [generate(m, prompt, 10).tolist() for m in (whole, split)]
+        report["greedy_equal"] = tokens[0] == tokens[1]
         out[name] = report
     return out
 

@@ -280,6 +280,7 @@ def test_tensor_parallel_gpt_and_llama_equal_the_whole_model(launched) -> None:
             assert tp["logits"] <= 1e-5, (name, tp)
             assert tp["grad_norm"] <= 1e-5, (name, tp)
             assert tp["step"] <= 1e-5, (name, tp)
+            assert tp["greedy_equal"], name
 
 
 def test_tensor_parallel_refuses_heads_not_divisible_by_ranks() -> None:
