@@ -69,8 +69,9 @@ class TrainConfig:
     skip_nonfinite: bool = setting(False, "skip a step whose loss is nan/inf instead of stopping")
     strategy: str = setting(
         "single",
-        "'single' (one process), 'ddp' (data parallel) or 'fsdp' (FSDP2, sharded); several "
-        "processes with torchrun or --nproc N (lmarch.train.parallelize)",
+        "'single' (one process), 'ddp' (data parallel), 'fsdp' (FSDP2, sharded) or 'tp' "
+        "(tensor parallel, GPT/LLaMA); several processes with torchrun or --nproc N "
+        "(lmarch.train.parallelize)",
     )
 
     def __post_init__(self) -> None:

@@ -16,7 +16,8 @@ returns what to train.
   mixed-precision policy (bf16 parameters in compute, fp32 gradient reduction, fp32 master
   weights) instead of autocast.
 - ``tp`` (tensor parallel, Megatron-LM; :func:`tensor_parallel`): each attention's heads and each
-  MLP's hidden units split over the ranks, column- then row-parallel, one all-reduce per pair.
+  MLP's hidden units split over the ranks, column- then row-parallel, one all-reduce per pair;
+  its checkpoints are gathered into the single-process layout (:func:`tp_checkpoint_tensors`).
 
 Native fast paths (:func:`lmarch.native.accelerate`) are not swapped in under a distributed
 strategy: the fused blocks take plain tensors (not FSDP's or TP's DTensor parameters) and were
@@ -49,7 +50,9 @@ __all__ = [
     "parallelize",
     "shard_bytes",
     "tensor_parallel",
+    "tp_checkpoint_tensors",
     "tp_full_state_dict",
+    "tp_load_checkpoint_tensors",
     "tp_optimizer",
     "unsharded_training_bytes",
 ]
@@ -109,16 +112,10 @@ def parallelize(
 
 def check_strategy(strategy: str, model: nn.Module | None = None, world_size: int = 1) -> None:
     """Refuse a strategy this build cannot apply -- before any rank waits for another, so every
-    rank refuses alike and nothing hangs. ``tp`` is applied by :func:`parallelize` (forward and
-    training steps, tested); the Trainer does not checkpoint it yet, so ``lmarch train`` refuses
-    it after checking that ``model`` could be split over ``world_size`` ranks."""
-    if strategy == "tp":
-        if model is not None:
-            check_tensor_parallel(model, world_size)
-        raise LmarchError(
-            "--strategy tp is not wired into lmarch train yet (its checkpoints are not written)",
-            hint="use --strategy ddp or fsdp; lmarch.train.parallelize applies tp in a script",
-        )
+    rank refuses alike and nothing hangs: ``tp`` checks that ``model`` splits over
+    ``world_size`` ranks."""
+    if strategy == "tp" and model is not None:
+        check_tensor_parallel(model, world_size)
     if strategy not in STRATEGIES:
         raise LmarchError(f"unknown strategy {strategy!r}", hint=f"one of {', '.join(STRATEGIES)}")
 
@@ -372,3 +369,97 @@ def clip_grad_norm(parameters: list[nn.Parameter], max_norm: float) -> Tensor:
         local_g = g.to_local() if isinstance(g, DTensor) else g
         local_g.mul_(coef.to(local_g.device))
     return norm
+
+
+# ---- tensor-parallel checkpoints in the single-process layout ---------------------------------
+
+
+def _grouped_rows(model: nn.Module) -> dict[int, tuple[list[int], int]]:
+    """id(parameter) -> (segments, ranks) of every fused projection whose rows were regrouped."""
+    return {
+        id(p): module._tp_rows
+        for module in model.modules()
+        if hasattr(module, "_tp_rows")
+        for p in module.parameters(recurse=False)
+    }
+
+
+def _whole(value: Tensor, rows: tuple[list[int], int] | None) -> Tensor:
+    full = value.full_tensor() if isinstance(value, DTensor) else value
+    if rows is not None and full.dim() > 0:
+        full = full[torch.argsort(_row_order(*rows))]
+    return full.detach().contiguous()
+
+
+def _split_like(full: Tensor, param: Tensor, rows: tuple[list[int], int] | None) -> Tensor:
+    """``full`` (single-process layout) as ``param`` holds it: rows regrouped, and this rank's
+    shard as a DTensor of the same placement when ``param`` is one."""
+    if rows is not None and full.dim() > 0:
+        full = full[_row_order(*rows)]
+    if not isinstance(param, DTensor):
+        return full
+    local = full
+    mesh = param.device_mesh
+    for placement in param.placements:
+        if placement.is_shard():
+            local = local.chunk(mesh.size(), dim=placement.dim)[mesh.get_local_rank()]
+    return DTensor.from_local(local.contiguous(), mesh, param.placements, run_check=False)
+
+
+def tp_checkpoint_tensors(
+    model: nn.Module, optimizer: torch.optim.Optimizer
+) -> tuple[dict[str, Tensor], dict[str, Tensor], dict]:
+    """A tensor-parallel model and its optimizer as one process would save them: the whole
+    weights (tied ones once) and ``optim.<pid>.<name>`` tensors + JSON, where ``optimizer`` is the
+    un-split one (:func:`tp_optimizer` shares its state). Every rank must call it (the shards are
+    gathered); rank 0 writes the result."""
+    from lmarch.train.state import optimizer_to_tensors
+
+    rows = _grouped_rows(model)
+    seen: set[int] = set()
+    weights = {}
+    for name, param in model.state_dict(keep_vars=True).items():
+        if id(param) in seen:
+            continue  # a tied alias (the output head of tied embeddings)
+        seen.add(id(param))
+        weights[name] = _whole(param, rows.get(id(param)))
+    tensors, meta = optimizer_to_tensors(optimizer)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    whole = {}
+    for key, value in sorted(tensors.items()):
+        pid = int(key.split(".")[1])
+        whole[key] = _whole(value, rows.get(id(params[pid])))
+    return weights, whole, meta
+
+
+def tp_load_checkpoint_tensors(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    weights: dict[str, Tensor],
+    optim_tensors: dict[str, Tensor],
+    optim_meta: dict,
+) -> None:
+    """Load single-process checkpoint tensors into a tensor-parallel ``model`` and its un-split
+    ``optimizer``: each rank keeps its shards (fused rows regrouped as :func:`tensor_parallel`
+    does). The caller points the split optimizer at ``optimizer.state`` afterwards."""
+    from lmarch.train.state import optimizer_from_tensors
+
+    rows = _grouped_rows(model)
+    named = model.state_dict(keep_vars=True)
+    with torch.no_grad():
+        for name, full in weights.items():
+            if name not in named:
+                raise LmarchError(f"the checkpoint holds {name!r}, which this model has not")
+            param = named[name]
+            part = _split_like(full, param, rows.get(id(param)))
+            target = param.to_local() if isinstance(param, DTensor) else param
+            target.copy_(part.to_local() if isinstance(part, DTensor) else part)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    split = {}
+    for key, value in optim_tensors.items():
+        if key.startswith("optim."):
+            param = params[int(key.split(".")[1])]
+            if value.dim() > 0:
+                value = _split_like(value, param, rows.get(id(param)))
+            split[key] = value
+    optimizer_from_tensors(optimizer, split, optim_meta)

@@ -42,7 +42,15 @@ from lmarch.train.distributed import (
     init_distributed,
 )
 from lmarch.train.optim import build_optimizer, learning_rate_at
-from lmarch.train.parallelize import check_strategy, gradient_sync, parallelize
+from lmarch.train.parallelize import (
+    check_strategy,
+    clip_grad_norm,
+    gradient_sync,
+    parallelize,
+    tp_checkpoint_tensors,
+    tp_load_checkpoint_tensors,
+    tp_optimizer,
+)
 from lmarch.train.sharded_checkpoint import find_sharded_checkpoint, load_sharded, save_sharded
 from lmarch.train.state import (
     optimizer_from_tensors,
@@ -151,8 +159,9 @@ class Trainer:
         if self.distributed:
             # refusals come before any rendezvous
             check_strategy(config.strategy, model, self.dist.world_size)
-            train_batches = _rank_slice(train_batches, self.dist)
-            val_batches = _rank_slice(val_batches, self.dist)
+            if config.strategy != "tp":  # tensor parallel: every rank sees the whole batch
+                train_batches = _rank_slice(train_batches, self.dist)
+                val_batches = _rank_slice(val_batches, self.dist)
             self.device = device_for(config.device, self.dist)
             self.dist = init_distributed(self.device)
             self.model = model.to(self.device)  # the reference blocks (lmarch.train.parallelize)
@@ -180,6 +189,12 @@ class Trainer:
         if self.dist.rank > 0:
             torch.manual_seed(config.seed + self.dist.rank)  # dropout masks differ per rank
         self.optimizer = build_optimizer(self.model, config)
+        if config.strategy == "tp":
+            # the un-split optimizer names the parameters as one process does (checkpoints); the
+            # split one steps (one kind of tensor per group), and both share one state
+            self._whole_optimizer = self.optimizer
+            self.optimizer = tp_optimizer(self.optimizer)
+            self._whole_optimizer.state = self.optimizer.state
         self.step = 0
         self.tokens_per_s = 0.0
         self.last_train_loss = float("nan")
@@ -222,7 +237,9 @@ class Trainer:
             return total
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
-        if cfg.grad_clip > 0:
+        if cfg.grad_clip > 0 and cfg.strategy == "tp":
+            clip_grad_norm(list(self.model.parameters()), cfg.grad_clip)  # shards + whole ones
+        elif cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
         if self.scaler is None:
             self.optimizer.step()
@@ -261,9 +278,16 @@ class Trainer:
         if self.config.strategy == "fsdp":
             self._save_sharded()
             return
+        weights = None
+        if self.config.strategy == "tp":  # every rank gathers, rank 0 writes the whole model
+            weights, optim_tensors, optim_meta = tp_checkpoint_tensors(
+                self.model, self._whole_optimizer
+            )
         if not self.dist.is_main:
             return  # DDP's replicas are equal: rank 0 writes the one copy
-        optim_tensors, optim_meta = optimizer_to_tensors(self.optimizer)
+        if weights is None:
+            weights = unique_state_dict(self.model)
+            optim_tensors, optim_meta = optimizer_to_tensors(self.optimizer)
         rng = rng_to_tensors({"train_batches": self.train_batches.generator})
         # a sampler that walks its text in order (TBPTT streams) also saves where it is
         if hasattr(self.train_batches, "position_tensors"):
@@ -274,7 +298,7 @@ class Trainer:
         write_checkpoint(
             self.out_dir,
             {
-                "model.safetensors": lambda p: save_tensors(unique_state_dict(self.model), p),
+                "model.safetensors": lambda p: save_tensors(weights, p),
                 "trainer.safetensors": lambda p: save_tensors({**optim_tensors, **rng}, p),
                 "trainer.json": lambda p: write_json(p, meta),
             },
@@ -285,6 +309,12 @@ class Trainer:
         ckpt = find_checkpoint(self.out_dir) if self.out_dir is not None else None
         sharded = find_sharded_checkpoint(self.out_dir) if self.out_dir is not None else None
         if sharded is not None and (ckpt is None or sharded.name == "checkpoint"):
+            if self.config.strategy == "tp":
+                raise LmarchError(
+                    f"{sharded} is a sharded (fsdp) checkpoint; --strategy tp resumes the "
+                    "single-process layout",
+                    hint="lmarch consolidate the run first, or resume it with fsdp",
+                )
             self._load_sharded(sharded)
             return True
         if ckpt is None:
@@ -294,10 +324,16 @@ class Trainer:
                 f"{ckpt} is a single-process checkpoint; --strategy fsdp resumes sharded ones",
                 hint="resume it with --strategy ddp (or single)",
             )
-        load_into_model(self.model, load_tensors(ckpt / "model.safetensors"), str(ckpt))
         meta = read_json(ckpt / "trainer.json")
         state = load_tensors(ckpt / "trainer.safetensors")
-        optimizer_from_tensors(self.optimizer, state, meta["optimizer"])
+        weights = load_tensors(ckpt / "model.safetensors")
+        if self.config.strategy == "tp":
+            whole = self._whole_optimizer
+            tp_load_checkpoint_tensors(self.model, whole, weights, state, meta["optimizer"])
+            self.optimizer.state = whole.state
+        else:
+            load_into_model(self.model, weights, str(ckpt))
+            optimizer_from_tensors(self.optimizer, state, meta["optimizer"])
         rng_from_tensors(state, {"train_batches": self.train_batches.generator})
         if hasattr(self.train_batches, "load_position_tensors"):
             self.train_batches.load_position_tensors(state)

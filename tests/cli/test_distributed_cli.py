@@ -98,11 +98,20 @@ def test_consolidate_refuses_a_run_without_a_sharded_checkpoint(cli, tmp_path) -
     assert "has no sharded checkpoint" in line
 
 
-def test_strategy_refusals_are_one_line(cli, tmp_path) -> None:
+def test_strategy_refusals_are_one_line(cli, tmp_path, monkeypatch) -> None:
     line = cli.error("train", *TINY, "--out", tmp_path / "a", "--strategy", "zero")
     assert "strategy must be one of ['single', 'ddp', 'fsdp', 'tp']" in line
+    # rank 0 of 3 (torchrun's variables): refused before it waits for the other ranks
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "3")
     line = cli.error("train", *TINY, "--out", tmp_path / "b", "--strategy", "tp")
-    assert "--strategy tp is not wired into lmarch train yet" in line
+    assert line == (
+        "lmarch train: error: --strategy tp on 3 ranks needs the attention heads (2 query, 2 "
+        "key/value) divisible by 3 (hint: run on a number of ranks that divides 2, or use ddp / "
+        "fsdp)"
+    )
+    monkeypatch.delenv("RANK")
+    monkeypatch.delenv("WORLD_SIZE")
     line = cli.error("train", *TINY, "--out", tmp_path / "c", "--nproc", "0")
     assert line == "lmarch train: error: --nproc must be >= 1, got 0"
 

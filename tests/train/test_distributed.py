@@ -143,6 +143,8 @@ def launched(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict]
     runs = [
         {"name": "ddp", "config": {"strategy": "ddp"}, "until": 5},
         {"name": "fsdp", "config": {"strategy": "fsdp"}, "until": 5, "measure": True},
+        {"name": "tp", "config": {"strategy": "tp"}, "until": 5},
+        {"name": "tp", "config": {"strategy": "tp"}, "resume": True},
     ]
     reports = launch({"runs": runs, "tensor_parallel": True}, root)
     with pytest.MonkeyPatch.context() as mp:
@@ -281,6 +283,16 @@ def test_tensor_parallel_gpt_and_llama_equal_the_whole_model(launched) -> None:
             assert tp["grad_norm"] <= 1e-5, (name, tp)
             assert tp["step"] <= 1e-5, (name, tp)
             assert tp["greedy_equal"], name
+
+
+def test_tensor_parallel_training_equals_one_process(launched) -> None:
+    root, _, ref = launched
+    # 5 steps on 2 ranks, a checkpoint in the single-process layout, resumed on 2 ranks to 8
+    tp, single = losses(root / "tp"), losses(root / "single")
+    assert sorted(tp) == list(range(1, 9))
+    assert max(abs(tp[i] - single[i]) for i in range(1, 9)) <= 1e-5
+    weights = load_tensors(root / "tp" / "checkpoint" / "model.safetensors")
+    assert max_diff(weights, {k: ref[8][k] for k in weights}) <= 1e-5
 
 
 def test_tensor_parallel_refuses_heads_not_divisible_by_ranks() -> None:
