@@ -149,7 +149,8 @@ def launched(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict]
     reports = launch({"runs": runs, "tensor_parallel": True}, root)
     with pytest.MonkeyPatch.context() as mp:
         reference_blocks(mp)
-        reference = single_run(root / "single", [5, 8])
+        # max_iters 10 on the same schedule (decay over 8): identical to 8, then 2 more steps
+        reference = single_run(root / "single", [5, 8, 10], max_iters=10)
     return root, reports, reference
 
 
@@ -293,6 +294,18 @@ def test_tensor_parallel_training_equals_one_process(launched) -> None:
     assert max(abs(tp[i] - single[i]) for i in range(1, 9)) <= 1e-5
     weights = load_tensors(root / "tp" / "checkpoint" / "model.safetensors")
     assert max_diff(weights, {k: ref[8][k] for k in weights}) <= 1e-5
+
+
+def test_tensor_parallel_checkpoint_resumes_on_one_process(launched, monkeypatch, tmp_path):
+    root, _, ref = launched
+    reference_blocks(monkeypatch)
+    shutil.copytree(root / "tp", tmp_path / "run")
+    trainer = Trainer(
+        make_model(), *make_samplers(), train_config(max_iters=10), out_dir=tmp_path / "run"
+    )
+    trainer.fit(resume=True)  # weights and AdamW moments in the single-process order
+    assert trainer.step == 10
+    assert max_diff(trainer.model.state_dict(), ref[10]) <= 1e-5
 
 
 def test_tensor_parallel_refuses_heads_not_divisible_by_ranks() -> None:
