@@ -96,6 +96,7 @@ def rank_main(args: argparse.Namespace) -> None:
         "loss": float(all_reduce_mean(loss)),  # the global batch's loss
     }
     print("RESULT " + json.dumps(row), flush=True)
+    trainer.release()  # DDP's reducer must go before the process group does
     teardown()
 
 

@@ -361,6 +361,7 @@ def finetune(
     try:
         result = trainer.fit(resume=resume)
     finally:
+        trainer.release()
         teardown()  # leave the process group (if the strategy started one)
     return FinetuneResult(
         method=cfg.method,

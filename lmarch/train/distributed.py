@@ -14,6 +14,7 @@ run folder; the other ranks stay silent (:func:`is_main`).
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 import socket
 from collections.abc import Callable
@@ -133,8 +134,10 @@ def init_distributed(device: torch.device, timeout_s: float = DEFAULT_TIMEOUT_S)
 
 
 def teardown() -> None:
-    """Leave the process group (if one is up), so the process exits cleanly."""
+    """Leave the process group (if one is up), so the process exits cleanly. Objects that hold
+    the group (a DDP wrapper's reducer) must be gone first: they are collected here."""
     if is_distributed():
+        gc.collect()
         dist.destroy_process_group()
 
 

@@ -481,6 +481,7 @@ def train_run(
     try:
         return trainer.fit(resume=resume)
     finally:
+        trainer.release()
         teardown()  # leave the process group (if the strategy started one)
 
 

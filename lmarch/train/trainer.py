@@ -439,6 +439,11 @@ class Trainer:
             raise KeyboardInterrupt
         return result
 
+    def release(self) -> None:
+        """Drop the parallel wrapper (DDP's reducer holds the process group): call it before the
+        group is destroyed, or the reducer's late destruction can wait forever on gloo's threads."""
+        self._parallel_model = self._forward_model = self.model
+
     def _run_eval(self) -> None:
         metrics = self.evaluate()
         self._check_finite(metrics["val_loss"])

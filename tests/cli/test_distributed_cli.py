@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -34,14 +35,21 @@ TINY = [
 def lmarch(*argv: str, timeout: float = 240) -> subprocess.CompletedProcess:
     """``python -m lmarch ARGV`` in a fresh process (torchrun needs real processes)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200"}
-    return subprocess.run(
-        [sys.executable, "-m", "lmarch", *argv],
-        capture_output=True,
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lmarch", *[str(a) for a in argv]],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=timeout,
         env=env,
         cwd=ROOT,
+        start_new_session=True,  # torchrun and its ranks too are stopped on a timeout
     )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -80,9 +79,7 @@ def main(spec_path: str) -> None:
         train, val = make_samplers()
         cfg = train_config(**run["config"])
         trainer = Trainer(model, train, val, cfg, out_dir=root / run["name"], callbacks=[])
-        t0 = time.perf_counter()
         trainer.fit(resume=run.get("resume", False), until=run.get("until"))
-        print(run["name"], time.perf_counter() - t0, flush=True)
         if run.get("measure"):
             # one more backward so that the gradients exist to be counted
             loss = causal_lm_loss(trainer._forward_model, trainer.train_batches.sample())
@@ -92,6 +89,7 @@ def main(spec_path: str) -> None:
             if cfg.strategy == "fsdp":
                 local = [p.to_local().dtype for p in trainer.model.parameters()]
                 report[run["name"]]["param_dtypes"] = sorted({str(d) for d in local})
+        trainer.release()  # DDP's reducer must go before the process group does
     if spec.get("tensor_parallel"):
         report["tp"] = tensor_parallel_checks()
     info = dist_info()
