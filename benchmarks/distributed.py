@@ -1,8 +1,8 @@
-"""Training throughput and memory per rank: one process vs DDP vs FSDP2 on this machine.
+"""Training throughput and memory per rank: one process vs DDP vs FSDP2 vs tensor parallel.
 
 Each strategy trains the same GPT (``--layers``, ``--width``, ``--block``) on the same global
-batches of char-level tinyshakespeare with lmarch's Trainer: ``single`` in one process, ``ddp``
-and ``fsdp`` on ``--nproc`` ranks started as torchrun starts them (RANK / WORLD_SIZE /
+batches of char-level tinyshakespeare with lmarch's Trainer: ``single`` in one process, ``ddp``,
+``fsdp`` and ``tp`` on ``--nproc`` ranks started as torchrun starts them (RANK / WORLD_SIZE /
 MASTER_ADDR / MASTER_PORT; gloo on the CPU, NCCL on CUDA). After ``--warmup`` steps, ``--steps``
 optimizer steps are timed on every rank (a barrier on each side); tokens/s counts the global
 batch. Per rank it reports the training bytes it holds (parameters + gradients + AdamW moments,
@@ -150,7 +150,8 @@ def main() -> None:
     if args.rank_worker:
         return rank_main(args)
     results = {}
-    for strategy, nproc in (("single", 1), ("ddp", args.nproc), ("fsdp", args.nproc)):
+    runs = [("single", 1)] + [(s, args.nproc) for s in ("ddp", "fsdp", "tp")]
+    for strategy, nproc in runs:
         results[strategy] = launch(strategy, nproc, args)
     mib = 2**20
     lines = [
