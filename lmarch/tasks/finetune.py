@@ -281,9 +281,10 @@ def finetune(
         base, data = base_reference(model), _data_reference(data)
         if Path(base) == out.expanduser().resolve():
             raise LmarchError(f"--out {out} is the model's own folder; it would be overwritten")
-    if train_cfg.strategy == "fsdp" and cfg.method in ADAPTER_METHODS:
+    if train_cfg.strategy in ("fsdp", "tp") and cfg.method in ADAPTER_METHODS:
         raise LmarchError(
-            f"--strategy fsdp fine-tunes all weights (--method full), not {cfg.method}",
+            f"--strategy {train_cfg.strategy} fine-tunes all weights (--method full), not "
+            f"{cfg.method}",
             hint="adapters are small: use --strategy ddp",
         )
     loaded = load(base, quant="none").require("causal-lm", "finetune")

@@ -139,14 +139,15 @@ def test_batch_not_divisible_by_ranks_exits_2_on_every_rank(tmp_path) -> None:
     ], proc.stderr
 
 
-def test_fsdp_refuses_adapter_methods(cli, tmp_path) -> None:
+@pytest.mark.parametrize("strategy", ["fsdp", "tp"])
+def test_sharding_strategies_refuse_adapter_methods(cli, tmp_path, strategy) -> None:
     line = cli.error(
         "finetune", "gpt-char-tiny", "--out", tmp_path / "ft", "--method", "lora",
-        "--strategy", "fsdp",
+        "--strategy", strategy,
     )  # fmt: skip
     assert line == (
-        "lmarch finetune: error: --strategy fsdp fine-tunes all weights (--method full), not "
-        "lora (hint: adapters are small: use --strategy ddp)"
+        f"lmarch finetune: error: --strategy {strategy} fine-tunes all weights (--method full), "
+        "not lora (hint: adapters are small: use --strategy ddp)"
     )
 
 
