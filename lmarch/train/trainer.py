@@ -166,6 +166,11 @@ class Trainer:
             self.dist = init_distributed(self.device)
             self.model = model.to(self.device)  # the reference blocks (lmarch.train.parallelize)
         else:
+            if dist_info().world_size > 1:  # N copies of one run would race on one folder
+                raise LmarchError(
+                    f"{dist_info().world_size} ranks were started for strategy 'single'",
+                    hint="add --strategy ddp, fsdp or tp",
+                )
             self.device = resolve_device(config.device)
             self.model = accelerate(model.to(self.device), training=True)  # native fast paths
         self.autocast_dtype = _autocast_dtype(config.precision, self.device)

@@ -325,6 +325,13 @@ def test_sharded_checkpoint_from_another_model_is_refused(launched) -> None:
         check_compatible(root / "fsdp" / "checkpoint", GPT(config))
 
 
+def test_several_ranks_of_a_single_process_run_are_refused(monkeypatch) -> None:
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(LmarchError, match="2 ranks were started for strategy 'single'"):
+        Trainer(make_model(), *make_samplers(), train_config())
+
+
 def test_batch_not_divisible_by_ranks_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     # refused from torchrun's variables alone, before any rank waits for another
     monkeypatch.setenv("RANK", "0")
