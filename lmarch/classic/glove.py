@@ -34,7 +34,6 @@ summed with ``index_add_``, returned as a coalesced sparse tensor); the updates 
 from __future__ import annotations
 
 import math
-import re
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -43,16 +42,9 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
+from lmarch.classic.text import lower_words
 from lmarch.classic.vectors import WordVectors
 from lmarch.errors import LmarchError
-
-_WORD = re.compile(r"[a-z]+(?:'[a-z]+)*")
-
-
-def word_tokens(text: str) -> list[str]:
-    """Lower-cased words of ``text``: letters with inner apostrophes ("o'er", "king's"); digits
-    and punctuation are dropped."""
-    return _WORD.findall(text.lower())
 
 
 @dataclass
@@ -311,7 +303,7 @@ def train_glove(
     progress: Callable[[int, float], None] | None = None,
     threads: int | None = None,
 ) -> GloveResult:
-    """Train GloVe on ``texts`` (each a document): tokenise (:func:`word_tokens`), keep words seen
+    """Train GloVe on ``texts`` (each a document): tokenise (:func:`lmarch.classic.text.lower_words`), keep words seen
     ``min_count`` times, count co-occurrences, run ``epochs`` of AdaGrad.
 
     ``progress(epoch, J)`` is called with epoch 0 and the initial J once the counts are made, then
@@ -333,7 +325,7 @@ def _train(
     texts: Sequence[str], config: GloveConfig, progress: Callable[[int, float], None] | None
 ) -> GloveResult:
     start = time.perf_counter()
-    documents = [word_tokens(t) for t in texts]
+    documents = [lower_words(t) for t in texts]
     if not any(documents):
         raise LmarchError("the corpus holds no words", hint="give a UTF-8 text file with words")
     vocab, _ = build_vocab(documents, config.min_count)

@@ -52,15 +52,13 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
+from lmarch.classic.text import WORDS_AND_LINES, tokenize
 from lmarch.errors import LmarchError
 
 BOS, EOS, UNK = "<s>", "</s>", "<UNK>"
 BOS_ID, EOS_ID, UNK_ID = 0, 1, 2
 SMOOTHINGS = ("kn", "mkn", "addk")
 UNITS = ("word", "char")
-# Words (with inner apostrophes: "o'er", "ne'er"), or any single other non-space character.
-WORD_PATTERN = re.compile(r"\w+(?:'\w+)*|[^\w\s]")
-_WORDS_AND_LINES = re.compile(r"\n|" + WORD_PATTERN.pattern)
 
 
 @dataclass(frozen=True)
@@ -165,13 +163,6 @@ def _safe_discounts(counts: np.ndarray, smoothing: str) -> tuple[float, ...]:
     return tuple(out)
 
 
-def tokenize(text: str, unit: str) -> list[list[str]]:
-    """``text`` as sentences (its lines) of tokens: characters, or words and punctuation."""
-    if unit == "char":
-        return [list(line) for line in text.split("\n")]
-    return [WORD_PATTERN.findall(line) for line in text.split("\n")]
-
-
 def detokenize(tokens: Sequence[str], unit: str) -> str:
     """Tokens (``</s>`` as a line end) back to text; words are joined by spaces, except before
     punctuation."""
@@ -240,7 +231,7 @@ def _text_ids(text: str, unit: str, index: dict[str, int] | None):
             return found + 3, lengths, vocab
         ids = np.array([index[chr(c)] for c in known.tolist()], dtype=np.int64)
         return np.where(found >= 0, ids[np.maximum(found, 0)], UNK_ID), lengths, None
-    words = _WORDS_AND_LINES.findall(text)
+    words = WORDS_AND_LINES.findall(text)
     if index is None:
         vocab = [BOS, EOS, UNK, *sorted(set(words) - {"\n", BOS, EOS, UNK})]
         index = {token: i for i, token in enumerate(vocab)}

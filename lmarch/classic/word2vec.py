@@ -43,7 +43,6 @@ stays faster: ``benchmarks/word2vec.py`` reports the ratio.
 
 from __future__ import annotations
 
-import re
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
@@ -53,19 +52,6 @@ import torch
 
 from lmarch.classic.vectors import WordVectors
 from lmarch.errors import LmarchError
-
-_WORD = re.compile(r"[a-z]+(?:'[a-z]+)*")
-
-
-def word_sentences(text: str) -> list[list[str]]:
-    """Lower-cased word tokens of ``text``, one sentence per non-empty line (letters with inner
-    apostrophes: "o'er", "king's"; digits and punctuation dropped)."""
-    sentences = []
-    for line in text.lower().splitlines():
-        words = _WORD.findall(line)
-        if words:
-            sentences.append(words)
-    return sentences
 
 
 @dataclass
@@ -383,5 +369,4 @@ __all__ = [
     "keep_probabilities",
     "negative_table",
     "train_word2vec",
-    "word_sentences",
 ]

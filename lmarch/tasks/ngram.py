@@ -9,7 +9,6 @@ scores). Both are written to a temporary file and renamed, the JSON last: a fold
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -20,6 +19,7 @@ from safetensors.numpy import load_file, save_file
 from lmarch.classic.ngram import NgramConfig, NgramLM
 from lmarch.data.corpus import load_documents, train_val_split
 from lmarch.errors import LmarchError
+from lmarch.weights.checkpoint import read_model_json, write_json
 from lmarch.weights.safetensors_io import atomic_write
 
 MODEL_FILE, META_FILE = "ngram.safetensors", "ngram.json"
@@ -37,26 +37,13 @@ def save_ngram(model: NgramLM, out: str | Path, extra: dict | None = None) -> Pa
     meta, arrays = model.state()
     meta = {"format": FORMAT, **meta, **(extra or {})}
     atomic_write(out / MODEL_FILE, lambda tmp: save_file(arrays, str(tmp)))
-    text = json.dumps(meta, ensure_ascii=False)
-    atomic_write(out / META_FILE, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    write_json(out / META_FILE, meta)
     return out
 
 
 def read_meta(folder: str | Path) -> dict:
     """The JSON of a model folder; a folder without one is refused with a hint."""
-    path = Path(folder) / META_FILE
-    if not path.is_file():
-        raise LmarchError(
-            f"no n-gram model in {folder} ({META_FILE} not found)",
-            hint="give a folder written by 'lmarch ngram train --out'",
-        )
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise LmarchError(f"cannot read {path}: {exc}") from exc
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise LmarchError(f"{path} is not an lmarch n-gram model ({FORMAT})")
-    return meta
+    return read_model_json(folder, META_FILE, FORMAT, "n-gram model", "lmarch ngram train")
 
 
 def load_ngram(folder: str | Path) -> tuple[NgramLM, dict]:

@@ -12,19 +12,19 @@ sentences with the same settings and scores it the same way.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
+from lmarch.classic.text import word_sentences
 from lmarch.classic.vector_io import read_vectors, write_vectors
 from lmarch.classic.vectors import GENSIM_PIP, WordVectors, gensim_test_file
-from lmarch.classic.word2vec import Word2VecConfig, train_word2vec, word_sentences
+from lmarch.classic.word2vec import Word2VecConfig, train_word2vec
 from lmarch.data.corpus import load_documents
 from lmarch.errors import LmarchError
-from lmarch.weights.safetensors_io import atomic_write
+from lmarch.weights.checkpoint import read_model_json, write_json
 
 VECTORS_FILE, META_FILE = "vectors.bin", "word2vec.json"
 FORMAT = "lmarch-word2vec/1"
@@ -64,25 +64,13 @@ def train_word2vec_run(
         "sentences": len(sentences),
         **stats,
     }
-    text = json.dumps(meta, ensure_ascii=False)
-    atomic_write(out / META_FILE, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    write_json(out / META_FILE, meta)
     return meta
 
 
 def load_word2vec(folder: str | Path) -> tuple[WordVectors, dict]:
     """The vectors saved in ``folder`` and its JSON facts; anything else is refused."""
-    path = Path(folder) / META_FILE
-    if not path.is_file():
-        raise LmarchError(
-            f"no word2vec model in {folder} ({META_FILE} not found)",
-            hint="give a folder written by 'lmarch word2vec train --out'",
-        )
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise LmarchError(f"cannot read {path}: {exc}") from exc
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise LmarchError(f"{path} is not an lmarch word2vec model ({FORMAT})")
+    meta = read_model_json(folder, META_FILE, FORMAT, "word2vec model", "lmarch word2vec train")
     vectors_path = Path(folder) / VECTORS_FILE
     if not vectors_path.is_file():
         raise LmarchError(f"{vectors_path} is missing", hint="train the model again")

@@ -49,6 +49,21 @@ def read_json(path: str | Path) -> Any:
         raise LmarchError(f"cannot read {path}: {exc}") from exc
 
 
+def read_model_json(folder: str | Path, name: str, fmt: str, what: str, command: str) -> dict:
+    """The JSON facts file ``name`` of a model folder that ``command`` writes, checked to say
+    ``"format": fmt``: a missing file, or one of another format, is one error naming it."""
+    path = Path(folder) / name
+    if not path.is_file():
+        raise LmarchError(
+            f"no {what} in {folder} ({name} not found)",
+            hint=f"give a folder written by '{command} --out'",
+        )
+    meta = read_json(path)
+    if not isinstance(meta, dict) or meta.get("format") != fmt:
+        raise LmarchError(f"{path} is not an lmarch {what} ({fmt})")
+    return meta
+
+
 def write_checkpoint(run_dir: str | Path, writers: dict[str, Callable[[Path], None]]) -> Path:
     """Write a complete checkpoint: ``writers`` maps file names to functions writing them."""
     run_dir = Path(run_dir)

@@ -18,8 +18,8 @@ from lmarch.classic.glove import (
     cooccurrence,
     train_glove,
     weighting,
-    word_tokens,
 )
+from lmarch.classic.text import lower_words
 from lmarch.data.corpus import TINY_SHAKESPEARE
 from lmarch.errors import LmarchError
 
@@ -29,7 +29,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def small_corpus(shakespeare_text: str) -> tuple[list[str], list[np.ndarray]]:
     """Two documents of real text, words under 3 occurrences removed (as GloVe removes them)."""
-    docs = [word_tokens(shakespeare_text[:3000]), word_tokens(shakespeare_text[3000:5000])]
+    docs = [lower_words(shakespeare_text[:3000]), lower_words(shakespeare_text[3000:5000])]
     vocab, _ = build_vocab(docs, min_count=3)
     index = {w: i for i, w in enumerate(vocab)}
     return vocab, [np.array([index[w] for w in d if w in index]) for d in docs]

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from lmarch.classic.text import word_sentences
 from lmarch.classic.vectors import WordVectors
 from lmarch.classic.word2vec import (
     Vocabulary,
@@ -20,7 +21,6 @@ from lmarch.classic.word2vec import (
     learning_rate,
     negative_table,
     train_word2vec,
-    word_sentences,
 )
 from lmarch.data.corpus import TINY_SHAKESPEARE
 from lmarch.errors import LmarchError
