@@ -117,6 +117,12 @@ def load_run(
         model = build(run_config)
     ckpt = find_checkpoint(run_dir)
     if ckpt is None:
+        if any((run_dir / f"{CHECKPOINT}{s}" / "COMPLETE").is_file() for s in ("", ".old")):
+            raise LmarchError(
+                f"{run_dir} holds a sharded (fsdp) checkpoint, which single-process commands do "
+                "not read",
+                hint=f"run 'lmarch consolidate {run_dir} --out DIR' and use DIR",
+            )
         raise LmarchError(f"{run_dir} has no checkpoint yet", hint="has training saved once?")
     load_into_model(model, load_tensors(ckpt / "model.safetensors"), source=str(ckpt))
     tokenizer = load_tokenizer(run_dir / "tokenizer.json")

@@ -84,6 +84,7 @@ def test_consolidated_run_is_read_by_single_process_commands(fsdp_run, cli, tmp_
     out, proc = fsdp_run
     assert proc.returncode == 0, proc.stderr
     single = tmp_path / "single"
+    assert "lmarch consolidate" in cli.error("sample", out, "--max-new-tokens", "4")
     done = cli.json("consolidate", out, "--out", single)
     assert done["iter"] == 4
     # the gathered weights are exactly the shards the ranks wrote
