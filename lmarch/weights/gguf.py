@@ -212,6 +212,17 @@ def _dequant_q4_1(raw: np.ndarray) -> np.ndarray:
 _FAST_DEQUANT = {"Q8_0": _dequant_q8_0, "Q4_0": _dequant_q4_0, "Q4_1": _dequant_q4_1}
 
 
+def _fast_dequantizer(type_name: str) -> Any:
+    """The whole-tensor numpy dequantiser of ``type_name``: those above, or the K-quants,
+    Q5_0, Q5_1 and IQ4_NL of :mod:`lmarch.weights.gguf_kquants` (imported late: it uses this
+    module's nibble unpacker); None for types left to ``gguf.quants.dequantize``."""
+    if type_name in _FAST_DEQUANT:
+        return _FAST_DEQUANT[type_name]
+    from lmarch.weights.gguf_kquants import dequantizer
+
+    return dequantizer(type_name)
+
+
 class _Malformed(Exception):
     """Raised by the parser with a message saying what is wrong; wrapped into LmarchError."""
 
@@ -544,8 +555,8 @@ class GGUFFile:
         """Tensor ``name`` dequantised to a new ``dtype`` tensor of shape ``info.shape``.
 
         Plain types (F32, F16, BF16, F64, I8..I64) are converted directly; block-quantised
-        types go through vectorised numpy (our own whole-tensor kernels for Q8_0, Q4_0 and
-        Q4_1, ``gguf.quants.dequantize`` for the rest), which yields float32. The result owns its memory (it is not a view of the file).
+        types go through vectorised numpy (our own whole-tensor kernels for Q8_0, Q4_0,
+        Q4_1, the K-quants, Q5_0, Q5_1 and IQ4_NL; ``gguf.quants.dequantize`` for the rest), which yields float32. The result owns its memory (it is not a view of the file).
         """
         data, type_name, shape = self.raw(name)
         if type_name == "BF16":
@@ -554,9 +565,10 @@ class GGUFFile:
         if type_name in _PLAIN_DTYPES:
             values = np.array(data).view(_PLAIN_DTYPES[type_name]).reshape(shape)
             return torch.from_numpy(values).to(dtype)
-        if type_name in _FAST_DEQUANT:
+        fast = _fast_dequantizer(type_name)
+        if fast is not None:
             if dtype == torch.float32 or len(shape) < 2:
-                values = _FAST_DEQUANT[type_name](data)
+                values = fast(data)
                 return torch.from_numpy(values.reshape(shape)).to(dtype)
             # narrower targets (bf16 embeddings): convert a block of rows at a time, so the
             # whole float32 tensor never exists
@@ -564,7 +576,7 @@ class GGUFFile:
             rows, flat = data.reshape(-1, data.shape[-1]), out.view(-1, shape[-1])
             step = max(1, (1 << 22) // shape[-1])
             for start in range(0, rows.shape[0], step):
-                block = _FAST_DEQUANT[type_name](rows[start : start + step])
+                block = fast(rows[start : start + step])
                 flat[start : start + step] = torch.from_numpy(block.reshape(-1, shape[-1]))
             return out
         gguf = _gguf_package()
