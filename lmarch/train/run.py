@@ -371,6 +371,11 @@ def train_run(
         train_cfg = build_config(TrainConfig, merge_saved_settings(saved["train"], train_over))
         model_cfg = config_from_dict(saved["model"])
         tokenizer = load_tokenizer(out / "tokenizer.json")
+        if preset is not None and saved.get("preset") not in (None, preset):
+            raise LmarchError(
+                f"{out} holds a run of preset {saved['preset']!r}, not {preset!r}",
+                hint="--resume continues the run as it was started: drop --preset or give the same",
+            )
         data = saved.get("data", data)
         preset = saved.get("preset")
         objective = resolve_objective(family, saved.get("objective"))

@@ -160,3 +160,10 @@ def test_loss_scaling_is_exact_and_resumes(shakespeare_text, tmp_path) -> None:
     assert second.scaler.get_scale() == 2.0**12 and second.step == 8
     for name, value in straight.model.state_dict().items():
         assert torch.equal(value, second.model.state_dict()[name]), name
+
+
+def test_resume_refuses_another_preset(tiny_run, cli) -> None:
+    """``--resume`` continues the run as it was started: naming another preset is refused
+    (it used to be ignored silently)."""
+    line = cli.error("train", "--preset", "llama-tiny", "--out", tiny_run, "--resume")
+    assert "holds a run of preset 'gpt-char-tiny', not 'llama-tiny'" in line
