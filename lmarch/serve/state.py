@@ -1,0 +1,85 @@
+"""What a running server holds: the language model behind its scheduler, an optional sentence
+encoder for embeddings, and the limits it enforces."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from lmarch.errors import LmarchError
+from lmarch.loading import LoadedModel
+from lmarch.serve.scheduler import Scheduler
+from lmarch.tasks.embed import Encoder
+
+# Without a chat template, a conversation is written as plain "Role: text" lines and the
+# reply stops where the model starts the next user line.
+PLAIN_CHAT_STOP = ("\nUser:",)
+
+
+@dataclass
+class ServeLimits:
+    """Limits a server enforces. ``context``: positions per request (prompt + new tokens);
+    ``max_tokens``: the most new tokens one choice may ask for; ``max_body_bytes``: the
+    largest request body; ``max_batch`` / ``max_queue``: requests decoded together / waiting."""
+
+    context: int = 2048
+    max_tokens: int = 1024
+    max_batch: int = 8
+    max_queue: int = 64
+    max_body_bytes: int = 1 << 20
+    max_attention_tokens: int = 512
+
+
+@dataclass
+class ServerState:
+    """The served models and their scheduler. ``names`` are the ids ``model`` may take for the
+    language model (the first is what ``/v1/models`` lists); ``embed_names`` likewise."""
+
+    loaded: LoadedModel | None
+    scheduler: Scheduler | None
+    limits: ServeLimits
+    names: tuple[str, ...] = ()
+    encoder: Encoder | None = None
+    embed_names: tuple[str, ...] = ()
+    api_key: str | None = None
+    embed_worker: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="lmarch-embed")
+    )
+
+    def close(self) -> None:
+        """Stop the scheduler thread and the embedding worker."""
+        if self.scheduler is not None:
+            self.scheduler.stop()
+        self.embed_worker.shutdown(wait=False, cancel_futures=True)
+
+
+def build_state(
+    loaded: LoadedModel | None,
+    limits: ServeLimits,
+    *,
+    names: tuple[str, ...] = (),
+    encoder: Encoder | None = None,
+    embed_names: tuple[str, ...] = (),
+    api_key: str | None = None,
+    start: bool = True,
+) -> ServerState:
+    """A :class:`ServerState` for ``loaded`` (a causal LM, or None to serve embeddings only):
+    its scheduler is built with ``limits`` (context capped at the model's own) and, with
+    ``start``, started."""
+    scheduler = None
+    if loaded is not None:
+        loaded.require("causal-lm", "serve")
+        limits.context = min(limits.context, loaded.model.max_positions)
+        scheduler = Scheduler(loaded.model, limits.max_batch, limits.max_queue, limits.context)
+        limits.max_batch = scheduler.max_batch
+        if start:
+            scheduler.start()
+        names = names or (loaded.name,)
+    if encoder is not None:
+        embed_names = embed_names or (encoder.name,)
+    if loaded is None and encoder is None:
+        raise LmarchError("nothing to serve", hint="give a model, --embed MODEL, or both")
+    return ServerState(loaded, scheduler, limits, names, encoder, embed_names, api_key)
+
+
+__all__ = ["PLAIN_CHAT_STOP", "ServeLimits", "ServerState", "build_state"]
