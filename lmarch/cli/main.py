@@ -17,6 +17,7 @@ from lmarch.cli import compare as compare_cli
 from lmarch.cli import distributed as distributed_cli
 from lmarch.cli import glove as glove_cli
 from lmarch.cli import ngram as ngram_cli
+from lmarch.cli import serve as serve_cli
 from lmarch.cli import tfidf as tfidf_cli
 from lmarch.cli import word2vec as word2vec_cli
 from lmarch.cli.options import add_config_options, add_union_options, given_values
@@ -194,6 +195,7 @@ def build_parser() -> OneLineParser:
     glove_cli.add_parsers(sub)
     compare_cli.add_parsers(sub)
     distributed_cli.add_parsers(sub)
+    serve_cli.add_parsers(sub)
 
     d = sub.add_parser("demo", help="train a small GPT on Shakespeare (~3 min) and sample it")
     d.add_argument("--out", default="runs/demo")
@@ -785,6 +787,7 @@ COMMANDS = {
     **glove_cli.COMMANDS,
     **compare_cli.COMMANDS,
     **distributed_cli.COMMANDS,
+    **serve_cli.COMMANDS,
 }
 
 

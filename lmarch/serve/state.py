@@ -82,4 +82,51 @@ def build_state(
     return ServerState(loaded, scheduler, limits, names, encoder, embed_names, api_key)
 
 
-__all__ = ["PLAIN_CHAT_STOP", "ServeLimits", "ServerState", "build_state"]
+
+
+def load_state(
+    model: str | None,
+    limits: ServeLimits,
+    *,
+    embed: str | None = None,
+    api_key: str | None = None,
+    quant: str = "auto",
+) -> ServerState:
+    """Load ``model`` (anything :func:`lmarch.load` reads that is a causal LM, or None) and
+    ``embed`` (a sentence encoder such as ``minilm-l6``, or None), checking ``limits``, and
+    return the started :class:`ServerState`. Models are named by the spec they were given."""
+    from lmarch.loading import load
+    from lmarch.tasks.embed import load_encoder
+
+    check_limits(limits)
+    if api_key is not None and not api_key.strip():
+        raise LmarchError("the API key is empty", hint="give --api-key a non-empty value")
+    loaded = None
+    if model is not None:
+        loaded = load(model, quant=quant, context=limits.context)
+        loaded.require("causal-lm", "serve")
+    encoder = load_encoder(embed, "serve --embed") if embed is not None else None
+    names = (str(model), loaded.name) if loaded is not None else ()
+    embed_names = (str(embed), encoder.name) if encoder is not None else ()
+    return build_state(
+        loaded, limits, names=names, encoder=encoder, embed_names=embed_names, api_key=api_key
+    )
+
+
+def check_limits(limits: ServeLimits) -> None:
+    """Refuse limits that cannot work (each named, with its value)."""
+    minimum = {
+        "context": 2,
+        "max_tokens": 1,
+        "max_batch": 1,
+        "max_queue": 1,
+        "max_body_bytes": 1024,
+        "max_attention_tokens": 1,
+    }
+    for name, low in minimum.items():
+        value = getattr(limits, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise LmarchError(f"{name} must be a whole number >= {low}, got {value!r}")
+
+
+__all__ = ["PLAIN_CHAT_STOP", "ServeLimits", "ServerState", "build_state", "check_limits", "load_state"]
