@@ -52,6 +52,7 @@ SOURCES = tuple(
     for name in (
         "abi.c",
         "blockq.c",
+        "kquant.c",
         "decoder.c",
         "activations.c",
         "attention.c",

@@ -4,8 +4,9 @@
 only reads and writes files. The native fast path is installed afterwards by the loader.)
 
 Two targets. :func:`load_gguf_llama_blocks` keeps llama.cpp's blocks as they are in the file
-(:class:`~lmarch.quant.blockq.BlockQ4Linear` for Q4_0/Q4_1 or
-:class:`~lmarch.quant.blockq.BlockQ8Linear` for Q8_0, a Q8_0 output head) and runs them
+(:class:`~lmarch.quant.blockq.BlockQ4Linear` for Q4_0/Q4_1,
+:class:`~lmarch.quant.kquants.KQuantLinear` for Q4_K/Q6_K or
+:class:`~lmarch.quant.blockq.BlockQ8Linear` for Q8_0, a Q8_0 or K-quant output head) and runs them
 with lmarch's native CPU kernels — the fast path. :func:`load_gguf_llama_int4` maps them onto
 PyTorch's int4 kernel layout, as follows.
 
@@ -43,6 +44,7 @@ from lmarch.nn.init import empty_weights
 from lmarch.quant.blockq import BlockQ4Linear, BlockQ8Embedding, BlockQ8Linear, quantize_q4_1
 from lmarch.quant.int4 import Int4WeightOnlyLinear, quantize_int4
 from lmarch.quant.int8 import Int8WeightOnlyLinear
+from lmarch.quant.kquants import NATIVE_KQUANTS, KQuantEmbedding, KQuantLinear, RowConcatLinear
 from lmarch.weights.gguf import GGUFFile, read_gguf, unpack_nibbles
 from lmarch.weights.gguf_llama import gguf_llama_map, llama_config_from_gguf
 from lmarch.weights.name_map import Rule
@@ -116,6 +118,37 @@ def q8_blocks(gguf: GGUFFile, name: str) -> tuple[Tensor, Tensor]:
     return layer.codes, layer.d
 
 
+def kquant_rows(gguf: GGUFFile, name: str) -> Tensor | None:
+    """The stored rows of ``name`` as uint8 [N, K/256 * block bytes] when it is a 2-D Q4_K or
+    Q6_K tensor (kept as stored under the q4 scheme), else None."""
+    data, type_name, shape = gguf.raw(name)
+    if type_name not in NATIVE_KQUANTS or len(shape) != 2:
+        return None
+    return torch.from_numpy(np.array(data))
+
+
+def q4_scheme_linear(gguf: GGUFFile, rule: Rule) -> nn.Module:
+    """The q4 scheme's layer for one name-map rule: Q4_K / Q6_K parts as stored in a
+    :class:`~lmarch.quant.kquants.KQuantLinear`, anything else as Q4_1 blocks
+    (:func:`q4_blocks`); a fused rule whose parts differ in kind becomes a
+    :class:`~lmarch.quant.kquants.RowConcatLinear` of one layer a part."""
+    types = {gguf.tensor_info(name).type_name for name in rule.parts}
+    k_rows = [kquant_rows(gguf, name) for name in rule.parts]
+    if len(types) == 1 and all(r is not None for r in k_rows):
+        return KQuantLinear.from_blocks(_map_rows(rule, k_rows), types.pop())  # type: ignore[arg-type]
+    if all(r is None for r in k_rows):
+        pieces = [q4_blocks(gguf, name) for name in rule.parts]
+        packed, dm = (_map_rows(rule, [p[j] for p in pieces]) for j in range(2))
+        return BlockQ4Linear.from_blocks(packed, dm)
+    fns = rule.load_fns or (None,) * len(rule.parts)
+    return RowConcatLinear(
+        [
+            q4_scheme_linear(gguf, Rule(rule.ours, name, load_fns=(fn,)))
+            for name, fn in zip(rule.parts, fns)
+        ]
+    )
+
+
 LinearFactory = Callable[[GGUFFile, Rule], nn.Module]
 
 
@@ -175,11 +208,13 @@ def load_gguf_llama_blocks(
 ) -> tuple[Llama, GGUFFile]:
     """A Llama for fast CPU decoding with lmarch's native block kernels, everything but the
     projections in float32. ``scheme="q4"``: every projection a
-    :class:`~lmarch.quant.blockq.BlockQ4Linear` holding the file's own Q4_1 / Q4_0 blocks;
+    :class:`~lmarch.quant.blockq.BlockQ4Linear` holding the file's own Q4_1 / Q4_0 blocks
+    (Q4_K / Q6_K tensors: a :class:`~lmarch.quant.kquants.KQuantLinear` of their own blocks);
     ``"q8"``: a :class:`~lmarch.quant.blockq.BlockQ8Linear` holding its Q8_0 blocks (tensors
     stored otherwise are quantised to the scheme). The output head is a
     :class:`~lmarch.quant.blockq.BlockQ8Linear` (the file's Q8_0 blocks when it stores them
-    so, as llama.cpp's Q4 files do; a tied embedding table shares its blocks).
+    so, as llama.cpp's Q4 files do; a Q4_K / Q6_K head, as K-quant files store it, is a
+    :class:`~lmarch.quant.kquants.KQuantLinear`; a tied embedding table shares its blocks).
     :func:`lmarch.load` then swaps in the native decoder layers (one native call per layer and
     decoded token)."""
     if scheme not in ("q4", "q8"):
@@ -190,9 +225,7 @@ def load_gguf_llama_blocks(
             pieces = [q8_blocks(gguf, name) for name in rule.parts]
             codes, d = (_map_rows(rule, [p[j] for p in pieces]) for j in range(2))
             return BlockQ8Linear.from_blocks(codes, d)
-        pieces = [q4_blocks(gguf, name) for name in rule.parts]
-        packed, dm = (_map_rows(rule, [p[j] for p in pieces]) for j in range(2))
-        return BlockQ4Linear.from_blocks(packed, dm)
+        return q4_scheme_linear(gguf, rule)
 
     def tied_table(config: LlamaConfig, ours: str) -> bool:
         return config.tie_embeddings and ours == "tok_emb.weight"
@@ -200,9 +233,16 @@ def load_gguf_llama_blocks(
     model, gguf, config = _load_quantized(
         path, block_size, make_linear, torch.float32, skip=tied_table
     )
-    model.lm_head = BlockQ8Linear.from_blocks(*q8_blocks(gguf, _head_name(gguf, config, path)))
-    if config.tie_embeddings:  # one Q8_0 table serves as embedding and head
-        model.tok_emb = BlockQ8Embedding.tied_to(model.lm_head)
+    head_name = _head_name(gguf, config, path)
+    head_rows = kquant_rows(gguf, head_name)
+    if head_rows is not None:  # a K-quant head (Q6_K in llama.cpp's K files) as stored
+        model.lm_head = KQuantLinear.from_blocks(head_rows, gguf.tensor_info(head_name).type_name)
+        if config.tie_embeddings:
+            model.tok_emb = KQuantEmbedding.tied_to(model.lm_head)
+    else:
+        model.lm_head = BlockQ8Linear.from_blocks(*q8_blocks(gguf, head_name))
+        if config.tie_embeddings:  # one Q8_0 table serves as embedding and head
+            model.tok_emb = BlockQ8Embedding.tied_to(model.lm_head)
     return _finish(model, path, torch.float32), gguf
 
 
@@ -249,8 +289,10 @@ def _quantized_rows(weight: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 __all__ = [
     "HEAD_SCHEMES",
     "int4_rows",
+    "kquant_rows",
     "load_gguf_llama_blocks",
     "load_gguf_llama_int4",
     "q4_blocks",
+    "q4_scheme_linear",
     "q8_blocks",
 ]
