@@ -20,7 +20,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="a causal LM: preset (smollm2), .gguf, HF folder or run folder (omit with --embed)",
     )
-    s.add_argument("--embed", default=None, help="a sentence encoder for /v1/embeddings (minilm-l6)")
+    s.add_argument(
+        "--embed", default=None, help="a sentence encoder for /v1/embeddings (minilm-l6)"
+    )
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
     s.add_argument("--port", type=int, default=8000, help="TCP port (default: 8000)")
     s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
@@ -55,9 +57,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_body_bytes=args.max_body,
     )
     check_limits(limits)
-    state = load_state(
-        args.model, limits, embed=args.embed, api_key=args.api_key, quant=args.quant
-    )
+    state = load_state(args.model, limits, embed=args.embed, api_key=args.api_key, quant=args.quant)
     if args.host not in LOOPBACK and args.api_key is None:
         sys.stderr.write(
             f"lmarch serve: notice: listening on {args.host} without --api-key: anyone who can "

@@ -82,8 +82,6 @@ def build_state(
     return ServerState(loaded, scheduler, limits, names, encoder, embed_names, api_key)
 
 
-
-
 def load_state(
     model: str | None,
     limits: ServeLimits,
@@ -129,4 +127,11 @@ def check_limits(limits: ServeLimits) -> None:
             raise LmarchError(f"{name} must be a whole number >= {low}, got {value!r}")
 
 
-__all__ = ["PLAIN_CHAT_STOP", "ServeLimits", "ServerState", "build_state", "check_limits", "load_state"]
+__all__ = [
+    "PLAIN_CHAT_STOP",
+    "ServeLimits",
+    "ServerState",
+    "build_state",
+    "check_limits",
+    "load_state",
+]

@@ -72,3 +72,9 @@ def live_server(tiny_llama_folder: Path) -> Iterator:
     )  # fmt: skip
     with BackgroundServer(state) as server:
         yield server
+
+
+@pytest.fixture
+def tiny_llama():
+    """``tiny_llama(context)``: :func:`tiny_llama_loaded`, a fresh seeded model each call."""
+    return tiny_llama_loaded
