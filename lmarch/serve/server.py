@@ -31,6 +31,8 @@ def serve_forever(state: ServerState, host: str = "127.0.0.1", port: int = 8000)
     server = uvicorn.Server(_config(state, host, port))
     try:
         server.run()
+    except KeyboardInterrupt:  # uvicorn shuts down gracefully, then re-raises the signal
+        pass
     finally:
         state.close()
     if not server.started:
