@@ -9,10 +9,12 @@ recorded, so other threads using attention meanwhile are left alone.
 
 from __future__ import annotations
 
+import inspect
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -32,13 +34,19 @@ class _Recorder:
     owner: int = field(default_factory=threading.get_ident)
 
 
-def _weights(q: Tensor, k: Tensor, mask, is_causal: bool, scale, bias) -> Tensor:  # type: ignore[no-untyped-def]
-    """softmax(q k^T * scale + bias, masked) for [B, H, T, D] queries (keys shared by groups)."""
+def _weights(call: dict) -> Tensor:
+    """softmax(q k^T * scale + bias, masked) of one attention call's bound arguments ([B, H, T, T];
+    key heads shared by groups of query heads; scores soft-capped first when the call asks)."""
+    q, k, mask, bias = call["q"], call["k"], call.get("mask"), call.get("bias")
     k = repeat_kv(k, q.shape[1] // k.shape[1])
-    scores = (q.float() @ k.float().transpose(-2, -1)) * attention_scale(q.shape[-1], scale)
+    scores = (q.float() @ k.float().transpose(-2, -1)) * attention_scale(
+        q.shape[-1], call.get("scale")
+    )
+    if call.get("softcap") is not None:  # Gemma 2's c tanh(s / c)
+        scores = call["softcap"] * torch.tanh(scores / call["softcap"])
     if bias is not None:
         scores = scores + bias.float()
-    allowed = causal_mask(q.shape[-2], k.shape[-2], q.device) if is_causal else None
+    allowed = causal_mask(q.shape[-2], k.shape[-2], q.device) if call.get("is_causal") else None
     if mask is not None and mask.dtype == torch.bool:
         allowed = mask if allowed is None else allowed & mask
     elif mask is not None:
@@ -51,26 +59,18 @@ def _weights(q: Tensor, k: Tensor, mask, is_causal: bool, scale, bias) -> Tensor
 @contextmanager
 def _recording(recorder: _Recorder) -> Iterator[None]:
     original = attention_module.scaled_dot_product_attention
+    signature = inspect.signature(original)
 
-    def wrapped(
-        q,
-        k,
-        v,
-        mask=None,
-        is_causal=False,
-        dropout_p=0.0,
-        implementation="sdpa",
-        scale=None,
-        bias=None,
-    ):  # type: ignore[no-untyped-def]  # noqa: E501
+    def wrapped(*args: Any, **kwargs: Any) -> Tensor:
         if threading.get_ident() == recorder.owner:
             if recorder.calls == recorder.layer:
+                call = signature.bind(*args, **kwargs).arguments
+                q = call["q"]
                 recorder.n_heads = q.shape[1]
                 if recorder.head < q.shape[1]:
-                    full = _weights(q, k, mask, is_causal, scale, bias)
-                    recorder.weights = full[0, recorder.head]
+                    recorder.weights = _weights(call)[0, recorder.head]
             recorder.calls += 1
-        return original(q, k, v, mask, is_causal, dropout_p, implementation, scale, bias)
+        return original(*args, **kwargs)
 
     attention_module.scaled_dot_product_attention = wrapped
     try:
