@@ -12,6 +12,28 @@ from lmarch.serve.attention_maps import attention_map
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+def test_weights_equal_the_equation_written_out() -> None:
+    """Layer 0 of a GPT by hand: softmax(q k^T / sqrt(d) + causal mask) of the first block's
+    projections of LN(token + position embeddings)."""
+    from lmarch.models import GPT, GPTConfig
+
+    torch.manual_seed(3)
+    model = GPT(GPTConfig(vocab_size=40, block_size=32, n_layer=2, n_head=2, n_embd=16)).eval()
+    ids = [3, 1, 4, 1, 5, 9, 2, 6]
+    with torch.no_grad():
+        x = model.tok_emb.weight[ids] + model.pos_emb.weight[: len(ids)]
+        q, k, _ = model.blocks[0].attn.qkv(model.blocks[0].norm_attn(x)).split(16, dim=-1)
+        for head in range(2):
+            qh, kh = q[:, head * 8 : head * 8 + 8], k[:, head * 8 : head * 8 + 8]
+            scores = (qh @ kh.T) / 8**0.5
+            scores = scores.masked_fill(torch.ones(8, 8).triu(1).bool(), float("-inf"))
+            got = attention_map(model, ids, 0, head)
+            torch.testing.assert_close(
+                torch.tensor(got["weights"]), scores.softmax(-1), atol=1e-5, rtol=0
+            )
+
+
+@pytest.mark.slow
 def test_weights_equal_transformers_output_attentions(tiny_llama, tmp_path) -> None:
     transformers = pytest.importorskip("transformers")
     from lmarch.weights.hf_llama import save_hf_llama
