@@ -41,8 +41,16 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     """Run ``lmarch serve``: load the models, then serve until Ctrl-C."""
     from lmarch.errors import LmarchError
-    from lmarch.serve.server import serve_forever
-    from lmarch.serve.state import ServeLimits, check_limits, load_state
+
+    try:
+        from lmarch.serve.server import serve_forever
+        from lmarch.serve.state import ServeLimits, check_limits, load_state
+    except ModuleNotFoundError as exc:
+        if exc.name not in ("fastapi", "uvicorn", "starlette"):
+            raise
+        raise LmarchError(
+            f"lmarch serve needs {exc.name}", hint="pip install 'lmarch[serve]'"
+        ) from None
 
     if args.model is None and args.embed is None:
         raise LmarchError("nothing to serve", hint="give a MODEL, --embed MODEL, or both")
