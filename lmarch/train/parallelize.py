@@ -48,6 +48,7 @@ __all__ = [
     "describe_memory",
     "gradient_sync",
     "parallelize",
+    "reduce_partial_grads",
     "shard_bytes",
     "tensor_parallel",
     "tp_checkpoint_tensors",
@@ -250,7 +251,9 @@ def check_tensor_parallel(model: nn.Module, world: int) -> None:
             )
 
 
-def tensor_parallel(model: nn.Module, device: torch.device) -> nn.Module:
+def tensor_parallel(
+    model: nn.Module, device: torch.device, sequence_parallel: bool = True
+) -> nn.Module:
     """Split every attention and MLP of ``model`` over the ranks of the process group, in place.
 
     Megatron's plan: the first matrix of each pair is column-parallel (each rank computes its
@@ -258,40 +261,76 @@ def tensor_parallel(model: nn.Module, device: torch.device) -> nn.Module:
     rank multiplies its slice, one all-reduce sums them), so a block costs two all-reduces and
     nothing is gathered in between. The fused q/k/v (and gate/up) rows are regrouped first so that
     rank r's contiguous share holds its own heads of q, k and v; the attention then runs its
-    local heads (``n_heads / N``). Embeddings, norms and the head stay whole on every rank.
+    local heads (``n_heads / N``). Embeddings and the head stay whole on every rank.
+
+    With ``sequence_parallel`` (Korthikanti et al. 2022, "Reducing Activation Recomputation in
+    Large Transformer Models") the residual stream between the pairs is split along the
+    sequence instead of held whole: each norm works on its rank's 1/N of the positions, the
+    column-parallel input all-gathers the sequence and the row-parallel output reduce-scatters
+    it (the same bytes on the wire as the all-reduce, which is a reduce-scatter plus an
+    all-gather), so norm and residual activations cost 1/N per rank. The first block takes its
+    rank's slice of the embeddings; the final norm's output is gathered whole for the head.
     """
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard
     from torch.distributed.tensor.parallel import (
         ColwiseParallel,
+        PrepareModuleInput,
         RowwiseParallel,
+        SequenceParallel,
         parallelize_module,
     )
 
     world = dist.get_world_size()
     check_tensor_parallel(model, world)
     mesh = init_device_mesh(device.type, (world,))
+    stream = Shard(1) if sequence_parallel else Replicate()  # the residual stream's layout
+
+    def pair(first: str, second: str) -> dict:
+        return {
+            first: ColwiseParallel(input_layouts=stream),
+            second: RowwiseParallel(output_layouts=stream, use_local_output=not sequence_parallel),
+        }
+
     for module in list(model.modules()):
         if isinstance(module, MultiHeadAttention):
             hd = module.head_dim
             sizes = [module.n_heads * hd, module.n_kv_heads * hd, module.n_kv_heads * hd]
             _group_rows(module.qkv, sizes, world)
-            plan = {"qkv": ColwiseParallel(), "out": RowwiseParallel()}
-            parallelize_module(module, mesh, plan)
+            parallelize_module(module, mesh, pair("qkv", "out"))
             module.n_heads //= world
             module.n_kv_heads //= world
         elif isinstance(module, GatedMLP):
             _group_rows(module.gate_up, [module.hidden, module.hidden], world)
-            parallelize_module(
-                module, mesh, {"gate_up": ColwiseParallel(), "down": RowwiseParallel()}
-            )
+            parallelize_module(module, mesh, pair("gate_up", "down"))
             module.hidden //= world
         elif isinstance(module, MLP):
-            parallelize_module(
-                module, mesh, {"fc_in": ColwiseParallel(), "fc_out": RowwiseParallel()}
-            )
+            parallelize_module(module, mesh, pair("fc_in", "fc_out"))
+    if sequence_parallel:
+        _split_sequence(model, mesh, SequenceParallel, PrepareModuleInput, Replicate(), Shard(1))
     _local_cache(model)
     return model
+
+
+def _split_sequence(model, mesh, sequence_style, prepare_input, whole, split) -> None:
+    """Sequence parallelism around the tensor-parallel pairs: every block's norms work on their
+    rank's slice of the positions, the first block slices its input, and the final norm's output
+    is gathered whole again (the head and ``last_only`` slicing see a plain tensor)."""
+    from torch.distributed.tensor.parallel import parallelize_module
+
+    blocks = _outer_blocks(model)
+    for block in blocks:
+        names = ("norm_attn", "norm_ffn", "post_norm_attn", "post_norm_ffn")
+        norms = [n for n in names if getattr(block, n, None) is not None]
+        parallelize_module(block, mesh, {n: sequence_style() for n in norms})
+    parallelize_module(
+        blocks[0], mesh, prepare_input(input_layouts=(whole,), desired_input_layouts=(split,))
+    )
+    parallelize_module(model.norm_f, mesh, sequence_style())
+    model.norm_f.register_forward_hook(
+        lambda module, inputs, out: out.full_tensor() if isinstance(out, DTensor) else out
+    )
 
 
 def _local_cache(model: nn.Module) -> None:
@@ -348,12 +387,25 @@ def tp_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
     return type(optimizer)(groups, **defaults)
 
 
+def reduce_partial_grads(parameters: list[nn.Parameter]) -> None:
+    """Sum the gradients that are still partial over the ranks (``Partial`` DTensors: what a
+    sequence-parallel norm's weight gets, each rank holding its positions' share) into whole
+    ones, in place, so that clipping and the optimizer see the true gradient."""
+    from torch.distributed.tensor import Replicate
+
+    for p in parameters:
+        g = p.grad
+        if isinstance(g, DTensor) and any(pl.is_partial() for pl in g.placements):
+            p.grad = g.redistribute(g.device_mesh, [Replicate()] * g.device_mesh.ndim)
+
+
 def clip_grad_norm(parameters: list[nn.Parameter], max_norm: float) -> Tensor:
     """Clip the global gradient norm over parameters of which some are sharded DTensors (tensor
     parallel) and some are whole on every rank: ||g||^2 = sum over shards (all-reduced) + the
     whole ones (counted once)."""
     import torch.distributed as dist
 
+    reduce_partial_grads(parameters)
     grads = [p.grad for p in parameters if p.grad is not None]
     sharded = [g for g in grads if isinstance(g, DTensor) and not g.placements[0].is_replicate()]
     ids = {id(g) for g in sharded}

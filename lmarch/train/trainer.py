@@ -47,6 +47,7 @@ from lmarch.train.parallelize import (
     clip_grad_norm,
     gradient_sync,
     parallelize,
+    reduce_partial_grads,
     tp_checkpoint_tensors,
     tp_load_checkpoint_tensors,
     tp_optimizer,
@@ -242,6 +243,8 @@ class Trainer:
             return total
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
+        if cfg.strategy == "tp":  # sequence-parallel norms' gradients arrive partial
+            reduce_partial_grads(list(self.model.parameters()))
         if cfg.grad_clip > 0 and cfg.strategy == "tp":
             clip_grad_norm(list(self.model.parameters()), cfg.grad_clip)  # shards + whole ones
         elif cfg.grad_clip > 0:

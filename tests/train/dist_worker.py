@@ -65,6 +65,10 @@ def tensor_parallel_checks() -> dict[str, dict[str, float]]:
         prompt = x[:, :4]
         tokens = [generate(m, prompt, 10).tolist() for m in (whole, split)]
         report["greedy_equal"] = tokens[0] == tokens[1]
+        # sequence parallel: the norms hold replicated DTensor weights and see sharded positions
+        report["sequence_parallel"] = all(
+            type(b.norm_attn.weight).__name__ == "DTensor" for b in split.blocks
+        )
         out[name] = report
     return out
 

@@ -284,6 +284,7 @@ def test_tensor_parallel_gpt_and_llama_equal_the_whole_model(launched) -> None:
             assert tp["grad_norm"] <= 1e-5, (name, tp)
             assert tp["step"] <= 1e-5, (name, tp)
             assert tp["greedy_equal"], name
+            assert tp["sequence_parallel"], name
 
 
 def test_tensor_parallel_training_equals_one_process(launched) -> None:
