@@ -8,7 +8,11 @@ One token's activation [1, in] goes through each layer kind:
 - ``int4-g32/g64/g128``: ``lmarch.quant.Int4WeightOnlyLinear`` with that group size
   (fp32 input; "n/a" where in_features is not a multiple of the group size, e.g. 576 / 128);
 - with ``--fp32-kernel`` also ``int8-fp32act``: the raw int8 kernel fed fp32 activations, the
-  case the layers avoid by casting to bfloat16 (always one warm copy).
+  case the layers avoid by casting to bfloat16 (always one warm copy);
+- with ``--block-formats`` also llama.cpp's block formats on lmarch's native kernels (fp32
+  input): ``q8_0`` / ``q4_1`` (``lmarch.quant.blockq``) and the K-quants ``q4_k`` / ``q6_k``
+  kept as stored (``lmarch.quant.kquants.KQuantLinear``, random valid super-blocks; "n/a"
+  where in_features is not a multiple of 256, as for SmolLM2's 576).
 
 By default (``--cache cold``) each kind cycles through copies of its layer that together fill
 ``--cold-mib`` (128 MiB, several times the last-level cache), so every call streams its weights
@@ -16,7 +20,9 @@ from memory as a decoding step through a whole model does; ``--cache warm`` call
 over and over, which flatters the wide formats on layers small enough to stay cached.
 
 The shapes are one decoder block's projections (q/k/v fused 576 -> 960, attention output
-576 -> 576, gate/up fused 576 -> 3072, down 1536 -> 576) and the tied output head 576 -> 49152.
+576 -> 576, gate/up fused 576 -> 3072, down 1536 -> 576) and the tied output head 576 -> 49152,
+plus two whose inputs split into K-quant super-blocks: Gemma 3 270M's down projection
+2048 -> 640 and a 1B-class square 2048 -> 2048.
 Every layer kind is timed in turn within each round (the order rotates between rounds), a
 round timing about ``--target-ms`` of back-to-back calls per kind, each call timed on its own,
 so drift in the machine's speed hits all of them alike; reported is the median time per call
@@ -24,7 +30,7 @@ over all rounds, in microseconds, and the minimum (on a machine shared with othe
 median carries their interference).
 
     python benchmarks/quant_linear.py [--repeats 41] [--threads 2] [--cache cold|warm]
-                                      [--fp32-kernel] [--json]
+                                      [--fp32-kernel] [--block-formats] [--json]
 
 ``--json`` prints one JSON object as the last line.
 """
@@ -41,6 +47,7 @@ import statistics
 import time
 from collections.abc import Callable
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -52,6 +59,8 @@ SHAPES: dict[str, tuple[int, int]] = {  # name -> (in_features, out_features)
     "gate_up 576->3072": (576, 3072),
     "down 1536->576": (1536, 576),
     "head 576->49152": (576, 49152),
+    "gemma3 down 2048->640": (2048, 640),
+    "square 2048->2048": (2048, 2048),
 }
 BLOCK = ("qkv 576->960", "attn out 576->576", "gate_up 576->3072", "down 1536->576")
 GROUPS = (32, 64, 128)
@@ -66,8 +75,29 @@ def rotating(module: nn.Module, x: torch.Tensor, copies: int) -> Callable[[], to
     return lambda: next(ring)(x)
 
 
+def random_kquant_layer(type_name: str, in_features: int, out_features: int) -> nn.Module:
+    """A :class:`~lmarch.quant.kquants.KQuantLinear` of random valid super-blocks (random code
+    bytes, small positive float16 constants): the timing does not depend on the values."""
+    from lmarch.quant.kquants import KQuantLinear
+    from lmarch.weights.gguf_kquants import BLOCK_SHAPES
+
+    rng = np.random.default_rng(0)
+    _, nbytes = BLOCK_SHAPES[type_name]
+    n_blocks = out_features * in_features // 256
+    blocks = rng.integers(0, 256, (n_blocks, nbytes), dtype=np.uint8)
+    offsets = (0, 2) if type_name == "Q4_K" else (208,)
+    for offset in offsets:
+        halves = np.full(n_blocks, 1e-4, dtype=np.float16)
+        blocks[:, offset : offset + 2] = halves.view(np.uint8).reshape(n_blocks, 2)
+    return KQuantLinear.from_blocks(torch.from_numpy(blocks.reshape(out_features, -1)), type_name)
+
+
 def build_engines(
-    in_features: int, out_features: int, fp32_kernel: bool, cold_bytes: int
+    in_features: int,
+    out_features: int,
+    fp32_kernel: bool,
+    cold_bytes: int,
+    block_formats: bool = False,
 ) -> dict[str, tuple[Callable[[], torch.Tensor], int] | None]:
     """name -> (a zero-argument call running one forward, bytes of weight storage) or None.
 
@@ -107,6 +137,15 @@ def build_engines(
             lambda: torch._weight_int8pack_mm(x, q, scale32),
             q.numel() + scale.numel() * 2,
         )
+    if block_formats:
+        from lmarch.quant.blockq import BlockQ4Linear, BlockQ8Linear
+
+        engines["q8_0"] = engine(BlockQ8Linear.from_linear(linear), x)
+        engines["q4_1"] = engine(BlockQ4Linear.from_linear(linear), x)
+        for type_name in ("Q4_K", "Q6_K"):
+            fits = in_features % 256 == 0
+            layer = random_kquant_layer(type_name, in_features, out_features) if fits else None
+            engines[type_name.lower()] = engine(layer, x) if layer is not None else None
     return engines
 
 
@@ -179,6 +218,11 @@ def main() -> None:
     parser.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated subset")
     parser.add_argument("--fp32-kernel", action="store_true", help="also time int8 on fp32 input")
     parser.add_argument(
+        "--block-formats",
+        action="store_true",
+        help="also time Q8_0, Q4_1, Q4_K and Q6_K layers on lmarch's native kernels",
+    )
+    parser.add_argument(
         "--cache",
         choices=("cold", "warm"),
         default="cold",
@@ -199,7 +243,7 @@ def main() -> None:
         for shape in args.shapes.split(","):
             k, n = SHAPES[shape]
             cold = args.cold_mib * 2**20 if args.cache == "cold" else 0
-            engines = build_engines(k, n, args.fp32_kernel, cold)
+            engines = build_engines(k, n, args.fp32_kernel, cold, args.block_formats)
             engine_names = list(engines)
             results[shape], minima[shape] = bench_shape(engines, args.repeats, args.target_ms / 1e3)
             weight_bytes[shape] = {e: (v[1] if v else None) for e, v in engines.items()}
