@@ -16,6 +16,7 @@ from typing import NoReturn
 from lmarch.cli import compare as compare_cli
 from lmarch.cli import distributed as distributed_cli
 from lmarch.cli import glove as glove_cli
+from lmarch.cli import inspect as inspect_cli
 from lmarch.cli import ngram as ngram_cli
 from lmarch.cli import serve as serve_cli
 from lmarch.cli import tfidf as tfidf_cli
@@ -195,6 +196,7 @@ def build_parser() -> OneLineParser:
     glove_cli.add_parsers(sub)
     compare_cli.add_parsers(sub)
     distributed_cli.add_parsers(sub)
+    inspect_cli.add_parsers(sub)
     serve_cli.add_parsers(sub)
 
     d = sub.add_parser("demo", help="train a small GPT on Shakespeare (~3 min) and sample it")
@@ -787,6 +789,7 @@ COMMANDS = {
     **glove_cli.COMMANDS,
     **compare_cli.COMMANDS,
     **distributed_cli.COMMANDS,
+    **inspect_cli.COMMANDS,
     **serve_cli.COMMANDS,
 }
 
