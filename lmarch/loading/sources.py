@@ -129,13 +129,14 @@ def read_gguf(source: Source, context: int, blocks: str = "none") -> LoadedModel
 
 
 def read_hf(source: Source) -> LoadedModel:
-    """A Hugging Face folder: GPT-2 or LLaMA with a byte-level BPE ``tokenizer.json``, a
+    """A Hugging Face folder: GPT-2 or a LLaMA-like decoder (LLaMA, Qwen2/3, Mistral, Phi-3,
+    Gemma 2/3: :mod:`lmarch.weights.hf_decoders`) with a byte-level BPE ``tokenizer.json``, a
     BERT-family model (BERT, RoBERTa, ALBERT, ELECTRA; sentence-transformers folders too) or
     a T5 / mT5 encoder-decoder."""
     from lmarch.tokenizers.hf_json import tokenizer_from_hf_folder
     from lmarch.weights.hf import read_hf_config
+    from lmarch.weights.hf_decoders import DECODER_TYPES, load_hf_decoder
     from lmarch.weights.hf_gpt2 import load_hf_gpt2
-    from lmarch.weights.hf_llama import load_hf_llama
 
     kind = read_hf_config(source.path).get("model_type")
     if kind in BERT_FAMILY:
@@ -144,7 +145,7 @@ def read_hf(source: Source) -> LoadedModel:
         return read_hf_t5(source)
     if kind in BART_FAMILY:
         return read_hf_bart(source)
-    loaders = {"gpt2": load_hf_gpt2, "llama": load_hf_llama}
+    loaders = {"gpt2": load_hf_gpt2, **dict.fromkeys(DECODER_TYPES, load_hf_decoder)}
     if kind not in loaders:
         raise LmarchError(
             f"{source.path}: model_type {kind!r} is not supported",

@@ -67,6 +67,24 @@ def gelu_call(x: Tensor) -> bool:
 # ---- causal self-attention ----------------------------------------------------------------
 
 
+def _plain_attention(attn: nn.Module) -> bool:
+    """No QK-norm, sliding window or logit soft-capping (Qwen3, Mistral, Gemma): the kernels
+    compute none of them."""
+    return (
+        getattr(attn, "q_norm", None) is None
+        and getattr(attn, "sliding_window", None) is None
+        and getattr(attn, "logit_softcap", None) is None
+    )
+
+
+def _plain_block(block: nn.Module) -> bool:
+    """No norms on the sublayer outputs (Gemma's sandwich): the fused blocks apply none."""
+    return (
+        getattr(block, "post_norm_attn", None) is None
+        and getattr(block, "post_norm_ffn", None) is None
+    )
+
+
 def _attention_shape(attn: nn.Module) -> bool:
     """Plain causal multi-head (or grouped-query) attention of head width a multiple of 16 with
     the default softmax scale: what ``attention.c`` computes."""
@@ -75,6 +93,7 @@ def _attention_shape(attn: nn.Module) -> bool:
         and attn.causal
         and attn.head_dim % 16 == 0
         and attn.softmax_scale is None
+        and _plain_attention(attn)
     )
 
 
@@ -101,6 +120,7 @@ def causal_attention_call(
         cache is None
         and attention_mask is None
         and qk_transform is None
+        and _plain_attention(attn)
         and attn.implementation == "sdpa"
         and attn.softmax_scale is None
         and (attn.dropout == 0.0 or not attn.training or allow_dropout)
@@ -120,6 +140,7 @@ def _gpt_block_parts(block: TransformerBlock) -> bool:
     attn, ffn, n1, n2 = block.attn, block.ffn, block.norm_attn, block.norm_ffn
     if not (
         block.pre_norm
+        and _plain_block(block)
         and type(n1) is LayerNorm
         and type(n2) is LayerNorm
         and type(ffn) is MLP
@@ -224,13 +245,14 @@ def swaps_decoder_layer(module: nn.Module) -> bool:
     attention with the default scale and SwiGLU whose four matrices are Q4_1 or Q8_0 layers
     without biases (a LLaMA layer after ``quantize_(model, "q4"|"q8")`` or read from a GGUF
     file): ``decoder.c`` runs its one-token steps as one call."""
-    if type(module) is not TransformerBlock or not module.pre_norm:
+    if type(module) is not TransformerBlock or not module.pre_norm or not _plain_block(module):
         return False
     attn = module.attn
     return (
         isinstance(attn, MultiHeadAttention)
         and attn.causal
         and attn.softmax_scale is None
+        and _plain_attention(attn)
         and attn.head_dim % 2 == 0
         and type(module.norm_attn) is RMSNorm
         and type(module.norm_ffn) is RMSNorm

@@ -7,6 +7,7 @@ from lmarch.nn.attention import (
     reference_attention,
     repeat_kv,
     scaled_dot_product_attention,
+    sliding_window_mask,
 )
 from lmarch.nn.block import TransformerBlock
 from lmarch.nn.cache import KVCache
@@ -18,7 +19,7 @@ from lmarch.nn.cross_attention import (
 )
 from lmarch.nn.ffn import MLP, GatedMLP, get_activation, swiglu_hidden_dim
 from lmarch.nn.flash import flash_attention
-from lmarch.nn.norm import LayerNorm, RMSNorm, build_norm
+from lmarch.nn.norm import LayerNorm, OffsetRMSNorm, RMSNorm, build_norm
 from lmarch.nn.pooling import l2_normalize, pool
 from lmarch.nn.position import (
     LearnedPositionalEmbedding,
@@ -41,6 +42,7 @@ __all__ = [
     "LayerNorm",
     "LearnedPositionalEmbedding",
     "MultiHeadAttention",
+    "OffsetRMSNorm",
     "RMSNorm",
     "RelativePositionBias",
     "RotaryEmbedding",
@@ -61,6 +63,7 @@ __all__ = [
     "rope_inverse_frequencies",
     "rotate_half",
     "scaled_dot_product_attention",
+    "sliding_window_mask",
     "sinusoidal_table",
     "swiglu_hidden_dim",
 ]

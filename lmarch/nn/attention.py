@@ -12,6 +12,11 @@ projections of width d_k = d / h and concatenates them:
 Grouped-query attention (Ainslie et al. 2023) lets ``n_kv_heads`` < ``n_heads``: each group of
 n_heads / n_kv_heads query heads shares one key/value head (multi-query when n_kv_heads == 1).
 
+Three variants of later decoders are options of the same module: sliding-window attention
+(Beltagy et al. 2020; Mistral, Gemma), where query i sees only keys i - W < j <= i; logit
+soft-capping (Gemma 2), scores -> c tanh(scores / c) before the mask; and QK-norm (Dehghani et
+al. 2023; Qwen3, Gemma 3), a norm over each query and key head before the position hook.
+
 This file is the reference: the equation written out (:func:`reference_attention`) and PyTorch's
 fused SDPA; one-token decoding steps compute the same equation as two batched products
 (:func:`grouped_query_decode_attention`). lmarch's native kernel for causal self-attention is a
@@ -55,6 +60,20 @@ def causal_mask(n_queries: int, n_keys: int, device: torch.device | None = None)
     return k_pos <= q_pos
 
 
+def sliding_window_mask(query_positions: Tensor, n_keys: int, window: int) -> Tensor:
+    """Boolean [T, n_keys] mask, True where allowed: query at position p (``query_positions``,
+    [T]) sees keys p - window < j <= p, the last ``window`` positions, itself included (Beltagy
+    et al. 2020; Mistral's and Gemma's local layers). Key j is the j-th slot of the sequence."""
+    k_pos = torch.arange(n_keys, device=query_positions.device)[None, :]
+    q_pos = query_positions[:, None]
+    return (k_pos <= q_pos) & (k_pos > q_pos - window)
+
+
+def soft_cap(scores: Tensor, cap: float) -> Tensor:
+    """Logit soft-capping (Gemma 2, Gemma Team 2024): c tanh(s / c), which keeps |s| < c."""
+    return torch.tanh(scores / cap) * cap
+
+
 def padding_mask(attention_mask: Tensor) -> Tensor:
     """From a [B, T_k] 0/1 mask of real tokens to a boolean [B, 1, 1, T_k] mask, True where allowed."""
     return attention_mask.bool()[:, None, None, :]
@@ -74,9 +93,10 @@ def reference_attention(
     dropout_p: float = 0.0,
     scale: float | None = None,
     bias: Tensor | None = None,
+    softcap: float | None = None,
 ) -> Tensor:
     """The equation written out: softmax(q k^T * scale + bias, masked) v. Slow, for teaching
-    and tests.
+    and tests. With ``softcap`` c, the scaled scores are soft-capped first: c tanh(s / c).
 
     ``mask`` is boolean (True = may attend) and broadcasts against [B, H, T_q, T_k]; ``scale``
     defaults to 1 / sqrt(d) (GPT-2 checkpoints may ask for 1, or 1 / (sqrt(d) * layer), T5 for 1);
@@ -84,6 +104,8 @@ def reference_attention(
     """
     scale = attention_scale(q.shape[-1], scale)
     scores = (q @ k.transpose(-2, -1)) * scale
+    if softcap is not None:
+        scores = soft_cap(scores, softcap)
     if bias is not None:
         scores = scores + bias
     if mask is not None:
@@ -112,6 +134,7 @@ def scaled_dot_product_attention(
     implementation: str = "sdpa",
     scale: float | None = None,
     bias: Tensor | None = None,
+    softcap: float | None = None,
 ) -> Tensor:
     """Attention over [B, H, T, D] tensors, dispatched to PyTorch's fused kernel or the reference.
 
@@ -124,11 +147,14 @@ def scaled_dot_product_attention(
     broadcastable to [B, H, T_q, T_k] (T5's relative positions), differentiable; with a bias the
     boolean mask is folded into it as -inf (SDPA takes one float mask) and "flash" runs the
     reference. Second derivatives work on both: when PyTorch picks its CPU flash kernel, its
-    once-differentiable backward is wrapped (``sdpa_grad``).
+    once-differentiable backward is wrapped (``sdpa_grad``). ``softcap`` soft-caps the scaled
+    scores (:func:`soft_cap`); no fused kernel does, so such calls run the reference.
     """
     if implementation not in ATTENTION_IMPLEMENTATIONS:
         raise ValueError(f"unknown attention implementation {implementation!r}")
     n_q, n_k = q.shape[-2], k.shape[-2]
+    if softcap is not None:
+        implementation = "reference"  # neither SDPA nor the tiled kernel caps the scores
     if implementation == "flash" and bias is not None:
         implementation = "reference"  # the tiled kernel takes no additive bias
     if implementation == "flash":
@@ -149,7 +175,7 @@ def scaled_dot_product_attention(
     if implementation == "reference":
         n_rep = q.shape[1] // k.shape[1]
         return reference_attention(
-            q, repeat_kv(k, n_rep), repeat_kv(v, n_rep), mask, dropout_p, scale, bias
+            q, repeat_kv(k, n_rep), repeat_kv(v, n_rep), mask, dropout_p, scale, bias, softcap
         )
     gqa = k.shape[1] != q.shape[1]
     if bias is not None:
@@ -185,7 +211,12 @@ def repeat_kv(x: Tensor, n_rep: int) -> Tensor:
 
 
 def grouped_query_decode_attention(
-    q: Tensor, k: Tensor, v: Tensor, allowed: Tensor | None, scale: float | None = None
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    allowed: Tensor | None,
+    scale: float | None = None,
+    softcap: float | None = None,
 ) -> Tensor:
     """Attention for a few new queries over a key/value cache, as plain matrix products.
 
@@ -196,7 +227,7 @@ def grouped_query_decode_attention(
 
         scores[b, g, (r, t), s] = q[b, g * n_rep + r, t] . k[b, g, s] * scale
 
-    (``scale`` defaults to 1 / sqrt(D)).
+    (``scale`` defaults to 1 / sqrt(D); ``softcap`` soft-caps the scores, :func:`soft_cap`).
 
     For one query PyTorch's fused kernels spend more time setting up than computing; this
     is the same equation in five operations, which ``torch.compile`` also fuses well.
@@ -208,6 +239,8 @@ def grouped_query_decode_attention(
     keys, values = k.reshape(b * h_kv, s, d), v.reshape(b * h_kv, s, d)
     alpha = attention_scale(d, scale)
     scores = torch.baddbmm(rows.new_empty(()), rows, keys.transpose(1, 2), beta=0.0, alpha=alpha)
+    if softcap is not None:
+        scores = soft_cap(scores, softcap)
     if allowed is not None:
         scores = scores.masked_fill(~allowed.repeat(n_rep, 1), float("-inf"))
     weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype)
@@ -236,6 +269,11 @@ class MultiHeadAttention(nn.Module):
     heads, then the n_kv_heads key heads, then the n_kv_heads value heads), so a single matmul
     produces all three; ``out`` is W_O. ``softmax_scale`` multiplies the scores before the
     softmax; None means the paper's 1 / sqrt(head_dim).
+
+    Options of later decoders, all off by default: ``q_norm`` / ``k_norm`` (QK-norm: modules
+    applied to each query / key head, [..., head_dim], before ``qk_transform``),
+    ``sliding_window`` W (query i sees keys i - W < j <= i: :func:`sliding_window_mask`) and
+    ``logit_softcap`` c (scores -> c tanh(scores / c) before the mask: :func:`soft_cap`).
     """
 
     def __init__(
@@ -250,9 +288,19 @@ class MultiHeadAttention(nn.Module):
         causal: bool = True,
         implementation: str = "sdpa",
         softmax_scale: float | None = None,
+        q_norm: nn.Module | None = None,
+        k_norm: nn.Module | None = None,
+        sliding_window: int | None = None,
+        logit_softcap: float | None = None,
     ) -> None:
         super().__init__()
         n_heads, n_kv_heads, head_dim = head_geometry(dim, n_heads, n_kv_heads, head_dim)
+        if (q_norm is None) != (k_norm is None):
+            raise ValueError("QK-norm needs both q_norm and k_norm")
+        if sliding_window is not None and (sliding_window < 1 or not causal):
+            raise ValueError(
+                f"sliding_window must be >= 1 on causal attention, got {sliding_window}"
+            )
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
         self.causal = causal
         self.dropout = dropout
@@ -261,6 +309,10 @@ class MultiHeadAttention(nn.Module):
         self.qkv = nn.Linear(dim, (n_heads + 2 * n_kv_heads) * head_dim, bias=bias)
         self.out = nn.Linear(n_heads * head_dim, dim, bias=bias if out_bias is None else out_bias)
         self.resid_dropout = nn.Dropout(dropout)
+        # registered only when given, so the state dict of plain attention is unchanged
+        self.q_norm, self.k_norm = q_norm, k_norm
+        self.sliding_window = sliding_window
+        self.logit_softcap = logit_softcap
 
     def forward(
         self,
@@ -307,6 +359,8 @@ class MultiHeadAttention(nn.Module):
         q = q.view(b, t, self.n_heads, hd).transpose(1, 2)
         k = k.view(b, t, self.n_kv_heads, hd).transpose(1, 2)
         v = v.view(b, t, self.n_kv_heads, hd).transpose(1, 2)
+        if self.q_norm is not None:  # QK-norm: each head normalised before RoPE
+            q, k = self.q_norm(q), self.k_norm(k)
         if qk_transform is not None:
             q, k = qk_transform(q, k, start)
         if cache is not None:
@@ -322,16 +376,21 @@ class MultiHeadAttention(nn.Module):
 
         mask, is_causal = attention_mask, False
         one_step = cache is not None and t == 1 and attention_mask is None and not self.training
+        window = self._window_mask(start, t, k.shape[2], device)
         if one_step and position_bias is None:
             # one new token over the cache (the common decoding step)
-            allowed = None
-            if isinstance(start, Tensor):  # static shapes: hide the slots not written yet
+            allowed = window
+            if isinstance(start, Tensor) and window is None:  # static shapes: hide unwritten slots
                 allowed = torch.arange(k.shape[2], device=device)[None, :] <= start
-            y = grouped_query_decode_attention(q, k, v, allowed, self.softmax_scale)
+            y = grouped_query_decode_attention(
+                q, k, v, allowed, self.softmax_scale, self.logit_softcap
+            )
             if y.dtype != dtype:
                 y = y.to(dtype)
             return self.out(y.transpose(1, 2).reshape(b, t, self.n_heads * hd))
-        if isinstance(start, Tensor):
+        if window is not None:  # the window holds the causal limit (and hides unwritten slots)
+            mask = window if mask is None else mask & window
+        elif isinstance(start, Tensor):
             # static-shape step over the whole cache buffer: hide the positions not written yet
             q_pos = start + torch.arange(t, device=device)
             allowed = torch.arange(k.shape[2], device=device)[None, :] <= q_pos[:, None]
@@ -354,8 +413,21 @@ class MultiHeadAttention(nn.Module):
             implementation=self.implementation,
             scale=self.softmax_scale,
             bias=position_bias,
+            softcap=self.logit_softcap,
         )
         if y.dtype != dtype:
             y = y.to(dtype)
         y = y.transpose(1, 2).reshape(b, t, self.n_heads * hd)
         return self.resid_dropout(self.out(y))
+
+    def _window_mask(
+        self, start: int | Tensor, t: int, n_keys: int, device: torch.device
+    ) -> Tensor | None:
+        """The [t, n_keys] sliding-window mask of this call's queries, None without a window.
+        The keys are cache slots 0 .. n_keys - 1 when ``start`` is a tensor (the static buffer),
+        else the last n_keys positions, of which the queries are the last t."""
+        if self.sliding_window is None:
+            return None
+        first = start if isinstance(start, Tensor) else n_keys - t
+        positions = first + torch.arange(t, device=device)
+        return sliding_window_mask(positions, n_keys, self.sliding_window)

@@ -2,6 +2,7 @@
 
 LayerNorm (Ba et al. 2016): y = (x - mean(x)) / sqrt(var(x) + eps) * gamma + beta, over the last dim.
 RMSNorm (Zhang & Sennrich 2019): y = x / sqrt(mean(x^2) + eps) * gamma — no centring, no bias.
+Gemma stores RMSNorm's gain as an offset from one: y = x / sqrt(mean(x^2) + eps) * (1 + w).
 """
 
 from __future__ import annotations
@@ -39,6 +40,23 @@ class RMSNorm(nn.Module):
         # dispatch of those tiny operations dominated a decoding step of a 135M model. The gain
         # is applied after the rounding, as LLaMA's reference does, so bf16 results match it.
         return self.weight * F.rms_norm(x, self.weight.shape, None, self.eps)
+
+
+class OffsetRMSNorm(nn.Module):
+    """RMSNorm whose stored gain is an offset from one (Gemma 1/2/3, Gemma Team 2024):
+    y = x / sqrt(mean(x^2) + eps) * (1 + w), with w initialised to zeros.
+
+    The whole product is computed in float32 and rounded once, as Gemma's reference does (it
+    differs from :class:`RMSNorm` there, which rounds before applying the gain)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = F.rms_norm(x.float(), self.weight.shape, None, self.eps)
+        return (y * (1.0 + self.weight.float())).to(x.dtype)
 
 
 def build_norm(kind: str, dim: int, eps: float, bias: bool = True) -> nn.Module:

@@ -135,8 +135,10 @@ class HFConfigFields:
     refused: dict[str, tuple[Any, ...]] = field(default_factory=dict)
 
     def all_refused(self) -> dict[str, tuple[Any, ...]]:
-        """This family's refused fields and the common ones."""
-        return {**COMMON_REFUSED, **self.refused}
+        """This family's refused fields and the common ones, less those it implements (Mistral
+        implements ``sliding_window``)."""
+        refused = {**COMMON_REFUSED, **self.refused}
+        return {k: v for k, v in refused.items() if k not in self.implemented}
 
     def check(self, hf: dict[str, Any], where: str = "config.json") -> None:
         """Raise :class:`LmarchError` naming the first refused field whose value is not one of

@@ -4,6 +4,9 @@ Every field of ``LlamaConfig`` either changes our model as it changes transforme
 refused by name (:data:`LLAMA_FIELDS`). Their q/k/v projections are three matrices and gate/up
 two; ours are fused (``attn.qkv``, ``ffn.gate_up``), so their rows are concatenated on the way
 in and split on the way out.
+
+The name map (:func:`decoder_map`) and the RoPE reading (:func:`rope_from_hf`) serve the
+LLaMA variants too (Qwen2/3, Mistral, Phi-3, Gemma 2/3: :mod:`lmarch.weights.hf_decoders`).
 """
 
 from __future__ import annotations
@@ -48,25 +51,56 @@ LLAMA_MAP = WeightMap(
     ignore=[r"^lm_head\.weight$", r"rotary_emb\.inv_freq$"],
 )
 _LM_HEAD = Rule("lm_head.weight", "lm_head.weight")
-_ATTENTION_BIASES = [
-    Rule("blocks.{i}.attn.qkv.bias", tuple(_L + f"self_attn.{p}_proj.bias" for p in "qkv")),
-    Rule("blocks.{i}.attn.out.bias", _L + "self_attn.o_proj.bias"),
-]
+_QKV_BIAS = Rule("blocks.{i}.attn.qkv.bias", tuple(_L + f"self_attn.{p}_proj.bias" for p in "qkv"))
+_OUT_BIAS = Rule("blocks.{i}.attn.out.bias", _L + "self_attn.o_proj.bias")
 _MLP_BIASES = [
     Rule("blocks.{i}.ffn.gate_up.bias", (_L + "mlp.gate_proj.bias", _L + "mlp.up_proj.bias")),
     Rule("blocks.{i}.ffn.down.bias", _L + "mlp.down_proj.bias"),
 ]
+_QK_NORM = [
+    Rule("blocks.{i}.attn.q_norm.weight", _L + "self_attn.q_norm.weight"),
+    Rule("blocks.{i}.attn.k_norm.weight", _L + "self_attn.k_norm.weight"),
+]
+# Gemma 2/3 name the four norms of a sandwich layer; their post_attention_layernorm is the
+# norm on the attention output, where LLaMA's is the norm before the MLP
+_SANDWICH = {
+    "blocks.{i}.post_norm_attn.weight": _L + "post_attention_layernorm.weight",
+    "blocks.{i}.norm_ffn.weight": _L + "pre_feedforward_layernorm.weight",
+    "blocks.{i}.post_norm_ffn.weight": _L + "post_feedforward_layernorm.weight",
+}
+# Phi-3 keeps q/k/v and gate/up fused, as we do
+_FUSED = {
+    "blocks.{i}.attn.qkv.weight": _L + "self_attn.qkv_proj.weight",
+    "blocks.{i}.ffn.gate_up.weight": _L + "mlp.gate_up_proj.weight",
+}
 
 
-def llama_map(config: LlamaConfig) -> WeightMap:
-    """The name map for ``config``: with the output head unless it is tied to the embeddings,
-    and the projections' biases where ``attention_bias`` / ``mlp_bias`` ask for them."""
-    rules = list(LLAMA_MAP.rules)
-    rules += _ATTENTION_BIASES if config.attention_bias else []
+def decoder_map(config: LlamaConfig, fused: bool = False) -> WeightMap:
+    """The name map for ``config`` in the LLaMA layout: with the output head unless it is tied
+    to the embeddings, the projections' biases where ``attention_bias`` /
+    ``attention_out_bias`` / ``mlp_bias`` ask for them, QK-norm gains (Qwen3, Gemma 3) and
+    Gemma's sandwich norms where the config has them; ``fused``: Phi-3's single ``qkv_proj``
+    and ``gate_up_proj`` matrices."""
+    rules = [r for r in LLAMA_MAP.rules if not (config.sandwich_norm and r.ours in _SANDWICH)]
+    if config.sandwich_norm:
+        rules += [Rule(ours, theirs) for ours, theirs in _SANDWICH.items()]
+    if fused:
+        rules = [Rule(r.ours, _FUSED[r.ours]) if r.ours in _FUSED else r for r in rules]
+    out_bias = (
+        config.attention_bias if config.attention_out_bias is None else config.attention_out_bias
+    )
+    rules += [_QKV_BIAS] if config.attention_bias else []
+    rules += [_OUT_BIAS] if out_bias else []
     rules += _MLP_BIASES if config.mlp_bias else []
+    rules += _QK_NORM if config.qk_norm else []
     if config.tie_embeddings:
         return WeightMap(rules, ignore=[r"^lm_head\.weight$", r"rotary_emb\.inv_freq$"])
     return WeightMap(rules + [_LM_HEAD], ignore=[r"rotary_emb\.inv_freq$"])
+
+
+def llama_map(config: LlamaConfig) -> WeightMap:
+    """The name map of a LLaMA folder for ``config`` (:func:`decoder_map` in LLaMA's names)."""
+    return decoder_map(config)
 
 
 def split_sizes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
@@ -83,7 +117,7 @@ def split_sizes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
 
 
 # transformers' activation names -> ours, for the gated unit
-_ACTIVATIONS = {
+GATED_ACTIVATIONS = {
     "silu": "silu",
     "swish": "silu",
     "gelu": "gelu",
@@ -94,7 +128,7 @@ _ACTIVATIONS = {
     "relu": "relu",
     "tanh": "tanh",
 }
-_ACTIVATIONS_TO_HF = {
+GATED_ACTIVATIONS_TO_HF = {
     "silu": "silu",
     "gelu": "gelu",
     "gelu_tanh": "gelu_pytorch_tanh",
@@ -131,7 +165,7 @@ LLAMA_FIELDS = HFConfigFields(
 )  # fmt: skip
 
 # our LlamaConfig field -> the config.json key it comes from
-_HF_NAMES = {
+HF_NAMES = {
     "vocab_size": "vocab_size",
     "block_size": "max_position_embeddings",
     "n_layer": "num_hidden_layers",
@@ -149,25 +183,31 @@ _HF_NAMES = {
 }
 
 
-def _rope_from_hf(
-    hf: dict[str, Any], max_len: int, where: str
+def rope_from_hf(
+    hf: dict[str, Any],
+    max_len: int,
+    where: str,
+    family: str = "llama",
+    partial_ok: bool = False,
+    default_theta: float = 10000.0,
 ) -> tuple[float, dict[str, Any] | None, int]:
     """(rope theta, our scaling dict, context length) as transformers reads them: ``rope_scaling``
-    before ``rope_parameters``; the dict's ``rope_theta`` before the top-level one."""
+    before ``rope_parameters``; the dict's ``rope_theta`` before the top-level one. A partial
+    rotary factor is refused unless ``partial_ok`` (the caller reads it: Phi-3)."""
     rope = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
     if not isinstance(rope, dict):
-        raise refuse(where, "llama", "rope_scaling", rope, "a dict (or null)")
+        raise refuse(where, family, "rope_scaling", rope, "a dict (or null)")
     theta = rope.get("rope_theta")
-    theta = hf.get("rope_theta", 10000.0) if theta is None else theta
+    theta = hf.get("rope_theta", default_theta) if theta is None else theta
     partial = rope.get("partial_rotary_factor")
-    if partial not in (None, 1, 1.0):
-        raise refuse(where, "llama", "rope_parameters.partial_rotary_factor", partial, "1.0")
+    if partial not in (None, 1, 1.0) and not partial_ok:
+        raise refuse(where, family, "rope_parameters.partial_rotary_factor", partial, "1.0")
     kind = rope.get("rope_type", rope.get("type", "default"))
     if kind == "default":
         return theta, None, max_len
     if kind not in _ROPE_KEYS:
         supported = f"rope_type one of {['default', *_ROPE_KEYS]}"
-        raise refuse(where, "llama", "rope_scaling.rope_type", kind, supported)
+        raise refuse(where, family, "rope_scaling.rope_type", kind, supported)
     scaling: dict[str, Any] = {"type": kind}
     scaling.update((k, rope[k]) for k in _ROPE_KEYS[kind] if rope.get(k) is not None)
     if kind == "dynamic":
@@ -192,10 +232,10 @@ def llama_config_from_hf(hf: dict[str, Any], where: str = "config.json") -> Llam
     transformers' defaults, as ``LlamaConfig`` does."""
     LLAMA_FIELDS.check(hf, where)
     act = hf.get("hidden_act", "silu")
-    if act not in _ACTIVATIONS:
-        raise refuse(where, "llama", "hidden_act", act, f"one of {sorted(_ACTIVATIONS)}")
+    if act not in GATED_ACTIVATIONS:
+        raise refuse(where, "llama", "hidden_act", act, f"one of {sorted(GATED_ACTIVATIONS)}")
     max_len = hf.get("max_position_embeddings", 2048)
-    theta, scaling, block_size = _rope_from_hf(hf, max_len, where)
+    theta, scaling, block_size = rope_from_hf(hf, max_len, where)
     return build_config(
         lambda: LlamaConfig(
             vocab_size=hf.get("vocab_size", 32000),
@@ -212,15 +252,15 @@ def llama_config_from_hf(hf: dict[str, Any], where: str = "config.json") -> Llam
             tie_embeddings=hf.get("tie_word_embeddings", False),
             attention_bias=hf.get("attention_bias", False),
             mlp_bias=hf.get("mlp_bias", False),
-            activation=_ACTIVATIONS[act],
+            activation=GATED_ACTIVATIONS[act],
         ),
-        _HF_NAMES,
+        HF_NAMES,
         where,
         "llama",
     )
 
 
-def _rope_to_hf(c: LlamaConfig) -> tuple[float, dict[str, Any] | None, int]:
+def rope_to_hf(c: LlamaConfig) -> tuple[float, dict[str, Any] | None, int]:
     """(rope_theta, rope_scaling, max_position_embeddings) for transformers."""
     scaling = dict(c.rope_scaling) if c.rope_scaling else None
     kind = (scaling or {}).get("type", (scaling or {}).get("rope_type", "default"))
@@ -244,13 +284,38 @@ def _rope_to_hf(c: LlamaConfig) -> tuple[float, dict[str, Any] | None, int]:
     return c.rope_theta, out, c.block_size
 
 
+def refuse_variants(c: LlamaConfig, family: str, allowed: tuple[str, ...] = ()) -> None:
+    """Raise :class:`LmarchError` naming the first LLaMA-variant option of ``c`` (set away from
+    LLaMA's default) that the Hugging Face ``family`` layout cannot express; ``allowed`` are
+    those it can."""
+    plain = LlamaConfig(
+        vocab_size=c.vocab_size, n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd
+    )
+    for name in VARIANT_FIELDS:
+        if name not in allowed and getattr(c, name) != getattr(plain, name):
+            raise LmarchError(
+                f"the Hugging Face {family} layout has no {name}={getattr(c, name)!r}",
+                hint="export it as the family it was read from (lmarch.weights.hf_decoders)",
+            )
+
+
+# LlamaConfig's options of later decoders, which LLaMA's own layout does not have
+VARIANT_FIELDS = (
+    "attention_out_bias", "qk_norm", "sliding_window", "layer_types", "rope_local_theta",
+    "norm_unit_offset", "embedding_scale", "sandwich_norm", "query_pre_attn_scalar",
+    "attn_logit_softcap", "final_logit_softcap",
+)  # fmt: skip
+
+
 def llama_config_to_hf(c: LlamaConfig) -> dict[str, Any]:
     """A transformers ``LlamaConfig`` dict for our config."""
+    out_bias = c.attention_bias if c.attention_out_bias is None else c.attention_out_bias
+    refuse_variants(c, "LLaMA", ("attention_out_bias",) if out_bias == c.attention_bias else ())
     if c.partial_rotary_factor != 1.0:
         raise LmarchError("the Hugging Face LLaMA layout has no partial rotary embeddings")
-    if c.activation not in _ACTIVATIONS_TO_HF:
+    if c.activation not in GATED_ACTIVATIONS_TO_HF:
         raise LmarchError(f"the Hugging Face LLaMA layout has no activation {c.activation!r}")
-    theta, rope, max_len = _rope_to_hf(c)
+    theta, rope, max_len = rope_to_hf(c)
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -268,21 +333,37 @@ def llama_config_to_hf(c: LlamaConfig) -> dict[str, Any]:
         "tie_word_embeddings": c.tie_embeddings,
         "attention_bias": c.attention_bias,
         "mlp_bias": c.mlp_bias,
-        "hidden_act": _ACTIVATIONS_TO_HF[c.activation],
+        "hidden_act": GATED_ACTIVATIONS_TO_HF[c.activation],
     }
+
+
+def load_decoder_weights(folder: str | Path, config: LlamaConfig, fused: bool = False) -> Llama:
+    """A Llama of ``config`` holding the folder's weights in the LLaMA layout (``fused``:
+    Phi-3's)."""
+    tensors = decoder_map(config, fused).to_ours(
+        read_hf_weights(folder), config.n_layer, where=str(folder)
+    )
+    return build_from_weights(lambda: Llama(config), tensors, str(folder))
+
+
+def save_decoder(
+    model: Llama, folder: str | Path, hf_config: dict[str, Any], fused: bool = False
+) -> None:
+    """Write ``model``'s weights in the LLaMA layout (``fused``: Phi-3's) with ``hf_config``."""
+    c = model.config
+    sizes = {} if fused else split_sizes(c)
+    tensors = decoder_map(c, fused).to_theirs(
+        unique_state_dict(model), c.n_layer, split_sizes=sizes
+    )
+    write_hf_folder(folder, hf_config, tensors)
 
 
 def load_hf_llama(folder: str | Path) -> Llama:
     """A Llama holding the weights of a Hugging Face LLaMA folder (sharded or not)."""
     config = llama_config_from_hf(read_hf_config(folder), where=str(Path(folder) / "config.json"))
-    tensors = llama_map(config).to_ours(read_hf_weights(folder), config.n_layer, where=str(folder))
-    return build_from_weights(lambda: Llama(config), tensors, str(folder))
+    return load_decoder_weights(folder, config)
 
 
 def save_hf_llama(model: Llama, folder: str | Path) -> None:
     """Write ``model`` as a Hugging Face LLaMA folder that ``LlamaForCausalLM`` loads."""
-    c = model.config
-    tensors = llama_map(c).to_theirs(
-        unique_state_dict(model), c.n_layer, split_sizes=split_sizes(c)
-    )
-    write_hf_folder(folder, llama_config_to_hf(c), tensors)
+    save_decoder(model, folder, llama_config_to_hf(model.config))
