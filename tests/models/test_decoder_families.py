@@ -225,3 +225,41 @@ def test_llama_defaults_build_the_same_modules_as_before() -> None:
     }  # fmt: skip
     assert model.rotary_local is None
     assert all(b.attn.sliding_window is None and b.attn.q_norm is None for b in model.blocks)
+
+
+@pytest.mark.parametrize("family", ["mistral", "gemma2", "gemma3_text"])
+def test_static_cache_steps_equal_the_whole_sequence(tmp_path: Path, family: str) -> None:
+    """One token at a time over a preallocated cache, positions given as tensors (what the
+    compiled decode step does, here eagerly): the window then hides both the unwritten slots
+    and the keys that slid out, and each step's logits equal the full forward's."""
+    _saved(family, tmp_path)
+    ours = load_hf_decoder(tmp_path).eval()
+    ids = _ids(6, (1, 14))
+    cache = ours.make_cache(1, 32)
+    with torch.no_grad():
+        whole = ours(ids)
+        steps = [ours(ids[:, t : t + 1], cache=cache, start=torch.tensor(t)) for t in range(14)]
+    assert (torch.cat(steps, dim=1) - whole).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize(
+    ("fields", "config_cls"),
+    [
+        ("QWEN2_FIELDS", transformers.Qwen2Config),
+        ("QWEN3_FIELDS", transformers.Qwen3Config),
+        ("MISTRAL_FIELDS", transformers.MistralConfig),
+        ("PHI3_FIELDS", transformers.Phi3Config),
+        ("GEMMA2_FIELDS", transformers.Gemma2Config),
+        ("GEMMA3_FIELDS", transformers.Gemma3TextConfig),
+    ],
+)
+def test_every_transformers_field_is_classified(fields: str, config_cls: type) -> None:
+    """Each key transformers writes for the family is implemented, inert or refused, in one
+    list only: a field a newer transformers adds fails here first."""
+    from lmarch.weights import hf_decoders, hf_gemma
+
+    spec = getattr(hf_decoders, fields, None) or getattr(hf_gemma, fields)
+    keys = set(config_cls().to_dict())
+    implemented, inert, refused = set(spec.implemented), set(spec.inert), set(spec.all_refused())
+    assert keys - (implemented | inert | refused) == set()
+    assert not (implemented & inert or implemented & refused or inert & refused)
