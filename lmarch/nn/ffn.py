@@ -23,9 +23,16 @@ def gelu_tanh(x: Tensor) -> Tensor:
     return F.gelu(x, approximate="tanh")
 
 
+def quick_gelu(x: Tensor) -> Tensor:
+    """The sigmoid approximation of GELU that OpenAI's CLIP was trained with (Hendrycks &
+    Gimpel 2016, sec. 2): x * sigmoid(1.702 x)."""
+    return x * torch.sigmoid(1.702 * x)
+
+
 ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "gelu": F.gelu,
     "gelu_tanh": gelu_tanh,
+    "quick_gelu": quick_gelu,
     "relu": F.relu,
     "silu": F.silu,
     "tanh": torch.tanh,
@@ -96,4 +103,4 @@ def swiglu_hidden_dim(dim: int, multiple_of: int = 256, multiplier: float = 1.0)
     return multiple_of * math.ceil(hidden / multiple_of)
 
 
-__all__ = ["MLP", "GatedMLP", "gelu_tanh", "get_activation", "swiglu_hidden_dim"]
+__all__ = ["MLP", "GatedMLP", "gelu_tanh", "get_activation", "quick_gelu", "swiglu_hidden_dim"]
