@@ -218,21 +218,21 @@ def fit_loss_law(n: Sequence[float], d: Sequence[float], loss: Sequence[float]) 
     the pair with the smallest squared error wins (the paper minimises a Huber loss of log L)."""
     n_arr, d_arr, y = (np.asarray(v, float) for v in (n, d, loss))
     grid = np.arange(0.02, 1.5001, 0.01)
-    best: tuple[float, dict[str, float]] = (math.inf, {})
-    for alpha in grid:
-        xn = n_arr**-alpha
-        for beta in grid:
-            design = np.stack([np.ones_like(y), xn, d_arr**-beta], axis=1)
-            coef, *_ = np.linalg.lstsq(design, y, rcond=None)
-            if (coef < 0).any():
-                continue
-            err = float(((design @ coef - y) ** 2).sum())
-            if err < best[0]:
-                best = (err, {"E": coef[0], "A": coef[1], "B": coef[2]})
-                best[1].update(alpha=float(alpha), beta=float(beta))
-    if not best[1]:
+    alpha, beta = (g.ravel() for g in np.meshgrid(grid, grid, indexing="ij"))
+    design = np.stack(
+        [np.ones((len(alpha), len(y))), n_arr[None, :] ** -alpha[:, None],
+         d_arr[None, :] ** -beta[:, None]],
+        axis=2,
+    )  # fmt: skip
+    coef = np.linalg.pinv(design) @ y  # least squares for every (alpha, beta) at once
+    err = ((np.einsum("gmk,gk->gm", design, coef) - y) ** 2).sum(axis=1)
+    err[(coef < 0).any(axis=1)] = np.inf  # E, A, B must be >= 0
+    best = int(np.argmin(err))
+    if not np.isfinite(err[best]):
         return {k: math.nan for k in CHINCHILLA}
-    return {k: float(v) for k, v in best[1].items()}
+    e, a, b = coef[best]
+    return {"E": float(e), "A": float(a), "B": float(b), "alpha": float(alpha[best]),
+            "beta": float(beta[best])}  # fmt: skip
 
 
 def _train_one(
