@@ -154,11 +154,23 @@ def start_job(
         streams = [TextStream(loaded.tokenizer, stop) for _ in range(body.n)]
     except LmarchError as exc:
         raise ApiError(400, str(exc), "invalid_value") from None
+    if body.n > scheduler.max_queue:
+        raise ApiError(
+            400,
+            f"n is {body.n}, more than the {scheduler.max_queue} requests the queue holds",
+            "invalid_value",
+        )
     loop = asyncio.get_running_loop()
     events: asyncio.Queue = asyncio.Queue()
 
     def sink(index: int):  # type: ignore[no-untyped-def]
-        return lambda event: loop.call_soon_threadsafe(events.put_nowait, (index, event))
+        def emit(event: Token | Finished) -> None:
+            try:
+                loop.call_soon_threadsafe(events.put_nowait, (index, event))
+            except RuntimeError:  # the event loop is gone (server shutting down): stop
+                requests[index].cancel()
+
+        return emit
 
     requests = [
         Request(

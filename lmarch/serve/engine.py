@@ -66,8 +66,9 @@ class SlotCache(KVCache):
         keys = self._layer_keys[layer].narrow(0, 0, n)
         values = self._layer_values[layer].narrow(0, 0, n)
         rows = self._rows[:n]
-        keys[rows, :, self._positions] = k[:, :, 0]
-        values[rows, :, self._positions] = v[:, :, 0]
+        # a float32 cache under half-precision weights (CPU, see KVCache.like) takes casts
+        keys[rows, :, self._positions] = k[:, :, 0].to(keys.dtype)
+        values[rows, :, self._positions] = v[:, :, 0].to(values.dtype)
         return keys.narrow(2, 0, self._span), values.narrow(2, 0, self._span)
 
     def row(self, index: int) -> KVCache:

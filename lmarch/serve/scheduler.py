@@ -189,7 +189,10 @@ class Scheduler:
             message = f"{type(exc).__name__}: {exc}"
             victims = [args[0]] if args else [s.request for s in self._slots]
             for request in victims:
-                request.emit(Finished("error", message))
+                try:
+                    request.emit(Finished("error", message))
+                except Exception:  # a sink that fails cannot take the thread with it
+                    request.cancel()
             if not args:
                 self._slots = []
 

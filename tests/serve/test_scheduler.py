@@ -150,3 +150,17 @@ def test_full_queue_is_refused_and_cancelled_requests_leave(tiny_llama) -> None:
         assert scheduler.counters()["prefill_calls"] == 1
     finally:
         scheduler.stop()
+
+
+def test_half_precision_weights_batch_over_a_float32_cache(tiny_llama) -> None:
+    model = tiny_llama(64).model.to(torch.bfloat16)  # its cache stays float32 on the CPU
+    scheduler = Scheduler(model, max_batch=4, max_queue=8, context=64)
+    pairs = [request(p, 6) for p in PROMPTS]
+    scheduler.submit([r for r, _ in pairs])
+    scheduler.start()
+    try:
+        outputs = [drain(events)[0] for _, events in pairs]
+    finally:
+        scheduler.stop()
+    assert scheduler.engine.cache.keys.dtype == torch.float32
+    assert outputs == [single(model, p, 6) for p in PROMPTS]
