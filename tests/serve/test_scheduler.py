@@ -164,3 +164,32 @@ def test_half_precision_weights_batch_over_a_float32_cache(tiny_llama) -> None:
         scheduler.stop()
     assert scheduler.engine.cache.keys.dtype == torch.float32
     assert outputs == [single(model, p, 6) for p in PROMPTS]
+
+
+def test_a_failing_step_ends_its_requests_not_the_thread(tiny_llama) -> None:
+    model = tiny_llama(64).model
+    scheduler = Scheduler(model, max_batch=4, max_queue=8, context=64)
+    decode = scheduler.engine.decode
+    calls = []
+
+    def fails_once(tokens, positions):
+        calls.append(len(tokens))
+        if len(calls) == 1:
+            raise RuntimeError("boom")
+        return decode(tokens, positions)
+
+    scheduler.engine.decode = fails_once
+    first, first_events = request(PROMPTS[0], 5)
+    scheduler.submit([first])
+    scheduler.start()
+    try:
+        first_events.get(timeout=20)  # the prefill's token came out; the first step failed
+        failed = first_events.get(timeout=20)
+        later, later_events = request(PROMPTS[1], 5)
+        scheduler.submit([later])
+        later_ids, reason = drain(later_events)
+    finally:
+        scheduler.stop()
+    assert failed == Finished("error", "RuntimeError: boom")
+    assert reason == "length" and later_ids == single(model, PROMPTS[1], 5)
+    assert scheduler.active == 0
