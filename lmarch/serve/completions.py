@@ -130,6 +130,10 @@ def check_unsupported(body: CompletionRequest | ChatRequest) -> None:
         raise ApiError(
             400, "presence_penalty and frequency_penalty are not supported", "unsupported"
         )
+    if body.logit_bias:
+        raise ApiError(400, "logit_bias is not supported", "unsupported")
+    if body.tools:
+        raise ApiError(400, "tools (function calling) are not supported", "unsupported")
     if isinstance(body, CompletionRequest) and body.echo:
         raise ApiError(400, "echo is not supported", "unsupported")
 

@@ -35,6 +35,8 @@ class _Sampling(_Body):
     seed: int | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    logit_bias: dict[str, float] | None = None
+    tools: list[dict] | None = None
 
     def stop_strings(self) -> list[str]:
         """``stop`` as a list (OpenAI allows one string or up to four)."""

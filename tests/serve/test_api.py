@@ -144,6 +144,8 @@ def error_of(response: httpx.Response, status: int) -> dict:
         ),
         ({"model": "tiny-llama", "prompt": "\u00e9"}, 400, "not in the tokenizer's vocabulary"),
         ({"model": "tiny-llama", "prompt": "hi", "echo": True}, 400, "echo is not supported"),
+        ({"model": "tiny-llama", "prompt": "hi", "logit_bias": {"5": 1}}, 400, "logit_bias is"),
+        ({"model": "tiny-llama", "prompt": "hi", "n": 9}, 400, "n is 9, more than the 8 requests"),
         ({"model": "tiny-llama"}, 422, "prompt: Field required"),
     ],
 )
