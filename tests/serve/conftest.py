@@ -53,7 +53,7 @@ def tiny_llama_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def live_server(tiny_llama_folder: Path) -> Iterator:
     """The tiny LLaMA (loaded from its folder) and MiniLM served on a free loopback port, with
     API key ``sk-test``; yields the BackgroundServer."""

@@ -45,6 +45,10 @@ def test_completion_equals_greedy_decoding(client, live_server) -> None:
     assert choice.text == greedy_text(live_server, ids, 12)
     assert choice.finish_reason == "length"
     assert (out.usage.prompt_tokens, out.usage.completion_tokens) == (5, 12)
+    streamed = client.completions.create(
+        model="tiny-llama", prompt="To be", max_tokens=12, temperature=0, stream=True
+    )
+    assert "".join(c.choices[0].text for c in streamed if c.choices) == choice.text
 
 
 def test_chat_stream_matches_whole_reply_and_ends_with_done(client, live_server) -> None:
@@ -246,3 +250,25 @@ def test_concurrent_http_clients_get_single_decoding_answers(client, live_server
         assert results[prompt] == greedy_text(live_server, loaded.encode_prompt(prompt), 10)
     after = live_server.state.scheduler.counters()
     assert after["decode_rows"] - before["decode_rows"] == 6 * 9
+
+
+def test_embeddings_only_server(live_server) -> None:
+    from fastapi.testclient import TestClient
+
+    from lmarch.serve.app import build_asgi
+    from lmarch.serve.state import ServeLimits, build_state
+
+    state = build_state(
+        None, ServeLimits(), encoder=live_server.state.encoder, embed_names=("minilm-l6",)
+    )
+    with TestClient(build_asgi(state)) as http:
+        assert [m["id"] for m in http.get("/v1/models").json()["data"]] == ["minilm-l6"]
+        chat = http.post(
+            "/v1/chat/completions",
+            json={"model": "x", "messages": [{"role": "user", "content": "hi"}]},
+        )
+        assert "serves embeddings only" in error_of(chat, 400)["message"]
+        vectors = http.post("/v1/embeddings", json={"model": "minilm-l6", "input": ["a", "b"]})
+        assert (
+            len(vectors.json()["data"]) == 2 and len(vectors.json()["data"][0]["embedding"]) == 384
+        )
