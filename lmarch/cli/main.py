@@ -15,6 +15,7 @@ from typing import NoReturn
 
 from lmarch.cli import compare as compare_cli
 from lmarch.cli import distributed as distributed_cli
+from lmarch.cli import export as export_cli
 from lmarch.cli import glove as glove_cli
 from lmarch.cli import inspect as inspect_cli
 from lmarch.cli import ngram as ngram_cli
@@ -197,6 +198,7 @@ def build_parser() -> OneLineParser:
     compare_cli.add_parsers(sub)
     distributed_cli.add_parsers(sub)
     inspect_cli.add_parsers(sub)
+    export_cli.add_parsers(sub)
     serve_cli.add_parsers(sub)
 
     d = sub.add_parser("demo", help="train a small GPT on Shakespeare (~3 min) and sample it")
@@ -790,6 +792,7 @@ COMMANDS = {
     **compare_cli.COMMANDS,
     **distributed_cli.COMMANDS,
     **inspect_cli.COMMANDS,
+    **export_cli.COMMANDS,
     **serve_cli.COMMANDS,
 }
 

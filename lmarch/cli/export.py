@@ -1,0 +1,58 @@
+"""``lmarch export RUN --format hf --out DIR``: a trained model in another project's format.
+
+``--format hf`` writes a folder ``transformers`` loads (:mod:`lmarch.weights.hf_export`).
+Other formats plug in as one more entry of :data:`EXPORTERS` and of ``--format``'s choices
+(GGUF: ``--format gguf``, written by ``lmarch.weights.gguf_export``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from typing import Any
+
+FORMATS = ("hf",)  # gguf: add it here and in EXPORTERS
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    """Add ``export`` to the ``lmarch`` parser."""
+    p = sub.add_parser("export", help="write a run (or any model) in another format (hf)")
+    p.add_argument("model", help="a run folder (lmarch train), an HF folder or a preset")
+    p.add_argument("--format", choices=FORMATS, required=True, help="hf: a transformers folder")
+    p.add_argument("--out", required=True, help="the folder (or file) to write")
+    p.add_argument("--json", action="store_true", help="print what was written as JSON, last line")
+
+
+def _export_hf(args: argparse.Namespace) -> dict[str, Any]:
+    import lmarch
+    from lmarch.weights.hf_export import export_hf_folder
+
+    loaded = lmarch.load(args.model)
+    return export_hf_folder(
+        loaded.model,
+        loaded.tokenizer,
+        args.out,
+        chat_template=loaded.chat_template,
+        bos_token_id=loaded.bos_token_id,
+        eos_token_ids=loaded.stop_token_ids,
+        quant=loaded.quant,
+    )
+
+
+# --format -> the function writing it (returns a JSON-ready summary with "out")
+EXPORTERS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {"hf": _export_hf}
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Write the model in the asked format and say where."""
+    result = EXPORTERS[args.format](args)
+    what = result.get("model_type", args.format)
+    print(f"wrote {what} to {result['out']}", file=sys.stderr if args.json else sys.stdout)
+    if args.json:
+        print(json.dumps(result))
+    return 0
+
+
+COMMANDS = {"export": cmd_export}
