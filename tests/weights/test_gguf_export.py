@@ -1,0 +1,137 @@
+"""``export_gguf_llama``: a LLaMA run written as GGUF (f16, q8_0, q4_0 with gguf's writer) reads
+back through lmarch bit for bit: every weight is exactly its f16 / quantised value, the logits
+equal the run model's with those weights, the vocabulary gives the run's ids; and what GGUF
+cannot carry is refused by name."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import shutil
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+from lmarch.errors import LmarchError
+from lmarch.loading import load
+from lmarch.models.llama import Llama, LlamaConfig
+from lmarch.tokenizers.char import CharTokenizer
+from lmarch.weights.gguf import read_gguf
+from lmarch.weights.gguf_export import export_gguf_llama
+
+PASSAGE = "ROMEO:\nBut, soft! what light through yonder window breaks?\n"
+
+
+@pytest.fixture(scope="module")
+def llama_run(tmp_path_factory: pytest.TempPathFactory, shakespeare_text: str) -> Path:
+    """``lmarch train --preset llama-tiny`` (2 layers, 2 iterations) on 60,000 characters."""
+    from lmarch.cli.main import main
+
+    root = tmp_path_factory.mktemp("llama_run")
+    data = root / "tiny.txt"
+    data.write_text(shakespeare_text[:60_000], encoding="utf-8")
+    argv = [
+        "train", "--preset", "llama-tiny", "--data", str(data), "--out", str(root / "run"),
+        "--max-iters", "2", "--n-layer", "2", "--eval-iters", "1", "--eval-interval", "2",
+    ]  # fmt: skip
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        assert main(argv) == 0
+    return root / "run"
+
+
+def stored_value(weight: torch.Tensor, quant: str) -> torch.Tensor:
+    """What a matrix becomes in the file: f16, or gguf's quantise-then-dequantise."""
+    if weight.ndim == 1:
+        return weight
+    if quant == "f16":
+        return weight.half().float()
+    qtype = gguf.GGMLQuantizationType[quant.upper()]
+    values = weight.detach().numpy()
+    return torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(values, qtype), qtype))
+
+
+@pytest.mark.parametrize("quant", ["f16", "q8_0", "q4_0"])
+def test_export_reads_back_bit_for_bit(llama_run: Path, tmp_path: Path, quant: str) -> None:
+    run = load(str(llama_run), quant="none")
+    path = tmp_path / f"model-{quant}.gguf"
+    summary = export_gguf_llama(run.model, run.tokenizer, path, quant)
+    matrix_type = quant.upper()
+    want_types = (
+        {matrix_type: 16, "F32": 5} if quant != "q4_0" else {"Q4_0": 15, "Q8_0": 1, "F32": 5}
+    )
+    assert summary["tensor_types"] == want_types and summary["bytes"] == path.stat().st_size
+    assert read_gguf(path).tensor_info("output.weight").type_name == (
+        "Q8_0" if quant == "q4_0" else matrix_type
+    )
+
+    back = load(str(path), quant="none")
+    expected = Llama(run.model.config).eval()
+    state = {}
+    for name, weight in run.model.state_dict().items():
+        wide = quant == "q4_0" and name == "lm_head.weight"
+        state[name] = stored_value(weight, "q8_0" if wide else quant)
+        if name in dict(back.model.named_parameters()):
+            got = back.model.get_parameter(name)
+            assert torch.equal(got, state[name]), name
+    expected.load_state_dict(state)
+    ids = torch.tensor([run.tokenizer.encode(PASSAGE)])
+    assert back.tokenizer.encode(PASSAGE) == ids[0].tolist()
+    assert back.tokenizer.decode(ids[0].tolist()) == PASSAGE
+    with torch.no_grad():
+        ours, theirs = back.model(ids), expected(ids)
+    ours = ours[0] if isinstance(ours, tuple) else ours
+    theirs = theirs[0] if isinstance(theirs, tuple) else theirs
+    assert torch.equal(ours, theirs)
+
+
+def test_a_q4_0_export_runs_on_the_native_blocks_like_float(llama_run: Path, tmp_path) -> None:
+    """The q4_0 file (q8_0 head) loads by default on lmarch's block kernels, with the same
+    greedy tokens as its float32 reading."""
+    from lmarch.generation import GenerationStats, SamplingConfig
+    from lmarch.tasks.generate import generate_text
+
+    run = load(str(llama_run), quant="none")
+    path = tmp_path / "q4.gguf"
+    export_gguf_llama(run.model, run.tokenizer, path, "q4_0")
+    fast, exact = load(str(path)), load(str(path), quant="none")
+    assert fast.quant == "q4"
+    answers = []
+    for loaded in (fast, exact):
+        stats = GenerationStats()
+        greedy = SamplingConfig(temperature=0.0)
+        for _ in generate_text(loaded, "ROMEO:", 12, greedy, ignore_eos=True, stats=stats):
+            pass
+        answers.append(stats.token_ids)
+    assert len(answers[0]) == 12 and answers[0] == answers[1]
+
+
+def _tiny(**changes: object) -> Llama:
+    config = LlamaConfig(
+        vocab_size=4, block_size=16, n_layer=1, n_head=2, n_embd=64, intermediate_size=64,
+        **changes,
+    )  # fmt: skip
+    return Llama(config).eval()
+
+
+def test_what_gguf_cannot_carry_is_refused_by_name(tmp_path: Path) -> None:
+    path = tmp_path / "m.gguf"
+    tok = CharTokenizer(["a", "b", "c", " "])
+    with pytest.raises(LmarchError, match="cannot carry this model's qk_norm=True"):
+        export_gguf_llama(_tiny(qk_norm=True), tok, path)
+    assert list(tmp_path.iterdir()) == []  # nothing half-written left behind
+    with pytest.raises(LmarchError, match="holds 'é', which is more than one byte"):
+        export_gguf_llama(_tiny(), CharTokenizer(["a", "b", "é", " "]), path)
+    with pytest.raises(LmarchError, match="the tokenizer has 3 tokens but the model 4"):
+        export_gguf_llama(_tiny(), CharTokenizer(["a", "b", "c"]), path)
+    with pytest.raises(LmarchError, match="unknown GGUF quantisation 'q5_k'"):
+        export_gguf_llama(_tiny(), tok, path, "q5_k")
+    with pytest.raises(LmarchError, match="Linear has no GGUF export"):
+        export_gguf_llama(torch.nn.Linear(2, 2), tok, path)  # type: ignore[arg-type]
+    export_gguf_llama(_tiny(tie_embeddings=True), tok, path, "q8_0")
+    f = read_gguf(path)
+    assert "output.weight" not in f and f.tensor_info("token_embd.weight").type_name == "Q8_0"
+    assert np.asarray(f.metadata["tokenizer.ggml.merges"]).size == 0
+    shutil.rmtree(tmp_path)
