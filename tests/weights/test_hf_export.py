@@ -123,3 +123,47 @@ def test_an_unknown_format_is_refused(tmp_path: Path, cli) -> None:
 def test_a_missing_run_is_refused(tmp_path: Path, cli, spec: str) -> None:
     line = cli.error("export", tmp_path / spec, "--format", "hf", "--out", tmp_path / "x")
     assert "no model at" in line
+
+
+def test_t5_seq2seq_run(tmp_path: Path, cli, shakespeare_text: str) -> None:
+    """A sequence-to-sequence run: AutoModelForSeq2SeqLM gives the same teacher-forced logits."""
+    from lmarch.models.t5 import T5, T5Config
+
+    tokenizer = ByteLevelBPETokenizer.train(shakespeare_text[:20_000], vocab_size=300)
+    config = T5Config(vocab_size=tokenizer.vocab_size, n_layer=2, n_head=2, n_embd=32,
+                      head_dim=16, intermediate_size=64, dropout=0.0)  # fmt: skip
+    run = _run(tmp_path / "run", T5(config), tokenizer, objective="seq2seq")
+    assert cli.json("export", run, "--format", "hf", "--out", tmp_path / "hf")["model_type"] == "t5"
+    theirs = transformers.AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "hf").eval()
+    ours = lmarch.load(str(run)).model
+    ids = torch.tensor([tokenizer.encode(_passage(shakespeare_text))[:40]])
+    target = ids[:, :12]
+    with torch.no_grad():
+        err = ours(ids, decoder_input_ids=target) - theirs(ids, decoder_input_ids=target).logits
+    assert err.abs().max().item() <= 1e-4
+
+
+def test_a_llama_variant_exports_as_its_family_and_loads_back(
+    tmp_path: Path, cli, shakespeare_text: str
+) -> None:
+    """A LLaMA trained with QK-norm and a sliding window is written as Qwen3 (the layout that
+    has both); transformers and lmarch.load read the folder with the run's logits."""
+    tokenizer = ByteLevelBPETokenizer.train(shakespeare_text[:20_000], vocab_size=300)
+    config = LlamaConfig(vocab_size=tokenizer.vocab_size, block_size=64, n_layer=2, n_head=4,
+                         n_kv_head=2, n_embd=32, intermediate_size=64, qk_norm=True,
+                         sliding_window=8, layer_types=("sliding", "full"))  # fmt: skip
+    run = _run(tmp_path / "run", Llama(config), tokenizer)
+    assert cli.json("export", run, "--format", "hf", "--out", tmp_path / "hf")["model_type"] == (
+        "qwen3"
+    )
+    ours = lmarch.load(str(run)).model
+    ids = torch.tensor([tokenizer.encode(_passage(shakespeare_text))[:40]])
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    _logits_match(ours, theirs, ids)
+    again = lmarch.load(str(tmp_path / "hf"))
+    assert (again.model.config.qk_norm, again.model.config.layer_types) == (
+        True,
+        ("sliding", "full"),
+    )
+    _logits_match(again.model, theirs, ids)
+    assert again.tokenizer.encode("to be, or not") == tokenizer.encode("to be, or not")
