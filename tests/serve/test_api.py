@@ -175,6 +175,9 @@ def test_key_body_size_and_unknown_routes(live_server) -> None:
     big = {"model": "tiny-llama", "prompt": "a" * 30_000}
     response = httpx.post(live_server.url + "/v1/completions", json=big, headers=KEY)
     assert "larger than 20000 bytes" in error_of(response, 413)["message"]
+    chunks = (b'{"model": "tiny-llama", "prompt": "' + b"a" * 1000 for _ in range(30))
+    chunked = httpx.post(live_server.url + "/v1/completions", content=chunks, headers=KEY)
+    assert error_of(chunked, 413)["code"] == "request_too_large"  # no Content-Length: counted
     assert error_of(httpx.get(live_server.url + "/v1/nothing", headers=KEY), 404)["code"]
     bad_embed = httpx.post(
         live_server.url + "/v1/embeddings", headers=KEY, json={"model": "tiny-llama", "input": "x"}
