@@ -6,7 +6,8 @@ The folder holds what ``AutoModelForCausalLM`` / ``AutoModel`` / ``AutoTokenizer
                                       (:mod:`hf_gpt2`, :mod:`hf_decoders` for LLaMA and its
                                       variants, :mod:`hf_bert`, :mod:`hf_t5`, :mod:`hf_bart`)
     tokenizer.json                    the ``tokenizers`` library's file: byte-level BPE,
-                                      WordPiece, or a character vocabulary as a word-level model
+                                      WordPiece, SentencePiece-style Unigram, or a character
+                                      vocabulary as a word-level model
     tokenizer_config.json             ``PreTrainedTokenizerFast`` with the special tokens, no
                                       clean-up of spaces on decoding, the chat template
     generation_config.json            BOS / EOS ids, for ``generate`` (causal models)
@@ -85,19 +86,78 @@ def _char_tokenizer(chars: list[str]) -> Any:
     return hf
 
 
+# sentencepiece's "nmt_nfkc" as lmarch writes it (unigram_normalize.nfkc_rule): NFKC, then
+# control characters removed and every whitespace character made a space
+_CONTROL_CHARS = r"[\x00-\x08\x0e-\x1b\x7f-\x84\x86-\x9f]"
+
+
+def _unigram_tokenizer(tok: Any) -> Any:
+    """lmarch's SentencePiece-style Unigram model in the ``tokenizers`` library's terms: the
+    normaliser (NFKC rule or precompiled charsmap, then sentencepiece's whitespace clean-up), a
+    ``Metaspace`` pre-tokenizer that adds the dummy prefix and spells spaces as U+2581 without
+    splitting (one Viterbi pass over the whole text, as sentencepiece does), the pieces with
+    their scores and byte fallback, and the control pieces as special tokens."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers
+    from tokenizers import pre_tokenizers as pre
+    from tokenizers.processors import TemplateProcessing
+
+    norm = tok.normalizer
+    if not norm.escape_whitespaces or norm.treat_whitespace_as_suffix:
+        raise LmarchError("a Unigram tokenizer with unescaped or suffix whitespace has no export")
+    pieces = tok.pieces
+    hf = Tokenizer(models.Unigram([(p, s) for p, s, _ in pieces], tok.unk_id, tok.byte_fallback))
+    steps: list[Any] = []
+    if tok.normalization == "nfkc":
+        steps += [
+            normalizers.NFKC(),
+            normalizers.Replace(Regex(_CONTROL_CHARS), ""),
+            normalizers.Replace(Regex(r"\s"), " "),
+        ]
+    elif tok.normalization == "charsmap" and tok.charsmap_bytes:
+        steps.append(normalizers.Precompiled(tok.charsmap_bytes))
+    if norm.remove_extra_whitespaces:
+        steps += [normalizers.Replace(Regex(" {2,}"), " "), normalizers.Strip()]
+    if steps:
+        hf.normalizer = normalizers.Sequence(steps)
+    prefix = "always" if norm.add_dummy_prefix else "never"
+    hf.pre_tokenizer = pre.Metaspace(replacement="\u2581", prepend_scheme=prefix, split=False)
+    hf.decoder = decoders.Sequence(
+        [
+            decoders.Replace("\u2581", " "),
+            decoders.ByteFallback(),
+            decoders.Fuse(),
+            *([decoders.Strip(" ", 1, 0)] if norm.add_dummy_prefix else []),
+        ]
+    )
+    controls = [p for p, _, kind in pieces if kind == "control"]
+    hf.add_special_tokens([AddedToken(p, special=True, normalized=False) for p in controls])
+    cls_id, sep_id = getattr(tok, "cls_id", None), getattr(tok, "sep_id", None)
+    if cls_id is not None and sep_id is not None:
+        cls, sep = tok.id_to_token(cls_id), tok.id_to_token(sep_id)
+        hf.post_processor = TemplateProcessing(
+            single=f"{cls} $A {sep}",
+            pair=f"{cls} $A {sep} $B:1 {sep}:1",
+            special_tokens=[(cls, cls_id), (sep, sep_id)],
+        )
+    return hf
+
+
 def hf_tokenizer(tokenizer: Tokenizer) -> Any:
     """``tokenizer`` as a ``tokenizers.Tokenizer`` giving the same ids: lmarch's byte-level BPE
     and WordPiece convert themselves; a character tokenizer becomes a word-level model over
-    single characters. Other kinds are refused."""
+    single characters, a Unigram one the library's Unigram model. Other kinds are refused."""
     from lmarch.tokenizers.char import CharTokenizer
+    from lmarch.tokenizers.unigram import UnigramTokenizer
 
     if isinstance(tokenizer, CharTokenizer):
         return _char_tokenizer(tokenizer.chars)
+    if isinstance(tokenizer, UnigramTokenizer):
+        return _unigram_tokenizer(tokenizer)
     to_hf = getattr(tokenizer, "to_hf_tokenizer", None)
     if to_hf is None:
         raise LmarchError(
             f"a {type(tokenizer).__name__} has no tokenizer.json writer here",
-            hint="export works with char, byte-level BPE and WordPiece tokenizers",
+            hint="export works with char, byte-level BPE, WordPiece and Unigram tokenizers",
         )
     return to_hf()
 

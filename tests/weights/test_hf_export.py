@@ -167,3 +167,24 @@ def test_a_llama_variant_exports_as_its_family_and_loads_back(
     )
     _logits_match(again.model, theirs, ids)
     assert again.tokenizer.encode("to be, or not") == tokenizer.encode("to be, or not")
+
+
+def test_albert_with_a_unigram_tokenizer(tmp_path: Path, cli, shakespeare_text: str) -> None:
+    """ALBERT's preset tokenizer: a SentencePiece-style Unigram with byte fallback becomes the
+    library's Unigram model with the same ids, emoji and ligatures included."""
+    from lmarch.tokenizers.unigram_train import ALBERT_SPECIAL_PIECES, train_unigram
+
+    tokenizer = train_unigram(
+        shakespeare_text[:20_000], 400, byte_fallback=True, special_pieces=ALBERT_SPECIAL_PIECES
+    )
+    config = BertConfig(vocab_size=tokenizer.vocab_size, block_size=64, n_layer=2, n_head=2,
+                        n_embd=32, intermediate_size=64, variant="albert", embedding_size=16)  # fmt: skip
+    run = _run(tmp_path / "run", build_bert_task_model(config, "masked_lm"), tokenizer, "mlm")
+    assert cli.json("export", run, "--format", "hf", "--out", tmp_path / "hf")["model_type"] == (
+        "albert"
+    )
+    theirs = transformers.AutoModelForMaskedLM.from_pretrained(tmp_path / "hf").eval()
+    text = _passage(shakespeare_text) + "  caf\u00e9\t\ufb01ne \U0001f642  "
+    ids = torch.tensor([tokenizer.encode(text)[:60]])
+    _logits_match(lmarch.load(str(run)).model, theirs, ids)
+    _same_tokens(tmp_path / "hf", tokenizer, text)
