@@ -98,11 +98,15 @@ class _RowRotary(nn.Module):
         self.inner = rotary
         self.positions = positions
 
+        self._angles: tuple[Tensor, Tensor] | None = None
+
     def forward(self, q: Tensor, k: Tensor, start: int | Tensor) -> tuple[Tensor, Tensor]:
-        cos = self.inner.cos.index_select(0, self.positions)[:, None, None, :]
-        sin = self.inner.sin.index_select(0, self.positions)[:, None, None, :]
-        if cos.dtype != q.dtype:
-            cos, sin = cos.to(q.dtype), sin.to(q.dtype)
+        if self._angles is None or self._angles[0].dtype != q.dtype:
+            # looked up once per step, shared by every layer
+            cos = self.inner.cos.index_select(0, self.positions)[:, None, None, :]
+            sin = self.inner.sin.index_select(0, self.positions)[:, None, None, :]
+            self._angles = (cos.to(q.dtype), sin.to(q.dtype))
+        cos, sin = self._angles
         return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
 
 
@@ -158,6 +162,7 @@ class SlotEngine:
         self.model = model
         self.context = context
         self.cache = SlotCache(model.make_cache(n_slots, context))
+        self._row_views = [self.cache.row(i) for i in range(n_slots)]
         self.prefill_calls = self.decode_calls = self.decode_rows = 0
 
     @property
@@ -171,7 +176,7 @@ class SlotEngine:
         token after it."""
         self.prefill_calls += 1
         x = torch.tensor([ids], dtype=torch.long)
-        return self.model(x, cache=self.cache.row(row), start=0, last_only=True)[0, -1]
+        return self.model(x, cache=self._row_views[row], start=0, last_only=True)[0, -1]
 
     @torch.no_grad()
     def decode(self, tokens: list[int], positions: list[int]) -> Tensor:
@@ -182,7 +187,7 @@ class SlotEngine:
         n = len(tokens)
         if n == 1:  # the model's own single-sequence path (native decode kernels apply)
             x = torch.tensor([tokens], dtype=torch.long)
-            return self.model(x, cache=self.cache.row(0), start=positions[0])[:, -1]
+            return self.model(x, cache=self._row_views[0], start=positions[0])[:, -1]
         x = torch.tensor(tokens, dtype=torch.long)[:, None]
         where = torch.tensor(positions, dtype=torch.long)
         self.cache.set_rows(where)
