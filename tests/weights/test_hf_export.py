@@ -1,7 +1,7 @@
 """``lmarch export RUN --format hf --out DIR``: transformers reads the folder as the same model.
 
-Each case writes an lmarch run folder (the layout ``lmarch train`` writes: random weights, a
-tokenizer trained on real Shakespeare), exports it through the command line, and loads the
+Each case exports an lmarch run folder (one ``lmarch train`` wrote, or its layout written here:
+random weights, a tokenizer trained on real Shakespeare) through the command line and loads the
 result with ``transformers`` alone: ``AutoModelForCausalLM`` / ``AutoModelForMaskedLM`` give the
 logits of lmarch's model of the run (float32, max abs error <= 1e-4) and ``AutoTokenizer``
 gives lmarch's token ids for a passage it was not trained on, and decodes them back to it.
@@ -17,7 +17,6 @@ import transformers
 
 import lmarch
 from lmarch.models.bert import BertConfig
-from lmarch.models.gpt import GPT, GPTConfig
 from lmarch.models.heads import build_bert_task_model
 from lmarch.models.llama import Llama, LlamaConfig
 from lmarch.models.registry import config_to_dict
@@ -56,18 +55,18 @@ def _logits_match(ours: torch.nn.Module, theirs: torch.nn.Module, ids: torch.Ten
     assert err <= 1e-4, f"max abs logit error {err}"
 
 
-def test_gpt_with_a_character_tokenizer(tmp_path: Path, cli, shakespeare_text: str) -> None:
-    tokenizer = CharTokenizer.from_text(shakespeare_text)
-    config = GPTConfig(vocab_size=tokenizer.vocab_size, block_size=64, n_layer=2, n_head=2,
-                       n_embd=32)  # fmt: skip
-    run = _run(tmp_path / "run", GPT(config), tokenizer)
-    summary = cli.json("export", run, "--format", "hf", "--out", tmp_path / "hf")
+def test_a_trained_gpt_run_with_its_character_tokenizer(
+    tmp_path: Path, cli, tiny_run: Path, shakespeare_text: str
+) -> None:
+    """The run ``lmarch train --preset gpt-char-tiny`` wrote (shrunk; see conftest)."""
+    summary = cli.json("export", tiny_run, "--format", "hf", "--out", tmp_path / "hf")
     assert summary["model_type"] == "gpt2" and "tokenizer.json" in summary["files"]
+    loaded = lmarch.load(str(tiny_run))
     theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
     text = _passage(shakespeare_text)
-    ids = torch.tensor([tokenizer.encode(text)[:60]])
-    _logits_match(lmarch.load(str(run)).model, theirs, ids)
-    _same_tokens(tmp_path / "hf", tokenizer, text)
+    ids = torch.tensor([loaded.tokenizer.encode(text)[:32]])
+    _logits_match(loaded.model, theirs, ids)
+    _same_tokens(tmp_path / "hf", loaded.tokenizer, text)
 
 
 def test_llama_with_byte_level_bpe(tmp_path: Path, cli, shakespeare_text: str) -> None:
