@@ -29,7 +29,7 @@ def _export_hf(args: argparse.Namespace) -> dict[str, Any]:
     import lmarch
     from lmarch.weights.hf_export import export_hf_folder
 
-    loaded = lmarch.load(args.model)
+    loaded = lmarch.load(args.model, quant="none")  # float weights: a GGUF is dequantised
     return export_hf_folder(
         loaded.model,
         loaded.tokenizer,
