@@ -12,8 +12,9 @@ p sees keys 0..p). The model's forward already takes an ``attention_mask``; the 
 from two swaps made from outside for the duration of a step (the way lmarch swaps speed paths
 in): the LLaMA family's ``rotary`` module and GPT's ``pos_emb`` table are replaced by modules
 that read the per-row positions, and :class:`SlotCache` writes each row at its own position.
-A model without either (RNNs, the bigram) decodes one request at a time by recomputing its
-window (:class:`RecomputeEngine`).
+A model without either, or with sliding-window attention, decodes one request at a time
+(through its own cached path, or by recomputing its window when it has no KV cache: RNNs,
+the bigram, :class:`RecomputeEngine`).
 """
 
 from __future__ import annotations
@@ -97,7 +98,6 @@ class _RowRotary(nn.Module):
         super().__init__()
         self.inner = rotary
         self.positions = positions
-
         self._angles: tuple[Tensor, Tensor] | None = None
 
     def forward(self, q: Tensor, k: Tensor, start: int | Tensor) -> tuple[Tensor, Tensor]:
@@ -148,9 +148,18 @@ def row_positions(model: nn.Module, positions: Tensor) -> Iterator[None]:
 
 
 def batchable(model: nn.Module) -> bool:
-    """Whether ``model`` can decode rows at different positions in one pass: it builds a
-    :class:`KVCache` and has a position module :func:`row_positions` can swap."""
-    return position_hook(model) is not None and hasattr(model, "make_cache")
+    """Whether ``model`` can decode rows at different positions in one pass: it has a position
+    module :func:`row_positions` can swap, and no attention whose mask depends on the position
+    in a way the per-row mask here does not cover (sliding windows; a second rotary module for
+    local layers, as Gemma 3 has)."""
+    if position_hook(model) is None or getattr(model, "rotary_local", None) is not None:
+        return False
+    return not any(getattr(m, "sliding_window", None) for m in model.modules())
+
+
+def _builds_kv_cache(model: nn.Module) -> bool:
+    make = getattr(model, "make_cache", None)
+    return make is not None and isinstance(make(1, 1), KVCache)
 
 
 class SlotEngine:
@@ -241,12 +250,13 @@ class RecomputeEngine:
 
 
 def make_engine(model: nn.Module, max_batch: int, context: int) -> SlotEngine | RecomputeEngine:
-    """A :class:`SlotEngine` when ``model`` is :func:`batchable`, else a
-    :class:`RecomputeEngine` (which decodes one request at a time)."""
+    """A :class:`SlotEngine` of ``max_batch`` rows when ``model`` is :func:`batchable`; one
+    of a single row (the model's own cached decoding, one request at a time) when it builds a
+    :class:`KVCache` but is not; else a :class:`RecomputeEngine`."""
     model.eval()
-    if batchable(model):
-        return SlotEngine(model, max_batch, context)
-    return RecomputeEngine(model, context)
+    if not _builds_kv_cache(model):
+        return RecomputeEngine(model, context)
+    return SlotEngine(model, max_batch if batchable(model) else 1, context)
 
 
 __all__ = [

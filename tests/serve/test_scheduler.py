@@ -193,3 +193,35 @@ def test_a_failing_step_ends_its_requests_not_the_thread(tiny_llama) -> None:
     assert failed == Finished("error", "RuntimeError: boom")
     assert reason == "length" and later_ids == single(model, PROMPTS[1], 5)
     assert scheduler.active == 0
+
+
+def test_models_that_cannot_batch_serve_one_request_at_a_time() -> None:
+    from lmarch.models import Llama, LlamaConfig
+    from lmarch.models.bigram import BigramConfig, BigramLM
+    from lmarch.serve.engine import RecomputeEngine, SlotEngine
+
+    torch.manual_seed(0)
+    mistral = Llama(
+        LlamaConfig(
+            vocab_size=96, block_size=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=32,
+            intermediate_size=64, sliding_window=4,
+        )
+    ).eval()  # fmt: skip
+    with torch.no_grad():
+        mistral.lm_head.weight.mul_(30.0)
+    bigram = BigramLM(BigramConfig(vocab_size=96)).eval()
+    with torch.no_grad():
+        bigram.table.weight.mul_(100.0)
+    for model, engine_type in [(mistral, SlotEngine), (bigram, RecomputeEngine)]:
+        scheduler = Scheduler(model, max_batch=4, max_queue=8, context=64)
+        assert type(scheduler.engine) is engine_type and scheduler.max_batch == 1
+        pairs = [request(p, 8) for p in PROMPTS[:2]]
+        scheduler.submit([r for r, _ in pairs])
+        scheduler.start()
+        try:
+            outputs = [drain(events)[0] for _, events in pairs]
+        finally:
+            scheduler.stop()
+        # past the 4-token window: the sliding mask is the model's own, so outputs still match
+        assert outputs == [single(model, p, 8) for p in PROMPTS[:2]]
+        assert scheduler.counters()["decode_rows"] == scheduler.counters()["decode_calls"] == 14
