@@ -205,12 +205,18 @@ def export_gguf_llama(
         state.pop("lm_head.weight", None)
     hd = config.dim_per_head
     qkv = (config.n_head * hd, config.kv_heads * hd, config.kv_heads * hd)
-    theirs = gguf_llama_map(config).to_theirs(
-        state,
-        config.n_layer,
-        where="model",
-        split_sizes={"blocks.{i}.attn.qkv.weight": qkv},
-    )
+    try:
+        theirs = gguf_llama_map(config).to_theirs(
+            state,
+            config.n_layer,
+            where="model",
+            split_sizes={"blocks.{i}.attn.qkv.weight": qkv},
+        )
+    except LmarchError as exc:  # quantised layers, adapters: not a plain float Llama
+        raise LmarchError(
+            f"the model's weights are not a plain LLaMA's ({exc})",
+            hint="export the float run (before lmarch quantize, with adapters merged)",
+        ) from exc
 
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".gguf.tmp", dir=path.parent)

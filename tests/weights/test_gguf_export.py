@@ -18,16 +18,18 @@ import torch
 from lmarch.errors import LmarchError
 from lmarch.loading import load
 from lmarch.models.llama import Llama, LlamaConfig
+from lmarch.quant.apply import quantize_
 from lmarch.tokenizers.char import CharTokenizer
 from lmarch.weights.gguf import read_gguf
 from lmarch.weights.gguf_export import export_gguf_llama
 
-PASSAGE = "ROMEO:\nBut, soft! what light through yonder window breaks?\n"
+PASSAGE = "ROMEO:\nBut, soft! what light?\n"
 
 
 @pytest.fixture(scope="module")
 def llama_run(tmp_path_factory: pytest.TempPathFactory, shakespeare_text: str) -> Path:
-    """``lmarch train --preset llama-tiny`` (2 layers, 2 iterations) on 60,000 characters."""
+    """``lmarch train --preset llama-tiny`` (2 layers, context 32, 2 iterations of batch 2) on
+    60,000 characters."""
     from lmarch.cli.main import main
 
     root = tmp_path_factory.mktemp("llama_run")
@@ -36,6 +38,7 @@ def llama_run(tmp_path_factory: pytest.TempPathFactory, shakespeare_text: str) -
     argv = [
         "train", "--preset", "llama-tiny", "--data", str(data), "--out", str(root / "run"),
         "--max-iters", "2", "--n-layer", "2", "--eval-iters", "1", "--eval-interval", "2",
+        "--batch-size", "2", "--block-size", "32",
     ]  # fmt: skip
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         assert main(argv) == 0
@@ -128,6 +131,10 @@ def test_what_gguf_cannot_carry_is_refused_by_name(tmp_path: Path) -> None:
         export_gguf_llama(_tiny(), CharTokenizer(["a", "b", "c"]), path)
     with pytest.raises(LmarchError, match="unknown GGUF quantisation 'q5_k'"):
         export_gguf_llama(_tiny(), tok, path, "q5_k")
+    quantised = _tiny()
+    quantize_(quantised, "int8")
+    with pytest.raises(LmarchError, match="weights are not a plain LLaMA's"):
+        export_gguf_llama(quantised, tok, path)
     with pytest.raises(LmarchError, match="Linear has no GGUF export"):
         export_gguf_llama(torch.nn.Linear(2, 2), tok, path)  # type: ignore[arg-type]
     export_gguf_llama(_tiny(tie_embeddings=True), tok, path, "q8_0")
@@ -135,3 +142,21 @@ def test_what_gguf_cannot_carry_is_refused_by_name(tmp_path: Path) -> None:
     assert "output.weight" not in f and f.tensor_info("token_embd.weight").type_name == "Q8_0"
     assert np.asarray(f.metadata["tokenizer.ggml.merges"]).size == 0
     shutil.rmtree(tmp_path)
+
+
+def test_lmarch_export_format_gguf(llama_run: Path, tiny_run: Path, tmp_path: Path, cli) -> None:
+    """The command writes the file (its summary counts the tensors of each type, and lmarch
+    reads back what it says); a run of another family, and --quant with --format hf, are one
+    line each (exit 2)."""
+    out = tmp_path / "run.gguf"
+    summary = cli.json("export", llama_run, "--format", "gguf", "--quant", "q8_0", "--out", out)
+    assert summary["out"] == str(out) and summary["tensor_types"] == {"Q8_0": 16, "F32": 5}
+    assert summary["model_type"] == "gguf (q8_0)"
+    f = read_gguf(out)
+    assert f.metadata["general.name"] == load(str(llama_run)).name
+    assert {f.tensor_info(n).type_name for n in f.tensor_names} == {"Q8_0", "F32"}
+    line = cli.error("export", tiny_run, "--format", "gguf", "--out", tmp_path / "gpt.gguf")
+    assert "GPT has no GGUF export (LLaMA family only)" in line
+    line = cli.error("export", llama_run, "--format", "hf", "--quant", "q4_0", "--out", tmp_path)
+    assert "--quant applies to --format gguf, not hf" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.gguf"]
