@@ -19,11 +19,13 @@ from lmarch.errors import LmarchError
 from lmarch.models.bart import Bart, BartConfig
 from lmarch.models.bert import BertConfig, BertModel
 from lmarch.models.bigram import BigramConfig, BigramLM
+from lmarch.models.clip import CLIP, CLIPConfig
 from lmarch.models.gpt import GPT, GPTConfig
 from lmarch.models.llama import Llama, LlamaConfig
 from lmarch.models.rnn import RecurrentLM, RNNConfig
 from lmarch.models.t5 import T5, T5Config
 from lmarch.models.transformer import Transformer, TransformerConfig
+from lmarch.models.vit import ViT, ViTConfig
 from lmarch.nn.init import empty_weights
 from lmarch.settings import build_config
 from lmarch.tokenizers.kinds import TOKENIZER_KINDS, TokenizerKind
@@ -47,6 +49,8 @@ FAMILIES: dict[str, Family] = {
     "transformer": Family("transformer", TransformerConfig, Transformer),
     "bart": Family("bart", BartConfig, Bart),
     "rnn": Family("rnn", RNNConfig, RecurrentLM),
+    "vit": Family("vit", ViTConfig, ViT),
+    "clip": Family("clip", CLIPConfig, CLIP),
 }
 
 
