@@ -187,3 +187,24 @@ def test_albert_with_a_unigram_tokenizer(tmp_path: Path, cli, shakespeare_text: 
     ids = torch.tensor([tokenizer.encode(text)[:60]])
     _logits_match(lmarch.load(str(run)).model, theirs, ids)
     _same_tokens(tmp_path / "hf", tokenizer, text)
+
+
+@pytest.mark.slow
+def test_smollm2_exports_as_a_chat_model_transformers_runs(tmp_path: Path, cli) -> None:
+    """The real SmolLM2 GGUF, dequantised: transformers gives lmarch's logits, the GGUF
+    vocabulary's ids, and with the exported chat template answers and stops at <|im_end|>."""
+    cli.json("export", "smollm2-135m", "--format", "hf", "--out", tmp_path / "hf")
+    loaded = lmarch.load("smollm2-135m", quant="none")
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    hf = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    text = "The capital of France is Paris. Shakespeare wrote 'Hamlet' \u2014 caf\u00e9 \U0001f642"
+    ids = hf.encode(text, add_special_tokens=False)
+    assert ids == loaded.tokenizer.encode(text) and hf.decode(ids) == text
+    _logits_match(loaded.model, theirs, torch.tensor([ids]))
+    chat = [{"role": "user", "content": "What is the capital of France?"}]
+    prompt = hf.apply_chat_template(
+        chat, add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
+    out = theirs.generate(**prompt, max_new_tokens=16, do_sample=False)
+    answer = hf.decode(out[0, prompt["input_ids"].shape[1] :])
+    assert answer == "The capital of France is Paris.<|im_end|>"
