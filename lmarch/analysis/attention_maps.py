@@ -210,7 +210,7 @@ def plot_attention(
     cell = 5.5 if len(heads) == 1 else 2.6
     size = (max(4.0, cell * cols), max(3.5, cell * rows))
     fig, axes = plt.subplots(rows, cols, figsize=size, dpi=110, squeeze=False)
-    labels = t <= 40 and len(heads) <= 4  # token labels only where they can be read
+    labels = t <= 40 and (len(heads) <= 4 or t <= 12)  # labels only where they can be read
     for ax, h in zip(axes.flat, heads):
         ax.imshow(probs[h], cmap="viridis", vmin=0.0, vmax=1.0)
         ax.set_title(f"head {h}", fontsize=9)

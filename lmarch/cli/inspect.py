@@ -38,13 +38,16 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     ssub = s.add_subparsers(dest="scaling_command", parser_class=OneLineParser)
     w = ssub.add_parser("sweep", help="IsoFLOP sweep of small GPTs on CPU, fitted and plotted")
     w.add_argument("--data", default="shakespeare", help="corpus (shakespeare, a file, a folder)")
-    w.add_argument("--budgets", type=_float_list, default=[3e11, 1e12, 3e12],
-                   help="training FLOPs per run, comma-separated (default: 3e11,1e12,3e12)")  # fmt: skip
+    w.add_argument("--budgets", type=_float_list, default=[3e10, 1e11, 3e11],
+                   help="training FLOPs per run, comma-separated (default: 3e10,1e11,3e11)")  # fmt: skip
     w.add_argument("--block-size", type=int, default=64, help="context of every run (64)")
     w.add_argument("--batch-size", type=int, default=16, help="sequences per step (16)")
     w.add_argument("--min-steps", type=int, default=20, help="skip shorter runs (20)")
     w.add_argument("--max-shapes", type=int, default=None, help="try only the N smallest GPTs")
     w.add_argument("--val-chars", type=int, default=20000, help="held-out characters scored")
+    w.add_argument(
+        "--threads", type=int, default=1, help="torch threads (1: fastest for tiny GPTs)"
+    )
     w.add_argument("--seed", type=int, default=0)
     w.add_argument("--out", default="runs/scaling", help="folder for scaling.png and runs.json")
     w.add_argument("--json", action="store_true", help="print the result as JSON, last line")
@@ -135,7 +138,7 @@ def _sweep(args: argparse.Namespace) -> int:
     cfg = SweepConfig(
         data=args.data, budgets=tuple(args.budgets), shapes=shapes, block_size=args.block_size,
         batch_size=args.batch_size, min_steps=args.min_steps, val_chars=args.val_chars,
-        seed=args.seed,
+        seed=args.seed, threads=args.threads,
     )  # fmt: skip
     console = Console(stderr=True, highlight=False)
     with Progress(console=console, transient=True) as bar:

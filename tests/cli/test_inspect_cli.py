@@ -120,6 +120,22 @@ def test_vectors_plot(cli, tmp_path: Path) -> None:
     )
 
 
+def test_vectors_plot_separates_real_word_groups(cli, tmp_path: Path) -> None:
+    """gensim's real 300-d English vectors of numbers, animals and fruit: on the first two
+    principal components the numbers lie right, the animals below and the fruit above."""
+    from lmarch.classic.vectors import gensim_test_file
+
+    numbers = "one,two,three,four,five,six,seven,eight,nine,ten"
+    animals, fruit = "dog,pig,cat,fish,birds", "apple,orange,grape,banana,mango"
+    path = gensim_test_file("EN.1-10.cbow1_wind5_hs0_neg10_size300_smpl1e-05.txt")
+    out = cli.json("vectors-plot", str(path), "--words", f"{numbers},{animals},{fruit}",
+                   "--out", str(tmp_path / "w.png"))  # fmt: skip
+    xy = dict(zip(out["words"], out["coords"]))
+    assert all(xy[w][0] > 0 for w in numbers.split(","))
+    assert all(xy[w][0] < 0 and xy[w][1] < 0 for w in animals.split(","))
+    assert all(xy[w][0] < 0 and xy[w][1] > 0 for w in fruit.split(","))
+
+
 @pytest.fixture(scope="module")
 def smollm2():
     from lmarch import load
