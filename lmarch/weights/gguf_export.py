@@ -59,6 +59,9 @@ _QTYPES = {"q8_0": gguf.GGMLQuantizationType.Q8_0, "q4_0": gguf.GGMLQuantization
 # fields that change how a model runs, not what it computes: not carried by the file
 _RUNTIME_FIELDS = ("dropout", "attention", "block_size")
 _NORMAL, _CONTROL, _USER_DEFINED = 1, 3, 4  # llama.cpp token types
+# names lmarch reads as GPT-2's split that llama.cpp does not know ("gpt2") or reads as another
+# split ("default"); "olmo" is GPT-2's split in both
+_NOT_LLAMA_CPP_NAMES = ("default", "gpt2")
 # the LlamaConfig fields the llama.* metadata written here carries; the others must keep their
 # defaults
 _CARRIED_FIELDS = (
@@ -101,7 +104,7 @@ def _vocabulary(tokenizer: Any) -> dict[str, Any]:
             "tokens": tokens,
             "types": [_NORMAL] * len(tokens),
             "merges": [],
-            "pre": "gpt2",
+            "pre": "default",  # no merges: any split spells text one character at a time
             "ids": {},
             "add_bos": False,
         }
@@ -110,7 +113,8 @@ def _vocabulary(tokenizer: Any) -> dict[str, Any]:
             (
                 name
                 for name, spec in PRE_TOKENIZERS.items()
-                if spec.pattern == tokenizer.pattern
+                if name not in _NOT_LLAMA_CPP_NAMES
+                and spec.pattern == tokenizer.pattern
                 and spec.ignore_merges == tokenizer.ignore_merges
             ),
             None,

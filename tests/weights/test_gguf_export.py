@@ -160,3 +160,60 @@ def test_lmarch_export_format_gguf(llama_run: Path, tiny_run: Path, tmp_path: Pa
     line = cli.error("export", llama_run, "--format", "hf", "--quant", "q4_0", "--out", tmp_path)
     assert "--quant applies to --format gguf, not hf" in line
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run.gguf"]
+
+
+def _llama_cpp_model(path: Path, n_ctx: int = 64):  # type: ignore[no-untyped-def]
+    llama_cpp = pytest.importorskip("llama_cpp")  # installed by `make bench`
+    return llama_cpp.Llama(
+        model_path=str(path), n_ctx=n_ctx, n_threads=1, verbose=False, logits_all=True
+    )
+
+
+def test_llama_cpp_reads_the_export_as_lmarch_does(llama_run: Path, tmp_path: Path) -> None:
+    """llama.cpp (llama-cpp-python) loads the f16 file, spells the passage with the run's
+    ids, and its logits over it are lmarch's to 2e-3 (it multiplies in f16; measured 4e-4)."""
+    run = load(str(llama_run), quant="none")
+    path = tmp_path / "f16.gguf"
+    export_gguf_llama(run.model, run.tokenizer, path, "f16")
+    cpp = _llama_cpp_model(path)
+    ids = cpp.tokenize(PASSAGE.encode(), add_bos=False, special=False)
+    assert ids == run.tokenizer.encode(PASSAGE)
+    cpp.eval(ids)
+    theirs = np.asarray(cpp.scores[: len(ids)])
+    with torch.no_grad():
+        ours = load(str(path), quant="none").model(torch.tensor([ids]))
+    ours = (ours[0] if isinstance(ours, tuple) else ours)[0].numpy()
+    assert np.abs(theirs - ours).max() <= 2e-3
+
+
+@pytest.mark.slow
+def test_llama_cpp_greedy_tokens_equal_lmarchs(tmp_path: Path, shakespeare_text: str, cli) -> None:
+    """A llama-tiny run trained 100 steps (loss ~2.5), exported as f16, q8_0 and q4_0: 24
+    greedy tokens from llama.cpp equal lmarch's on the same file (float32 for f16, lmarch's
+    native Q8_0 / Q4 kernels for the others)."""
+    from lmarch.generation import GenerationStats, SamplingConfig
+    from lmarch.tasks.generate import generate_text
+
+    data = tmp_path / "tiny.txt"
+    data.write_text(shakespeare_text[:60_000], encoding="utf-8")
+    cli.json(
+        "train", "--preset", "llama-tiny", "--data", data, "--out", tmp_path / "run",
+        "--max-iters", "100", "--n-layer", "2", "--batch-size", "4", "--block-size", "32",
+        "--warmup-iters", "10", "--learning-rate", "3e-3", "--eval-iters", "1",
+    )  # fmt: skip
+    for quant, lmarch_quant in (("f16", "none"), ("q8_0", "q8"), ("q4_0", "q4")):
+        path = tmp_path / f"{quant}.gguf"
+        cli.json("export", tmp_path / "run", "--format", "gguf", "--quant", quant, "--out", path)
+        cpp = _llama_cpp_model(path, n_ctx=32)
+        cpp.eval(cpp.tokenize(b"ROMEO:\n", add_bos=False, special=False))
+        theirs = []
+        for _ in range(24):
+            theirs.append(int(np.argmax(cpp.scores[cpp.n_tokens - 1])))
+            cpp.eval([theirs[-1]])
+        loaded = load(str(path))
+        assert loaded.quant == lmarch_quant
+        stats = GenerationStats()
+        greedy = SamplingConfig(temperature=0.0)
+        for _ in generate_text(loaded, "ROMEO:\n", 24, greedy, ignore_eos=True, stats=stats):
+            pass
+        assert stats.token_ids == theirs, quant
