@@ -11,6 +11,8 @@ process is started and ``--clients`` asyncio clients each send ``--requests`` st
 - aggregate tokens/s: completion tokens of all requests (from the streams' usage chunk)
   divided by the wall time of the whole load;
 - errors: requests that did not end with ``[DONE]`` and a 200 (goal: 0);
+- the weights' format each server chose (``--quant auto``: PyTorch's int4 kernel when batching,
+  lmarch's native Q4 kernels one at a time; ``--quant`` forces one for both);
 - the server's resident memory (VmRSS) once it answers ``/health`` (weights and the slotted
   KV cache are allocated by then) and after the load (goal: no growth beyond noise).
 
@@ -186,16 +188,18 @@ def bench_lmarch(batch: int, args) -> dict:
     url = f"http://127.0.0.1:{port}"
     argv = [sys.executable, "-m", "lmarch", "serve", args.model, "--port", str(port),
             "--max-batch", str(batch), "--max-queue", str(args.clients * 2),
-            "--context", str(args.context), "--max-tokens", str(args.max_tokens)]  # fmt: skip
+            "--context", str(args.context), "--max-tokens", str(args.max_tokens),
+            "--quant", args.quant]  # fmt: skip
     proc = start_server(argv, url)
     try:
+        quant = httpx.get(url + "/health").json().get("quant")
         before = rss_mib(proc.pid)
         load = asyncio.run(run_load(url, args.model, args))
         after = rss_mib(proc.pid)
     finally:
         proc.terminate()
         proc.wait(timeout=30)
-    return {"server": f"lmarch max-batch {batch}", "rss_before_mib": before,
+    return {"server": f"lmarch max-batch {batch}", "quant": quant, "rss_before_mib": before,
             "rss_after_mib": after, **load}  # fmt: skip
 
 
@@ -225,7 +229,7 @@ def table(rows: list[dict]) -> str:
     lines = [head, "|" + "---|" * 7]
     for r in rows:
         lines.append(
-            f"| {r['server']} | {r['requests']} | {r['errors']} | {r['tokens_per_s']:.1f} "
+            f"| {r['server']} ({r.get('quant') or '-'}) | {r['requests']} | {r['errors']} | {r['tokens_per_s']:.1f} "
             f"| {r['ttft_p50_s']:.2f} / {r['ttft_p99_s']:.2f} "
             f"| {r['latency_p50_s']:.2f} / {r['latency_p99_s']:.2f} "
             f"| {r['rss_before_mib']:.0f} -> {r['rss_after_mib']:.0f} |"
@@ -241,6 +245,9 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--context", type=int, default=512, help="per request (the KV slots)")
     parser.add_argument("--batches", default="32,1", help="--max-batch values to compare")
+    parser.add_argument(
+        "--quant", default="auto", help="lmarch serve --quant (auto: int4 batched, q4 alone)"
+    )
     parser.add_argument("--peers", default="", help="'llama.cpp' to add its server")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--out", default=None, help="also write the JSON here")

@@ -145,6 +145,7 @@ def create_app(state: ServerState) -> FastAPI:
             "status": "ok",
             "model": state.names[0] if state.names else None,
             "embedding_model": state.embed_names[0] if state.embed_names else None,
+            "quant": state.loaded.quant if state.loaded is not None else None,
             "active": scheduler.active if scheduler else 0,
             "queued": scheduler.queued if scheduler else 0,
             "max_batch": state.limits.max_batch,
