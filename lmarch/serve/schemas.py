@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 MAX_CHOICES = 16  # n at most
 MAX_TOP_LOGPROBS = 20  # OpenAI's own limit
@@ -53,11 +53,23 @@ class CompletionRequest(_Sampling):
     echo: bool = False
 
 
+class TextPart(_Body):
+    """A piece of a message's content given as a list (OpenAI's content parts): text only."""
+
+    type: Literal["text"]
+    text: str
+
+
 class ChatMessage(_Body):
-    """One turn of a conversation."""
+    """One turn of a conversation; content given as text parts is joined into one string."""
 
     role: Literal["system", "user", "assistant"]
-    content: str
+    content: str | list[TextPart]
+
+    @field_validator("content")
+    @classmethod
+    def _join_parts(cls, value: str | list[TextPart]) -> str:
+        return value if isinstance(value, str) else "".join(part.text for part in value)
 
 
 class ChatRequest(_Sampling):
@@ -96,4 +108,5 @@ __all__ = [
     "CompletionRequest",
     "EmbeddingRequest",
     "StreamOptions",
+    "TextPart",
 ]

@@ -275,3 +275,31 @@ def test_embeddings_only_server(live_server) -> None:
         assert (
             len(vectors.json()["data"]) == 2 and len(vectors.json()["data"][0]["embedding"]) == 384
         )
+
+
+def test_chat_without_a_template_uses_plain_turns(tiny_llama) -> None:
+    import dataclasses
+
+    from fastapi.testclient import TestClient
+
+    from lmarch.loading import ChatConvention
+    from lmarch.serve.app import build_asgi
+    from lmarch.serve.state import ServeLimits, build_state
+
+    loaded = dataclasses.replace(tiny_llama(64), chat=ChatConvention())
+    state = build_state(loaded, ServeLimits(context=64, max_tokens=8), names=("plain",))
+    parts = [{"type": "text", "text": "h"}, {"type": "text", "text": "i"}]  # content parts
+    body = {"model": "plain", "messages": [{"role": "user", "content": parts}], "temperature": 0}
+    with TestClient(build_asgi(state)) as http:
+        out = http.post("/v1/chat/completions", json={**body, "max_tokens": 8}).json()
+    state.close()
+    prompt = "User: hi\nAssistant:"
+    want = greedy_ids_text(loaded, prompt, 8)
+    assert out["usage"]["prompt_tokens"] == len(prompt)
+    assert out["choices"][0]["message"]["content"] == want.split("\nUser:")[0]
+
+
+def greedy_ids_text(loaded, prompt: str, n: int) -> str:
+    ids = loaded.encode_prompt(prompt)
+    out = generate(loaded.model, torch.tensor([ids]), n, GREEDY)[0, len(ids) :]
+    return loaded.tokenizer.decode(out.tolist())
