@@ -229,7 +229,8 @@ def table(rows: list[dict]) -> str:
     lines = [head, "|" + "---|" * 7]
     for r in rows:
         lines.append(
-            f"| {r['server']} ({r.get('quant') or '-'}) | {r['requests']} | {r['errors']} | {r['tokens_per_s']:.1f} "
+            f"| {r['server']} ({r.get('quant') or '-'}) | {r['requests']} | {r['errors']} "
+            f"| {r['tokens_per_s']:.1f} "
             f"| {r['ttft_p50_s']:.2f} / {r['ttft_p99_s']:.2f} "
             f"| {r['latency_p50_s']:.2f} / {r['latency_p99_s']:.2f} "
             f"| {r['rss_before_mib']:.0f} -> {r['rss_after_mib']:.0f} |"

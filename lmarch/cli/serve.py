@@ -18,7 +18,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "model",
         nargs="?",
         default=None,
-        help="a causal LM: preset (smollm2-135m), .gguf, HF or run folder (may be omitted with --embed)",
+        help="a causal LM: preset (smollm2-135m), .gguf, HF or run folder (optional with --embed)",
     )
     s.add_argument(
         "--embed", default=None, help="a sentence encoder for /v1/embeddings (minilm-l6)"

@@ -89,14 +89,17 @@ def render_messages(
     return loaded.encode_prompt(text), list(PLAIN_CHAT_STOP)
 
 
-def check_lengths(state: ServerState, prompt_ids: list[int], max_tokens: int | None, default: int):
+def check_lengths(
+    state: ServerState, prompt_ids: list[int], max_tokens: int | None, default: int
+) -> int:
     """The number of new tokens to generate; a 400 naming the limits when the prompt or
     ``max_tokens`` does not fit."""
     limits = state.limits
     n = len(prompt_ids)
     if n == 0:
         raise ApiError(400, "the prompt is empty: it encodes to no tokens", "empty_prompt")
-    vocab = getattr(getattr(state.loaded.model, "config", None), "vocab_size", None)  # type: ignore[union-attr]
+    assert state.loaded is not None
+    vocab = getattr(getattr(state.loaded.model, "config", None), "vocab_size", None)
     if vocab is not None and max(prompt_ids) >= vocab:
         raise ApiError(400, f"the prompt has token ids past the vocabulary ({vocab})", "bad_prompt")
     if max_tokens is not None and max_tokens > limits.max_tokens:

@@ -51,7 +51,9 @@ class BackgroundServer:
     daemon thread (a free loopback port unless ``port`` is given); leaving the block stops it
     and the scheduler."""
 
-    def __init__(self, state: ServerState, host: str = "127.0.0.1", port: int | None = None):
+    def __init__(
+        self, state: ServerState, host: str = "127.0.0.1", port: int | None = None
+    ) -> None:
         self.state = state
         self.host = host
         self.port = port or free_port(host)
