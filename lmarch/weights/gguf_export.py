@@ -60,7 +60,7 @@ _QTYPES = {"q8_0": gguf.GGMLQuantizationType.Q8_0, "q4_0": gguf.GGMLQuantization
 _RUNTIME_FIELDS = ("dropout", "attention", "block_size")
 _NORMAL, _CONTROL, _USER_DEFINED = 1, 3, 4  # llama.cpp token types
 # names lmarch reads as GPT-2's split that llama.cpp does not know ("gpt2") or reads as another
-# split ("default"); "olmo" is GPT-2's split in both
+# split ("default"); "mpt" and "olmo" are GPT-2's split in both
 _NOT_LLAMA_CPP_NAMES = ("default", "gpt2")
 # the LlamaConfig fields the llama.* metadata written here carries; the others must keep their
 # defaults

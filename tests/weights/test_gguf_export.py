@@ -6,6 +6,7 @@ cannot carry is refused by name."""
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import io
 import shutil
 from pathlib import Path
@@ -19,6 +20,7 @@ from lmarch.errors import LmarchError
 from lmarch.loading import load
 from lmarch.models.llama import Llama, LlamaConfig
 from lmarch.quant.apply import quantize_
+from lmarch.tokenizers.bpe import ByteLevelBPETokenizer
 from lmarch.tokenizers.char import CharTokenizer
 from lmarch.weights.gguf import read_gguf
 from lmarch.weights.gguf_export import export_gguf_llama
@@ -113,8 +115,8 @@ def test_a_q4_0_export_runs_on_the_native_blocks_like_float(llama_run: Path, tmp
 
 def _tiny(**changes: object) -> Llama:
     config = LlamaConfig(
-        vocab_size=4, block_size=16, n_layer=1, n_head=2, n_embd=64, intermediate_size=64,
-        **changes,
+        **{"vocab_size": 4, "block_size": 16, "n_layer": 1, "n_head": 2, "n_embd": 64,
+           "intermediate_size": 64, **changes},
     )  # fmt: skip
     return Llama(config).eval()
 
@@ -217,3 +219,21 @@ def test_llama_cpp_greedy_tokens_equal_lmarchs(tmp_path: Path, shakespeare_text:
         for _ in generate_text(loaded, "ROMEO:\n", 24, greedy, ignore_eos=True, stats=stats):
             pass
         assert stats.token_ids == theirs, quant
+
+
+def test_a_byte_level_bpe_vocabulary_round_trips(tmp_path: Path, shakespeare_text: str) -> None:
+    """A Llama with a byte-level BPE tokenizer trained on Shakespeare: the file's vocabulary
+    (merges, the special token as a control token, GPT-2's split named "mpt") gives lmarch's
+    ids for a passage it was not trained on, in lmarch and in llama.cpp (where installed)."""
+    tok = ByteLevelBPETokenizer.train(shakespeare_text[:20_000], vocab_size=320)
+    path = tmp_path / "bpe.gguf"
+    export_gguf_llama(_tiny(vocab_size=320), tok, path, "q8_0")
+    meta = read_gguf(path).metadata
+    assert meta["tokenizer.ggml.pre"] == "mpt"
+    assert meta["tokenizer.ggml.token_type"][319] == 3 and len(meta["tokenizer.ggml.merges"]) == 63
+    text = shakespeare_text[150_000:150_400] + "<|endoftext|>"
+    want = tok.encode(text)
+    assert load(str(path)).tokenizer.encode(text) == want
+    if importlib.util.find_spec("llama_cpp") is not None:
+        cpp = _llama_cpp_model(path)
+        assert cpp.tokenize(text.encode(), add_bos=False, special=True) == want
