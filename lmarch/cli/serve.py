@@ -65,7 +65,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_body_bytes=args.max_body,
     )
     check_limits(limits)
-    state = load_state(args.model, limits, embed=args.embed, api_key=args.api_key, quant=args.quant)
+    from rich.console import Console
+
+    what = " and ".join(m for m in (args.model, args.embed) if m)
+    with Console(stderr=True).status(f"loading {what}"):
+        state = load_state(
+            args.model, limits, embed=args.embed, api_key=args.api_key, quant=args.quant
+        )
     if args.host not in LOOPBACK and args.api_key is None:
         sys.stderr.write(
             f"lmarch serve: notice: listening on {args.host} without --api-key: anyone who can "
