@@ -216,7 +216,7 @@ function fillSelect(select, n, chosen) {
     for (let i = 0; i < n; i++) {
       const option = document.createElement("option");
       option.value = String(i);
-      option.textContent = String(i);
+      option.textContent = String(i + 1);  // shown 1-based, as in the info line
       select.append(option);
     }
   }
