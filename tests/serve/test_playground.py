@@ -80,7 +80,7 @@ def test_chat_hover_attention_and_embeddings(live_server, tmp_path: Path) -> Non
             expect(info).to_contain_text("layer 1 of 2, head 1 of 4")
             assert page.locator("#attn-layer option").count() == 2
             assert page.locator("#attn-head option").count() == 4
-            page.select_option("#attn-head", value="2")  # options read 1..4, values 0..3
+            page.select_option("#attn-head", label="3")  # shown 1..4, the third head
             expect(info).to_contain_text("head 3 of 4")
             n_tokens = len("<user>Hello there\n<assistant>") + len(want) + 1
             expect(info).to_contain_text(f"{n_tokens} tokens")
