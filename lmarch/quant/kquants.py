@@ -28,6 +28,15 @@ from lmarch.weights.gguf_kquants import BLOCK_SHAPES, QK_K, dequantize_blocks
 NATIVE_KQUANTS = ("Q4_K", "Q6_K")
 
 
+@torch.compiler.disable  # numpy inside: a compiled graph calls it as it is
+def dequantize_rows(blocks: Tensor, type_name: str) -> Tensor:
+    """Stored rows uint8 [N, K/256 * block bytes] of ``type_name`` -> float32 [N, K] on the
+    rows' device, exactly ``gguf.quants.dequantize``'s values."""
+    raw = np.ascontiguousarray(blocks.detach().cpu().numpy())
+    values = dequantize_blocks(raw, type_name).reshape(blocks.shape[0], -1)
+    return torch.from_numpy(values).to(blocks.device)
+
+
 class KQuantLinear(_BlockLinear):
     """``nn.Linear`` whose weight is Q4_K or Q6_K super-blocks: buffer ``blocks`` uint8
     [out, in/256 * block bytes] (144 bytes a super-block for Q4_K, 210 for Q6_K), each row
@@ -81,9 +90,7 @@ class KQuantLinear(_BlockLinear):
 
     def dequantized_weight(self) -> Tensor:
         """W~, float32 [out, in], exactly as ``gguf.quants.dequantize`` gives it."""
-        raw = np.ascontiguousarray(self.blocks.detach().cpu().numpy())
-        values = dequantize_blocks(raw, self.type_name).reshape(self.out_features, -1)
-        return torch.from_numpy(values).to(self.blocks.device)
+        return dequantize_rows(self.blocks, self.type_name)
 
     def _kernel(self, x: Tensor) -> Tensor:
         if torch.compiler.is_compiling():
@@ -110,9 +117,8 @@ class KQuantEmbedding(nn.Module):
 
     def forward(self, ids: Tensor) -> Tensor:
         """ids [...] -> float32 rows [..., D], exactly the dequantised table's rows."""
-        raw = np.ascontiguousarray(self.blocks[ids.reshape(-1).cpu()].numpy())
-        rows = torch.from_numpy(dequantize_blocks(raw, self.type_name))
-        return rows.reshape(*ids.shape, self.embedding_dim).to(self.blocks.device)
+        rows = dequantize_rows(self.blocks[ids.reshape(-1)], self.type_name)
+        return rows.reshape(*ids.shape, self.embedding_dim)
 
 
 class RowConcatLinear(nn.Module):
@@ -142,4 +148,10 @@ class RowConcatLinear(nn.Module):
         return torch.cat([p(x) for p in self.parts], dim=-1)
 
 
-__all__ = ["NATIVE_KQUANTS", "KQuantEmbedding", "KQuantLinear", "RowConcatLinear"]
+__all__ = [
+    "NATIVE_KQUANTS",
+    "KQuantEmbedding",
+    "KQuantLinear",
+    "RowConcatLinear",
+    "dequantize_rows",
+]

@@ -216,3 +216,22 @@ def test_llama_cpp_computes_the_same_logits(files, which: str) -> None:
     ours = (ours[0] if isinstance(ours, tuple) else ours)[0]
     assert (ours - theirs).abs().max().item() <= 0.02 * ours.abs().max().item()
     assert torch.equal(ours.argmax(-1), theirs.argmax(-1))
+
+
+@pytest.mark.slow
+def test_a_compiled_decode_step_gives_the_same_tokens(files) -> None:
+    """torch.compile keeps the K-quant products as opaque operators (and the numpy embedding
+    lookup outside the graph): greedy tokens equal the eager ones."""
+    from lmarch.generation import GenerationStats, SamplingConfig
+    from lmarch.tasks.generate import generate_text, prepare_for_decoding
+
+    answers = []
+    for compile in (False, True):
+        loaded = load(str(files["q4_k_m"]))
+        prepare_for_decoding(loaded, compile=compile)
+        stats = GenerationStats()
+        greedy = SamplingConfig(temperature=0.0)
+        for _ in generate_text(loaded, "abc ab", 8, greedy, ignore_eos=True, stats=stats):
+            pass
+        answers.append(stats.token_ids)
+    assert len(answers[0]) == 8 and answers[0] == answers[1]
