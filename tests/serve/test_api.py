@@ -303,3 +303,46 @@ def greedy_ids_text(loaded, prompt: str, n: int) -> str:
     ids = loaded.encode_prompt(prompt)
     out = generate(loaded.model, torch.tensor([ids]), n, GREEDY)[0, len(ids) :]
     return loaded.tokenizer.decode(out.tolist())
+
+
+GARBAGE = [
+    ("completions", b""),
+    ("completions", b"null"),
+    ("completions", b"[]"),
+    ("completions", b"\xff\xfe\x00garbage"),
+    ("completions", b'{"model": "tiny-llama", "prompt": "hi", "max_tokens": -1}'),
+    ("completions", b'{"model": "tiny-llama", "prompt": "hi", "max_tokens": 1e309}'),
+    ("completions", b'{"model": "tiny-llama", "prompt": "hi", "temperature": NaN}'),
+    ("completions", b'{"model": "tiny-llama", "prompt": "hi", "top_p": 0}'),
+    ("completions", b'{"model": "tiny-llama", "prompt": "hi", "n": 0}'),
+    ("completions", b'{"model": "tiny-llama", "prompt": "hi", "seed": "x"}'),
+    ("completions", b'{"model": "tiny-llama", "prompt": "hi", "stop": [""]}'),
+    ("completions", b'{"model": "tiny-llama", "prompt": ["a", "b"]}'),
+    ("completions", b'{"model": ["tiny-llama"], "prompt": "hi"}'),
+    ("chat/completions", b'{"model": "tiny-llama", "messages": []}'),
+    (
+        "chat/completions",
+        b'{"model": "tiny-llama", "messages": [{"role": "robot", "content": "x"}]}',
+    ),
+    ("chat/completions", b'{"model": "tiny-llama", "messages": "hi"}'),
+    ("chat/completions", b'{"model": "tiny-llama", "messages": [{"role": "user"}]}'),
+    (
+        "chat/completions",
+        b'{"model": "tiny-llama", "messages": [{"role": "user", "content": "x"}], "top_logprobs": 3}',
+    ),
+    ("embeddings", b'{"model": "minilm-l6", "input": []}'),
+    ("embeddings", b'{"model": "minilm-l6", "input": 5}'),
+    ("attention", b'{"text": "hi", "layer": -1}'),
+]
+
+
+@pytest.mark.parametrize(("route", "body"), GARBAGE)
+def test_garbage_gets_a_4xx_in_openai_shape(live_server, route: str, body: bytes) -> None:
+    response = httpx.post(
+        f"{live_server.url}/v1/{route}", content=body,
+        headers={**KEY, "content-type": "application/json"},
+    )  # fmt: skip
+    assert response.status_code in (400, 422), response.text
+    error = response.json()["error"]
+    assert error["message"] and error["type"] == "invalid_request_error" and error["code"]
+    assert httpx.get(live_server.url + "/health").json()["status"] == "ok"
