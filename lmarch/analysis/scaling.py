@@ -105,6 +105,7 @@ def plan(flops: float, n_params: float | None = None) -> ScalingPlan:
 
 # (layers, width, heads) of the GPTs a sweep chooses from, smallest first
 SWEEP_SHAPES: tuple[tuple[int, int, int], ...] = (
+    (1, 8, 2),
     (1, 16, 2),
     (1, 32, 2),
     (2, 32, 2),

@@ -92,7 +92,7 @@ def test_tiny_sweep_fits_plots_and_reports_each_budgets_best(
     tmp_path: Path, small_text_file: Path
 ) -> None:
     cfg = SweepConfig(
-        data=str(small_text_file), budgets=(6e7, 1.2e8), shapes=SWEEP_SHAPES[:4], block_size=16,
+        data=str(small_text_file), budgets=(6e7, 1.2e8), shapes=SWEEP_SHAPES[1:5], block_size=16,
         batch_size=4, min_steps=4, val_chars=2000,
     )  # fmt: skip
     result = run_sweep(cfg, tmp_path / "out", log=lambda line: None)
