@@ -41,6 +41,7 @@ from lmarch.serve.state import ServerState
 from lmarch.tasks.embed import embed_texts, tokenize_batch
 
 STATIC = Path(__file__).parent / "static"
+DISCONNECT_POLL_S = 0.1  # how often a non-streamed request checks that its client is still there
 
 
 class BodyGuard:
@@ -160,7 +161,7 @@ def create_app(state: ServerState) -> FastAPI:
         return {"object": "list", "data": data}
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest):  # type: ignore[no-untyped-def]
+    async def completions(body: CompletionRequest, request: Request):  # type: ignore[no-untyped-def]
         model = check_model(state, body.model)
         check_unsupported(body)
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
@@ -180,10 +181,10 @@ def create_app(state: ServerState) -> FastAPI:
             body.stop_strings(),
             body.logprobs,
         )
-        return await _respond(job, body, body.logprobs is not None)
+        return await _respond(job, body, body.logprobs is not None, request)
 
     @app.post("/v1/chat/completions")
-    async def chat(body: ChatRequest):  # type: ignore[no-untyped-def]
+    async def chat(body: ChatRequest, request: Request):  # type: ignore[no-untyped-def]
         model = check_model(state, body.model)
         check_unsupported(body)
         ids, stops = chat_prompt(state, body)
@@ -202,18 +203,25 @@ def create_app(state: ServerState) -> FastAPI:
             body.stop_strings() + stops,
             logprobs,
         )
-        return await _respond(job, body, body.logprobs)
+        return await _respond(job, body, body.logprobs, request)
 
-    async def _respond(job, body, want_logprobs: bool):  # type: ignore[no-untyped-def]
-        if body.stream:
+    async def _respond(job, body, want_logprobs: bool, request: Request):  # type: ignore[no-untyped-def]
+        if body.stream:  # a disconnect closes the stream's generator, which cancels the job
             include = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(
                 stream_response(job, want_logprobs, include),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache"},
             )
+        whole = asyncio.ensure_future(whole_response(job, want_logprobs))
         try:
-            return await whole_response(job, want_logprobs)
+            while True:  # a client that leaves before the whole answer frees its slots too
+                done, _ = await asyncio.wait({whole}, timeout=DISCONNECT_POLL_S)
+                if done:
+                    return whole.result()
+                if await request.is_disconnected():
+                    whole.cancel()
+                    return error_response(499, "the client closed the request", "client_closed")
         finally:
             job.cancel()
 

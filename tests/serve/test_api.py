@@ -213,6 +213,32 @@ def test_client_disconnect_frees_its_slot(live_server) -> None:
     assert len(seen[0].generated) < 30 and freed_after < 0.6
 
 
+def test_client_leaving_a_whole_response_frees_its_slot(live_server) -> None:
+    scheduler = live_server.state.scheduler
+    engine, seen = scheduler.engine, []
+    decode, submit = engine.decode, scheduler.submit
+
+    def slow_decode(tokens, positions):
+        time.sleep(0.02)
+        return decode(tokens, positions)
+
+    def recording_submit(requests):
+        seen.extend(requests)
+        return submit(requests)
+
+    engine.decode, scheduler.submit = slow_decode, recording_submit
+    try:
+        body = {"model": "tiny-llama", "prompt": "hello", "max_tokens": 60}
+        with pytest.raises(httpx.ReadTimeout):  # the client gives up after 0.3 s
+            httpx.post(live_server.url + "/v1/completions", json=body, headers=KEY, timeout=0.3)
+        left = time.monotonic()
+        while scheduler.active and time.monotonic() - left < 5:
+            time.sleep(0.01)
+    finally:
+        engine.decode, scheduler.submit = decode, submit
+    assert scheduler.active == 0 and seen[0].cancelled and len(seen[0].generated) < 40
+
+
 def test_full_queue_answers_429_with_retry_after(tiny_llama) -> None:
     from fastapi.testclient import TestClient
 
