@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import os
 import sys
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -25,7 +26,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     )
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
     s.add_argument("--port", type=int, default=8000, help="TCP port (default: 8000)")
-    s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
+    s.add_argument(
+        "--api-key",
+        default=os.environ.get("LMARCH_API_KEY"),
+        help="require 'Authorization: Bearer KEY' (default: $LMARCH_API_KEY, which keeps the "
+        "key out of the process list)",
+    )
     s.add_argument("--max-batch", type=int, default=8, help="requests decoded together (8)")
     s.add_argument("--max-queue", type=int, default=64, help="requests that may wait (64)")
     s.add_argument(

@@ -37,8 +37,8 @@ def test_serve_answers_until_interrupted(tiny_chat_run: Path) -> None:
 
     port = free_port()
     argv = [sys.executable, "-m", "lmarch", "serve", str(tiny_chat_run), "--port", str(port),
-            "--api-key", "k", "--max-batch", "2"]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+            "--max-batch", "2"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "LMARCH_API_KEY": "k"}  # the key from the env
     proc = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True, env=env)
     try:
         url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 60
