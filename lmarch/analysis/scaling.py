@@ -198,18 +198,26 @@ WHY_DIFFERENT = (
 )
 
 
-def fit_parabola_minimum(log_n: np.ndarray, loss: np.ndarray) -> float:
-    """log N at the minimum of the least-squares parabola through (log N, loss) — the IsoFLOP
-    valley (Hoffmann et al. 2022, approach 2); the best point when the fit has no minimum
-    inside the sampled range."""
-    best = float(log_n[int(np.argmin(loss))])
-    if len(log_n) < 3:
+def fit_parabola_minimum(log_n: np.ndarray, loss: np.ndarray, half_width: int = 2) -> float:
+    """log N at the minimum of the least-squares parabola through the IsoFLOP valley (Hoffmann
+    et al. 2022, approach 2): the best run and up to ``half_width`` runs either side of it in
+    log N (far from the minimum a profile is no parabola); the best point itself when the
+    valley has fewer than 3 runs or the fit has no minimum inside it."""
+    order = np.argsort(log_n)
+    x, y = np.asarray(log_n, float)[order], np.asarray(loss, float)[order]
+    i = int(np.argmin(y))
+    x, y = (
+        x[max(0, i - half_width) : i + half_width + 1],
+        y[max(0, i - half_width) : i + half_width + 1],
+    )
+    best = float(x[int(np.argmin(y))])
+    if len(x) < 3:
         return best
-    c2, c1, _ = np.polyfit(log_n, loss, 2)
+    c2, c1, _ = np.polyfit(x, y, 2)
     if c2 <= 0:
         return best
     vertex = -c1 / (2 * c2)
-    return float(vertex) if log_n.min() <= vertex <= log_n.max() else best
+    return float(vertex) if x.min() <= vertex <= x.max() else best
 
 
 def fit_power_law(x: Sequence[float], y: Sequence[float]) -> tuple[float, float]:
@@ -351,8 +359,21 @@ def _sweep(
         log(f"C={budget:.3g}: {shape} N={params:,} D={steps * tokens_per_step:,} loss {loss:.4f}")
         if progress:
             progress(i + 1, len(plans))
-    optimum: dict[float, dict[str, float]] = {}
-    for budget in sorted(cfg.budgets):
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise LmarchError(f"cannot write to {out}: {exc.strerror}") from None
+    result = fit_sweep(runs)
+    result.plot = str(plot_sweep(result, out / "scaling.png"))
+    return result
+
+
+def fit_sweep(runs: Sequence[SweepRun]) -> SweepResult:
+    """Each budget's valley (parabola minimum N_opt, D_opt = C / 6 N_opt, and its best run),
+    N_opt ∝ C^a and D_opt ∝ C^b across budgets, and the law L(N, D) fitted to every run."""
+    optimum: dict[float, dict[str, Any]] = {}
+    for budget in sorted({r.budget for r in runs}):
         mine = [r for r in runs if r.budget == budget]
         log_n = np.log([r.params for r in mine])
         losses = np.array([r.val_loss for r in mine])
@@ -372,14 +393,7 @@ def _sweep(
     law = fit_loss_law(
         [r.params for r in runs], [r.tokens for r in runs], [r.val_loss for r in runs]
     )
-    out = Path(out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise LmarchError(f"cannot write to {out}: {exc.strerror}") from None
-    result = SweepResult(runs, optimum, a, b_exp, law, note=WHY_DIFFERENT)
-    result.plot = str(plot_sweep(result, out / "scaling.png"))
-    return result
+    return SweepResult(list(runs), optimum, a, b_exp, law, note=WHY_DIFFERENT)
 
 
 def plot_sweep(result: SweepResult, path: str | Path) -> Path:
@@ -435,6 +449,7 @@ __all__ = [
     "fit_loss_law",
     "fit_parabola_minimum",
     "fit_power_law",
+    "fit_sweep",
     "plan",
     "plot_sweep",
     "run_sweep",
