@@ -21,6 +21,7 @@ from lmarch.cli import inspect as inspect_cli
 from lmarch.cli import ngram as ngram_cli
 from lmarch.cli import serve as serve_cli
 from lmarch.cli import tfidf as tfidf_cli
+from lmarch.cli import vision as vision_cli
 from lmarch.cli import word2vec as word2vec_cli
 from lmarch.cli.options import add_config_options, add_union_options, given_values
 from lmarch.errors import LmarchError, LmarchNotice
@@ -200,6 +201,7 @@ def build_parser() -> OneLineParser:
     inspect_cli.add_parsers(sub)
     export_cli.add_parsers(sub)
     serve_cli.add_parsers(sub)
+    vision_cli.add_parsers(sub)
 
     d = sub.add_parser("demo", help="train a small GPT on Shakespeare (~3 min) and sample it")
     d.add_argument("--out", default="runs/demo")
@@ -794,6 +796,7 @@ COMMANDS = {
     **inspect_cli.COMMANDS,
     **export_cli.COMMANDS,
     **serve_cli.COMMANDS,
+    **vision_cli.COMMANDS,
 }
 
 
