@@ -1,0 +1,139 @@
+"""Code blocks of README.md and docs/**/*.md, extracted so that the test suite runs them.
+
+A fenced block is ```` ```bash ````, ```` ```python ````, ```` ```text ```` (prose-like output or
+commands that cannot run on one machine: never run) or bare ```` ``` ````. An HTML comment on the
+line right before the fence marks how a block runs:
+
+- ``<!-- snippet: fast -->``: a bash block that also runs in the default (fast) tier;
+- ``<!-- snippet: slow -->``: a python block that runs only in the slow tier (it needs what an
+  earlier bash block of the same file made, or takes too long).
+
+Fast tier: every ``lmarch`` command line of every bash or bare block is parsed by the real CLI
+parser; every python block (unless marked slow) and every bash block marked fast runs, in order,
+in one temporary folder per file. Slow tier: every bash and python block of a file runs in order
+in one temporary folder.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+MARKER = re.compile(r"<!--\s*snippet:\s*([\w\s,-]+?)\s*-->")
+FENCE = re.compile(r"^(\s*)```(\w*)\s*$")
+MARKS = {"fast", "slow"}
+PROGRAMS = {"lmarch", ".venv/bin/lmarch"}
+
+
+@dataclass
+class Block:
+    """One fenced code block: where it is, its language, its marks and its text."""
+
+    path: Path
+    line: int  # 1-based line of the opening fence
+    lang: str
+    marks: set[str] = field(default_factory=set)
+    text: str = ""
+
+    @property
+    def where(self) -> str:
+        """``file:line`` relative to the repository."""
+        return f"{self.path.relative_to(REPO)}:{self.line}"
+
+
+def doc_files() -> list[Path]:
+    """README.md and every Markdown file under docs/, in a fixed order."""
+    return [REPO / "README.md", *sorted((REPO / "docs").rglob("*.md"))]
+
+
+def blocks(path: Path) -> list[Block]:
+    """The fenced blocks of one Markdown file; an unknown snippet mark is an error."""
+    lines = path.read_text(encoding="utf-8").splitlines()
+    found: list[Block] = []
+    i = 0
+    while i < len(lines):
+        m = FENCE.match(lines[i])
+        if not m:
+            i += 1
+            continue
+        marks: set[str] = set()
+        if i > 0 and (mm := MARKER.search(lines[i - 1])):
+            marks = {w for w in re.split(r"[\s,]+", mm.group(1)) if w}
+            if marks - MARKS:
+                raise ValueError(f"{path}:{i}: unknown snippet mark(s) {sorted(marks - MARKS)}")
+        indent, body, j = m.group(1), [], i + 1
+        while j < len(lines) and lines[j].strip() != "```":
+            body.append(lines[j][len(indent) :] if lines[j].startswith(indent) else lines[j])
+            j += 1
+        found.append(Block(path, i + 1, m.group(2).lower(), marks, "\n".join(body) + "\n"))
+        i = j + 1
+    return found
+
+
+def all_blocks() -> list[Block]:
+    """Every fenced block of every documentation file."""
+    return [b for path in doc_files() for b in blocks(path)]
+
+
+def logical_lines(text: str) -> list[str]:
+    """Shell lines of a block with continuations joined: a trailing backslash, or a quote left
+    open (a prompt that spans lines), carries the line on."""
+    out: list[str] = []
+    pending = ""
+    for raw in text.splitlines():
+        pending = f"{pending}\n{raw}" if pending else raw
+        if pending.endswith("\\"):
+            pending = pending[:-1]
+            continue
+        try:
+            shlex.split(pending, comments=True)
+        except ValueError:  # an open quote: the command goes on
+            continue
+        if pending.strip():
+            out.append(pending)
+        pending = ""
+    if pending.strip():
+        out.append(pending)
+    return out
+
+
+def commands(text: str) -> list[list[str]]:
+    """The simple commands of a shell block as argv lists (split at ``&&``, ``||``, ``;``, ``|``)."""
+    out: list[list[str]] = []
+    for line in logical_lines(text):
+        argv: list[str] = []
+        for token in shlex.split(line, comments=True):
+            if token in {"&&", "||", ";", "|"}:
+                if argv:
+                    out.append(argv)
+                argv = []
+            else:
+                argv.append(token)
+        if argv:
+            out.append(argv)
+    return out
+
+
+def lmarch_commands(block: Block) -> list[list[str]]:
+    """The ``lmarch ...`` commands of a bash or bare block, without the program name."""
+    if block.lang not in {"bash", "sh", "shell", ""}:
+        return []
+    text = block.text
+    if block.lang == "":  # a bare fence may hold any text: only its lines that start 'lmarch '
+        text = "\n".join(ln for ln in logical_lines(text) if ln.lstrip().startswith("lmarch "))
+    return [argv[1:] for argv in commands(text) if argv and argv[0] in PROGRAMS]
+
+
+def runs_fast(block: Block) -> bool:
+    """Whether the fast tier runs this block."""
+    if block.lang == "python":
+        return "slow" not in block.marks
+    return block.lang == "bash" and "fast" in block.marks
+
+
+def runs_slow(block: Block) -> bool:
+    """Whether the slow tier runs this block (all bash and python blocks)."""
+    return block.lang in {"bash", "python"}
