@@ -10,9 +10,9 @@ One token's activation [1, in] goes through each layer kind:
 - with ``--fp32-kernel`` also ``int8-fp32act``: the raw int8 kernel fed fp32 activations, the
   case the layers avoid by casting to bfloat16 (always one warm copy);
 - with ``--block-formats`` also llama.cpp's block formats on lmarch's native kernels (fp32
-  input): ``q8_0`` / ``q4_1`` (``lmarch.quant.blockq``) and the K-quants ``q4_k`` / ``q6_k``
-  kept as stored (``lmarch.quant.kquants.KQuantLinear``, random valid super-blocks; "n/a"
-  where in_features is not a multiple of 256, as for SmolLM2's 576).
+  input): ``q8_0`` / ``q4_1`` (``lmarch.quant.blockq``) and the K-quants ``q4_k`` / ``q5_k`` /
+  ``q6_k`` kept as stored (``lmarch.quant.kquants.KQuantLinear``, random valid super-blocks;
+  "n/a" where in_features is not a multiple of 256, as for SmolLM2's 576).
 
 By default (``--cache cold``) each kind cycles through copies of its layer that together fill
 ``--cold-mib`` (128 MiB, several times the last-level cache), so every call streams its weights
@@ -85,7 +85,7 @@ def random_kquant_layer(type_name: str, in_features: int, out_features: int) -> 
     _, nbytes = BLOCK_SHAPES[type_name]
     n_blocks = out_features * in_features // 256
     blocks = rng.integers(0, 256, (n_blocks, nbytes), dtype=np.uint8)
-    offsets = (0, 2) if type_name == "Q4_K" else (208,)
+    offsets = (208,) if type_name == "Q6_K" else (0, 2)
     for offset in offsets:
         halves = np.full(n_blocks, 1e-4, dtype=np.float16)
         blocks[:, offset : offset + 2] = halves.view(np.uint8).reshape(n_blocks, 2)
@@ -142,7 +142,7 @@ def build_engines(
 
         engines["q8_0"] = engine(BlockQ8Linear.from_linear(linear), x)
         engines["q4_1"] = engine(BlockQ4Linear.from_linear(linear), x)
-        for type_name in ("Q4_K", "Q6_K"):
+        for type_name in ("Q4_K", "Q5_K", "Q6_K"):
             fits = in_features % 256 == 0
             layer = random_kquant_layer(type_name, in_features, out_features) if fits else None
             engines[type_name.lower()] = engine(layer, x) if layer is not None else None
@@ -220,7 +220,7 @@ def main() -> None:
     parser.add_argument(
         "--block-formats",
         action="store_true",
-        help="also time Q8_0, Q4_1, Q4_K and Q6_K layers on lmarch's native kernels",
+        help="also time Q8_0, Q4_1, Q4_K, Q5_K and Q6_K layers on lmarch's native kernels",
     )
     parser.add_argument(
         "--cache",

@@ -23,15 +23,15 @@ from lmarch.errors import LmarchError, LmarchNotice
 
 QUANT_CHOICES = ("auto", "none", "int8", "int4", "q8", "q4")
 # the block formats each scheme copies as stored (BlockQ4Linear / BlockQ8Linear)
-NATIVE_BLOCK_TYPES = {"q4": ("Q4_0", "Q4_1", "Q4_K", "Q6_K"), "q8": ("Q8_0",)}
+NATIVE_BLOCK_TYPES = {"q4": ("Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K"), "q8": ("Q8_0",)}
 # the output head: a BlockQ8Linear, or a K-quant head as stored (KQuantLinear), in both schemes
-NATIVE_HEAD_TYPES = ("Q8_0", "Q4_K", "Q6_K")
+NATIVE_HEAD_TYPES = ("Q8_0", "Q4_K", "Q5_K", "Q6_K")
 
 
 def gguf_native_scheme(path: str | Path) -> str | None:
     """``"q4"`` when every 2-D tensor of the file's layers is stored as Q4_0 / Q4_1 / Q4_K /
-    Q6_K, ``"q8"`` when every one is Q8_0 — in both cases with the output head (or the
-    embedding table it is tied to) in Q8_0, Q4_K or Q6_K — else None: the block loader then
+    Q5_K / Q6_K, ``"q8"`` when every one is Q8_0 — in both cases with the output head (or the
+    embedding table it is tied to) in Q8_0 or a K-quant of those — else None: the block loader then
     takes every block as it is, without a second rounding."""
     from lmarch.weights.gguf import read_gguf
 

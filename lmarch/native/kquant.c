@@ -1,30 +1,35 @@
 /*
- * Matrix products with weights in GGUF's Q4_K and Q6_K super-block formats, as stored.
+ * Matrix products with weights in GGUF's Q4_K, Q5_K and Q6_K super-block formats, as stored.
  *
  * A super-block holds 256 weights of a row (layouts in lmarch/weights/gguf_kquants.py):
  *
  *     Q4_K:  w = d sc_j q - dmin m_j     8 sub-blocks of 32, q in 0..15, sc_j, m_j 6-bit
+ *     Q5_K:  the same with q in 0..31    (a fifth bit per weight from a bit plane qh)
  *     Q6_K:  w = d sc_j q                16 sub-blocks of 16, q in -32..31, sc_j int8
  *
  * The activations are quantised per block of 32 to 16-bit integers exactly as for Q4_1
  * (kernels.h: x_i ~= e p_i, plus the float sum of each block), so that each super-block of a
  * weight row contributes, over its eight blocks a of 32 activations,
  *
- *     Q4_K:  sum_a [ d e_a sum_i (sc_j q_i) p_i  -  dmin m_a sum_i x_i ]
- *     Q6_K:  sum_a   d e_a sum_i (sc_j q_i) p_i
+ *     Q4_K, Q5_K:  sum_a [ d e_a sum_i (sc_j q_i) p_i  -  dmin m_a sum_i x_i ]
+ *     Q6_K:        sum_a   d e_a sum_i (sc_j q_i) p_i
  *
  * Two paths. Decoding (one activation row, AVX2): each super-block is read straight from its
  * bytes, the codes widened in registers and each block's integer sum scaled by d sc_j e_a, as
  * the Q4_1 kernel does (about as fast as Q4_1 per weight). Several rows (a prompt), or no AVX2:
  * a super-block is unpacked once into int16 codes with the small scale folded in
- * (|sc q| <= 945 for Q4_K, <= 4096 for Q6_K: both fit int16 and keep a pair of products below
- * 2^31) and then used for up to KQ_ROWS activation rows.
+ * (|sc q| <= 945 for Q4_K, 1953 for Q5_K, 4096 for Q6_K: all fit int16 and keep a pair of
+ * products below 2^31) and then used for up to KQ_ROWS activation rows.
  */
 #include "kernels.h"
 
 #define QK_K 256
 #define Q4_K_BYTES 144
+#define Q5_K_BYTES 176
 #define Q6_K_BYTES 210
+
+enum kquant_type { KQ4, KQ5, KQ6 };
+static const int64_t KQ_BYTES[3] = {Q4_K_BYTES, Q5_K_BYTES, Q6_K_BYTES};
 
 static inline float half_at(const uint8_t *p) {
     uint16_t h;
@@ -43,22 +48,26 @@ static inline void k4_scale_min(const uint8_t *s, int j, int *sc, int *mn) {
     }
 }
 
-/* One Q4_K super-block -> codes sc_j q [256], its d, and dmin m_j per block of 32 [8]. */
-static inline float unpack_q4_k(const uint8_t *blk, int16_t *q, float *mins) {
+/* One Q4_K (qh NULL) or Q5_K super-block -> codes sc_j q [256], its d, and dmin m_j per block
+ * of 32 [8]. Q5_K's fifth bit of weight i of run j is bit j of qh[i]. */
+static inline float unpack_k4(const uint8_t *blk, const uint8_t *qs, const uint8_t *qh,
+                              int16_t *q, float *mins) {
     const float d = half_at(blk), dmin = half_at(blk + 2);
-    const uint8_t *scales = blk + 4, *qs = blk + 16;
+    const uint8_t *scales = blk + 4;
     int sc[8], mn[8];
     for (int j = 0; j < 8; j++) {
         k4_scale_min(scales, j, &sc[j], &mn[j]);
         mins[j] = dmin * (float)mn[j];
     }
 #ifdef __AVX2__
-    const __m256i m4 = _mm256_set1_epi8(15);
+    const __m256i m4 = _mm256_set1_epi8(15), one = _mm256_set1_epi8(1);
+    const __m256i bits = qh ? _mm256_loadu_si256((const __m256i *)qh) : _mm256_setzero_si256();
     for (int c = 0; c < 4; c++) { /* 32 bytes: low nibbles run 2c, high nibbles run 2c + 1 */
         const __m256i r = _mm256_loadu_si256((const __m256i *)(qs + 32 * c));
-        const __m256i runs[2] = {_mm256_and_si256(r, m4),
-                                 _mm256_and_si256(_mm256_srli_epi16(r, 4), m4)};
+        __m256i runs[2] = {_mm256_and_si256(r, m4), _mm256_and_si256(_mm256_srli_epi16(r, 4), m4)};
         for (int t = 0; t < 2; t++) {
+            const __m256i fifth = _mm256_and_si256(_mm256_srli_epi16(bits, 2 * c + t), one);
+            runs[t] = _mm256_or_si256(runs[t], _mm256_slli_epi16(fifth, 4));
             const __m256i s16 = _mm256_set1_epi16((int16_t)sc[2 * c + t]);
             __m256i lo = _mm256_cvtepu8_epi16(_mm256_castsi256_si128(runs[t]));
             __m256i hi = _mm256_cvtepu8_epi16(_mm256_extracti128_si256(runs[t], 1));
@@ -71,7 +80,10 @@ static inline float unpack_q4_k(const uint8_t *blk, int16_t *q, float *mins) {
     for (int j = 0; j < 8; j++) {
         const uint8_t *src = qs + 32 * (j / 2);
         const int shift = 4 * (j & 1);
-        for (int i = 0; i < 32; i++) q[32 * j + i] = (int16_t)(((src[i] >> shift) & 15) * sc[j]);
+        for (int i = 0; i < 32; i++) {
+            const int fifth = qh ? ((qh[i] >> j) & 1) << 4 : 0;
+            q[32 * j + i] = (int16_t)((((src[i] >> shift) & 15) | fifth) * sc[j]);
+        }
     }
 #endif
     return d;
@@ -186,11 +198,12 @@ static inline __m256 run_dot(__m256i codes, const int16_t *p) {
     return _mm256_cvtepi32_ps(block_dot16(lo, hi, p));
 }
 
-/* One activation row (decoding) against one Q4_K super-block straight from its bytes: the
- * codes stay in registers and d sc_j e_a multiplies each block's integer sum, as for Q4_1;
- * two accumulators carry the sum from one super-block to the next. */
-static inline void q4_k_row_dot(__m256 acc[2], const uint8_t *blk, const int16_t *p,
-                                const float *e, const float *sx) {
+/* One activation row (decoding) against one Q4_K (qh NULL) or Q5_K super-block straight from
+ * its bytes: the codes stay in registers and d sc_j e_a multiplies each block's integer sum,
+ * as for Q4_1; two accumulators carry the sum from one super-block to the next. */
+static inline void k4_row_dot(__m256 acc[2], const uint8_t *blk, const uint8_t *qs,
+                              const uint8_t *qh, const int16_t *p, const float *e,
+                              const float *sx) {
     uint32_t sm[4];
     k4_scales_mins8(blk + 4, sm);
     float scale[8] __attribute__((aligned(32)));
@@ -198,14 +211,17 @@ static inline void q4_k_row_dot(__m256 acc[2], const uint8_t *blk, const int16_t
     _mm256_store_ps(scale, _mm256_mul_ps(_mm256_mul_ps(d, bytes8_to_ps(sm)), _mm256_loadu_ps(e)));
     acc[1] = _mm256_fnmadd_ps(_mm256_mul_ps(dmin, bytes8_to_ps(sm + 2)), _mm256_loadu_ps(sx),
                               acc[1]);
-    const __m256i m4 = _mm256_set1_epi8(15);
-    const uint8_t *qs = blk + 16;
+    const __m256i m4 = _mm256_set1_epi8(15), one = _mm256_set1_epi8(1);
+    const __m256i bits = qh ? _mm256_loadu_si256((const __m256i *)qh) : _mm256_setzero_si256();
+#define LMARCH_FIFTH(j) _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(bits, (j)), one), 4)
 #define LMARCH_Q4K_RUN(c)                                                                        \
     do {                                                                                         \
         const __m256i r = _mm256_loadu_si256((const __m256i *)(qs + 32 * (c)));                  \
-        const __m256 f0 = run_dot(_mm256_and_si256(r, m4), p + QK * (2 * (c)));                  \
-        const __m256 f1 =                                                                        \
-            run_dot(_mm256_and_si256(_mm256_srli_epi16(r, 4), m4), p + QK * (2 * (c) + 1));      \
+        const __m256i c0 = _mm256_or_si256(_mm256_and_si256(r, m4), LMARCH_FIFTH(2 * (c)));      \
+        const __m256i c1 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(r, 4), m4),        \
+                                           LMARCH_FIFTH(2 * (c) + 1));                           \
+        const __m256 f0 = run_dot(c0, p + QK * (2 * (c)));                                       \
+        const __m256 f1 = run_dot(c1, p + QK * (2 * (c) + 1));                                   \
         acc[0] = _mm256_fmadd_ps(_mm256_broadcast_ss(scale + 2 * (c)), f0, acc[0]);              \
         acc[1] = _mm256_fmadd_ps(_mm256_broadcast_ss(scale + 2 * (c) + 1), f1, acc[1]);          \
     } while (0)
@@ -214,6 +230,7 @@ static inline void q4_k_row_dot(__m256 acc[2], const uint8_t *blk, const int16_t
     LMARCH_Q4K_RUN(2);
     LMARCH_Q4K_RUN(3);
 #undef LMARCH_Q4K_RUN
+#undef LMARCH_FIFTH
 }
 
 /* One activation row against one Q6_K super-block straight from its bytes; the sixteen
@@ -262,10 +279,18 @@ static inline void q6_k_row_dot(__m256 acc[2], const uint8_t *blk, const int16_t
 
 #define KQ_ROWS 8 /* activation rows sharing one unpacking of a super-block */
 
-/* y [m, n] = x W^T for W [n, k] in Q4_K (q6 = 0) or Q6_K (q6 = 1) super-blocks. */
-static int kquant_matmul(int q6, const float *x, int64_t m, int64_t k, const uint8_t *blocks,
+/* Where a Q4_K / Q5_K super-block keeps its low nibbles (qs) and fifth bits (qh, Q5_K only). */
+static inline void k4_planes(int type, const uint8_t *blk, const uint8_t **qs,
+                             const uint8_t **qh) {
+    *qh = type == KQ5 ? blk + 16 : NULL;
+    *qs = type == KQ5 ? blk + 48 : blk + 16;
+}
+
+/* y [m, n] = x W^T for W [n, k] in super-blocks of ``type`` (a kquant_type). */
+static int kquant_matmul(int type, const float *x, int64_t m, int64_t k, const uint8_t *blocks,
                          int64_t n, float *y, int threads) {
-    const int64_t nb = k / QK, nsb = k / QK_K, row_bytes = nsb * (q6 ? Q6_K_BYTES : Q4_K_BYTES);
+    const int q6 = type == KQ6, bytes = (int)KQ_BYTES[type];
+    const int64_t nb = k / QK, nsb = k / QK_K, row_bytes = nsb * bytes;
     act_rows r;
     if (act_rows_make(&r, x, m, k)) return -1;
 #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && n >= 64)
@@ -278,10 +303,13 @@ static int kquant_matmul(int q6, const float *x, int64_t m, int64_t k, const uin
             __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
             for (int64_t s = 0; s < nsb; s++) {
                 const int64_t a0 = s * (QK_K / QK);
-                if (q6)
-                    q6_k_row_dot(acc, row + s * Q6_K_BYTES, r.p + s * QK_K, r.e + a0);
-                else
-                    q4_k_row_dot(acc, row + s * Q4_K_BYTES, r.p + s * QK_K, r.e + a0, r.sx + a0);
+                const uint8_t *blk = row + s * bytes, *qs, *qh;
+                if (q6) {
+                    q6_k_row_dot(acc, blk, r.p + s * QK_K, r.e + a0);
+                } else {
+                    k4_planes(type, blk, &qs, &qh);
+                    k4_row_dot(acc, blk, qs, qh, r.p + s * QK_K, r.e + a0, r.sx + a0);
+                }
             }
             y[j] = hsum8(_mm256_add_ps(acc[0], acc[1]));
             continue;
@@ -292,8 +320,9 @@ static int kquant_matmul(int q6, const float *x, int64_t m, int64_t k, const uin
             kacc acc[KQ_ROWS];
             for (int t = 0; t < rows; t++) acc[t] = KACC_ZERO;
             for (int64_t s = 0; s < nsb; s++) {
-                const float d = q6 ? unpack_q6_k(row + s * Q6_K_BYTES, q)
-                                   : unpack_q4_k(row + s * Q4_K_BYTES, q, mins);
+                const uint8_t *blk = row + s * bytes, *qs, *qh;
+                k4_planes(type, blk, &qs, &qh);
+                const float d = q6 ? unpack_q6_k(blk, q) : unpack_k4(blk, qs, qh, q, mins);
                 for (int t = 0; t < rows; t++) {
                     const int64_t i = i0 + t, a0 = i * nb + s * (QK_K / QK);
                     acc[t] = superblock_dot(acc[t], q, r.p + i * k + s * QK_K, r.e + a0, d,
@@ -309,10 +338,15 @@ static int kquant_matmul(int q6, const float *x, int64_t m, int64_t k, const uin
 
 int lmarch_q4_k_matmul(const float *x, int64_t m, int64_t k, const uint8_t *blocks, int64_t n,
                        float *y, int threads) {
-    return kquant_matmul(0, x, m, k, blocks, n, y, threads);
+    return kquant_matmul(KQ4, x, m, k, blocks, n, y, threads);
 }
 
 int lmarch_q6_k_matmul(const float *x, int64_t m, int64_t k, const uint8_t *blocks, int64_t n,
                        float *y, int threads) {
-    return kquant_matmul(1, x, m, k, blocks, n, y, threads);
+    return kquant_matmul(KQ6, x, m, k, blocks, n, y, threads);
+}
+
+int lmarch_q5_k_matmul(const float *x, int64_t m, int64_t k, const uint8_t *blocks, int64_t n,
+                       float *y, int threads) {
+    return kquant_matmul(KQ5, x, m, k, blocks, n, y, threads);
 }

@@ -1,6 +1,6 @@
-"""Python side of ``kquant.c``: products with weights in GGUF's Q4_K / Q6_K super-blocks, as
-eager functions and as PyTorch operators (``torch.ops.lmarch.q4_k_matmul`` / ``q6_k_matmul``)
-that ``torch.compile`` keeps as single opaque calls."""
+"""Python side of ``kquant.c``: products with weights in GGUF's Q4_K / Q5_K / Q6_K
+super-blocks, as eager functions and as PyTorch operators (``torch.ops.lmarch.q4_k_matmul``,
+``q5_k_matmul``, ``q6_k_matmul``) that ``torch.compile`` keeps as single opaque calls."""
 
 from __future__ import annotations
 
@@ -10,12 +10,17 @@ from torch import Tensor
 from lmarch.native import native_library
 
 # ggml type name -> the exported function
-KQUANT_FUNCTIONS = {"Q4_K": "lmarch_q4_k_matmul", "Q6_K": "lmarch_q6_k_matmul"}
+KQUANT_FUNCTIONS = {
+    "Q4_K": "lmarch_q4_k_matmul",
+    "Q5_K": "lmarch_q5_k_matmul",
+    "Q6_K": "lmarch_q6_k_matmul",
+}
 
 
 def kquant_matmul_eager(type_name: str, x: Tensor, blocks: Tensor, lib=None) -> Tensor:  # type: ignore[no-untyped-def]
     """y [M, N] = x W^T for x float [M, K] on the CPU and W [N, K] held as ``blocks`` uint8
-    [N, K/256 * block bytes] of ``type_name`` ("Q4_K" or "Q6_K"), as stored in a GGUF file;
+    [N, K/256 * block bytes] of ``type_name`` ("Q4_K", "Q5_K" or "Q6_K"), as stored in a
+    GGUF file;
     ``lib`` defaults to :func:`lmarch.native.native_library`."""
     lib = lib or native_library()
     if lib is None:
@@ -39,13 +44,22 @@ def q4_k_matmul_eager(x: Tensor, blocks: Tensor) -> Tensor:
     return kquant_matmul_eager("Q4_K", x, blocks)
 
 
+def q5_k_matmul_eager(x: Tensor, blocks: Tensor) -> Tensor:
+    """y = x W^T, W in Q5_K super-blocks (see :func:`kquant_matmul_eager`)."""
+    return kquant_matmul_eager("Q5_K", x, blocks)
+
+
 def q6_k_matmul_eager(x: Tensor, blocks: Tensor) -> Tensor:
     """y = x W^T, W in Q6_K super-blocks (see :func:`kquant_matmul_eager`)."""
     return kquant_matmul_eager("Q6_K", x, blocks)
 
 
 _LIBRARY = torch.library.Library("lmarch", "FRAGMENT")
-for _name, _fn in (("q4_k_matmul", q4_k_matmul_eager), ("q6_k_matmul", q6_k_matmul_eager)):
+for _name, _fn in (
+    ("q4_k_matmul", q4_k_matmul_eager),
+    ("q5_k_matmul", q5_k_matmul_eager),
+    ("q6_k_matmul", q6_k_matmul_eager),
+):
     _LIBRARY.define(f"{_name}(Tensor x, Tensor blocks) -> Tensor")
     _LIBRARY.impl(_name, _fn, "CPU")
 
@@ -56,6 +70,7 @@ for _name, _fn in (("q4_k_matmul", q4_k_matmul_eager), ("q6_k_matmul", q6_k_matm
 
 KQUANT_OPS = {
     "Q4_K": torch.ops.lmarch.q4_k_matmul.default,
+    "Q5_K": torch.ops.lmarch.q5_k_matmul.default,
     "Q6_K": torch.ops.lmarch.q6_k_matmul.default,
 }
 
@@ -64,5 +79,6 @@ __all__ = [
     "KQUANT_OPS",
     "kquant_matmul_eager",
     "q4_k_matmul_eager",
+    "q5_k_matmul_eager",
     "q6_k_matmul_eager",
 ]

@@ -36,11 +36,13 @@ int lmarch_blockq_simd(void);
 
 /* ---- products with K-quant weights as stored (kquant.c) --------------------------------- */
 
-/* y [m, n] = x [m, k] W^T, W [n, k] in GGUF Q4_K / Q6_K super-blocks of 256 (rows of k/256
- * blocks of 144 / 210 bytes, as in the file). Return 0, or -1 when out of memory. */
+/* y [m, n] = x [m, k] W^T, W [n, k] in GGUF Q4_K / Q6_K / Q5_K super-blocks of 256 (rows of
+ * k/256 blocks of 144 / 210 / 176 bytes, as in the file). Return 0, or -1 when out of memory. */
 int lmarch_q4_k_matmul(const float *x, int64_t m, int64_t k, const uint8_t *blocks, int64_t n,
                        float *y, int threads);
 int lmarch_q6_k_matmul(const float *x, int64_t m, int64_t k, const uint8_t *blocks, int64_t n,
+                       float *y, int threads);
+int lmarch_q5_k_matmul(const float *x, int64_t m, int64_t k, const uint8_t *blocks, int64_t n,
                        float *y, int threads);
 
 /* ---- one LLaMA decoder layer for one token (decoder.c) ---------------------------------- */

@@ -119,8 +119,8 @@ def q8_blocks(gguf: GGUFFile, name: str) -> tuple[Tensor, Tensor]:
 
 
 def kquant_rows(gguf: GGUFFile, name: str) -> Tensor | None:
-    """The stored rows of ``name`` as uint8 [N, K/256 * block bytes] when it is a 2-D Q4_K or
-    Q6_K tensor (kept as stored under the q4 scheme), else None."""
+    """The stored rows of ``name`` as uint8 [N, K/256 * block bytes] when it is a 2-D Q4_K,
+    Q5_K or Q6_K tensor (kept as stored under the q4 scheme), else None."""
     data, type_name, shape = gguf.raw(name)
     if type_name not in NATIVE_KQUANTS or len(shape) != 2:
         return None
@@ -128,7 +128,7 @@ def kquant_rows(gguf: GGUFFile, name: str) -> Tensor | None:
 
 
 def q4_scheme_linear(gguf: GGUFFile, rule: Rule) -> nn.Module:
-    """The q4 scheme's layer for one name-map rule: Q4_K / Q6_K parts as stored in a
+    """The q4 scheme's layer for one name-map rule: Q4_K / Q5_K / Q6_K parts as stored in a
     :class:`~lmarch.quant.kquants.KQuantLinear`, anything else as Q4_1 blocks
     (:func:`q4_blocks`); a fused rule whose parts differ in kind becomes a
     :class:`~lmarch.quant.kquants.RowConcatLinear` of one layer a part."""
@@ -209,7 +209,7 @@ def load_gguf_llama_blocks(
     """A Llama for fast CPU decoding with lmarch's native block kernels, everything but the
     projections in float32. ``scheme="q4"``: every projection a
     :class:`~lmarch.quant.blockq.BlockQ4Linear` holding the file's own Q4_1 / Q4_0 blocks
-    (Q4_K / Q6_K tensors: a :class:`~lmarch.quant.kquants.KQuantLinear` of their own blocks);
+    (Q4_K / Q5_K / Q6_K: a :class:`~lmarch.quant.kquants.KQuantLinear` of their own blocks);
     ``"q8"``: a :class:`~lmarch.quant.blockq.BlockQ8Linear` holding its Q8_0 blocks (tensors
     stored otherwise are quantised to the scheme). The output head is a
     :class:`~lmarch.quant.blockq.BlockQ8Linear` (the file's Q8_0 blocks when it stores them

@@ -1,10 +1,13 @@
-"""Linear layers holding GGUF K-quant super-blocks (Q4_K, Q6_K) exactly as a file stores them.
+"""Linear layers holding GGUF K-quant super-blocks (Q4_K, Q5_K, Q6_K) exactly as a file
+stores them.
 
-llama.cpp's K-quant files (Q4_K_M, Q4_K_S, Q6_K, ...) store most projections in Q4_K and some
-(usually ``attn_v``, ``ffn_down`` and the output head) in Q6_K; both cut a row into super-blocks
-of 256 weights with small per-sub-block scales (layouts: :mod:`lmarch.weights.gguf_kquants`):
+llama.cpp's K-quant files (Q4_K_M, Q4_K_S, Q5_K_M, Q6_K, ...) store most projections in Q4_K or
+Q5_K and some (usually ``attn_v``, ``ffn_down`` and the output head) in Q5_K or Q6_K; all cut a
+row into super-blocks of 256 weights with small per-sub-block scales (layouts:
+:mod:`lmarch.weights.gguf_kquants`):
 
     Q4_K (4.5 bits a weight):     w = d sc_j q - dmin m_j,  q in 0..15, 8 sub-blocks of 32
+    Q5_K (5.5 bits a weight):     the same with q in 0..31
     Q6_K (6.5625 bits a weight):  w = d sc_j q,             q in -32..31, 16 sub-blocks of 16
 
 :class:`KQuantLinear` keeps those bytes as a uint8 buffer and multiplies by them with lmarch's
@@ -25,7 +28,7 @@ from lmarch.quant.blockq import _BlockLinear
 from lmarch.weights.gguf_kquants import BLOCK_SHAPES, QK_K, dequantize_blocks
 
 # the K-quant types kept as stored and multiplied natively
-NATIVE_KQUANTS = ("Q4_K", "Q6_K")
+NATIVE_KQUANTS = ("Q4_K", "Q5_K", "Q6_K")
 
 
 @torch.compiler.disable  # numpy inside: a compiled graph calls it as it is
@@ -38,9 +41,9 @@ def dequantize_rows(blocks: Tensor, type_name: str) -> Tensor:
 
 
 class KQuantLinear(_BlockLinear):
-    """``nn.Linear`` whose weight is Q4_K or Q6_K super-blocks: buffer ``blocks`` uint8
-    [out, in/256 * block bytes] (144 bytes a super-block for Q4_K, 210 for Q6_K), each row
-    the bytes of one GGUF row; ``type_name`` says which format."""
+    """``nn.Linear`` whose weight is Q4_K, Q5_K or Q6_K super-blocks: buffer ``blocks`` uint8
+    [out, in/256 * block bytes] (144, 176 or 210 bytes a super-block), each row the bytes of
+    one GGUF row; ``type_name`` says which format."""
 
     def __init__(
         self,
@@ -52,7 +55,7 @@ class KQuantLinear(_BlockLinear):
     ) -> None:
         if type_name not in NATIVE_KQUANTS:
             raise LmarchError(
-                f"KQuantLinear holds {' or '.join(NATIVE_KQUANTS)}, not {type_name}",
+                f"KQuantLinear holds {', '.join(NATIVE_KQUANTS)}, not {type_name}",
                 hint="dequantise other types",
             )
         if in_features % QK_K:
@@ -99,7 +102,7 @@ class KQuantLinear(_BlockLinear):
 
 
 class KQuantEmbedding(nn.Module):
-    """A token-embedding table kept in Q4_K / Q6_K super-blocks (row i of the table is row i
+    """A token-embedding table kept in K-quant super-blocks (row i of the table is row i
     of the stored tensor). Built from a :class:`KQuantLinear` output head it shares that
     head's bytes, so a model whose head is tied to its embeddings holds the table once."""
 

@@ -1,4 +1,4 @@
-"""Q4_K / Q6_K layers kept as stored: native products (SIMD and portable builds) within 1e-4
+"""Q4_K / Q5_K / Q6_K layers kept as stored: native products (SIMD and portable builds) within 1e-4
 of dequantise-then-multiply, exact fallback, exact dequantisation, and clear refusals."""
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from lmarch.weights.gguf_kquants import BLOCK_SHAPES
 
 needs_native = pytest.mark.skipif(not native.native_available(), reason="no C compiler")
 # byte offsets of the float16 constants and their size (weights of a few hundredths)
-HALVES = {"Q4_K": ((0, 2), 2e-4), "Q6_K": ((208,), 5e-5)}
+HALVES = {"Q4_K": ((0, 2), 2e-4), "Q5_K": ((0, 2), 1e-4), "Q6_K": ((208,), 5e-5)}
 
 
 def random_layer(type_name: str, n: int = 80, k: int = 512, seed: int = 0) -> KQuantLinear:
@@ -45,7 +45,7 @@ def portable_library(tmp_path_factory) -> object:
 @needs_native
 @pytest.mark.parametrize("rows", [1, 9])
 @pytest.mark.parametrize("build", ["simd", "portable"])
-@pytest.mark.parametrize("type_name", ["Q4_K", "Q6_K"])
+@pytest.mark.parametrize("type_name", ["Q4_K", "Q5_K", "Q6_K"])
 def test_native_product_equals_dequantise_then_multiply(
     type_name: str, build: str, rows: int, portable_library
 ) -> None:
@@ -60,7 +60,7 @@ def test_native_product_equals_dequantise_then_multiply(
     assert (y - ref).abs().max().item() <= 1e-4 * ref.abs().max().item()
 
 
-@pytest.mark.parametrize("type_name", ["Q4_K", "Q6_K"])
+@pytest.mark.parametrize("type_name", ["Q4_K", "Q5_K", "Q6_K"])
 def test_dequantised_weight_is_the_gguf_packages(type_name: str) -> None:
     layer = random_layer(type_name, n=4)
     qtype = gguf.GGMLQuantizationType[type_name]
@@ -80,6 +80,9 @@ def test_the_layer_takes_the_kernel_and_its_operator_agrees() -> None:
     assert y.shape == (2, 3, 16) and torch.equal(y.reshape(6, 16), flat)
     op = torch.ops.lmarch.q4_k_matmul.default(x.reshape(6, 512), layer.blocks)
     assert torch.equal(op, flat)
+    q5 = random_layer("Q5_K", n=16)
+    op = torch.ops.lmarch.q5_k_matmul.default(x.reshape(6, 512), q5.blocks)
+    assert torch.equal(op, kquant_matmul_eager("Q5_K", x.reshape(6, 512), q5.blocks))
 
 
 def test_fallback_and_gradients_use_the_dequantised_weight() -> None:
@@ -123,8 +126,8 @@ def test_state_dict_round_trip(tmp_path: Path) -> None:
 
 
 def test_refusals_name_the_problem() -> None:
-    with pytest.raises(LmarchError, match="KQuantLinear holds Q4_K or Q6_K, not Q5_K"):
-        KQuantLinear(512, 8, "Q5_K")
+    with pytest.raises(LmarchError, match="KQuantLinear holds Q4_K, Q5_K, Q6_K, not Q3_K"):
+        KQuantLinear(512, 8, "Q3_K")
     with pytest.raises(LmarchError, match="Q4_K needs in_features divisible by 256, got 160"):
         KQuantLinear(160, 8, "Q4_K")
     with pytest.raises(LmarchError, match="rows of 100 bytes are not whole Q6_K super-blocks"):
