@@ -301,6 +301,7 @@ def render(report: InspectReport) -> str:
         note = f"  {row.note}" if row.note else ""
         out.append(f"  {label:<48} {row.params:>15,}{note}")
     m = r.memory
+    rule = r.six_n_per_token + r.attention_term_per_token
     out += [
         "",
         f"FLOPs per token (seq_len {r.seq_len}, batch {r.batch})",
@@ -308,10 +309,12 @@ def render(report: InspectReport) -> str:
         f"   (FlopCounterMode: {human(r.measured_forward_flops_per_token)},"
         f" ratio {r.flop_agreement:.4f})",
         f"  training (3x)      {human(r.training_flops_per_token)}",
-        f"  6N rule            {human(r.six_n_per_token)}  + attention 12 L T d_attn"
-        f" {human(r.attention_term_per_token)}",
+        f"  6N rule            {human(r.six_n_per_token)} (N without embeddings)"
+        f" + attention 12 L T d_attn {human(r.attention_term_per_token)}"
+        f" = {rule / r.training_flops_per_token:.0%} of training",
+        "  forward by component:",
     ]
-    out += [f"    {k:<32} {human(v)}" for k, v in r.flop_parts.items()]
+    out += [f"    {k:<36} {human(v)}" for k, v in r.flop_parts.items()]
     out += [
         "",
         f"memory ({r.precision})",

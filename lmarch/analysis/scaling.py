@@ -191,10 +191,10 @@ class SweepResult:
 
 WHY_DIFFERENT = (
     "A CPU-minute sweep is not Chinchilla: its models have thousands to a million parameters "
-    "(the paper's start at 70M), it reads characters of one 1 MB corpus that the larger runs "
-    "see more than once, and each run is short and its learning rate untuned per size, so the "
-    "fitted exponents carry those effects (and the noise of a few points) rather than the "
-    "paper's asymptotic law."
+    "(the paper's start at 70M), it reads characters of one 1 MB corpus that the smallest "
+    "models' runs read several times over, and each run is short and its learning rate untuned "
+    "per size, so the fitted exponents carry those effects (and the noise of a few points) "
+    "rather than the paper's asymptotic law."
 )
 
 

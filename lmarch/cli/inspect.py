@@ -140,7 +140,7 @@ def _sweep(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, min_steps=args.min_steps, val_chars=args.val_chars,
         seed=args.seed, threads=args.threads,
     )  # fmt: skip
-    console = Console(stderr=True, highlight=False)
+    console = Console(stderr=True, highlight=False, soft_wrap=True)
     with Progress(console=console, transient=True) as bar:
         task = bar.add_task("training", total=None)
         result = run_sweep(
@@ -149,7 +149,7 @@ def _sweep(args: argparse.Namespace) -> int:
             log=lambda line: console.print(line, markup=False),
             progress=lambda done, total: bar.update(task, completed=done, total=total),
         )
-    out = console if args.json else Console(highlight=False)
+    out = console if args.json else Console(highlight=False, soft_wrap=True)
     for budget, best in sorted(result.optimum.items()):
         out.print(
             f"C = {budget:.3g}: best {best['best_shape']} N = {best['best_params']:,} "
