@@ -172,10 +172,11 @@ def test_bad_input_is_one_line(trained, cli, tmp_path) -> None:
 @pytest.mark.slow
 def test_longer_run_reaches_stated_scores(tmp_path, cli) -> None:
     """1200 steps of 64 pairs, 64 wide (about 1.5 min on one core): zero-shot >= 70 % on seen
-    colour-shape pairs (chance 8.3 %), text->image R@5 >= 50 % among 200 captions."""
+    colour-shape pairs (chance 8.3 %), recall@5 >= 45 % both ways among 200 captions (measured 80.5 %,
+    56 % / 64 %)."""
     got = cli.json("clip", "train", "--out", tmp_path / "run", "--steps", "1200", "--eval-n", "200")
     e = got["eval"]
     assert got["loss_last"] < got["loss_first"] - 2.0
     assert e["zero_shot_test"] >= 0.7
-    assert e["text_to_image_r5"] >= 0.5 and e["image_to_text_r5"] >= 0.5
+    assert e["text_to_image_r5"] >= 0.45 and e["image_to_text_r5"] >= 0.45
     assert e["zero_shot_heldout"] > e["chance"]
