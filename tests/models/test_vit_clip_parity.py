@@ -21,6 +21,7 @@ from lmarch.weights.hf_clip import (
     save_hf_clip,
 )
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 TOL = 1e-4
 TEXT = dict(
     vocab_size=99,
@@ -162,3 +163,21 @@ def test_unsupported_clip_fields_are_refused_by_name(tmp_path) -> None:
         load_hf_clip(tmp_path)
     with pytest.raises(LmarchError, match="not ViT"):
         load_hf_vit(tmp_path)
+
+
+def test_config_refusals_name_the_field() -> None:
+    from lmarch.models.validate import ConfigError
+
+    with pytest.raises(ConfigError, match="patch_size \\(64\\) is larger than image_size"):
+        ViTConfig(image_size=32, patch_size=64)
+    with pytest.raises(ConfigError, match="n_embd \\(30\\) must be divisible by n_head"):
+        ViTConfig(n_embd=30, n_head=4)
+    with pytest.raises(ConfigError, match="variant 'clip'"):
+        CLIPConfig(vision=ViTConfig(image_size=32, patch_size=8, n_layer=1, n_head=2, n_embd=8))
+    with pytest.raises(ConfigError, match="add_pooler is for variant 'vit'"):
+        ViTConfig(variant="clip", add_pooler=True)
+    vit = ViT(
+        ViTConfig(image_size=16, patch_size=8, n_layer=1, n_head=2, n_embd=8, intermediate_size=8)
+    )
+    with pytest.raises(ValueError, match="expected pixels"):
+        vit(torch.zeros(1, 1, 16, 16))
