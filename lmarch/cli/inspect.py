@@ -217,7 +217,7 @@ def cmd_logit_lens(args: argparse.Namespace) -> int:
 
     result = logit_lens(_load_float(args.model), args.text, k=args.top)
     path = plot_lens(result, args.out)
-    table = Table(title=f"logit lens: top {args.top} guesses after each position")
+    table = Table(title=f"logit lens: each layer's top {args.top} guesses at each position")
     table.add_column("layer")
     for tok in result.tokens:
         table.add_column(tok, overflow="fold")
