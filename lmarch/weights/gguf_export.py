@@ -71,21 +71,19 @@ _CARRIED_FIELDS = (
 )  # fmt: skip
 
 
-class _Writer(gguf.GGUFWriter):
-    """``gguf.GGUFWriter`` that also packs an empty metadata array (legal GGUF: a length of 0)
-    when it is given its element type."""
+class _NoStrings(tuple):  # type: ignore[type-arg]
+    """An empty array of strings, for :class:`_Writer` to pack (a plain ``[]`` has no type)."""
 
-    def _pack_val(  # type: ignore[override]
-        self,
-        val: Any,
-        vtype: gguf.GGUFValueType,
-        add_vtype: bool,
-        sub_type: gguf.GGUFValueType | None = None,
-    ) -> bytes:
-        if vtype == gguf.GGUFValueType.ARRAY and sub_type is not None and len(val) == 0:
-            head = self._pack("I", vtype) if add_vtype else b""
-            return head + self._pack("I", sub_type) + self._pack("Q", 0)
-        return super()._pack_val(val, vtype, add_vtype, sub_type)
+
+class _Writer(gguf.GGUFWriter):
+    """``gguf.GGUFWriter`` that also packs an empty string array (legal GGUF: element type
+    STRING, length 0), which the writer itself refuses."""
+
+    def _pack_val(self, val: Any, vtype: Any, add_vtype: bool, *args: Any, **kw: Any) -> bytes:  # type: ignore[override]
+        if isinstance(val, _NoStrings):
+            head = self._pack("I", gguf.GGUFValueType.ARRAY) if add_vtype else b""
+            return head + self._pack("I", gguf.GGUFValueType.STRING) + self._pack("Q", 0)
+        return super()._pack_val(val, vtype, add_vtype, *args, **kw)
 
 
 def _vocabulary(tokenizer: Any) -> dict[str, Any]:
@@ -247,12 +245,8 @@ def export_gguf_llama(
         w.add_tokenizer_pre(vocab["pre"])
         w.add_token_list(vocab["tokens"])
         w.add_token_types(vocab["types"])
-        w.add_key_value(
-            "tokenizer.ggml.merges",
-            vocab["merges"],
-            gguf.GGUFValueType.ARRAY,
-            sub_type=gguf.GGUFValueType.STRING,
-        )
+        merges = vocab["merges"] or _NoStrings()
+        w.add_key_value("tokenizer.ggml.merges", merges, gguf.GGUFValueType.ARRAY)
         for key, value in vocab["ids"].items():
             w.add_uint32(f"tokenizer.ggml.{key}", int(value))
         w.add_add_bos_token(bool(vocab["add_bos"]))
