@@ -152,6 +152,24 @@ def test_logit_lens_last_layer_is_the_models_own_logits(name: str, tmp_path: Pat
     assert plot_lens(result, tmp_path / "lens.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_logit_lens_of_a_masked_lm_reads_layers_through_its_mlm_head() -> None:
+    from lmarch.models.heads import MASKED_LM
+    from lmarch.tokenizers.wordpiece import WordPieceTokenizer
+    from lmarch.train.objectives import objective_model
+
+    tok = WordPieceTokenizer(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "to", "be", "or"])
+    torch.manual_seed(0)
+    config = preset_config("bert-tiny", vocab_size=tok.vocab_size, dropout=0.0)
+    model = objective_model("mlm", config).eval()
+    result = logit_lens(LoadedModel(model, tok, "tiny-mlm", "bert", MASKED_LM), "to be or")
+    batch = {k: torch.tensor(v) for k, v in tok.encode_batch(["to be or"]).items()}
+    with torch.no_grad():
+        logits = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+    assert torch.equal(result.logits[-1], logits[0])
+    assert result.tokens == ["[CLS]", "to", "be", "or", "[SEP]"]
+    assert result.layer_names == ["embeddings", "layer 1", "layer 2"]
+
+
 def test_logit_lens_refuses_models_without_a_head() -> None:
     loaded = LoadedModel(_tiny("lstm-char-tiny"), TOKENIZER, "tiny-rnn", "rnn", CAUSAL_LM)
     with pytest.raises(LmarchError, match="no output head to read layers through"):
