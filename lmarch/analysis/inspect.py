@@ -25,6 +25,9 @@ from lmarch.analysis.memory import (
 )
 from lmarch.errors import LmarchError
 
+# their FLOPs are per target token, with a source of the same length
+ENCODER_DECODERS = ("t5", "transformer", "bart")
+
 
 def _hf_config(folder: Path) -> Any:
     from lmarch.weights.hf import read_hf_config
@@ -304,14 +307,15 @@ def render(report: InspectReport) -> str:
     rule = r.six_n_per_token + r.attention_term_per_token
     out += [
         "",
-        f"FLOPs per token (seq_len {r.seq_len}, batch {r.batch})",
+        f"FLOPs per token (seq_len {r.seq_len}, batch {r.batch})"
+        + (", per target token" if r.family in ENCODER_DECODERS else ""),
         f"  forward            {human(r.forward_flops_per_token)}"
         f"   (FlopCounterMode: {human(r.measured_forward_flops_per_token)},"
         f" ratio {r.flop_agreement:.4f})",
         f"  training (3x)      {human(r.training_flops_per_token)}",
         f"  6N rule            {human(r.six_n_per_token)} (N without embeddings)"
         f" + attention 12 L T d_attn {human(r.attention_term_per_token)}"
-        f" = {rule / r.training_flops_per_token:.0%} of training",
+        + (f" = {rule / r.training_flops_per_token:.0%} of training" if rule else ""),
         "  forward by component:",
     ]
     out += [f"    {k:<36} {human(v)}" for k, v in r.flop_parts.items()]

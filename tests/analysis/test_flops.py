@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lmarch.analysis.flops import count_forward_flops, measure_flops
-from lmarch.analysis.inspect import embedding_parameters, inspect_model, module_tree
+from lmarch.analysis.inspect import embedding_parameters, inspect_model, module_tree, render
 from lmarch.models.registry import PRESETS, build_model, preset_config
 from lmarch.nn.init import empty_weights
 
@@ -102,6 +102,13 @@ def test_tree_rows_add_up_to_the_total(name: str) -> None:
     total = sum(p.numel() for p in model.parameters())
     assert sum(r.params for r in rows if r.depth == 0) == total
     assert 0 <= embedding_parameters(model) <= total
+
+
+@pytest.mark.parametrize("name", ["bigram-char", "lstm-char-tiny", "t5-tiny", "bert-tiny"])
+def test_report_renders_for_models_without_attention_or_flops(name: str) -> None:
+    text = render(inspect_model(name, seq_len=8))
+    assert f"{name} — " in text and "training total" in text
+    assert ("per target token" in text) == (name == "t5-tiny")
 
 
 def test_tied_head_is_marked_and_counted_once() -> None:
