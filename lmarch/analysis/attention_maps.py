@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from lmarch.errors import LmarchError
+from lmarch.loading.model import LoadedModel
 from lmarch.nn import attention as attention_module
 from lmarch.nn.attention import MultiHeadAttention, attention_scale, causal_mask, repeat_kv
 from lmarch.nn.cross_attention import CrossAttention
@@ -142,14 +143,14 @@ def token_strings(tokenizer: object, ids: list[int]) -> list[str]:
     """Each id as its own text, whitespace made visible (so a plot's labels can be read)."""
     out = []
     for i in ids:
-        text = tokenizer.decode([i])  # type: ignore[attr-defined]
+        text = tokenizer.decode([i])
         if not text and hasattr(tokenizer, "id_to_token"):  # a special token decode drops
             text = tokenizer.id_to_token(i) or ""
         out.append(text.replace("\n", "\\n").replace(" ", "·") or f"<{i}>")
     return out
 
 
-def model_inputs(loaded: object, text: str) -> tuple[nn.Module, dict[str, Tensor], list[int]]:
+def model_inputs(loaded: LoadedModel, text: str) -> tuple[nn.Module, dict[str, Tensor], list[int]]:
     """(the module to run, its keyword inputs, the token ids) for ``text``: a causal LM reads
     the prompt's ids; a BERT-family model its encoder reads [CLS] text [SEP]. Other kinds
     (encoder-decoders, classifiers' heads) are refused."""
@@ -157,25 +158,25 @@ def model_inputs(loaded: object, text: str) -> tuple[nn.Module, dict[str, Tensor
 
     if not text:
         raise LmarchError("the text is empty", hint='give some words, e.g. "To be or not to be"')
-    if loaded.objective == CAUSAL_LM:  # type: ignore[attr-defined]
-        ids = loaded.encode_prompt(text)  # type: ignore[attr-defined]
-        return loaded.model, {"input_ids": torch.tensor([ids])}, ids  # type: ignore[attr-defined]
-    if loaded.family == "bert" and hasattr(loaded.tokenizer, "encode_batch"):  # type: ignore[attr-defined]
-        batch = loaded.tokenizer.encode_batch([text])  # type: ignore[attr-defined]
+    if loaded.objective == CAUSAL_LM:
+        ids = loaded.encode_prompt(text)
+        return loaded.model, {"input_ids": torch.tensor([ids])}, ids
+    if loaded.family == "bert" and hasattr(loaded.tokenizer, "encode_batch"):
+        batch = loaded.tokenizer.encode_batch([text])
         inputs = {
             key: torch.as_tensor(batch[key], dtype=torch.long)
             for key in ("input_ids", "attention_mask", "token_type_ids")
         }
-        encoder = encoder_of(loaded.model)  # type: ignore[attr-defined]
+        encoder = encoder_of(loaded.model)
         return encoder, inputs, batch["input_ids"][0]
     raise LmarchError(
-        f"{loaded.name} holds {loaded.describe()}",  # type: ignore[attr-defined]
+        f"{loaded.name} holds {loaded.describe()}",
         hint="attention maps and the logit lens read causal LMs and BERT-family encoders",
     )
 
 
 @torch.no_grad()
-def attention_maps(loaded: object, text: str) -> AttentionMaps:
+def attention_maps(loaded: LoadedModel, text: str) -> AttentionMaps:
     """Every attention layer's probabilities on ``text`` for a model :func:`lmarch.load` read
     (float weights: load with ``quant="none"``)."""
     module, inputs, ids = model_inputs(loaded, text)
@@ -183,9 +184,9 @@ def attention_maps(loaded: object, text: str) -> AttentionMaps:
     with capture_attention(module) as records:
         module(**inputs)
     if not records:
-        raise LmarchError(f"{loaded.name}: no attention layer ran")  # type: ignore[attr-defined]
+        raise LmarchError(f"{loaded.name}: no attention layer ran")
     layers = [AttentionRecord(r.name, r.probs[0].float()) for r in records]
-    return AttentionMaps(token_strings(loaded.tokenizer, ids), layers)  # type: ignore[attr-defined]
+    return AttentionMaps(token_strings(loaded.tokenizer, ids), layers)
 
 
 def plot_attention(

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from lmarch.analysis.attention_maps import model_inputs, token_strings
 from lmarch.errors import LmarchError
+from lmarch.loading.model import LoadedModel
 
 
 @dataclass
@@ -41,31 +42,30 @@ class LensResult:
         }
 
 
-def _readout(loaded: object) -> tuple[nn.ModuleList | None, nn.Module | None, object]:
+def _readout(loaded: LoadedModel) -> tuple[nn.ModuleList | None, nn.Module | None, object]:
     """(the layer stack, the module run on its input, the read-out h -> logits) of a model
     the lens understands: a GPT / LLaMA (``blocks``, ``norm_f``, ``lm_head``) or a BERT-family
     masked LM (``bert.blocks`` and its ``mlm`` head)."""
-    model = loaded.model  # type: ignore[attr-defined]
+    model = loaded.model
     if all(hasattr(model, a) for a in ("blocks", "norm_f", "lm_head")):
         return model.blocks, model, lambda h: model.lm_head(model.norm_f(h))
     if hasattr(model, "mlm") and hasattr(model, "bert"):
         return model.bert.blocks, model, model.mlm
     raise LmarchError(
-        f"{loaded.name} holds {loaded.describe()}, which has no output head to read layers"  # type: ignore[attr-defined]
-        " through",
+        f"{loaded.name} holds {loaded.describe()}, which has no output head to read layers through",
         hint="the logit lens reads GPT / LLaMA models and masked-LM runs (objective mlm)",
     )
 
 
 @torch.no_grad()
-def logit_lens(loaded: object, text: str, k: int = 5) -> LensResult:
+def logit_lens(loaded: LoadedModel, text: str, k: int = 5) -> LensResult:
     """The logit lens of ``text`` for a model :func:`lmarch.load` read (float weights)."""
     if k < 1:
         raise LmarchError(f"--top must be >= 1, got {k}")
     blocks, _, readout = _readout(loaded)
     module, inputs, ids = model_inputs(loaded, text)
-    if module is not loaded.model:  # type: ignore[attr-defined]
-        module = loaded.model  # type: ignore[attr-defined]
+    if module is not loaded.model:
+        module = loaded.model
     module.eval()
     states: list[Tensor] = []
 
@@ -87,7 +87,7 @@ def logit_lens(loaded: object, text: str, k: int = 5) -> LensResult:
     logits = torch.stack([readout(h)[0] for h in states]).float()  # [L+1, T, V]
     probs = torch.softmax(logits, dim=-1)
     top_p, top_i = probs.topk(min(k, probs.shape[-1]), dim=-1)
-    tok = loaded.tokenizer  # type: ignore[attr-defined]
+    tok = loaded.tokenizer
     names = ["embeddings", *(f"layer {i + 1}" for i in range(len(states) - 1))]
     return LensResult(
         tokens=token_strings(tok, list(ids)),

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lmarch.classic.vectors import WordVectors
 from lmarch.errors import LmarchError
 
 
@@ -36,7 +37,7 @@ def pca_2d(vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return coords, np.pad(ratio, (0, 2 - len(ratio)))
 
 
-def load_word_vectors(source: str | Path) -> object:
+def load_word_vectors(source: str | Path) -> WordVectors:
     """Word vectors from a vector file (word2vec text/binary, GloVe, fastText ``.vec``) or a
     folder ``lmarch word2vec train`` / ``lmarch glove train`` wrote."""
     path = Path(source)
@@ -58,14 +59,14 @@ def project_words(
     """(the words, their 2-D PCA coordinates, explained-variance ratios); an unknown word is
     refused by name."""
     words = [w for w in words if w]
-    missing = [w for w in words if w not in vectors]  # type: ignore[operator]
+    missing = [w for w in words if w not in vectors]
     if missing:
         raise LmarchError(
             f"not in the vocabulary: {', '.join(missing)}", hint="choose words the vectors hold"
         )
     if len(words) < 2:
         raise LmarchError("give at least two words", hint="--words king,queen,man,woman")
-    matrix = np.stack([np.asarray(vectors[w].float().numpy()) for w in words])  # type: ignore[index]
+    matrix = np.stack([np.asarray(vectors[w].float().numpy()) for w in words])
     coords, ratio = pca_2d(matrix)
     return words, coords, ratio
 

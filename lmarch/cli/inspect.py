@@ -6,8 +6,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import TYPE_CHECKING
 
 from lmarch.errors import LmarchError
+
+if TYPE_CHECKING:
+    from lmarch.loading.model import LoadedModel
 
 
 def _float_list(text: str) -> list[float]:
@@ -178,7 +182,8 @@ def _sweep(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_float(spec: str):  # noqa: ANN202 - a LoadedModel
+def _load_float(spec: str) -> LoadedModel:
+    """The model with float weights: attention capture and the lens run the reference layers."""
     from lmarch.loading import load
 
     return load(spec, quant="none")
