@@ -210,7 +210,9 @@ def llama_config_from_gguf(gguf: GGUFFile) -> LlamaConfig:
     meta = gguf.metadata
     arch = meta.get("general.architecture")
     if arch != "llama":
-        raise LmarchError(f"{gguf.path}: architecture {arch!r} is not supported (only 'llama')")
+        raise LmarchError(
+            f"{gguf.path}: architecture {arch!r} is not supported (only 'llama', 'gemma3')"
+        )
     n_embd = _meta_number(gguf, "embedding_length")
     n_head = _meta_number(gguf, "attention.head_count")
     n_kv = _meta_number(gguf, "attention.head_count_kv", n_head)
