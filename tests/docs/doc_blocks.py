@@ -8,7 +8,7 @@ line right before the fence marks how a block runs:
 - ``<!-- snippet: slow -->``: a python block that runs only in the slow tier (it needs what an
   earlier bash block of the same file made, or takes too long).
 
-Fast tier: every ``lmarch`` command line of every bash or bare block is parsed by the real CLI
+Fast tier: every ``lmarch`` command line of every bash, bare or text block is parsed by the CLI
 parser; every python block (unless marked slow) and every bash block marked fast runs, in order,
 in one temporary folder per file. Slow tier: every bash and python block of a file runs in order
 in one temporary folder.
@@ -118,11 +118,12 @@ def commands(text: str) -> list[list[str]]:
 
 
 def lmarch_commands(block: Block) -> list[list[str]]:
-    """The ``lmarch ...`` commands of a bash or bare block, without the program name."""
-    if block.lang not in {"bash", "sh", "shell", ""}:
+    """The ``lmarch ...`` commands of a bash, bare or text block, without the program name (a
+    text block is never run, but the commands it shows must still parse)."""
+    if block.lang not in {"bash", "sh", "shell", "", "text"}:
         return []
     text = block.text
-    if block.lang == "":  # a bare fence may hold any text: only its lines that start 'lmarch '
+    if block.lang in {"", "text"}:  # any text: only its lines that start 'lmarch ' (never run)
         text = "\n".join(ln for ln in logical_lines(text) if ln.lstrip().startswith("lmarch "))
     return [argv[1:] for argv in commands(text) if argv and argv[0] in PROGRAMS]
 
