@@ -290,7 +290,7 @@ def fig_quant() -> Path:
     a.plot(x.numpy(), torch.exp(-0.5 * (x / sigma) ** 2).numpy(), color="gray")
     for c in normal_float_code().tolist():
         a.axvline(c, color="tab:blue", linewidth=0.8)
-    a.set_title("NF4's 16 levels: equal-probability quantiles of N(0, 1), scaled to [-1, 1]")
+    a.set_title("NF4: 16 quantiles of N(0, 1), scaled to [-1, 1]")
     a.set_xlabel("w / absmax(block)")
     names = list(errors)
     b.barh(names[::-1], [errors[k] for k in names][::-1], color="tab:orange")
