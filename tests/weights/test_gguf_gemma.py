@@ -236,3 +236,22 @@ def test_damaged_or_missing_chunks_are_refused(
     with pytest.raises(LmarchError, match="package lmarch_no_such_part is missing.*make gemma"):
         assemble(gone, tmp_path / "cache")
     assert "lmarch_no_such_part" not in sys.modules
+
+
+def test_missing_gemma_package_is_one_line_naming_make_gemma(
+    cli: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from lmarch.loading import sources
+
+    real = sources.CHUNKED_PRESETS["gemma3-270m"]
+    absent = (("lmarch_gemma_part_absent", real.parts[0][1]), *real.parts[1:])
+    monkeypatch.setitem(
+        sources.CHUNKED_PRESETS,
+        "gemma3-270m",
+        ChunkedFile(real.name, absent, 1, None, real.install),
+    )
+    monkeypatch.setenv("LMARCH_CACHE", str(tmp_path))  # no joined file from an earlier install
+    code, out, err = cli("generate", "gemma3-270m", "Hello")
+    assert code == 2 and out == ""
+    line = "gemma-3-270m-q4_k_m.gguf is not installed (package lmarch_gemma_part_absent is missing)"
+    assert line in err and "run make gemma" in err and len(err.strip().splitlines()) <= 2
