@@ -164,6 +164,22 @@ def shapes_dataset(
     return [make_example(rng, split, n_objects, image_size) for _ in range(n)]
 
 
+QUESTION_WORDS = ("what", "colour", "shape", "is", "the", "one")
+
+
+def questions(example: ShapeExample) -> list[tuple[str, str]]:
+    """(question, one-word answer) pairs about ``example``'s scene, only where the answer is
+    unique: "what colour is the circle?" for each shape drawn once ("red"), and "what shape is
+    the red one?" for each colour drawn once ("circle")."""
+    shapes = [s for _, s in example.objects]
+    colours = [c for c, _ in example.objects]
+    pairs = [(f"what colour is the {s}?", c) for c, s in example.objects if shapes.count(s) == 1]
+    pairs += [
+        (f"what shape is the {c} one?", s) for c, s in example.objects if colours.count(c) == 1
+    ]
+    return pairs
+
+
 def to_pixels(examples: list[ShapeExample]) -> Tensor:
     """Images as float pixels [B, 3, H, W], each channel mapped from 0..255 to -1..1."""
     array = np.stack([e.image for e in examples]).astype(np.float32)
@@ -173,6 +189,7 @@ def to_pixels(examples: list[ShapeExample]) -> Tensor:
 __all__ = [
     "COLOURS",
     "HELD_OUT",
+    "QUESTION_WORDS",
     "RELATIONS",
     "SHAPES",
     "SPLITS",
@@ -182,6 +199,7 @@ __all__ = [
     "describe",
     "draw_shape",
     "make_example",
+    "questions",
     "seen_pairs",
     "shapes_dataset",
     "to_pixels",

@@ -103,12 +103,12 @@ class ClipModel:
         return F.normalize(self.model.image_features(pixels), dim=-1)
 
 
-def shapes_tokenizer() -> HFTokenizersFallback:
+def shapes_tokenizer(extra_words: Sequence[str] = ()) -> HFTokenizersFallback:
     """CLIP's tokenizer (:mod:`lmarch.tokenizers.clip_bpe`) with a vocabulary for the shapes'
-    words: the 512 byte symbols, merges that build each word left to right, and the two
-    special tokens; any other text still encodes, byte by byte."""
+    words (and ``extra_words``): the 512 byte symbols, merges that build each word left to
+    right, and the two special tokens; any other text still encodes, byte by byte."""
     words = ["a", *(w for rel in RELATIONS for w in rel.split())]
-    words += [c for c, _ in all_pairs()] + [s for _, s in all_pairs()]
+    words += [c for c, _ in all_pairs()] + [s for _, s in all_pairs()] + list(extra_words)
     symbols = list(bytes_to_unicode().values())
     vocab, merges = symbols + [s + "</w>" for s in symbols], []
     for word in dict.fromkeys(words):
