@@ -34,7 +34,6 @@ from lmarch.weights.hf import (
 )
 from lmarch.weights.hf_llama import (
     GATED_ACTIVATIONS,
-    GATED_ACTIVATIONS_TO_HF,
     HF_NAMES,
     LLAMA_FIELDS,
     llama_config_from_hf,
@@ -42,8 +41,8 @@ from lmarch.weights.hf_llama import (
     load_decoder_weights,
     refuse_variants,
     rope_from_hf,
-    rope_to_hf,
     save_decoder,
+    shape_to_hf,
 )
 
 # the config.json keys of a LLaMA-shaped model that every family here reads the same way
@@ -224,37 +223,6 @@ def phi3_config_from_hf(hf: dict[str, Any], where: str = "config.json") -> Llama
 
 
 # ---- writing ---------------------------------------------------------------------------------
-
-
-def shape_to_hf(c: LlamaConfig, model_type: str, architecture: str) -> dict[str, Any]:
-    """The config.json keys every family here writes alike."""
-    if c.activation not in GATED_ACTIVATIONS_TO_HF:
-        raise LmarchError(
-            f"the Hugging Face {model_type} layout has no activation {c.activation!r}"
-        )
-    theta, rope, max_len = rope_to_hf(c)
-    out = {
-        "architectures": [architecture],
-        "model_type": model_type,
-        "vocab_size": c.vocab_size,
-        "max_position_embeddings": max_len,
-        "num_hidden_layers": c.n_layer,
-        "num_attention_heads": c.n_head,
-        "num_key_value_heads": c.kv_heads,
-        "hidden_size": c.n_embd,
-        "intermediate_size": c.intermediate_size,
-        "head_dim": c.dim_per_head,
-        "rms_norm_eps": c.rms_norm_eps,
-        "rope_theta": theta,
-        "rope_scaling": rope,
-        "tie_word_embeddings": c.tie_embeddings,
-        "hidden_act": GATED_ACTIVATIONS_TO_HF[c.activation],
-        # the model has no token ids; a family default (Phi-3's 32000) may lie past the vocab
-        "pad_token_id": None,
-    }
-    if c.head_dim is None and model_type in ("qwen2", "mistral", "phi3"):
-        del out["head_dim"]  # their default is n_embd / n_head too (Qwen3's and Gemma's is not)
-    return out
 
 
 def hf_layer_types(c: LlamaConfig) -> list[str]:

@@ -307,18 +307,17 @@ VARIANT_FIELDS = (
 )  # fmt: skip
 
 
-def llama_config_to_hf(c: LlamaConfig) -> dict[str, Any]:
-    """A transformers ``LlamaConfig`` dict for our config."""
-    out_bias = c.attention_bias if c.attention_out_bias is None else c.attention_out_bias
-    refuse_variants(c, "LLaMA", ("attention_out_bias",) if out_bias == c.attention_bias else ())
-    if c.partial_rotary_factor != 1.0:
-        raise LmarchError("the Hugging Face LLaMA layout has no partial rotary embeddings")
+def shape_to_hf(c: LlamaConfig, model_type: str, architecture: str) -> dict[str, Any]:
+    """The config.json keys every LLaMA-layout family (LLaMA, Qwen, Mistral, Phi-3, Gemma)
+    writes alike."""
     if c.activation not in GATED_ACTIVATIONS_TO_HF:
-        raise LmarchError(f"the Hugging Face LLaMA layout has no activation {c.activation!r}")
+        raise LmarchError(
+            f"the Hugging Face {model_type} layout has no activation {c.activation!r}"
+        )
     theta, rope, max_len = rope_to_hf(c)
-    return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+    out = {
+        "architectures": [architecture],
+        "model_type": model_type,
         "vocab_size": c.vocab_size,
         "max_position_embeddings": max_len,
         "num_hidden_layers": c.n_layer,
@@ -331,10 +330,23 @@ def llama_config_to_hf(c: LlamaConfig) -> dict[str, Any]:
         "rope_theta": theta,
         "rope_scaling": rope,
         "tie_word_embeddings": c.tie_embeddings,
-        "attention_bias": c.attention_bias,
-        "mlp_bias": c.mlp_bias,
         "hidden_act": GATED_ACTIVATIONS_TO_HF[c.activation],
+        # the model has no token ids; a family default (Phi-3's 32000) may lie past the vocab
+        "pad_token_id": None,
     }
+    if c.head_dim is None and model_type in ("qwen2", "mistral", "phi3"):
+        del out["head_dim"]  # their default is n_embd / n_head too (Qwen3's and Gemma's is not)
+    return out
+
+
+def llama_config_to_hf(c: LlamaConfig) -> dict[str, Any]:
+    """A transformers ``LlamaConfig`` dict for our config."""
+    out_bias = c.attention_bias if c.attention_out_bias is None else c.attention_out_bias
+    refuse_variants(c, "LLaMA", ("attention_out_bias",) if out_bias == c.attention_bias else ())
+    if c.partial_rotary_factor != 1.0:
+        raise LmarchError("the Hugging Face LLaMA layout has no partial rotary embeddings")
+    out = shape_to_hf(c, "llama", "LlamaForCausalLM")
+    return {**out, "attention_bias": c.attention_bias, "mlp_bias": c.mlp_bias}
 
 
 def load_decoder_weights(folder: str | Path, config: LlamaConfig, fused: bool = False) -> Llama:
