@@ -60,6 +60,7 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     """Load a tokenizer saved by any lmarch tokenizer's ``save``."""
     from lmarch.tokenizers.bpe import ByteLevelBPETokenizer
     from lmarch.tokenizers.char import CharTokenizer
+    from lmarch.tokenizers.gguf_spm import SentencePieceBPETokenizer
     from lmarch.tokenizers.hf_fallback import HFTokenizersFallback
     from lmarch.tokenizers.unigram import UnigramTokenizer
     from lmarch.tokenizers.wordpiece import WordPieceTokenizer
@@ -74,6 +75,7 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         "byte_bpe": ByteLevelBPETokenizer,
         "wordpiece": WordPieceTokenizer,
         "unigram": UnigramTokenizer,
+        "sentencepiece_bpe": SentencePieceBPETokenizer,
         "hf_tokenizers": HFTokenizersFallback,
     }
     if kind not in classes:
