@@ -13,6 +13,7 @@ import warnings
 from collections.abc import Sequence
 from typing import NoReturn
 
+from lmarch.cli import caption as caption_cli
 from lmarch.cli import compare as compare_cli
 from lmarch.cli import distributed as distributed_cli
 from lmarch.cli import export as export_cli
@@ -202,6 +203,7 @@ def build_parser() -> OneLineParser:
     export_cli.add_parsers(sub)
     serve_cli.add_parsers(sub)
     vision_cli.add_parsers(sub)
+    caption_cli.add_parsers(sub)
 
     d = sub.add_parser("demo", help="train a small GPT on Shakespeare (~3 min) and sample it")
     d.add_argument("--out", default="runs/demo")
@@ -797,6 +799,7 @@ COMMANDS = {
     **export_cli.COMMANDS,
     **serve_cli.COMMANDS,
     **vision_cli.COMMANDS,
+    **caption_cli.COMMANDS,
 }
 
 

@@ -1,0 +1,227 @@
+"""``lmarch caption train|run|eval`` (a BLIP-style captioner, :mod:`lmarch.tasks.caption`) and
+``lmarch flamingo train|ask|eval`` (a frozen GPT with Flamingo layers answering questions about
+images, :mod:`lmarch.tasks.flamingo`), both on the generated shapes."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+
+def _add_options(p: argparse.ArgumentParser, defaults: Any, options: tuple) -> None:
+    for name, kind, text in options:
+        p.add_argument(
+            "--" + name.replace("_", "-"), dest=name, type=kind, default=getattr(defaults, name),
+            help=f"{text} (default: {getattr(defaults, name)})",
+        )  # fmt: skip
+
+
+_SHARED = (
+    ("steps", int, "training steps"),
+    ("batch_size", int, "images per step"),
+    ("learning_rate", float, "peak AdamW rate"),
+    ("n_embd", int, "width of the image and text models"),
+    ("n_layer", int, "blocks per model"),
+    ("n_head", int, "attention heads"),
+    ("image_size", int, "image side in pixels"),
+    ("seed", int, "seed of the weights and the images"),
+)
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    """Add ``caption`` and ``flamingo`` with their subcommands to the ``lmarch`` parser."""
+    from lmarch.tasks.caption import CaptionTrainConfig
+    from lmarch.tasks.flamingo import FlamingoTrainConfig
+
+    c = sub.add_parser("caption", help="BLIP-style image captioner (train, run, eval)")
+    csub = c.add_subparsers(dest="caption_command", required=True, parser_class=type(c))
+    t = csub.add_parser("train", help="train a captioner on the generated shapes, then evaluate")
+    t.add_argument("--out", required=True, help="run folder to write")
+    _add_options(t, CaptionTrainConfig(), (*_SHARED, ("itm_weight", float, "ITM loss weight")))
+    r = csub.add_parser("run", help="caption image files")
+    r.add_argument("model", help="a 'lmarch caption train' run folder")
+    r.add_argument("--image", action="append", required=True, help="an image file (repeatable)")
+    e = csub.add_parser("eval", help="exact match, BLEU and ITM accuracy on a shapes split")
+    e.add_argument("model", help="a 'lmarch caption train' run folder")
+
+    f = sub.add_parser("flamingo", help="Flamingo-style adapter: a frozen GPT answers about images")
+    fsub = f.add_subparsers(dest="flamingo_command", required=True, parser_class=type(f))
+    ft = fsub.add_parser("train", help="train a text GPT, freeze it, train the adapter, evaluate")
+    ft.add_argument("--out", required=True, help="run folder to write")
+    _add_options(
+        ft,
+        FlamingoTrainConfig(),
+        (*_SHARED, ("clip_steps", int, "steps of the CLIP whose image tower is frozen"),
+         ("lm_steps", int, "steps of the text-only GPT"),
+         ("n_latents", int, "visual tokens from the perceiver resampler")),
+    )  # fmt: skip
+    ft.add_argument(
+        "--clip", default=None,
+        help="use this 'lmarch clip train' run's image tower (default: train one first)",
+    )  # fmt: skip
+    fa = fsub.add_parser("ask", help="answer a question about image files")
+    fa.add_argument("model", help="a 'lmarch flamingo train' run folder")
+    fa.add_argument("--image", action="append", required=True, help="an image file (repeatable)")
+    fa.add_argument("--question", required=True, help="e.g. 'what colour is the circle?'")
+    fe = fsub.add_parser("eval", help="answer accuracy on a shapes split, with its baselines")
+    fe.add_argument("model", help="a 'lmarch flamingo train' run folder")
+    for q in (t, e, ft, fe):
+        q.add_argument(
+            "--split", default="heldout" if q in (t, e) else "test", choices=["test", "heldout"],
+            help="split to evaluate on (test: pairs seen in training; heldout: unseen pairs)",
+        )  # fmt: skip
+        q.add_argument("--n", type=int, default=200, help="images to evaluate (default: 200)")
+    for q in (t, r, e, ft, fa, fe):
+        q.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
+
+
+def _progress(console, label: str, total: int):
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    columns = (TextColumn(label), BarColumn(), TextColumn("{task.fields[loss]}"))
+    bar = Progress(*columns, TimeRemainingColumn(), console=console, transient=True)
+    return bar, bar.add_task(label, total=total, loss="")
+
+
+def _config(cls, args: argparse.Namespace):
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in vars(args).items() if k in names})
+
+
+def _caption_train(args: argparse.Namespace, console) -> dict:
+    from lmarch.tasks.caption import (
+        CaptionTrainConfig,
+        evaluate_captioner,
+        load_captioner,
+        train_captioner,
+    )
+
+    config = _config(CaptionTrainConfig, args)
+    bar, task = _progress(console, "caption train", config.steps)
+    with bar:
+        summary = train_captioner(
+            config,
+            args.out,
+            progress=lambda step, loss: bar.update(task, completed=step, loss=f"loss {loss:.3f}"),
+        )
+    summary["eval"] = _caption_eval_print(
+        evaluate_captioner(load_captioner(args.out), args.split, args.n), console
+    )
+    return summary
+
+
+def _caption_eval_print(e: dict, console) -> dict:
+    console.print(
+        f"{e['n']} {e['split']} shapes: exact match {e['exact_match']:.1%}, BLEU "
+        f"{e['bleu']:.1f} (most frequent caption '{e['baseline_caption']}': "
+        f"{e['baseline_exact_match']:.1%}, BLEU {e['baseline_bleu']:.1f}); ITM accuracy "
+        f"{e['itm_accuracy']:.1%} (chance 50%)",
+        markup=False,
+    )
+    return e
+
+
+def _caption_run(args: argparse.Namespace, console) -> dict:
+    from lmarch.tasks.caption import load_captioner
+
+    run = load_captioner(args.model)
+    captions = run.caption(run.preprocessor(args.image))
+    for path, caption in zip(args.image, captions):
+        console.print(f"{path}: {caption}", markup=False)
+    return {"captions": [{"image": p, "caption": c} for p, c in zip(args.image, captions)]}
+
+
+def _caption_eval(args: argparse.Namespace, console) -> dict:
+    from lmarch.tasks.caption import evaluate_captioner, load_captioner
+
+    return _caption_eval_print(
+        evaluate_captioner(load_captioner(args.model), args.split, args.n), console
+    )
+
+
+def _flamingo_train(args: argparse.Namespace, console) -> dict:
+    from lmarch.tasks.flamingo import (
+        FlamingoTrainConfig,
+        evaluate_flamingo,
+        load_flamingo,
+        train_flamingo,
+    )
+
+    config = _config(FlamingoTrainConfig, args)
+    clip_steps = 0 if args.clip else config.clip_steps
+    offsets = {"clip": 0, "lm": clip_steps, "adapter": clip_steps + config.lm_steps}
+    total = clip_steps + config.lm_steps + config.steps
+    bar, task = _progress(console, "flamingo train", total)
+    with bar:
+        summary = train_flamingo(
+            config,
+            args.out,
+            progress=lambda stage, step, loss: bar.update(
+                task,
+                completed=offsets[stage] + step,
+                loss=f"{stage} loss {loss:.3f}",
+            ),
+            clip=args.clip,
+        )
+    summary["eval"] = _flamingo_eval_print(
+        evaluate_flamingo(load_flamingo(args.out), args.split, args.n), console
+    )
+    return summary
+
+
+def _flamingo_eval_print(e: dict, console) -> dict:
+    console.print(
+        f"{e['questions']} questions on {e['images']} {e['split']} shapes: accuracy "
+        f"{e['accuracy']:.1%} (colour {e['accuracy_colour']:.1%}, shape "
+        f"{e['accuracy_shape']:.1%}); without the image {e['blind_accuracy']:.1%}, chance "
+        f"{e['chance']:.1%}, most frequent answer {e['majority_accuracy']:.1%}",
+        markup=False,
+    )
+    return e
+
+
+def _flamingo_ask(args: argparse.Namespace, console) -> dict:
+    from lmarch.tasks.flamingo import load_flamingo
+
+    run = load_flamingo(args.model)
+    answers = run.answer(run.preprocessor(args.image), [args.question] * len(args.image))
+    for path, answer in zip(args.image, answers):
+        console.print(f"{path}: {answer}", markup=False)
+    return {"question": args.question,
+            "answers": [{"image": p, "answer": a} for p, a in zip(args.image, answers)]}  # fmt: skip
+
+
+def _flamingo_eval(args: argparse.Namespace, console) -> dict:
+    from lmarch.tasks.flamingo import evaluate_flamingo, load_flamingo
+
+    return _flamingo_eval_print(
+        evaluate_flamingo(load_flamingo(args.model), args.split, args.n), console
+    )
+
+
+def _run(args: argparse.Namespace, table: dict, command: str) -> int:
+    from rich.console import Console
+
+    console = Console(stderr=True, soft_wrap=True)
+    summary = table[command](args, console)
+    if args.json:
+        print(json.dumps(summary))
+    return 0
+
+
+def cmd_caption(args: argparse.Namespace) -> int:
+    """Run ``lmarch caption train|run|eval``."""
+    table = {"train": _caption_train, "run": _caption_run, "eval": _caption_eval}
+    return _run(args, table, args.caption_command)
+
+
+def cmd_flamingo(args: argparse.Namespace) -> int:
+    """Run ``lmarch flamingo train|ask|eval``."""
+    table = {"train": _flamingo_train, "ask": _flamingo_ask, "eval": _flamingo_eval}
+    return _run(args, table, args.flamingo_command)
+
+
+COMMANDS = {"caption": cmd_caption, "flamingo": cmd_flamingo}
