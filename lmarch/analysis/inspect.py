@@ -63,20 +63,25 @@ def resolve_config(spec: str) -> tuple[str, Any, str]:
     """(name, model config, one-line description) of ``spec``: any preset (weights or not),
     or whatever :func:`lmarch.load` accepts — a GGUF file, a Hugging Face folder or a run
     folder are read for their config alone; other kinds are loaded."""
-    from lmarch.loading.sources import resolve
+    from lmarch.loading.sources import CHUNKED_PRESETS, resolve
     from lmarch.models.registry import PRESETS, config_from_dict, get_preset
 
     if spec in PRESETS:
         preset = PRESETS[spec]
         return spec, preset.config, f"preset ({preset.use}): {preset.description}"
-    if not Path(spec).expanduser().exists() and not {"/", "\\", "."} & set(spec):
+    plain_name = not {"/", "\\", "."} & set(spec) and spec not in CHUNKED_PRESETS
+    if not Path(spec).expanduser().exists() and plain_name:
         get_preset(spec)  # not a path either: the closest preset names as the hint
     source = resolve(spec)  # raises one line for anything lmarch cannot load
     if source.kind == "gguf":
         from lmarch.weights.gguf import read_gguf
+        from lmarch.weights.gguf_gemma import gemma3_config_from_gguf
         from lmarch.weights.gguf_llama import llama_config_from_gguf
 
-        return source.name, llama_config_from_gguf(read_gguf(source.path)), "GGUF file"
+        gguf = read_gguf(source.path)
+        if gguf.metadata.get("general.architecture") == "gemma3":
+            return source.name, gemma3_config_from_gguf(gguf), "GGUF file (Gemma 3)"
+        return source.name, llama_config_from_gguf(gguf), "GGUF file"
     if source.kind == "run":
         from lmarch.weights.checkpoint import read_json
 
