@@ -38,8 +38,11 @@ def gguf_native_scheme(path: str | Path) -> str | None:
     gguf = read_gguf(path)
     try:
         infos = {name: gguf.tensor_info(name) for name in gguf.tensor_names}
+        arch = gguf.metadata.get("general.architecture")
     finally:
         gguf.close()
+    if arch != "llama":  # the block loaders build LLaMA layers only (Gemma 3 loads as float)
+        return None
     layers = {i.type_name for n, i in infos.items() if n.startswith("blk.") and len(i.shape) == 2}
     head = infos.get("output.weight") or infos.get("token_embd.weight")
     if not layers or head is None or head.type_name not in NATIVE_HEAD_TYPES:

@@ -16,6 +16,7 @@ import torch
 
 from lmarch.errors import LmarchError
 from lmarch.loading.sources import Source, read_gguf_gemma3
+from lmarch.loading.speed import choose_quant
 from lmarch.tokenizers.base import load_tokenizer
 from lmarch.tokenizers.gguf_spm import SentencePieceBPETokenizer, spm_tokenizer_from_gguf
 from lmarch.weights.chunked import ChunkedFile, assemble
@@ -24,7 +25,7 @@ from lmarch.weights.gguf_gemma import gguf_architecture, load_gguf_gemma3
 
 gguf = pytest.importorskip("gguf")
 
-N_LAYER, D, HEADS, KV, HD, FF, WINDOW = 6, 32, 2, 1, 256, 48, 4
+N_LAYER, D, HEADS, KV, HD, FF, WINDOW = 6, 32, 2, 1, 256, 64, 4
 # key_length 256: transformers' GGUF path always scales scores by 1/sqrt(256) (its default
 # query_pre_attn_scalar), llama.cpp and lmarch by the head width; real Gemma 3 files agree.
 META: dict[str, Any] = {
@@ -60,7 +61,9 @@ def _shapes() -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def _write(path: Path, meta: dict[str, Any] = META, drop: str | None = None) -> Path:
+def _write(
+    path: Path, meta: dict[str, Any] = META, drop: str | None = None, q8: bool = False
+) -> Path:
     w = gguf.GGUFWriter(path, "gemma3")
     for key, value in meta.items():
         if isinstance(value, float):
@@ -83,7 +86,12 @@ def _write(path: Path, meta: dict[str, Any] = META, drop: str | None = None) -> 
         scale = 0.02 if len(shape) == 2 and "token_embd" not in name else 1.0
         # llama.cpp stores Gemma's norm gains as 1 + w: values around 1
         base = 1.0 if len(shape) == 1 else 0.0
-        w.add_tensor(name, (base + scale * rng.standard_normal(shape)).astype(np.float32))
+        value = (base + scale * rng.standard_normal(shape)).astype(np.float32)
+        if q8 and len(shape) == 2:  # every matrix in llama.cpp's Q8_0 blocks
+            kind = gguf.GGMLQuantizationType.Q8_0
+            w.add_tensor(name, gguf.quants.quantize(value, kind), raw_dtype=kind)
+        else:
+            w.add_tensor(name, value)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -173,6 +181,16 @@ def test_loaded_model_has_gemma_turns(tiny_file: Path) -> None:
     assert text == "<start_of_turn>user\nhi<end_of_turn>\n<start_of_turn>model\n"
     with pytest.raises(LmarchError, match="load in float32 here, not as --quant q4"):
         read_gguf_gemma3(Source("gguf", tiny_file, "tiny"), 32, "q4")
+
+
+def test_auto_quant_loads_a_gemma_file_in_float(tmp_path: Path) -> None:
+    # every matrix in Q8_0: a LLaMA file like it would load on the native Q8 kernels, which
+    # build LLaMA layers only; a Gemma 3 file loads dequantised instead
+    path = _write(tmp_path / "q8.gguf", q8=True)
+    assert read_gguf(path).tensor_info("blk.0.ffn_down.weight").type_name == "Q8_0"
+    assert choose_quant("auto", "gguf", path, "cpu", None) == "none"
+    model, _ = load_gguf_gemma3(path)
+    assert model.blocks[0].ffn.down.weight.dtype == torch.float32
 
 
 @pytest.mark.parametrize(
