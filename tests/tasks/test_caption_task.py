@@ -138,8 +138,11 @@ def test_bad_input_is_one_line(cli, tmp_path):
 
 @pytest.mark.slow
 def test_longer_runs(tmp_path):
-    """The default runs (about 1 min each on one core)."""
+    """The default runs (about 45 s each on one core). Measured: captioner exact match 32.5 %,
+    BLEU 30.9, ITM 97 % on 200 test images; Flamingo 45.7 % on 512 test questions (without
+    the image 28.1 %, chance 29.3 %)."""
     cap = run_json("caption", "train", "--out", tmp_path / "cap", "--split", "test", "--json")
-    assert cap["eval"]["exact_match"] >= 0.3 and cap["eval"]["itm_accuracy"] >= 0.7
-    fl = run_json("flamingo", "train", "--out", tmp_path / "fl", "--json")
-    assert fl["eval"]["accuracy"] >= fl["eval"]["chance"] + 0.15
+    e = cap["eval"]
+    assert e["exact_match"] >= 0.25 and e["bleu"] >= 25 and e["itm_accuracy"] >= 0.9
+    fl = run_json("flamingo", "train", "--out", tmp_path / "fl", "--json")["eval"]
+    assert fl["accuracy"] >= fl["chance"] + 0.12 and fl["accuracy"] >= fl["blind_accuracy"] + 0.12
