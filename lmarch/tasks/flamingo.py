@@ -1,14 +1,16 @@
 """Visual question answering with a Flamingo-style adapter on the generated shapes.
 
-Two stages, as in Alayrac et al. 2022 (where the LM is pretrained on text and then frozen):
+Three stages, as in Alayrac et al. 2022 (a contrastively pretrained vision encoder and a
+text-pretrained LM, both frozen; only the new layers learn):
 
+0. a small CLIP (:mod:`lmarch.tasks.clip`) learns the shapes' images and captions; its image
+   tower is frozen (or the tower of an existing ``lmarch clip train`` run is used);
 1. a small GPT learns the text alone: sequences "what colour is the circle? red" for random
    scenes (and the scenes' captions), so it knows the question format and which words answer
-   it, but cannot know which colour a given image holds;
-2. the GPT is frozen, :func:`lmarch.peft.flamingo.add_flamingo` puts gated cross-attention
-   layers in front of its blocks, and a ViT (:mod:`lmarch.models.vit`, trained here too: no
-   pretrained vision encoder ships) + perceiver resampler + those layers learn to answer from
-   the image, with the LM loss on the answer word only.
+   it, but cannot know which colour a given image holds; it is then frozen;
+2. :func:`lmarch.peft.flamingo.add_flamingo` puts gated cross-attention layers in front of the
+   GPT's blocks; they and the perceiver resampler learn to answer from the image, with the LM
+   loss on the answer word only.
 
 The answer is the LM's greedy next token after the question. Accuracy is reported next to three
 baselines on the same questions: chance (1/4 for a colour, 1/3 for a shape, averaged over the
