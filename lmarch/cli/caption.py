@@ -68,7 +68,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     fe.add_argument("model", help="a 'lmarch flamingo train' run folder")
     for q in (t, e, ft, fe):
         q.add_argument(
-            "--split", default="heldout" if q in (t, e) else "test", choices=["test", "heldout"],
+            "--split", default="test", choices=["test", "heldout"],
             help="split to evaluate on (test: pairs seen in training; heldout: unseen pairs)",
         )  # fmt: skip
         q.add_argument("--n", type=int, default=200, help="images to evaluate (default: 200)")
