@@ -15,12 +15,21 @@ whose speeches read ``"NAME:\\nline\\nline"`` separated by blank lines:
   first speech, so the split is *by play*: train = the first six (Coriolanus to The Winter's
   Tale), validation = Measure for Measure, test = The Taming of the Shrew and The Tempest. Test
   characters are (but for a handful of common names) never seen in training;
-- a play is cut into consecutive, non-overlapping passages of ``speeches_per_passage`` speeches;
-  the context is the passage exactly as the file has it, speaker headers included;
+- a play is cut into consecutive, non-overlapping passages of ``speeches_per_passage`` speeches
+  (2 by default: an exchange); the context is the passage exactly as the file has it, speaker
+  headers included;
 - every speech of the passage gives one question, ``"Who says: <line>?"``, about one of its
-  lines (picked by a SHA-256 hash of the play and speech number, among lines of at least three
-  words that occur once in the context); the answer is the speaker's name, as the span of that
-  speech's own header.
+  lines of at least three words that occur once in the context: by default the first of them
+  (usually the speech's opening line, just under its header); with ``line="any"`` one picked
+  by a SHA-256 hash of the play and speech number. The answer is the speaker's name, as the
+  span of that speech's own header.
+
+The default task is the one a small pretrained encoder learns in CPU minutes: MiniLM passes from
+the speaker prior to reading the question after ~130 steps (exact match 97.7 on the test plays
+after 200 steps, against 49.5 for either baseline). The harder setting of the first bundled
+version (``speeches_per_passage=4, line="any"``: find the line, then the nearest header above
+it, among four speeches) stayed at the prior within 700 CPU steps (exact match 39.4 against the
+most frequent speaker's 45.9): the model never started to use the question.
 
 Everything is deterministic: the same file gives the same examples, in the same order.
 """
@@ -231,26 +240,36 @@ def play_ranges(text: str, speeches: Sequence[Speech]) -> list[tuple[str, str, i
     ]
 
 
-def _question_line(context: str, speech: Speech, key: str) -> str | None:
+def _question_line(context: str, speech: Speech, key: str, line: str = "first") -> str | None:
     lines = [
-        line.strip()
-        for line in speech.lines
-        if len(line.split()) >= 3 and context.count(line.strip()) == 1
+        text.strip()
+        for text in speech.lines
+        if len(text.split()) >= 3 and context.count(text.strip()) == 1
     ]
     if not lines:
         return None
+    if line == "first":
+        return lines[0]
     return lines[int(hashlib.sha256(key.encode()).hexdigest(), 16) % len(lines)]
+
+
+QUESTION_LINES = ("first", "any")
 
 
 def _slug(title: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", title.lower()).strip("-")
 
 
-def shakespeare_qa(speeches_per_passage: int = 4, text: str | None = None) -> QAData:
+def shakespeare_qa(
+    speeches_per_passage: int = 2, text: str | None = None, line: str = "first"
+) -> QAData:
     """The bundled task (see the module docstring): passages of ``speeches_per_passage``
-    speeches, one "Who says: <line>?" question per speech, split by play."""
+    speeches, one "Who says: <line>?" question per speech, split by play. ``line`` picks the
+    quoted line: ``"first"`` the speech's first eligible line, ``"any"`` a hashed choice."""
     if speeches_per_passage < 1:
         raise LmarchError(f"speeches_per_passage must be >= 1, got {speeches_per_passage}")
+    if line not in QUESTION_LINES:
+        raise LmarchError(f"unknown question line {line!r}", hint="one of first, any")
     if text is None:
         text = TINY_SHAKESPEARE.read_text(encoding="utf-8")
     speeches = parse_speeches(text)
@@ -262,14 +281,14 @@ def shakespeare_qa(speeches_per_passage: int = 4, text: str | None = None) -> QA
             offset = passage[0].start
             context = text[offset : passage[-1].end]
             for k, speech in enumerate(passage):
-                line = _question_line(context, speech, f"{slug}:{at + k}")
-                if line is None:
+                quoted = _question_line(context, speech, f"{slug}:{at + k}", line)
+                if quoted is None:
                     continue
                 data.split(split).append(
                     QAExample(
                         f"{slug}-{p:04d}-{k}",
                         context,
-                        f"Who says: {line}?",
+                        f"Who says: {quoted}?",
                         (speech.name,),
                         (speech.start - offset,),
                         group=title,

@@ -46,16 +46,48 @@ def test_plays_are_found_at_their_first_speech() -> None:
 
 
 def test_exact_examples(data) -> None:
-    """Sizes and the first and last question of each split."""
-    assert (len(data.train), len(data.validation), len(data.test)) == (4878, 837, 1106)
+    """Sizes and the first and last question of each split (the default: passages of two
+    speeches, each speech's first line of three words or more quoted)."""
+    assert (len(data.train), len(data.validation), len(data.test)) == (4888, 839, 1108)
     first = data.train[0]
     assert first.id == "coriolanus-0000-0"
     assert first.question == "Who says: Before we proceed any further, hear me speak.?"
     assert (first.answers, first.answer_starts) == (("First Citizen",), (0,))
-    assert first.context.startswith(
+    assert first.context == (
         "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak."
     )
     assert first.group == "Coriolanus"
+    last = data.train[-1]
+    assert (last.id, last.question, last.answers, last.answer_starts) == (
+        "the-winter-s-tale-0372-1",
+        "Who says: O, peace, Paulina!?",
+        ("LEONTES",),
+        (318,),
+    )
+    val = data.validation[0]  # the first passage's speeches ("Escalus." / "My lord.") are too short
+    assert (val.id, val.question, val.answers, val.answer_starts) == (
+        "measure-for-measure-0001-0",
+        "Who says: Of government the properties to unfold,?",
+        ("DUKE VINCENTIO",),
+        (0,),
+    )
+    test = data.test[1]
+    assert (
+        test.context == "SLY:\nI'll pheeze you, in faith.\n\nHostess:\nA pair of stocks, you rogue!"
+    )
+    assert (test.question, test.answers, test.answer_starts) == (
+        "Who says: A pair of stocks, you rogue!?",
+        ("Hostess",),
+        (33,),
+    )
+    assert data.test[-1].id == "the-tempest-0140-1"
+
+
+def test_the_harder_variant_quotes_any_line_of_longer_passages() -> None:
+    """``speeches_per_passage=4, line="any"``: four speeches, a line picked by hash (the task
+    as first bundled, kept as an option)."""
+    data = shakespeare_qa(speeches_per_passage=4, line="any")
+    assert (len(data.train), len(data.validation), len(data.test)) == (4878, 837, 1106)
     last = data.train[-1]
     assert (last.id, last.question, last.answers, last.answer_starts) == (
         "the-winter-s-tale-0185-3",
@@ -63,26 +95,15 @@ def test_exact_examples(data) -> None:
         ("HERMIONE",),
         (442,),
     )
-    val = data.validation[0]  # the first two speeches ("Escalus." / "My lord.") are too short
-    assert (val.id, val.question, val.answers, val.answer_starts) == (
-        "measure-for-measure-0000-2",
-        "Who says: Elected him our absence to supply,?",
-        ("DUKE VINCENTIO",),
-        (45,),
-    )
     test = data.test[1]
-    assert test.context == (
-        "SLY:\nI'll pheeze you, in faith.\n\nHostess:\nA pair of stocks, you rogue!\n\n"
-        "SLY:\nYe are a baggage: the Slys are no rogues; look in\nthe chronicles; we came "
-        "in with Richard Conqueror.\nTherefore paucas pallabris; let the world slide: sessa!"
-        "\n\nHostess:\nYou will not pay for the glasses you have burst?"
-    )
+    assert test.context.startswith("SLY:\nI'll pheeze you, in faith.\n\nHostess:\n")
     assert (test.question, test.answers, test.answer_starts) == (
         "Who says: A pair of stocks, you rogue!?",
         ("Hostess",),
         (33,),
     )
-    assert data.test[-1].id == "the-tempest-0069-3"
+    with pytest.raises(LmarchError, match="unknown question line 'last'"):
+        shakespeare_qa(line="last")
 
 
 def test_every_answer_is_the_header_of_the_speech_holding_the_line(data) -> None:
@@ -94,7 +115,7 @@ def test_every_answer_is_the_header_of_the_speech_holding_the_line(data) -> None
             at = ex.context.index(line)
             assert ex.context.count(line) == 1 and at > start
             assert "\n\n" not in ex.context[start:at]  # no other speech in between
-            assert len(parse_speeches(ex.context)) == 4
+            assert len(parse_speeches(ex.context)) == 2
 
 
 def test_split_by_play_and_deterministic(data) -> None:
@@ -105,7 +126,7 @@ def test_split_by_play_and_deterministic(data) -> None:
     contexts = {split: {ex.context for ex in data.split(split)} for split in SPLITS}
     assert not contexts["train"] & contexts["test"]
     assert shakespeare_qa() == data
-    assert len(shakespeare_qa(speeches_per_passage=2).test) > len(data.test)
+    assert len(shakespeare_qa(speeches_per_passage=1).test) > len(data.test)
     with pytest.raises(LmarchError, match="speeches_per_passage"):
         shakespeare_qa(speeches_per_passage=0)
 

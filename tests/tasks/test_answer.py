@@ -328,6 +328,30 @@ def test_a_model_that_is_not_an_encoder_is_refused(tmp_path) -> None:
         train_answerer("gpt-char-tiny", "shakespeare-qa", tmp_path / "x", log=lambda *_: None)
 
 
+# --- MiniLM on shakespeare-qa (slow) ------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_minilm_beats_the_speaker_baselines_on_shakespeare_qa(tmp_path) -> None:
+    """MiniLM (real weights) fine-tuned for 200 steps of 16 windows (~6 CPU minutes on 2 cores)
+    on shakespeare-qa's train plays, scored on 300 evenly spaced test questions from The Taming
+    of the Shrew and The Tempest: exact match and F1 at least 30 points above the better
+    baseline. Measured with these settings on the whole test split: exact match 97.7 / F1 98.2
+    against 49.5 / 49.6 for either baseline (the loss leaves the speaker prior near step 130)."""
+    data = shakespeare_qa()
+    test = data.test[:: len(data.test) // 300][:300]
+    small = QAData("shakespeare-qa", data.train, data.validation[:200], test)
+    cfg = AnswerConfig(
+        max_iters=200, batch_size=16, learning_rate=1e-4, warmup_fraction=0.05, max_length=192,
+        max_answer_length=8, device="cpu",
+    )  # fmt: skip
+    summary = train_answerer("minilm-l6", small, tmp_path / "qa", cfg, callbacks=[], log=print)
+    best = max(summary["baseline"].values(), key=lambda b: b["exact_match"])
+    assert summary["n"] == 300
+    assert summary["exact_match"] > best["exact_match"] + 30, summary
+    assert summary["f1"] > best["f1"] + 30, summary
+
+
 def test_question_examples_round_trip_as_rows() -> None:
     ex = QAExample("x", "SLY:\nHo.", "Who says: Ho.?", ("SLY",), (0,))
     assert ex.to_row() == {
