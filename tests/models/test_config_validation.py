@@ -40,7 +40,7 @@ BAD = [
     (
         GPTConfig,
         dict(activation="swish"),
-        "GPTConfig.activation must be one of ['gelu', 'gelu_tanh', 'relu', 'silu', 'tanh'], "
+        "GPTConfig.activation must be one of ['gelu', 'gelu_tanh', 'quick_gelu', 'relu', 'silu', 'tanh'], "
         "got 'swish'",
     ),
     (LlamaConfig, dict(n_layer=0), "LlamaConfig.n_layer must be an integer >= 1, got 0"),
