@@ -37,6 +37,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -99,11 +100,14 @@ def start_llama_cpp(gguf: Path, url: str, port: int, context: int) -> subprocess
     argv = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--port", str(port),
             "--n_ctx", str(context)]  # fmt: skip
     env = {**os.environ}
-    proc = subprocess.Popen(argv, env=env, stderr=subprocess.PIPE, text=True)
+    # its log goes to a file: an unread pipe fills up and blocks the server mid-start
+    log = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 (open while the server runs)
+    proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise SystemExit(f"llama.cpp server exited: {proc.stderr.read()}")
+            log.seek(0)
+            raise SystemExit(f"llama.cpp server exited: {log.read()[-2000:]}")
         try:
             if httpx.get(url + "/v1/models", timeout=2).status_code == 200:
                 return proc
@@ -123,7 +127,7 @@ async def one_request(http: httpx.AsyncClient, url: str, model: str, question: s
         "stream": True,
         "stream_options": {"include_usage": True},
     }
-    sent, first, tokens, done = time.perf_counter(), None, 0, False
+    sent, first, tokens, pieces, done = time.perf_counter(), None, 0, 0, False
     try:
         async with http.stream("POST", url + "/v1/chat/completions", json=body) as response:
             if response.status_code != 200:
@@ -139,8 +143,10 @@ async def one_request(http: httpx.AsyncClient, url: str, model: str, question: s
                 if chunk.get("usage"):
                     tokens = chunk["usage"]["completion_tokens"]
                 choices = chunk.get("choices") or []
-                if first is None and choices and (choices[0].get("delta") or {}).get("content"):
-                    first = time.perf_counter()
+                if choices and (choices[0].get("delta") or {}).get("content"):
+                    pieces += 1
+                    if first is None:
+                        first = time.perf_counter()
     except (httpx.HTTPError, json.JSONDecodeError) as exc:
         return {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
     end = time.perf_counter()
@@ -148,7 +154,8 @@ async def one_request(http: httpx.AsyncClient, url: str, model: str, question: s
         "ok": done,
         "ttft_s": (first or end) - sent,
         "latency_s": end - sent,
-        "tokens": tokens,
+        # a server that sends no usage chunk (llama-cpp-python) streams one token per piece
+        "tokens": tokens if tokens else pieces,
         "error": None if done else "no [DONE]",
     }
 
