@@ -60,19 +60,11 @@ class CaptionTrainConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "n_embd", "n_layer", "n_head", "patch_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise LmarchError(f"{name} must be a positive integer, got {value!r}")
+        from lmarch.tasks.clip import check_small_vision_config
+
+        check_small_vision_config(self)
         if self.batch_size < 4:
             raise LmarchError("batch_size must be at least 4 (ITM draws negatives from the batch)")
-        if self.n_embd % self.n_head:
-            raise LmarchError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
-        if self.image_size % self.patch_size or self.image_size < 8:
-            raise LmarchError(
-                f"image_size ({self.image_size}) must be a multiple of patch_size "
-                f"({self.patch_size}) and at least 8"
-            )
         if self.itm_weight < 0:
             raise LmarchError(f"itm_weight must be >= 0, got {self.itm_weight}")
 

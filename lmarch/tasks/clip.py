@@ -43,6 +43,24 @@ OBJECTIVE = "contrastive"
 SHAPES_PREPROCESSOR = dict(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), do_center_crop=True)
 
 
+def check_small_vision_config(config: Any) -> None:
+    """Refuse, in one line, the sizes a small image-text model on the shapes set cannot be
+    built from (``steps``, ``batch_size``, ``n_embd``, ``n_layer``, ``n_head``, ``image_size``,
+    ``patch_size``): the settings CLIP and the captioner share."""
+    names = ("steps", "batch_size", "n_embd", "n_layer", "n_head", "image_size", "patch_size")
+    for name in names:
+        value = getattr(config, name)
+        if not isinstance(value, int) or value < 1:
+            raise LmarchError(f"{name} must be a positive integer, got {value!r}")
+    if config.n_embd % config.n_head:
+        raise LmarchError(f"n_embd ({config.n_embd}) must be divisible by n_head ({config.n_head})")
+    if config.image_size % config.patch_size or config.image_size < 8:
+        raise LmarchError(
+            f"image_size ({config.image_size}) must be a multiple of patch_size "
+            f"({config.patch_size}) and at least 8"
+        )
+
+
 @dataclass
 class ClipTrainConfig:
     """A CLIP trained from scratch on the shapes set (defaults: a CPU-minute run)."""
@@ -61,19 +79,9 @@ class ClipTrainConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "n_embd", "n_layer", "n_head", "image_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise LmarchError(f"{name} must be a positive integer, got {value!r}")
+        check_small_vision_config(self)
         if self.batch_size < 2:
             raise LmarchError("batch_size must be at least 2 (a contrastive batch needs negatives)")
-        if self.n_embd % self.n_head:
-            raise LmarchError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
-        if self.image_size % self.patch_size or self.image_size < 8:
-            raise LmarchError(
-                f"image_size ({self.image_size}) must be a multiple of patch_size "
-                f"({self.patch_size}) and at least 8"
-            )
 
 
 @dataclass
