@@ -1,5 +1,6 @@
 """One way to load a model: :func:`load` takes a preset with shipped weights, a ``.gguf``
-file, a Hugging Face folder or an lmarch run folder and returns a :class:`LoadedModel`.
+file, a Hugging Face folder or an lmarch run folder (image-text ones too: CLIP, the captioner,
+Flamingo) and returns a :class:`LoadedModel`.
 
     import lmarch
     loaded = lmarch.load("smollm2-135m")          # the GGUF's own Q4 blocks, native kernels
@@ -8,8 +9,8 @@ file, a Hugging Face folder or an lmarch run folder and returns a :class:`Loaded
 
 Layers: resolving and reading files is :mod:`lmarch.loading.sources` (over
 :mod:`lmarch.weights`), choosing and applying quantisation :mod:`lmarch.loading.speed` (over
-:mod:`lmarch.quant` and :mod:`lmarch.native`); which head a model gets is
-:mod:`lmarch.models.heads`.
+:mod:`lmarch.quant` and :mod:`lmarch.native`), reading image-text models
+:mod:`lmarch.loading.vision`; which head a model gets is :mod:`lmarch.models.heads`.
 """
 
 from __future__ import annotations
@@ -20,7 +21,14 @@ from pathlib import Path
 import torch
 
 from lmarch.errors import LmarchError
-from lmarch.loading.model import ChatConvention, LoadedModel, Pooling
+from lmarch.loading.model import (
+    CAPTION,
+    CONTRASTIVE,
+    FLAMINGO,
+    ChatConvention,
+    LoadedModel,
+    Pooling,
+)
 from lmarch.loading.sources import (
     read_classifier,
     read_gguf,
@@ -61,7 +69,9 @@ def load(
     context: int = DEFAULT_CONTEXT,
 ) -> LoadedModel:
     """Load ``spec``: a preset with shipped weights, a ``.gguf`` file, a Hugging Face folder,
-    an ``lmarch train`` run folder or an ``lmarch classify train`` folder.
+    an ``lmarch train`` run folder, an ``lmarch classify train`` folder, or an image-text
+    model (a ``lmarch clip|caption|flamingo train`` run, a Hugging Face CLIP folder:
+    :mod:`lmarch.loading.vision`, float only, with its image ``preprocessor``).
 
     ``quant``: ``"auto"`` (the fastest exact path: a GGUF's own Q4 or Q8 blocks on the native
     kernels when it has them, else float), ``"none"`` (float32), ``"q4"`` / ``"q8"``
@@ -78,6 +88,19 @@ def load(
         from lmarch.loading.finetuned import read_finetuned
 
         return read_finetuned(source, quant, device, dtype, context)
+    if source.kind in ("run", "hf"):
+        from lmarch.loading.vision import read_vision, vision_objective
+
+        objective = vision_objective(source)
+        if objective is not None:
+            loaded = read_vision(source, objective)
+            if quant not in ("auto", "none"):
+                raise LmarchError(
+                    f"{loaded.name} holds {loaded.describe()}: it loads in float (quant none), "
+                    f"not {quant}"
+                )
+            check_vocabulary(loaded)
+            return _place(loaded, device, dtype, start)
     chosen = choose_quant(quant, source.kind, source.path, device, dtype)
     if dtype is not None and chosen != "none":
         raise LmarchError(f"dtype {dtype} is for float models, not quant {chosen!r}")
@@ -94,6 +117,12 @@ def load(
         chosen = accept_stored_quant(loaded.name, loaded.quant, quant)
     quantize_and_accelerate(loaded.model, loaded.quant, chosen)
     loaded.quant = chosen
+    return _place(loaded, device, dtype, start)
+
+
+def _place(
+    loaded: LoadedModel, device: str, dtype: torch.dtype | None, start: float
+) -> LoadedModel:
     if dtype is not None:
         loaded.model.to(dtype)
     if device != "cpu":
@@ -103,7 +132,10 @@ def load(
 
 
 __all__ = [
+    "CAPTION",
+    "CONTRASTIVE",
     "DEFAULT_CONTEXT",
+    "FLAMINGO",
     "QUANT_CHOICES",
     "ChatConvention",
     "LoadedModel",

@@ -4,6 +4,7 @@ with it, each in a typed field."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from torch import nn
 
@@ -19,6 +20,14 @@ from lmarch.models.heads import (
 )
 from lmarch.tokenizers.base import Tokenizer
 
+if TYPE_CHECKING:
+    from lmarch.data.images import ImagePreprocessor
+
+# image-text objectives, as their run folders name them (lmarch.loading.vision reads them)
+CONTRASTIVE = "contrastive"  # CLIP: lmarch clip train, or a Hugging Face CLIP folder
+CAPTION = "caption"  # a BLIP-style captioner: lmarch caption train
+FLAMINGO = "flamingo"  # a frozen GPT with Flamingo layers: lmarch flamingo train
+
 _DESCRIBED = {
     CAUSAL_LM: "a causal LM",
     MASKED_LM: "a masked-LM",
@@ -27,12 +36,24 @@ _DESCRIBED = {
     TOKEN_CLASSIFIER: "a token classifier",
     QUESTION_ANSWERING: "a question-answering model",
     EMBEDDING: "a sentence encoder",
+    CONTRASTIVE: "a CLIP model",
+    CAPTION: "a captioner",
+    FLAMINGO: "a Flamingo model",
 }
-# what a command can ask for: the objectives (or the family) that satisfy it, and its words
-_NEEDS: dict[str, tuple[str, str]] = {
-    "causal-lm": ("objective", "a causal LM"),
-    "encoder": ("family", "a BERT-family encoder"),
-    "classifier": ("objective", "a classifier run (lmarch classify train)"),
+# the command that uses a model of this objective, named in the refusal of any other
+_TRY = {
+    CONTRASTIVE: "lmarch clip zero-shot {name} --image FILE",
+    CAPTION: "lmarch caption run {name} --image FILE",
+    FLAMINGO: "lmarch flamingo ask {name} --image FILE --question TEXT",
+}
+# what a command can ask for: the objective (or family) that satisfies it, and in words
+_NEEDS: dict[str, tuple[str, str, str]] = {
+    "causal-lm": ("objective", CAUSAL_LM, "a causal LM"),
+    "encoder": ("family", "bert", "a BERT-family encoder"),
+    "classifier": ("objective", CLASSIFIER, "a classifier run (lmarch classify train)"),
+    "clip": ("objective", CONTRASTIVE, "a CLIP model (lmarch clip train, or an HF CLIP folder)"),
+    "captioner": ("objective", CAPTION, "a captioner (lmarch caption train)"),
+    "flamingo": ("objective", FLAMINGO, "a Flamingo run (lmarch flamingo train)"),
 }
 
 
@@ -66,7 +87,9 @@ class LoadedModel:
     one of :data:`lmarch.models.heads.OBJECTIVES`; ``pooling`` is set for encoders, ``labels`` for classifiers;
     ``quant`` is the quantisation actually used (``"none"``, ``"q4"``, ...), ``load_s`` the
     seconds loading took. ``compile_decode`` is set by
-    :func:`lmarch.tasks.generate.prepare_for_decoding`.
+    :func:`lmarch.tasks.generate.prepare_for_decoding`. Image-text models (objectives
+    ``contrastive``, ``caption``, ``flamingo``) carry the ``preprocessor`` that turns images
+    into their pixels.
     """
 
     model: nn.Module
@@ -80,6 +103,7 @@ class LoadedModel:
     quant: str = "none"
     load_s: float = 0.0
     compile_decode: bool = False
+    preprocessor: ImagePreprocessor | None = None
 
     @property
     def chat_template(self) -> str | None:
@@ -116,18 +140,26 @@ class LoadedModel:
         """Return ``self`` if ``command`` can use this model, else raise one line saying why.
 
         ``need`` is ``"causal-lm"`` (generate, chat, sample, eval), ``"encoder"`` (embed,
-        search, classify train: any BERT-family model) or ``"classifier"`` (classify predict).
+        search, classify train: any BERT-family model), ``"classifier"`` (classify predict),
+        ``"clip"``, ``"captioner"`` or ``"flamingo"`` (the image-text commands). An image-text
+        model refused elsewhere names the command that takes it.
         """
         if need not in _NEEDS:
             raise ValueError(f"unknown need {need!r}; one of {sorted(_NEEDS)}")
-        kind, words = _NEEDS[need]
-        ok = self.family == "bert" if kind == "family" else self.objective == need
-        if not ok:
-            raise LmarchError(f"{self.name} holds {self.describe()}; {command} needs {words}")
+        field_name, wanted, words = _NEEDS[need]
+        if getattr(self, field_name) != wanted:
+            hint = _TRY[self.objective].format(name=self.name) if self.objective in _TRY else None
+            raise LmarchError(
+                f"{self.name} holds {self.describe()}; {command} needs {words}",
+                hint=None if hint is None else f"try {hint}",
+            )
         return self
 
 
 __all__ = [
+    "CAPTION",
+    "CONTRASTIVE",
+    "FLAMINGO",
     "ChatConvention",
     "LoadedModel",
     "Pooling",

@@ -33,11 +33,12 @@ from torch import Tensor
 from lmarch.data.images import ImagePreprocessor
 from lmarch.data.shapes import ShapeExample, shapes_dataset, to_pixels
 from lmarch.errors import LmarchError
+from lmarch.loading.model import CAPTION
 from lmarch.models.blip import Blip, BlipConfig
 from lmarch.models.vit import ViTConfig
 from lmarch.tokenizers.clip_bpe import BOS, EOS
 
-OBJECTIVE = "caption"
+OBJECTIVE = CAPTION
 IGNORE_INDEX = -100
 
 
@@ -234,28 +235,11 @@ def train_captioner(
 
 
 def load_captioner(spec: str | Path) -> Captioner:
-    """A captioner from a ``lmarch caption train`` run folder."""
-    from lmarch.tokenizers.base import load_tokenizer
-    from lmarch.weights.checkpoint import find_checkpoint, read_json
-    from lmarch.weights.safetensors_io import load_into_model, load_tensors
+    """A captioner from a ``lmarch caption train`` run folder, read by :func:`lmarch.load`."""
+    from lmarch.loading import load
 
-    folder = Path(spec)
-    config = read_json(folder / "config.json") if (folder / "config.json").is_file() else None
-    if not isinstance(config, dict) or config.get("objective") != OBJECTIVE:
-        raise LmarchError(
-            f"no captioner at {spec}", hint="a run folder written by 'lmarch caption train'"
-        )
-    values = {k: v for k, v in config["model"].items() if k != "family"}
-    model = Blip(BlipConfig(**values))
-    ckpt = find_checkpoint(folder)
-    if ckpt is None:
-        raise LmarchError(f"{folder} has no checkpoint", hint="did training finish?")
-    load_into_model(model, load_tensors(ckpt / "model.safetensors"), source=str(ckpt))
-    image = config.get("image") or {}
-    preprocessor = ImagePreprocessor(
-        **{k: tuple(v) if isinstance(v, list) else v for k, v in image.items()}
-    )
-    return Captioner(model.eval(), load_tokenizer(folder / "tokenizer.json"), preprocessor)
+    loaded = load(spec, quant="none").require("captioner", "lmarch caption")
+    return Captioner(loaded.model, loaded.tokenizer, loaded.preprocessor)
 
 
 def caption_scores(hypotheses: Sequence[str], references: Sequence[str]) -> dict[str, float]:

@@ -12,7 +12,8 @@ with the same caption: images that look alike share captions).
 
 A trained run is a folder like any other lmarch run (``checkpoint/model.safetensors``,
 ``tokenizer.json``, ``config.json`` with ``"objective": "contrastive"``); a Hugging Face CLIP
-folder loads too (:func:`load_clip`), with its own tokenizer and image preprocessing.
+folder loads too; both through :func:`lmarch.load` (:func:`load_clip` wraps it), with their
+own tokenizer and image preprocessing.
 """
 
 from __future__ import annotations
@@ -31,14 +32,15 @@ from torch import Tensor
 from lmarch.data.images import ImagePreprocessor
 from lmarch.data.shapes import RELATIONS, all_pairs, describe, shapes_dataset, to_pixels
 from lmarch.errors import LmarchError
+from lmarch.loading.model import CONTRASTIVE
 from lmarch.models.clip import CLIP, CLIPConfig
-from lmarch.models.registry import config_from_dict, config_to_dict
+from lmarch.models.registry import config_to_dict
 from lmarch.models.vit import ViTConfig
 from lmarch.tokenizers.bpe import bytes_to_unicode
 from lmarch.tokenizers.clip_bpe import BOS, EOS, clip_pipeline
 from lmarch.tokenizers.hf_fallback import HFTokenizersFallback
 
-OBJECTIVE = "contrastive"
+OBJECTIVE = CONTRASTIVE
 # the shapes' pixels: 0..255 -> -1..1 (lmarch.data.shapes.to_pixels), as a preprocessor
 SHAPES_PREPROCESSOR = dict(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), do_center_crop=True)
 
@@ -234,46 +236,11 @@ def shapes_preprocessor(image_size: int) -> ImagePreprocessor:
 
 def load_clip(spec: str | Path) -> ClipModel:
     """A CLIP from a ``lmarch clip train`` run folder or a Hugging Face CLIP folder (with its
-    tokenizer and ``preprocessor_config.json``)."""
-    from lmarch.tokenizers.base import load_tokenizer
-    from lmarch.weights.checkpoint import read_json
+    tokenizer and ``preprocessor_config.json``), read by :func:`lmarch.load`."""
+    from lmarch.loading import load
 
-    folder = Path(spec)
-    if not (folder / "config.json").is_file():
-        raise LmarchError(
-            f"no CLIP model at {spec}",
-            hint="a folder from 'lmarch clip train' or a Hugging Face CLIP folder",
-        )
-    config = read_json(folder / "config.json")
-    if isinstance(config, dict) and config.get("objective") == OBJECTIVE:
-        from lmarch.weights.checkpoint import find_checkpoint
-        from lmarch.weights.safetensors_io import load_into_model, load_tensors
-
-        model_config = config_from_dict(config["model"])
-        if not isinstance(model_config, CLIPConfig):
-            raise LmarchError(f"{folder}: the run's model is not a CLIP")
-        model = CLIP(model_config)
-        ckpt = find_checkpoint(folder)
-        if ckpt is None:
-            raise LmarchError(f"{folder} has no checkpoint", hint="did training finish?")
-        load_into_model(model, load_tensors(ckpt / "model.safetensors"), source=str(ckpt))
-        tokenizer = load_tokenizer(folder / "tokenizer.json")
-        image = config.get("image") or {}
-        preprocessor = ImagePreprocessor(
-            **{k: tuple(v) if isinstance(v, list) else v for k, v in image.items()}
-        )
-        return ClipModel(model.eval(), tokenizer, preprocessor, folder.name)
-    if isinstance(config, dict) and config.get("model_type") == "clip":
-        from lmarch.tokenizers.clip_bpe import clip_tokenizer_from_hf_folder
-        from lmarch.weights.hf_clip import load_hf_clip
-
-        model = load_hf_clip(folder).eval()
-        tokenizer = clip_tokenizer_from_hf_folder(folder)
-        return ClipModel(model, tokenizer, ImagePreprocessor.from_hf_folder(folder), folder.name)
-    raise LmarchError(
-        f"{folder} is neither a 'lmarch clip train' run nor a Hugging Face CLIP folder",
-        hint="its config.json has no objective 'contrastive' or model_type 'clip'",
-    )
+    loaded = load(spec, quant="none").require("clip", "lmarch clip")
+    return ClipModel(loaded.model, loaded.tokenizer, loaded.preprocessor, loaded.name)
 
 
 def zero_shot(run: ClipModel, pixels: Tensor, labels: Sequence[str]) -> Tensor:

@@ -43,11 +43,12 @@ from lmarch.data.shapes import (
     to_pixels,
 )
 from lmarch.errors import LmarchError
+from lmarch.loading.model import FLAMINGO
 from lmarch.models.gpt import GPT, GPTConfig
-from lmarch.models.vit import ViT, ViTConfig
+from lmarch.models.vit import ViT
 from lmarch.peft.flamingo import FlamingoAdapter, add_flamingo
 
-OBJECTIVE = "flamingo"
+OBJECTIVE = FLAMINGO
 IGNORE_INDEX = -100
 GATE_LR_SCALE = 10.0
 
@@ -276,36 +277,12 @@ def _update_config(folder: Path, values: dict[str, Any]) -> None:
 
 
 def load_flamingo(spec: str | Path) -> FlamingoQA:
-    """The model of a ``lmarch flamingo train`` run folder."""
-    from lmarch.models.registry import config_from_dict
-    from lmarch.tokenizers.base import load_tokenizer
-    from lmarch.weights.checkpoint import find_checkpoint, read_json
-    from lmarch.weights.safetensors_io import load_into_model, load_tensors
+    """The model of a ``lmarch flamingo train`` run folder, read by :func:`lmarch.load`."""
+    from lmarch.loading import load
 
-    folder = Path(spec)
-    config = read_json(folder / "config.json") if (folder / "config.json").is_file() else None
-    ckpt = find_checkpoint(folder) if folder.is_dir() else None
-    if not isinstance(config, dict) or config.get("objective") != OBJECTIVE or ckpt is None:
-        raise LmarchError(
-            f"no Flamingo run at {spec}", hint="a run folder written by 'lmarch flamingo train'"
-        )
-    settings = FlamingoTrainConfig(**config["flamingo"])
-    lm = GPT(config_from_dict(config["model"]))
-    load_into_model(lm, load_tensors(ckpt / "model.safetensors"), source=str(ckpt))
-    vision = ViT(ViTConfig(**config["vision"]))
-    adapter = add_flamingo(
-        lm, vision.config.n_embd, n_latents=settings.n_latents, n_head=settings.n_head
-    )
-    tensors = load_tensors(folder / "adapter.safetensors")
-    for prefix, module in (("vision.", vision), ("adapter.", adapter)):
-        part = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
-        load_into_model(module, part, source=str(folder / "adapter.safetensors"))
-    image = config.get("image") or {}
-    preprocessor = ImagePreprocessor(
-        **{k: tuple(v) if isinstance(v, list) else v for k, v in image.items()}
-    )
-    tokenizer = load_tokenizer(folder / "tokenizer.json")
-    return FlamingoQA(lm.eval(), vision.eval(), adapter.eval(), tokenizer, preprocessor)
+    loaded = load(spec, quant="none").require("flamingo", "lmarch flamingo")
+    m = loaded.model
+    return FlamingoQA(m.lm, m.vision, m.adapter, loaded.tokenizer, loaded.preprocessor)
 
 
 def qa_examples(

@@ -126,8 +126,8 @@ def test_answer_labels_mark_only_the_answer_word():
 
 
 def test_bad_input_is_one_line(cli, tmp_path):
-    assert "no captioner at" in cli.error("caption", "run", tmp_path, "--image", "x.png")
-    assert "no Flamingo run at" in cli.error("flamingo", "eval", tmp_path)
+    assert "no model at" in cli.error("caption", "run", tmp_path, "--image", "x.png")
+    assert "no model at" in cli.error("flamingo", "eval", tmp_path)
     assert "batch_size must be at least 4" in cli.error(
         "caption", "train", "--out", tmp_path / "r", "--batch-size", "2"
     )

@@ -1,0 +1,159 @@
+"""``lmarch.load`` opens image-text models: a ``lmarch clip train`` run, a captioner run, a
+Flamingo run (each trained one step, tiny) and a Hugging Face CLIP folder written by
+transformers. The loaded models compute bit for bit what the trained models held in memory at
+the end of training (and what the task loaders, now wrappers over ``lmarch.load``, give); the
+HF folder matches transformers' features (1e-5); the wrong use is refused in one line naming
+the command that takes the model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+
+import lmarch
+from lmarch.data.shapes import shapes_dataset, to_pixels
+from lmarch.errors import LmarchError
+from lmarch.tasks import caption, clip, flamingo
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+TINY = dict(batch_size=4, n_embd=16, n_layer=1, n_head=2, image_size=16, patch_size=8)
+
+
+def _recording(cls: type, made: list) -> type:
+    """``cls`` as a subclass that keeps every instance the training code builds."""
+
+    class Recorded(cls):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    return Recorded
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """One training step of each (about 1 s together): run folder -> the task's in-memory
+    object at the end of training (ClipModel, Captioner, FlamingoQA)."""
+    root = tmp_path_factory.mktemp("vision")
+    trained = {}
+    with pytest.MonkeyPatch.context() as mp:
+        for module, cls, train, config in (
+            (clip, "ClipModel", clip.train_clip, clip.ClipTrainConfig(steps=1, **TINY)),
+            (caption, "Captioner", caption.train_captioner,
+             caption.CaptionTrainConfig(steps=1, **TINY)),
+            (flamingo, "FlamingoQA", flamingo.train_flamingo,
+             flamingo.FlamingoTrainConfig(clip_steps=1, lm_steps=1, steps=1, n_latents=2, **TINY)),
+        ):  # fmt: skip
+            made: list = []
+            mp.setattr(module, cls, _recording(getattr(module, cls), made))
+            out = root / cls.lower()
+            train(config, out)
+            trained[module.OBJECTIVE] = (out, made[-1])
+    return trained
+
+
+def _batch(size: int):
+    examples = shapes_dataset(4, 1, "test", 2, size)
+    return to_pixels(examples), [e.caption for e in examples]
+
+
+@torch.no_grad()
+def test_clip_run_loads_bit_identical(runs) -> None:
+    out, trained = runs["contrastive"]
+    loaded = lmarch.load(out)
+    assert (loaded.family, loaded.objective, loaded.quant) == ("clip", "contrastive", "none")
+    assert loaded.preprocessor == trained.preprocessor == clip.shapes_preprocessor(16)
+    pixels, captions = _batch(16)
+    ids, mask = trained.encode_texts(captions)
+    for run in (loaded, clip.load_clip(out)):
+        assert torch.equal(run.model.image_features(pixels), trained.model.image_features(pixels))
+        got = run.model.text_features(ids, mask)
+        assert torch.equal(got, trained.model.text_features(ids, mask))
+        assert torch.equal(run.model.logit_scale, trained.model.logit_scale)
+    assert loaded.tokenizer.encode(captions[0]) == trained.tokenizer.encode(captions[0])
+
+
+@torch.no_grad()
+def test_captioner_run_loads_bit_identical(runs) -> None:
+    out, trained = runs["caption"]
+    loaded = lmarch.load(out)
+    assert (loaded.family, loaded.objective) == ("blip", "caption")
+    assert loaded.preprocessor == trained.preprocessor
+    pixels, captions = _batch(16)
+    ids, _ = trained.encode_captions(captions)
+    expected = trained.model.eval()(pixels, ids)
+    assert torch.equal(loaded.model(pixels, ids), expected)
+    wrapped = caption.load_captioner(out)
+    assert torch.equal(wrapped.model(pixels, ids), expected)
+    assert wrapped.caption(pixels) == trained.caption(pixels)
+
+
+@torch.no_grad()
+def test_flamingo_run_loads_bit_identical(runs) -> None:
+    out, trained = runs["flamingo"]
+    loaded = lmarch.load(out)
+    assert (loaded.family, loaded.objective) == ("gpt", "flamingo")
+    assert loaded.preprocessor == trained.preprocessor
+    pixels, captions = _batch(16)
+    ids, _ = trained.encode(captions)
+    for x in (pixels, None):  # with the image, and the frozen LM alone
+        expected = trained.logits(x, ids)
+        assert torch.equal(loaded.model(ids, x), expected)
+        assert torch.equal(flamingo.load_flamingo(out).logits(x, ids), expected)
+    assert loaded.model.adapter.gates() == trained.adapter.gates()
+
+
+def test_wrong_use_names_the_right_command(runs) -> None:
+    out = runs["contrastive"][0]
+    with pytest.raises(LmarchError) as err:
+        lmarch.load(out).require("causal-lm", "generate")
+    assert str(err.value) == (
+        f"{out} holds a CLIP model (clip); generate needs a causal LM "
+        f"(hint: try lmarch clip zero-shot {out} --image FILE)"
+    )
+    with pytest.raises(LmarchError, match=r"needs a captioner \(lmarch caption train\) "
+                       r"\(hint: try lmarch flamingo ask .* --question TEXT\)$"):  # fmt: skip
+        caption.load_captioner(runs["flamingo"][0])
+    with pytest.raises(LmarchError, match="a CLIP model .* loads in float .*, not int8$"):
+        lmarch.load(out, quant="int8")
+
+
+def test_cli_refuses_a_clip_run_in_generate(runs, cli) -> None:
+    out = runs["contrastive"][0]
+    assert cli.error("generate", out, "hello").endswith(
+        f"holds a CLIP model (clip); generate needs a causal LM "
+        f"(hint: try lmarch clip zero-shot {out} --image FILE)"
+    )
+
+
+@torch.no_grad()
+def test_hf_clip_folder_loads_as_transformers_computes(tmp_path) -> None:
+    """A CLIP folder written by transformers (random, tiny; the shapes' tokenizer beside it):
+    lmarch.load's scores and unit image and text embeddings equal CLIPModel's (1e-5)."""
+    tokenizer = clip.shapes_tokenizer()
+    eos = tokenizer.token_to_id("<|endoftext|>")
+    torch.manual_seed(0)
+    config = transformers.CLIPConfig(
+        text_config=dict(vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=40,
+                         num_hidden_layers=1, num_attention_heads=4, max_position_embeddings=16,
+                         eos_token_id=eos, bos_token_id=eos - 1, pad_token_id=eos),
+        vision_config=dict(image_size=16, patch_size=8, hidden_size=32, intermediate_size=40,
+                           num_hidden_layers=1, num_attention_heads=4),
+        projection_dim=16,
+    )  # fmt: skip
+    theirs = transformers.CLIPModel(config).eval()
+    theirs.save_pretrained(tmp_path)
+    tokenizer.to_hf_tokenizer().save(str(tmp_path / "tokenizer.json"))  # the library's format
+    loaded = lmarch.load(tmp_path)
+    assert (loaded.name, loaded.family, loaded.objective) == (str(tmp_path), "clip", "contrastive")
+    pixels, captions = _batch(16)
+    batch = tokenizer.encode_batch(captions, max_length=16)
+    ids, mask = torch.tensor(batch["input_ids"]), torch.tensor(batch["attention_mask"])
+    ref = theirs(input_ids=ids, attention_mask=mask, pixel_values=pixels)
+    got = loaded.model(ids, pixels, mask)
+    torch.testing.assert_close(got.logits_per_image, ref.logits_per_image, atol=1e-5, rtol=0)
+    unit = torch.nn.functional.normalize
+    for mine, hf in ((loaded.model.image_features(pixels), ref.image_embeds),
+                     (loaded.model.text_features(ids, mask), ref.text_embeds)):  # fmt: skip
+        torch.testing.assert_close(unit(mine, dim=-1), hf, atol=1e-5, rtol=0)
