@@ -87,62 +87,62 @@ VIT_FIELDS = HFConfigFields(
 )  # fmt: skip
 
 
-def _layer_rules(attn: str, q: str, k: str, v: str, o: str, n1: str, n2: str, f1: str, f2: str):
-    """The per-block rules shared by every tower (their names given relative to the block)."""
-    return [
-        Rule("blocks.{i}.norm_attn.weight", f"{n1}.weight"),
-        Rule("blocks.{i}.norm_attn.bias", f"{n1}.bias"),
-        Rule("blocks.{i}.attn.qkv.weight", (f"{attn}{q}.weight", f"{attn}{k}.weight", f"{attn}{v}.weight")),
-        Rule("blocks.{i}.attn.qkv.bias", (f"{attn}{q}.bias", f"{attn}{k}.bias", f"{attn}{v}.bias")),
-        Rule("blocks.{i}.attn.out.weight", f"{o}.weight"),
-        Rule("blocks.{i}.attn.out.bias", f"{o}.bias"),
-        Rule("blocks.{i}.norm_ffn.weight", f"{n2}.weight"),
-        Rule("blocks.{i}.norm_ffn.bias", f"{n2}.bias"),
-        Rule("blocks.{i}.ffn.fc_in.weight", f"{f1}.weight"),
-        Rule("blocks.{i}.ffn.fc_in.bias", f"{f1}.bias"),
-        Rule("blocks.{i}.ffn.fc_out.weight", f"{f2}.weight"),
-        Rule("blocks.{i}.ffn.fc_out.bias", f"{f2}.bias"),
-    ]  # fmt: skip
+def _pair(ours: str, theirs: str) -> list[Rule]:
+    """A layer's weight and bias."""
+    return [Rule(f"{ours}.{x}", f"{theirs}.{x}") for x in ("weight", "bias")]
 
 
-def _clip_layer_rules(p: str) -> list[Rule]:
+def _layer_rules(layer: str, attn: str, qkv: tuple[str, str, str], modules: tuple) -> list[Rule]:
+    """The per-block rules shared by every tower: their block prefix ``layer``, their
+    attention prefix and q/k/v names, and theirs for our (attn.out, norm_attn, norm_ffn,
+    ffn.fc_in, ffn.fc_out)."""
+    ours = ("attn.out", "norm_attn", "norm_ffn", "ffn.fc_in", "ffn.fc_out")
+    fused = [
+        Rule(f"blocks.{{i}}.attn.qkv.{x}", tuple(f"{layer}{attn}{n}.{x}" for n in qkv))
+        for x in ("weight", "bias")
+    ]
+    return fused + [r for o, t in zip(ours, modules) for r in _pair(f"blocks.{{i}}.{o}", layer + t)]
+
+
+_CLIP_LAYER = ("self_attn.out_proj", "layer_norm1", "layer_norm2", "mlp.fc1", "mlp.fc2")
+# each CLIP tower's own tensors around the shared blocks: ours -> theirs (under the tower's
+# prefix), single tensors and weight + bias pairs
+_CLIP_TOWERS = {
+    "vision": (
+        {"class_token": "embeddings.class_embedding",
+         "patch_embed.weight": "embeddings.patch_embedding.weight",
+         "positions.weight": "embeddings.position_embedding.weight"},
+        {"embed_norm": "pre_layrnorm", "norm": "post_layernorm"},
+    ),
+    "text": (
+        {"tokens.weight": "embeddings.token_embedding.weight",
+         "positions.weight": "embeddings.position_embedding.weight"},
+        {"norm": "final_layer_norm"},
+    ),
+}  # fmt: skip
+
+
+def _clip_tower_map(tower: str, p: str) -> WeightMap:
+    tensors, pairs = _CLIP_TOWERS[tower]
     layer = f"{p}encoder.layers.{{i}}."
-    return [
-        Rule(r.ours, tuple(layer + t for t in r.parts) if isinstance(r.theirs, tuple) else layer + r.theirs)
-        for r in _layer_rules("self_attn.", "q_proj", "k_proj", "v_proj", "self_attn.out_proj",
-                              "layer_norm1", "layer_norm2", "mlp.fc1", "mlp.fc2")
-    ]  # fmt: skip
+    return WeightMap(
+        [
+            *(Rule(ours, p + theirs) for ours, theirs in tensors.items()),
+            *(r for ours, theirs in pairs.items() for r in _pair(ours, p + theirs)),
+            *_layer_rules(layer, "self_attn.", ("q_proj", "k_proj", "v_proj"), _CLIP_LAYER),
+        ],
+        ignore=[r"position_ids$"],
+    )
 
 
 def clip_vision_map(p: str = "vision_model.") -> WeightMap:
     """Our CLIP image tower (:class:`~lmarch.models.vit.ViT`, variant "clip") <-> theirs."""
-    return WeightMap(
-        [
-            Rule("class_token", f"{p}embeddings.class_embedding"),
-            Rule("patch_embed.weight", f"{p}embeddings.patch_embedding.weight"),
-            Rule("positions.weight", f"{p}embeddings.position_embedding.weight"),
-            Rule("embed_norm.weight", f"{p}pre_layrnorm.weight"),
-            Rule("embed_norm.bias", f"{p}pre_layrnorm.bias"),
-            *_clip_layer_rules(p),
-            Rule("norm.weight", f"{p}post_layernorm.weight"),
-            Rule("norm.bias", f"{p}post_layernorm.bias"),
-        ],
-        ignore=[r"position_ids$"],
-    )
+    return _clip_tower_map("vision", p)
 
 
 def clip_text_map(p: str = "text_model.") -> WeightMap:
     """Our CLIP text tower <-> theirs."""
-    return WeightMap(
-        [
-            Rule("tokens.weight", f"{p}embeddings.token_embedding.weight"),
-            Rule("positions.weight", f"{p}embeddings.position_embedding.weight"),
-            *_clip_layer_rules(p),
-            Rule("norm.weight", f"{p}final_layer_norm.weight"),
-            Rule("norm.bias", f"{p}final_layer_norm.bias"),
-        ],
-        ignore=[r"position_ids$"],
-    )
+    return _clip_tower_map("text", p)
 
 
 def _flatten(t: Tensor) -> Tensor:
@@ -152,13 +152,11 @@ def _flatten(t: Tensor) -> Tensor:
 def vit_map(pooler: bool, qkv_bias: bool = True) -> WeightMap:
     """Our ViT (variant "vit") <-> transformers' ``ViTModel`` (with its pooler and q/k/v biases
     or without)."""
-    layer = "encoder.layer.{i}."
-    rules = [
-        Rule(r.ours, tuple(layer + t for t in r.parts) if isinstance(r.theirs, tuple) else layer + r.theirs)
-        for r in _layer_rules("attention.attention.", "query", "key", "value",
-                              "attention.output.dense", "layernorm_before", "layernorm_after",
-                              "intermediate.dense", "output.dense")
-    ]  # fmt: skip
+    rules = _layer_rules(
+        "encoder.layer.{i}.", "attention.attention.", ("query", "key", "value"),
+        ("attention.output.dense", "layernorm_before", "layernorm_after", "intermediate.dense",
+         "output.dense"),
+    )  # fmt: skip
     if not qkv_bias:
         rules = [r for r in rules if r.ours != "blocks.{i}.attn.qkv.bias"]
     return WeightMap(
@@ -171,10 +169,8 @@ def vit_map(pooler: bool, qkv_bias: bool = True) -> WeightMap:
                  load_fns=(lambda t: t.reshape(t.shape[-2], t.shape[-1]),),
                  save_fns=(lambda t: t.unsqueeze(0),)),
             *rules,
-            Rule("norm.weight", "layernorm.weight"),
-            Rule("norm.bias", "layernorm.bias"),
-            *([Rule("pooler.weight", "pooler.dense.weight"),
-               Rule("pooler.bias", "pooler.dense.bias")] if pooler else []),
+            *_pair("norm", "layernorm"),
+            *(_pair("pooler", "pooler.dense") if pooler else []),
         ],
         ignore=[r"mask_token$"],  # masked-image-modelling's input token, unused by ViTModel
     )  # fmt: skip
@@ -201,8 +197,26 @@ def _square(hf: dict[str, Any], key: str, default: int, where: str) -> int:
     return value
 
 
-_VISION_NAMES = {"n_embd": "hidden_size", "n_layer": "num_hidden_layers", "n_head":
-                 "num_attention_heads", "n_channels": "num_channels"}  # fmt: skip
+# our name -> transformers' of the fields every tower shares (error messages use them too)
+_TOWER_NAMES = {"n_embd": "hidden_size", "n_layer": "num_hidden_layers", "n_head":
+                "num_attention_heads", "intermediate_size": "intermediate_size",
+                "layer_norm_eps": "layer_norm_eps"}  # fmt: skip
+_VISION_NAMES = {**_TOWER_NAMES, "n_channels": "num_channels"}
+# transformers' defaults of those fields, then of hidden_act, for each kind of tower
+_TOWER_DEFAULTS = {"text": (512, 12, 8, 2048, 1e-5, "quick_gelu"),
+                   "vision": (768, 12, 12, 3072, 1e-5, "quick_gelu"),
+                   "vit": (768, 12, 12, 3072, 1e-12, "gelu")}  # fmt: skip
+
+
+def _tower_from_hf(hf: dict[str, Any], tower: str, where: str) -> dict[str, Any]:
+    *defaults, act = _TOWER_DEFAULTS[tower]
+    values = {ours: hf.get(theirs, d) for (ours, theirs), d in zip(_TOWER_NAMES.items(), defaults)}
+    return {**values, "activation": _activation(hf, act, where)}
+
+
+def _tower_to_hf(c: Any) -> dict[str, Any]:
+    values = {theirs: getattr(c, ours) for ours, theirs in _TOWER_NAMES.items()}
+    return {**values, "hidden_act": _ACT_TO_HF[c.activation]}
 
 
 def clip_vision_config_from_hf(hf: dict[str, Any], where: str = "config.json") -> ViTConfig:
@@ -213,12 +227,7 @@ def clip_vision_config_from_hf(hf: dict[str, Any], where: str = "config.json") -
         image_size=_square(hf, "image_size", 224, where),
         patch_size=_square(hf, "patch_size", 32, where),
         n_channels=hf.get("num_channels", 3),
-        n_layer=hf.get("num_hidden_layers", 12),
-        n_head=hf.get("num_attention_heads", 12),
-        n_embd=hf.get("hidden_size", 768),
-        intermediate_size=hf.get("intermediate_size", 3072),
-        activation=_activation(hf, "quick_gelu", where),
-        layer_norm_eps=hf.get("layer_norm_eps", 1e-5),
+        **_tower_from_hf(hf, "vision", where),
     )
     return build_config(lambda: clip_vision_config(**values), _VISION_NAMES, where, "CLIP vision")
 
@@ -233,12 +242,7 @@ def clip_config_from_hf(hf: dict[str, Any], where: str = "config.json") -> CLIPC
     values = dict(
         vocab_size=text.get("vocab_size", 49408),
         block_size=text.get("max_position_embeddings", 77),
-        n_layer=text.get("num_hidden_layers", 12),
-        n_head=text.get("num_attention_heads", 8),
-        n_embd=text.get("hidden_size", 512),
-        intermediate_size=text.get("intermediate_size", 2048),
-        activation=_activation(text, "quick_gelu", f"{where} text_config"),
-        layer_norm_eps=text.get("layer_norm_eps", 1e-5),
+        **_tower_from_hf(text, "text", f"{where} text_config"),
         eos_token_id=text.get("eos_token_id", 49407),
         pad_token_id=text.get("pad_token_id", 1),
         projection_dim=hf.get("projection_dim", 512),
@@ -251,22 +255,16 @@ def clip_config_from_hf(hf: dict[str, Any], where: str = "config.json") -> CLIPC
 def vit_config_from_hf(hf: dict[str, Any], where: str = "config.json") -> ViTConfig:
     """Our ViTConfig (variant "vit") from a transformers ``ViTConfig`` dict."""
     VIT_FIELDS.check(hf, where)
-    hidden = hf.get("hidden_size", 768)
-    if hf.get("pooler_output_size", hidden) != hidden:
+    values = _tower_from_hf(hf, "vit", where)
+    if hf.get("pooler_output_size", values["n_embd"]) != values["n_embd"]:
         raise LmarchError(
             f"{where}: ViT pooler_output_size={hf['pooler_output_size']!r} is not supported",
             hint="lmarch implements a pooler as wide as hidden_size",
         )
-    values = dict(
+    values.update(
         image_size=_square(hf, "image_size", 224, where),
         patch_size=_square(hf, "patch_size", 16, where),
         n_channels=hf.get("num_channels", 3),
-        n_layer=hf.get("num_hidden_layers", 12),
-        n_head=hf.get("num_attention_heads", 12),
-        n_embd=hidden,
-        intermediate_size=hf.get("intermediate_size", 3072),
-        activation=_activation(hf, "gelu", where),
-        layer_norm_eps=hf.get("layer_norm_eps", 1e-12),
         qkv_bias=hf.get("qkv_bias", True),
     )
     return build_config(lambda: ViTConfig(**values), _VISION_NAMES, where, "ViT")
@@ -274,6 +272,14 @@ def vit_config_from_hf(hf: dict[str, Any], where: str = "config.json") -> ViTCon
 
 def _part(tensors: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
     return {k: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
+def _towers(config: CLIPConfig) -> list[tuple[str, str, WeightMap, Any]]:
+    """(our prefix, theirs, the name map, the tower's config) of each CLIP tower."""
+    return [
+        ("vision.", "vision_model.", clip_vision_map(), config.vision),
+        ("text.", "text_model.", clip_text_map(), config),
+    ]
 
 
 def load_hf_clip(folder: str | Path) -> CLIP:
@@ -300,9 +306,10 @@ def load_hf_clip(folder: str | Path) -> CLIP:
     if extra:
         raise LmarchError(f"{source}: unexpected tensors {extra[:5]}")
     ours = {
-        **{f"vision.{k}": v for k, v in clip_vision_map().to_ours(_part(theirs, "vision_model."), config.vision.n_layer, source).items()},
-        **{f"text.{k}": v for k, v in clip_text_map().to_ours(_part(theirs, "text_model."), config.n_layer, source).items()},
-    }  # fmt: skip
+        mine + k: v
+        for mine, prefix, names, tower in _towers(config)
+        for k, v in names.to_ours(_part(theirs, prefix), tower.n_layer, source).items()
+    }
     for name in ("visual_projection.weight", "text_projection.weight", "logit_scale"):
         if name not in theirs:
             raise LmarchError(f"{source}: tensor {name!r} is missing")
@@ -362,28 +369,18 @@ def clip_config_to_hf(config: CLIPConfig) -> dict[str, Any]:
         "projection_dim": config.projection_dim,
         "text_config": {
             "model_type": "clip_text_model",
+            **_tower_to_hf(config),
             "vocab_size": config.vocab_size,
-            "hidden_size": config.n_embd,
-            "intermediate_size": config.intermediate_size,
-            "num_hidden_layers": config.n_layer,
-            "num_attention_heads": config.n_head,
             "max_position_embeddings": config.block_size,
-            "hidden_act": _ACT_TO_HF[config.activation],
-            "layer_norm_eps": config.layer_norm_eps,
             "eos_token_id": config.eos_token_id,
             "pad_token_id": config.pad_token_id,
         },
         "vision_config": {
             "model_type": "clip_vision_model",
-            "hidden_size": v.n_embd,
-            "intermediate_size": v.intermediate_size,
-            "num_hidden_layers": v.n_layer,
-            "num_attention_heads": v.n_head,
+            **_tower_to_hf(v),
             "num_channels": v.n_channels,
             "image_size": v.image_size,
             "patch_size": v.patch_size,
-            "hidden_act": _ACT_TO_HF[v.activation],
-            "layer_norm_eps": v.layer_norm_eps,
         },
     }
 
@@ -392,15 +389,11 @@ def save_hf_clip(model: CLIP, folder: str | Path) -> None:
     """Write ``model`` as a transformers ``CLIPModel`` folder (config.json + model.safetensors)."""
     c = model.config
     ours = unique_state_dict(model)
-    sizes = {
-        "blocks.{i}.attn.qkv.weight": (c.n_embd,) * 3,
-        "blocks.{i}.attn.qkv.bias": (c.n_embd,) * 3,
-    }
-    vsizes = {k: (c.vision.n_embd,) * 3 for k in sizes}
-    theirs = {
-        **clip_vision_map().to_theirs(_strip(ours, "vision."), c.vision.n_layer, split_sizes=vsizes),
-        **clip_text_map().to_theirs(_strip(ours, "text."), c.n_layer, split_sizes=sizes),
-    }  # fmt: skip
+    theirs: dict[str, Tensor] = {}
+    for mine, _, names, tower in _towers(c):
+        fused = ("blocks.{i}.attn.qkv.weight", "blocks.{i}.attn.qkv.bias")
+        sizes = dict.fromkeys(fused, (tower.n_embd,) * 3)
+        theirs |= names.to_theirs(_strip(ours, mine), tower.n_layer, split_sizes=sizes)
     for name in ("visual_projection.weight", "text_projection.weight", "logit_scale"):
         theirs[name] = ours[name].contiguous()
     write_hf_folder(folder, clip_config_to_hf(c), theirs)
