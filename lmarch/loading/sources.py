@@ -147,17 +147,26 @@ def read_gguf(source: Source, context: int, blocks: str = "none") -> LoadedModel
 
 
 def read_gguf_gemma3(source: Source, context: int, blocks: str = "none") -> LoadedModel:
-    """A Gemma 3 GGUF file (:mod:`lmarch.weights.gguf_gemma`), dequantised to float32, with its
-    SentencePiece BPE vocabulary; Gemma's turn template when the file carries none."""
+    """A Gemma 3 GGUF file with its SentencePiece BPE vocabulary (Gemma's turn template when
+    the file carries none): ``blocks="q4"`` keeps every matrix's blocks as stored for the
+    native kernels (:mod:`lmarch.quant.gguf_gemma`), ``"none"`` dequantises to float32
+    (:mod:`lmarch.weights.gguf_gemma`)."""
     from lmarch.tokenizers.gguf_spm import GEMMA_TURN_TEMPLATE, spm_tokenizer_from_gguf
-    from lmarch.weights.gguf_gemma import load_gguf_gemma3
 
-    if blocks != "none":
+    if blocks == "q4":
+        from lmarch.quant.gguf_gemma import load_gguf_gemma3_blocks
+
+        model, gguf = load_gguf_gemma3_blocks(source.path, block_size=context)
+    elif blocks == "none":
+        from lmarch.weights.gguf_gemma import load_gguf_gemma3
+
+        model, gguf = load_gguf_gemma3(source.path, block_size=context)
+    else:
         raise LmarchError(
-            f"{source.name}: Gemma 3 files load in float32 here, not as --quant {blocks}",
-            hint="use --quant none (or int8)",
+            f"{source.name}: Gemma 3 files load as --quant q4 (their own blocks) or none "
+            f"(float32), not as --quant {blocks}",
+            hint="use --quant q4, none or int8",
         )
-    model, gguf = load_gguf_gemma3(source.path, block_size=context)
     meta = gguf.metadata
     tokenizer = spm_tokenizer_from_gguf(meta)
     template = meta.get("tokenizer.chat_template")
@@ -173,7 +182,7 @@ def read_gguf_gemma3(source: Source, context: int, blocks: str = "none") -> Load
         add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", True)),
     )
     name = source.name if source.name in CHUNKED_PRESETS else str(meta.get("general.name"))
-    return LoadedModel(model, tokenizer, name, "llama", CAUSAL_LM, chat=chat)
+    return LoadedModel(model, tokenizer, name, "llama", CAUSAL_LM, chat=chat, quant=blocks)
 
 
 def read_hf(source: Source) -> LoadedModel:

@@ -5,7 +5,8 @@ the two steps that follow a choice (quantise in :mod:`lmarch.quant`, swap in nat
 ``auto`` is the fastest exact path: a GGUF whose projections are stored in the block formats
 lmarch's native kernels take as they are (all Q4_0 / Q4_1, or all Q8_0, with a Q8_0 output
 head, as llama.cpp writes its Q4 and Q8 files) runs on those blocks (``"q4"`` / ``"q8"``), with
-greedy tokens equal to the float32 model's (tests/test_loading.py). Without the native kernels (no C compiler, or
+greedy tokens equal to the float32 model's (tests/test_loading.py); so does a Gemma 3 file whose
+mixed formats are each kept exactly (``"q4"``, :mod:`lmarch.quant.gguf_gemma`). Without the native kernels (no C compiler, or
 ``LMARCH_NATIVE=0``) it falls back to float32 with one notice
 (:class:`~lmarch.errors.LmarchNotice`, one line on stderr from the command line). Any other model:
 float (``"none"``).
@@ -26,13 +27,17 @@ QUANT_CHOICES = ("auto", "none", "int8", "int4", "q8", "q4")
 NATIVE_BLOCK_TYPES = {"q4": ("Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K"), "q8": ("Q8_0",)}
 # the output head: a BlockQ8Linear, or a K-quant head as stored (KQuantLinear), in both schemes
 NATIVE_HEAD_TYPES = ("Q8_0", "Q4_K", "Q5_K", "Q6_K")
+# Gemma 3's block loader (lmarch.quant.gguf_gemma) keeps each of these exactly (Q5_0 as Q8_0)
+GEMMA_EXACT_TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q8_0", "Q4_K", "Q5_K", "Q6_K")
 
 
 def gguf_native_scheme(path: str | Path) -> str | None:
     """``"q4"`` when every 2-D tensor of the file's layers is stored as Q4_0 / Q4_1 / Q4_K /
     Q5_K / Q6_K, ``"q8"`` when every one is Q8_0 — in both cases with the output head (or the
     embedding table it is tied to) in Q8_0 or a K-quant of those — else None: the block loader then
-    takes every block as it is, without a second rounding."""
+    takes every block as it is, without a second rounding. A Gemma 3 file is ``"q4"`` when
+    each of its matrices is in a format :mod:`lmarch.quant.gguf_gemma` keeps exactly (its
+    Q4_K_M files: Q4_K, Q6_K, Q5_0 and Q8_0)."""
     from lmarch.weights.gguf import read_gguf
 
     gguf = read_gguf(path)
@@ -41,10 +46,14 @@ def gguf_native_scheme(path: str | Path) -> str | None:
         arch = gguf.metadata.get("general.architecture")
     finally:
         gguf.close()
-    if arch != "llama":  # the block loaders build LLaMA layers only (Gemma 3 loads as float)
-        return None
     layers = {i.type_name for n, i in infos.items() if n.startswith("blk.") and len(i.shape) == 2}
     head = infos.get("output.weight") or infos.get("token_embd.weight")
+    if arch == "gemma3":  # mixed formats, each kept exactly: "q4" names that loader
+        exact = set(GEMMA_EXACT_TYPES)
+        whole = head is not None and {head.type_name, *layers} <= exact
+        return "q4" if layers and whole else None
+    if arch != "llama":  # the other block loaders build LLaMA layers only
+        return None
     if not layers or head is None or head.type_name not in NATIVE_HEAD_TYPES:
         return None
     return next((s for s, types in NATIVE_BLOCK_TYPES.items() if layers <= set(types)), None)
@@ -160,6 +169,7 @@ def quantize_and_accelerate(model: nn.Module, have: str, want: str) -> None:
 
 
 __all__ = [
+    "GEMMA_EXACT_TYPES",
     "QUANT_CHOICES",
     "STORED_METHODS",
     "accept_stored_quant",

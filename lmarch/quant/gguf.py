@@ -46,13 +46,15 @@ from lmarch.quant.int4 import Int4WeightOnlyLinear, quantize_int4
 from lmarch.quant.int8 import Int8WeightOnlyLinear
 from lmarch.quant.kquants import NATIVE_KQUANTS, KQuantEmbedding, KQuantLinear, RowConcatLinear
 from lmarch.weights.gguf import GGUFFile, read_gguf, unpack_nibbles
+from lmarch.weights.gguf_kquants import _five_bit_codes
 from lmarch.weights.gguf_llama import gguf_llama_map, llama_config_from_gguf
-from lmarch.weights.name_map import Rule
+from lmarch.weights.name_map import Rule, WeightMap
 
 GROUP = 32  # llama.cpp's block length, and the int4 group size used here
 # bytes of the half-precision header of one block (d, or d and m), then 16 bytes of codes
 _HEADER = {"Q4_0": 2, "Q4_1": 4}
 HEAD_SCHEMES = ("int8", "int4", "bf16")
+_CHUNK_BYTES = 1 << 24  # file bytes copied at a time out of a large Q8_0 tensor
 
 
 def int4_rows(gguf: GGUFFile, name: str) -> tuple[Tensor, Tensor, Tensor]:
@@ -105,15 +107,41 @@ def q4_blocks(gguf: GGUFFile, name: str) -> tuple[Tensor, Tensor]:
     return layer.codes, layer.dm
 
 
+def q5_0_as_q8_0(blocks: np.ndarray) -> tuple[Tensor, Tensor]:
+    """Q5_0 blocks uint8 [N, K/32 * 22] re-encoded as Q8_0: codes int8 [N, K] and the
+    float16 bits of d int16 [N, K/32].
+
+    Q5_0 stores x = d (q - 16) with q in 0..31 and a float16 d per block of 32; Q8_0 stores
+    x = d c with c in -127..127. So c = q - 16 (in -16..15) under the same d gives every
+    weight exactly: no value is rounded a second time."""
+    n = blocks.shape[0]
+    b = np.asarray(blocks).reshape(n, -1, 22)
+    codes = (_five_bit_codes(b[..., 2:6], b[..., 6:]).view(np.int8) - np.int8(16)).reshape(n, -1)
+    d_bits = np.ascontiguousarray(b[..., :2]).view(np.int16).reshape(n, -1)
+    return torch.from_numpy(codes), torch.from_numpy(d_bits)
+
+
 def q8_blocks(gguf: GGUFFile, name: str) -> tuple[Tensor, Tensor]:
     """The 2-D tensor ``name`` as Q8_0 blocks: codes int8 [N, K] and the float16 bits of d
-    int16 [N, K/32]; a Q8_0 tensor is copied as stored, others are quantised."""
+    int16 [N, K/32]; a Q8_0 tensor is copied as stored, a Q5_0 one re-encoded exactly
+    (:func:`q5_0_as_q8_0`), others are quantised."""
     data, type_name, shape = gguf.raw(name)
+    if type_name == "Q5_0" and len(shape) == 2:
+        return q5_0_as_q8_0(data)
     if type_name == "Q8_0" and len(shape) == 2:
         n, k = shape
-        blocks = torch.from_numpy(np.array(data).reshape(n, k // GROUP, 2 + GROUP))
-        d_bits = blocks[..., :2].contiguous().view(torch.int16).reshape(n, k // GROUP)
-        return blocks[..., 2:].contiguous().view(torch.int8).reshape(n, k), d_bits
+        blocks = np.asarray(data).reshape(n, k // GROUP, 2 + GROUP)
+        codes = np.empty((n, k // GROUP, GROUP), dtype=np.int8)
+        d_bits = np.empty((n, k // GROUP), dtype=np.int16)
+        # a slice of rows at a time, its file pages let go once copied: an embedding table
+        # (Gemma 3's is 178 MB) is never resident twice
+        step = max(1, _CHUNK_BYTES // data.shape[-1])
+        for r in range(0, n, step):
+            part = blocks[r : r + step]
+            codes[r : r + step] = part[..., 2:].view(np.int8)
+            d_bits[r : r + step] = np.ascontiguousarray(part[..., :2]).view(np.int16)[..., 0]
+            gguf.release(name, r * data.shape[-1], (r + step) * data.shape[-1])
+        return torch.from_numpy(codes.reshape(n, k)), torch.from_numpy(d_bits)
     layer = BlockQ8Linear.from_weight(gguf.load(name))
     return layer.codes, layer.d
 
@@ -150,6 +178,14 @@ def q4_scheme_linear(gguf: GGUFFile, rule: Rule) -> nn.Module:
 
 
 LinearFactory = Callable[[GGUFFile, Rule], nn.Module]
+ConfigReader = Callable[[GGUFFile, int | None], LlamaConfig]
+
+
+def _llama_config(gguf: GGUFFile, block_size: int | None) -> LlamaConfig:
+    config = llama_config_from_gguf(gguf)
+    if block_size is not None:
+        config.block_size = min(block_size, config.block_size)
+    return config
 
 
 def _load_quantized(
@@ -158,14 +194,15 @@ def _load_quantized(
     make_linear: LinearFactory,
     dtype: torch.dtype,
     skip: Callable[[LlamaConfig, str], bool] = lambda config, ours: False,
+    read_config: ConfigReader = _llama_config,
+    name_map: Callable[[LlamaConfig], WeightMap] = gguf_llama_map,
 ) -> tuple[Llama, GGUFFile, LlamaConfig]:
     """A Llama whose every projection is ``make_linear(gguf, rule)``, other weights in ``dtype``
     except those ``skip(config, our_name)`` leaves to the caller; the output head is left for the
-    caller too (it is still the meta Linear)."""
+    caller too (it is still the meta Linear). ``read_config`` and ``name_map`` say how the
+    file's architecture is read (LLaMA's by default; Gemma 3: :mod:`lmarch.quant.gguf_gemma`)."""
     gguf = read_gguf(path)
-    config = llama_config_from_gguf(gguf)
-    if block_size is not None:
-        config.block_size = min(block_size, config.block_size)
+    config = read_config(gguf, block_size)
     for dim in (config.n_embd, config.intermediate_size, config.n_head * config.dim_per_head):
         if dim % GROUP:
             raise LmarchError(f"{path}: width {dim} is not a multiple of {GROUP}; load as float")
@@ -173,7 +210,7 @@ def _load_quantized(
         model = Llama(config)
 
     floats: dict[str, Tensor] = {}
-    for rule in gguf_llama_map(config)._expanded(config.n_layer):
+    for rule in name_map(config)._expanded(config.n_layer):
         owner, _, attr = rule.ours.rpartition(".")
         module = model.get_submodule(owner) if owner else model
         if isinstance(module, nn.Linear) and attr == "weight":
@@ -182,13 +219,19 @@ def _load_quantized(
         elif not skip(config, rule.ours):
             parts = [gguf.load(name, dtype=dtype) for name in rule.parts]
             floats[rule.ours] = _map_rows(rule, parts)
+        else:
+            continue
+        for name in rule.parts:  # copied out: its pages of the file need not stay resident
+            gguf.release(name)
     model.load_state_dict(floats, strict=False, assign=True)
     return model, gguf, config
 
 
 def _finish(model: Llama, path: str | Path, dtype: torch.dtype) -> Llama:
-    model.rotary.reset_tables("cpu")
-    model.rotary.to(dtype)
+    for rotary in (model.rotary, model.rotary_local):
+        if rotary is not None:  # rotary_local: Gemma 3's sliding layers
+            rotary.reset_tables("cpu")
+            rotary.to(dtype)
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:
         raise LmarchError(f"{path}: no weights for {left[:5]}")
@@ -227,12 +270,23 @@ def load_gguf_llama_blocks(
             return BlockQ8Linear.from_blocks(codes, d)
         return q4_scheme_linear(gguf, rule)
 
-    def tied_table(config: LlamaConfig, ours: str) -> bool:
-        return config.tie_embeddings and ours == "tok_emb.weight"
-
     model, gguf, config = _load_quantized(
         path, block_size, make_linear, torch.float32, skip=tied_table
     )
+    set_block_head(model, gguf, path)
+    return _finish(model, path, torch.float32), gguf
+
+
+def tied_table(config: LlamaConfig, ours: str) -> bool:
+    """Whether ``ours`` is an embedding table the head shares (left to :func:`set_block_head`)."""
+    return config.tie_embeddings and ours == "tok_emb.weight"
+
+
+def set_block_head(model: Llama, gguf: GGUFFile, path: str | Path) -> None:
+    """Give ``model`` its output head in blocks: a K-quant head as stored
+    (:class:`~lmarch.quant.kquants.KQuantLinear`), any other as Q8_0 (:func:`q8_blocks`); a
+    tied embedding table shares the head's blocks."""
+    config = model.config
     head_name = _head_name(gguf, config, path)
     head_rows = kquant_rows(gguf, head_name)
     if head_rows is not None:  # a K-quant head (Q6_K in llama.cpp's K files) as stored
@@ -243,7 +297,7 @@ def load_gguf_llama_blocks(
         model.lm_head = BlockQ8Linear.from_blocks(*q8_blocks(gguf, head_name))
         if config.tie_embeddings:  # one Q8_0 table serves as embedding and head
             model.tok_emb = BlockQ8Embedding.tied_to(model.lm_head)
-    return _finish(model, path, torch.float32), gguf
+    gguf.release(head_name)
 
 
 def load_gguf_llama_int4(
@@ -294,5 +348,8 @@ __all__ = [
     "load_gguf_llama_int4",
     "q4_blocks",
     "q4_scheme_linear",
+    "q5_0_as_q8_0",
     "q8_blocks",
+    "set_block_head",
+    "tied_table",
 ]

@@ -31,13 +31,31 @@ from lmarch.weights.gguf_kquants import BLOCK_SHAPES, QK_K, dequantize_blocks
 NATIVE_KQUANTS = ("Q4_K", "Q5_K", "Q6_K")
 
 
-@torch.compiler.disable  # numpy inside: a compiled graph calls it as it is
-def dequantize_rows(blocks: Tensor, type_name: str) -> Tensor:
-    """Stored rows uint8 [N, K/256 * block bytes] of ``type_name`` -> float32 [N, K] on the
-    rows' device, exactly ``gguf.quants.dequantize``'s values."""
+def _dequantize_rows(blocks: Tensor, type_name: str) -> Tensor:
     raw = np.ascontiguousarray(blocks.detach().cpu().numpy())
     values = dequantize_blocks(raw, type_name).reshape(blocks.shape[0], -1)
     return torch.from_numpy(values).to(blocks.device)
+
+
+# numpy inside: a compiled graph calls it as one opaque op. (An op rather than
+# ``torch.compiler.disable``, whose decorator imports Dynamo: ~1 s and ~80 MB on every load.)
+_LIBRARY = torch.library.Library("lmarch", "FRAGMENT")
+_LIBRARY.define("kquant_dequantize(Tensor blocks, str type_name) -> Tensor")
+_LIBRARY.impl("kquant_dequantize", _dequantize_rows, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("lmarch::kquant_dequantize")
+def _dequantize_rows_fake(blocks: Tensor, type_name: str) -> Tensor:
+    k = blocks.shape[1] // BLOCK_SHAPES[type_name][1] * QK_K
+    return blocks.new_empty(blocks.shape[0], k, dtype=torch.float32)
+
+
+def dequantize_rows(blocks: Tensor, type_name: str) -> Tensor:
+    """Stored rows uint8 [N, K/256 * block bytes] of ``type_name`` -> float32 [N, K] on the
+    rows' device, exactly ``gguf.quants.dequantize``'s values."""
+    if torch.compiler.is_compiling():
+        return torch.ops.lmarch.kquant_dequantize(blocks, type_name)
+    return _dequantize_rows(blocks, type_name)
 
 
 class KQuantLinear(_BlockLinear):

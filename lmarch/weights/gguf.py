@@ -551,6 +551,19 @@ class GGUFFile:
         flat = self._bytes[info.offset : info.offset + info.nbytes]
         return flat.reshape(*info.shape[:-1], info.row_bytes), info.type_name, info.shape
 
+    def release(self, name: str, start: int = 0, end: int | None = None) -> None:
+        """Let the pages of bytes ``start:end`` of ``name`` (all of it by default) that
+        :meth:`raw` read leave this process's resident memory once they are copied out
+        (read again, they come back from the file): a loader that copies tensor by tensor
+        then peaks near the size of what it keeps, not that plus the whole file."""
+        info = self.tensor_info(name)
+        if self._buf is None or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        first = (info.offset + start) // mmap.PAGESIZE * mmap.PAGESIZE  # whole pages
+        last = info.offset + (info.nbytes if end is None else min(end, info.nbytes))
+        if last > first:
+            self._buf.madvise(mmap.MADV_DONTNEED, first, last - first)
+
     def load(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Tensor ``name`` dequantised to a new ``dtype`` tensor of shape ``info.shape``.
 

@@ -17,6 +17,9 @@ import torch
 from lmarch.errors import LmarchError
 from lmarch.loading.sources import Source, read_gguf_gemma3
 from lmarch.loading.speed import choose_quant
+from lmarch.quant.blockq import BlockQ8Embedding, BlockQ8Linear
+from lmarch.quant.gguf_gemma import load_gguf_gemma3_blocks
+from lmarch.quant.kquants import KQuantLinear
 from lmarch.tokenizers.base import load_tokenizer
 from lmarch.tokenizers.gguf_spm import SentencePieceBPETokenizer, spm_tokenizer_from_gguf
 from lmarch.weights.chunked import ChunkedFile, assemble
@@ -61,9 +64,33 @@ def _shapes() -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+# llama.cpp's Gemma 3 "Q4_K_M" mix: widths that are not a multiple of 256 (D here, 640 in
+# the 270M model) cannot be K-quants, so q, k, gate and up fall back to Q5_0
+MIXED = {
+    "token_embd": "Q8_0", "attn_q": "Q5_0", "attn_k": "Q5_0", "attn_v": "Q8_0",
+    "attn_output": "Q4_K", "ffn_gate": "Q5_0", "ffn_up": "Q5_0", "ffn_down": "Q8_0",
+}  # fmt: skip
+
+
+def _q4_k(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+    """Random Q4_K super-blocks (gguf cannot quantise to Q4_K) with d and dmin ~2e-4."""
+    n_blocks = shape[0] * shape[1] // 256
+    blocks = rng.integers(0, 256, (n_blocks, 144), dtype=np.uint8)
+    for offset in (0, 2):
+        halves = (np.abs(rng.standard_normal(n_blocks)) * 2e-4).astype(np.float16)
+        blocks[:, offset : offset + 2] = halves.view(np.uint8).reshape(n_blocks, 2)
+    return blocks.reshape(shape[0], -1)
+
+
 def _write(
-    path: Path, meta: dict[str, Any] = META, drop: str | None = None, q8: bool = False
+    path: Path,
+    meta: dict[str, Any] = META,
+    drop: str | None = None,
+    q8: bool = False,
+    types: dict[str, str] | None = None,
 ) -> Path:
+    """A tiny gemma3 file; ``q8``: every matrix in Q8_0; ``types``: the stored type of each
+    matrix by its name (``attn_q``, ...; float32 where unnamed)."""
     w = gguf.GGUFWriter(path, "gemma3")
     for key, value in meta.items():
         if isinstance(value, float):
@@ -87,8 +114,11 @@ def _write(
         # llama.cpp stores Gemma's norm gains as 1 + w: values around 1
         base = 1.0 if len(shape) == 1 else 0.0
         value = (base + scale * rng.standard_normal(shape)).astype(np.float32)
-        if q8 and len(shape) == 2:  # every matrix in llama.cpp's Q8_0 blocks
-            kind = gguf.GGMLQuantizationType.Q8_0
+        type_name = "Q8_0" if q8 else (types or {}).get(name.split(".")[-2])
+        if type_name == "Q4_K":
+            w.add_tensor(name, _q4_k(rng, shape), raw_dtype=gguf.GGMLQuantizationType.Q4_K)
+        elif type_name is not None and len(shape) == 2:
+            kind = gguf.GGMLQuantizationType[type_name]
             w.add_tensor(name, gguf.quants.quantize(value, kind), raw_dtype=kind)
         else:
             w.add_tensor(name, value)
@@ -179,18 +209,54 @@ def test_loaded_model_has_gemma_turns(tiny_file: Path) -> None:
 
     text = render_chat(loaded.chat_template, [{"role": "user", "content": "hi"}], True)
     assert text == "<start_of_turn>user\nhi<end_of_turn>\n<start_of_turn>model\n"
-    with pytest.raises(LmarchError, match="load in float32 here, not as --quant q4"):
-        read_gguf_gemma3(Source("gguf", tiny_file, "tiny"), 32, "q4")
+    with pytest.raises(LmarchError, match="load as --quant q4 .* or none .*, not as --quant q8"):
+        read_gguf_gemma3(Source("gguf", tiny_file, "tiny"), 32, "q8")
 
 
-def test_auto_quant_loads_a_gemma_file_in_float(tmp_path: Path) -> None:
-    # every matrix in Q8_0: a LLaMA file like it would load on the native Q8 kernels, which
-    # build LLaMA layers only; a Gemma 3 file loads dequantised instead
-    path = _write(tmp_path / "q8.gguf", q8=True)
-    assert read_gguf(path).tensor_info("blk.0.ffn_down.weight").type_name == "Q8_0"
-    assert choose_quant("auto", "gguf", path, "cpu", None) == "none"
-    model, _ = load_gguf_gemma3(path)
-    assert model.blocks[0].ffn.down.weight.dtype == torch.float32
+@pytest.fixture(scope="module")
+def mixed_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _write(tmp_path_factory.mktemp("gemma") / "mixed.gguf", types=MIXED)
+
+
+def test_auto_quant_keeps_a_gemma_files_blocks(tiny_file: Path, mixed_file: Path) -> None:
+    assert choose_quant("auto", "gguf", mixed_file, "cpu", None) == "q4"
+    assert choose_quant("auto", "gguf", tiny_file, "cpu", None) == "none"  # float32 matrices
+
+
+def test_blocks_are_the_files_weights_exactly(mixed_file: Path) -> None:
+    """Every matrix of the block model dequantises to the float loader's weight bit for bit
+    (Q5_0 re-encoded as Q8_0 included); the q4 model holds no float matrix."""
+    model, _ = load_gguf_gemma3_blocks(mixed_file)
+    ref, _ = load_gguf_gemma3(mixed_file)
+    block, ref_block = model.blocks[2], ref.blocks[2]
+    kinds = {
+        "attn.qkv": BlockQ8Linear,  # Q5_0, Q5_0, Q8_0: one Q8_0 layer
+        "attn.out": KQuantLinear,
+        "ffn.gate_up": BlockQ8Linear,
+        "ffn.down": BlockQ8Linear,
+    }
+    for name, kind in kinds.items():
+        layer = block.get_submodule(name)
+        assert type(layer) is kind, name
+        expected = ref_block.get_submodule(name).weight
+        assert torch.equal(layer.dequantized_weight(), expected), name
+    assert isinstance(model.tok_emb, BlockQ8Embedding)
+    assert model.tok_emb.codes is model.lm_head.codes  # one table for embedding and head
+    assert torch.equal(model.lm_head.dequantized_weight(), ref.lm_head.weight)
+    floats = [t for t in model.state_dict().values() if t.is_floating_point()]
+    assert floats and all(t.dim() == 1 for t in floats)  # norm gains only
+
+
+def test_block_model_logits_follow_the_float_model(mixed_file: Path) -> None:
+    model, _ = load_gguf_gemma3_blocks(mixed_file)
+    ref, _ = load_gguf_gemma3(mixed_file)
+    ids = torch.randint(0, VOCAB, (1, 14), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ours, theirs = model(ids), ref(ids)
+    # the native kernels round each block of 32 activations to 16-bit integers: measured
+    # 1.5e-3 on logits up to 35 (4e-5 of the largest); allowed 2e-4 of it
+    assert (ours - theirs).abs().max().item() <= 2e-4 * theirs.abs().max().item()
+    assert torch.equal(ours.argmax(-1), theirs.argmax(-1))
 
 
 @pytest.mark.parametrize(
