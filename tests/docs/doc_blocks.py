@@ -6,7 +6,10 @@ line right before the fence marks how a block runs:
 
 - ``<!-- snippet: fast -->``: a bash block that also runs in the default (fast) tier;
 - ``<!-- snippet: slow -->``: a python block that runs only in the slow tier (it needs what an
-  earlier bash block of the same file made, or takes too long).
+  earlier bash block of the same file made, or takes too long);
+- ``<!-- snippet: server ARGS -->``: a block that talks to ``lmarch serve ARGS`` (slow tier only):
+  the tester starts that server on a free loopback port, waits for ``/health``, points the
+  block's ``127.0.0.1:8000`` (the documented default address) at it, and stops it afterwards.
 
 Fast tier: every ``lmarch`` command line of every bash, bare or text block is parsed by the CLI
 parser; every python block (unless marked slow) and every bash block marked fast runs, in order,
@@ -25,6 +28,7 @@ REPO = Path(__file__).resolve().parents[2]
 MARKER = re.compile(r"<!--\s*snippet:\s*([\w\s,-]+?)\s*-->")
 FENCE = re.compile(r"^(\s*)```(\w*)\s*$")
 MARKS = {"fast", "slow"}
+DEFAULT_ADDRESS = "127.0.0.1:8000"  # what a server block's text says; the tester swaps the port
 PROGRAMS = {"lmarch", ".venv/bin/lmarch"}
 
 
@@ -37,6 +41,7 @@ class Block:
     lang: str
     marks: set[str] = field(default_factory=set)
     text: str = ""
+    server: list[str] | None = None  # ``lmarch serve`` arguments for a server block
 
     @property
     def where(self) -> str:
@@ -60,15 +65,25 @@ def blocks(path: Path) -> list[Block]:
             i += 1
             continue
         marks: set[str] = set()
+        server: list[str] | None = None
         if i > 0 and (mm := MARKER.search(lines[i - 1])):
-            marks = {w for w in re.split(r"[\s,]+", mm.group(1)) if w}
-            if marks - MARKS:
+            words = [w for w in re.split(r"[\s,]+", mm.group(1)) if w]
+            if words[0] == "server":  # the rest is the command line of the server to start
+                marks, server = {"server", "slow"}, words[1:]
+                if not server:
+                    raise ValueError(f"{path}:{i}: 'server' needs the arguments of lmarch serve")
+            else:
+                marks = set(words)
+            if marks - MARKS - {"server"} or ("server" in marks and server is None):
                 raise ValueError(f"{path}:{i}: unknown snippet mark(s) {sorted(marks - MARKS)}")
         indent, body, j = m.group(1), [], i + 1
         while j < len(lines) and lines[j].strip() != "```":
             body.append(lines[j][len(indent) :] if lines[j].startswith(indent) else lines[j])
             j += 1
-        found.append(Block(path, i + 1, m.group(2).lower(), marks, "\n".join(body) + "\n"))
+        text = "\n".join(body) + "\n"
+        if server is not None and DEFAULT_ADDRESS not in text:
+            raise ValueError(f"{path}:{i + 1}: a server block must name {DEFAULT_ADDRESS}")
+        found.append(Block(path, i + 1, m.group(2).lower(), marks, text, server))
         i = j + 1
     return found
 

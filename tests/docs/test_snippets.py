@@ -11,31 +11,32 @@ import argparse
 import contextlib
 import io
 import os
+import socket
 import subprocess
 import sys
 import time
+import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from doc_blocks import REPO, Block, all_blocks, blocks, doc_files, lmarch_commands, runs_fast
+from doc_blocks import (
+    DEFAULT_ADDRESS,
+    REPO,
+    Block,
+    all_blocks,
+    blocks,
+    doc_files,
+    lmarch_commands,
+    runs_fast,
+)
 
 from lmarch.cli.main import build_parser
 
 FAST_BUDGET_S = 30  # per block; the whole fast tier stays well under a minute
 SLOW_BUDGET_S = 3600
+SERVER_START_S = 300  # loading the served models on a busy machine
 VENV_BIN = Path(sys.executable).parent
-
-# Blocks in other pages that cannot run as written yet, keyed by (file, first line of the block)
-# so that an edited block runs for real; strict: one that starts to pass must leave this list.
-KNOWN_BROKEN: dict[tuple[str, str], str] = {
-    ("docs/export.md", "import transformers"): "reads exported/llama, which the bash block before "
-    "it writes: needs <!-- snippet: slow -->",
-    (
-        "docs/families.md",
-        "from lmarch.weights.hf_decoders import load_hf_decoder, save_hf_decoder",
-    ): ("reads path/to/Qwen3-folder, a placeholder: needs a folder it makes, or a text fence"),
-    ("docs/serve.md", "from openai import OpenAI"): "needs a server listening on 127.0.0.1:8000",
-}
 
 
 def _lines() -> list:
@@ -85,13 +86,15 @@ def _env() -> dict[str, str]:
     return env
 
 
-def run_block(block: Block, cwd: Path, budget_s: float) -> float:
+def run_block(block: Block, cwd: Path, budget_s: float, text: str | None = None) -> float:
     """Run one block in ``cwd`` (python in the venv's interpreter, bash with the venv's bin first
-    on PATH); fail with its output on a non-zero exit or past the budget. Returns seconds."""
+    on PATH); fail with its output on a non-zero exit or past the budget. ``text`` replaces the
+    block's own (a server block pointed at its port). Returns seconds."""
+    text = block.text if text is None else text
     if block.lang == "python":
-        argv = [sys.executable, "-c", block.text]
+        argv = [sys.executable, "-c", text]
     else:
-        argv = ["bash", "-e", "-o", "pipefail", "-c", block.text]
+        argv = ["bash", "-e", "-o", "pipefail", "-c", text]
     start = time.perf_counter()
     try:
         done = subprocess.run(
@@ -114,11 +117,6 @@ def run_block(block: Block, cwd: Path, budget_s: float) -> float:
     return took
 
 
-def _known(block: Block) -> str | None:
-    key = (str(block.path.relative_to(REPO)), block.text.splitlines()[0] if block.text else "")
-    return KNOWN_BROKEN.get(key)
-
-
 def _fast_files() -> list[Path]:
     return [p for p in doc_files() if any(runs_fast(b) for b in blocks(p))]
 
@@ -128,18 +126,64 @@ def _rel(p: Path) -> str:
 
 
 @pytest.mark.parametrize("path", _fast_files(), ids=_rel)
-def test_fast_blocks_run(path: Path, tmp_path: Path, request: pytest.FixtureRequest):
-    chosen = [b for b in blocks(path) if runs_fast(b)]
-    broken = [b for b in chosen if _known(b)]
-    if broken:
-        request.applymarker(pytest.mark.xfail(reason=_known(broken[0]), strict=True))
-    for block in chosen:
-        run_block(block, tmp_path, FAST_BUDGET_S)
+def test_fast_blocks_run(path: Path, tmp_path: Path):
+    for block in blocks(path):
+        if runs_fast(block):
+            run_block(block, tmp_path, FAST_BUDGET_S)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serving(block: Block, cwd: Path) -> Iterator[int]:
+    """``lmarch serve`` with the block's arguments on a free loopback port, up (``/health``
+    answers) for the block's run and stopped after; fails with its output if it never comes up."""
+    assert block.server is not None
+    port = _free_port()
+    log = cwd / f"serve-{port}.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [str(VENV_BIN / "lmarch"), "serve", *block.server, "--port", str(port)],
+            cwd=cwd,
+            env=_env(),
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        deadline = time.monotonic() + SERVER_START_S
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5):
+                    break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"{block.where}: lmarch serve did not come up:\n{log.read_text()}")
+                time.sleep(0.5)
+        yield port
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("path", doc_files(), ids=_rel)
 def test_all_blocks_run(path: Path, tmp_path: Path):
     for block in blocks(path):
-        if block.lang in {"bash", "python"}:
-            run_block(block, tmp_path, SLOW_BUDGET_S)
+        if block.lang not in {"bash", "python"}:
+            continue
+        if block.server is None:
+            took = run_block(block, tmp_path, SLOW_BUDGET_S)
+        else:
+            with serving(block, tmp_path) as port:
+                text = block.text.replace(DEFAULT_ADDRESS, f"127.0.0.1:{port}")
+                took = run_block(block, tmp_path, SLOW_BUDGET_S, text)
+        print(f"{block.where}: {took:.0f} s")  # shown with -s: where a page's time goes
