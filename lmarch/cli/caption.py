@@ -29,51 +29,61 @@ _SHARED = (
 )
 
 
+# each command's help, its training help and options beyond the shared ones, the subcommand
+# that uses a trained model (name, help) and the help of its eval
+_TASKS = {
+    "caption": (
+        "BLIP-style image captioner (train, run, eval)",
+        "train a captioner on the generated shapes, then evaluate",
+        (("itm_weight", float, "ITM loss weight"),),
+        ("run", "caption image files"),
+        "exact match, BLEU and ITM accuracy on a shapes split",
+    ),
+    "flamingo": (
+        "Flamingo-style adapter: a frozen GPT answers about images",
+        "train a text GPT, freeze it, train the adapter, evaluate",
+        (("clip_steps", int, "steps of the CLIP whose image tower is frozen"),
+         ("lm_steps", int, "steps of the text-only GPT"),
+         ("n_latents", int, "visual tokens from the perceiver resampler")),
+        ("ask", "answer a question about image files"),
+        "answer accuracy on a shapes split, with its baselines",
+    ),
+}  # fmt: skip
+
+
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     """Add ``caption`` and ``flamingo`` with their subcommands to the ``lmarch`` parser."""
     from lmarch.tasks.caption import CaptionTrainConfig
     from lmarch.tasks.flamingo import FlamingoTrainConfig
 
-    c = sub.add_parser("caption", help="BLIP-style image captioner (train, run, eval)")
-    csub = c.add_subparsers(dest="caption_command", required=True, parser_class=type(c))
-    t = csub.add_parser("train", help="train a captioner on the generated shapes, then evaluate")
-    t.add_argument("--out", required=True, help="run folder to write")
-    _add_options(t, CaptionTrainConfig(), (*_SHARED, ("itm_weight", float, "ITM loss weight")))
-    r = csub.add_parser("run", help="caption image files")
-    r.add_argument("model", help="a 'lmarch caption train' run folder")
-    r.add_argument("--image", action="append", required=True, help="an image file (repeatable)")
-    e = csub.add_parser("eval", help="exact match, BLEU and ITM accuracy on a shapes split")
-    e.add_argument("model", help="a 'lmarch caption train' run folder")
-
-    f = sub.add_parser("flamingo", help="Flamingo-style adapter: a frozen GPT answers about images")
-    fsub = f.add_subparsers(dest="flamingo_command", required=True, parser_class=type(f))
-    ft = fsub.add_parser("train", help="train a text GPT, freeze it, train the adapter, evaluate")
-    ft.add_argument("--out", required=True, help="run folder to write")
-    _add_options(
-        ft,
-        FlamingoTrainConfig(),
-        (*_SHARED, ("clip_steps", int, "steps of the CLIP whose image tower is frozen"),
-         ("lm_steps", int, "steps of the text-only GPT"),
-         ("n_latents", int, "visual tokens from the perceiver resampler")),
-    )  # fmt: skip
-    ft.add_argument(
-        "--clip", default=None,
-        help="use this 'lmarch clip train' run's image tower (default: train one first)",
-    )  # fmt: skip
-    fa = fsub.add_parser("ask", help="answer a question about image files")
-    fa.add_argument("model", help="a 'lmarch flamingo train' run folder")
-    fa.add_argument("--image", action="append", required=True, help="an image file (repeatable)")
-    fa.add_argument("--question", required=True, help="e.g. 'what colour is the circle?'")
-    fe = fsub.add_parser("eval", help="answer accuracy on a shapes split, with its baselines")
-    fe.add_argument("model", help="a 'lmarch flamingo train' run folder")
-    for q in (t, e, ft, fe):
-        q.add_argument(
-            "--split", default="test", choices=["test", "heldout"],
-            help="split to evaluate on (test: pairs seen in training; heldout: unseen pairs)",
-        )  # fmt: skip
-        q.add_argument("--n", type=int, default=200, help="images to evaluate (default: 200)")
-    for q in (t, r, e, ft, fa, fe):
-        q.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
+    defaults = {"caption": CaptionTrainConfig(), "flamingo": FlamingoTrainConfig()}
+    for name, (text, train_text, options, (use, use_text), eval_text) in _TASKS.items():
+        g = sub.add_parser(name, help=text)
+        gsub = g.add_subparsers(dest=f"{name}_command", required=True, parser_class=type(g))
+        t = gsub.add_parser("train", help=train_text)
+        t.add_argument("--out", required=True, help="run folder to write")
+        _add_options(t, defaults[name], (*_SHARED, *options))
+        u = gsub.add_parser(use, help=use_text)
+        e = gsub.add_parser("eval", help=eval_text)
+        for q in (u, e):
+            q.add_argument("model", help=f"a 'lmarch {name} train' run folder")
+        u.add_argument("--image", action="append", required=True, help="an image file (repeatable)")
+        if name == "flamingo":
+            t.add_argument(
+                "--clip", default=None,
+                help="use this 'lmarch clip train' run's image tower (default: train one first)",
+            )  # fmt: skip
+            u.add_argument("--question", required=True, help="e.g. 'what colour is the circle?'")
+        for q in (t, e):
+            q.add_argument(
+                "--split", default="test", choices=["test", "heldout"],
+                help="split to evaluate on (test: pairs seen in training; heldout: unseen pairs)",
+            )  # fmt: skip
+            q.add_argument("--n", type=int, default=200, help="images to evaluate (default: 200)")
+        for q in (t, u, e):
+            q.add_argument(
+                "--json", action="store_true", help="print a JSON summary as the last line"
+            )
 
 
 def _progress(console, label: str, total: int):
@@ -91,13 +101,34 @@ def _config(cls, args: argparse.Namespace):
     return cls(**{k: v for k, v in vars(args).items() if k in names})
 
 
+def _evaluate(command: str, model: str, args: argparse.Namespace, console) -> dict:
+    """Load ``model`` through :func:`lmarch.load`, evaluate it and print one line."""
+    if command == "caption":
+        from lmarch.tasks.caption import evaluate_captioner, load_captioner
+
+        e = evaluate_captioner(load_captioner(model), args.split, args.n)
+        line = (
+            f"{e['n']} {e['split']} shapes: exact match {e['exact_match']:.1%}, BLEU "
+            f"{e['bleu']:.1f} (most frequent caption '{e['baseline_caption']}': "
+            f"{e['baseline_exact_match']:.1%}, BLEU {e['baseline_bleu']:.1f}); ITM accuracy "
+            f"{e['itm_accuracy']:.1%} (chance 50%)"
+        )
+    else:
+        from lmarch.tasks.flamingo import evaluate_flamingo, load_flamingo
+
+        e = evaluate_flamingo(load_flamingo(model), args.split, args.n)
+        line = (
+            f"{e['questions']} questions on {e['images']} {e['split']} shapes: accuracy "
+            f"{e['accuracy']:.1%} (colour {e['accuracy_colour']:.1%}, shape "
+            f"{e['accuracy_shape']:.1%}); without the image {e['blind_accuracy']:.1%}, chance "
+            f"{e['chance']:.1%}, most frequent answer {e['majority_accuracy']:.1%}"
+        )
+    console.print(line, markup=False)
+    return e
+
+
 def _caption_train(args: argparse.Namespace, console) -> dict:
-    from lmarch.tasks.caption import (
-        CaptionTrainConfig,
-        evaluate_captioner,
-        load_captioner,
-        train_captioner,
-    )
+    from lmarch.tasks.caption import CaptionTrainConfig, train_captioner
 
     config = _config(CaptionTrainConfig, args)
     bar, task = _progress(console, "caption train", config.steps)
@@ -107,21 +138,8 @@ def _caption_train(args: argparse.Namespace, console) -> dict:
             args.out,
             progress=lambda step, loss: bar.update(task, completed=step, loss=f"loss {loss:.3f}"),
         )
-    summary["eval"] = _caption_eval_print(
-        evaluate_captioner(load_captioner(args.out), args.split, args.n), console
-    )
+    summary["eval"] = _evaluate("caption", args.out, args, console)
     return summary
-
-
-def _caption_eval_print(e: dict, console) -> dict:
-    console.print(
-        f"{e['n']} {e['split']} shapes: exact match {e['exact_match']:.1%}, BLEU "
-        f"{e['bleu']:.1f} (most frequent caption '{e['baseline_caption']}': "
-        f"{e['baseline_exact_match']:.1%}, BLEU {e['baseline_bleu']:.1f}); ITM accuracy "
-        f"{e['itm_accuracy']:.1%} (chance 50%)",
-        markup=False,
-    )
-    return e
 
 
 def _caption_run(args: argparse.Namespace, console) -> dict:
@@ -134,21 +152,8 @@ def _caption_run(args: argparse.Namespace, console) -> dict:
     return {"captions": [{"image": p, "caption": c} for p, c in zip(args.image, captions)]}
 
 
-def _caption_eval(args: argparse.Namespace, console) -> dict:
-    from lmarch.tasks.caption import evaluate_captioner, load_captioner
-
-    return _caption_eval_print(
-        evaluate_captioner(load_captioner(args.model), args.split, args.n), console
-    )
-
-
 def _flamingo_train(args: argparse.Namespace, console) -> dict:
-    from lmarch.tasks.flamingo import (
-        FlamingoTrainConfig,
-        evaluate_flamingo,
-        load_flamingo,
-        train_flamingo,
-    )
+    from lmarch.tasks.flamingo import FlamingoTrainConfig, train_flamingo
 
     config = _config(FlamingoTrainConfig, args)
     clip_steps = 0 if args.clip else config.clip_steps
@@ -166,21 +171,8 @@ def _flamingo_train(args: argparse.Namespace, console) -> dict:
             ),
             clip=args.clip,
         )
-    summary["eval"] = _flamingo_eval_print(
-        evaluate_flamingo(load_flamingo(args.out), args.split, args.n), console
-    )
+    summary["eval"] = _evaluate("flamingo", args.out, args, console)
     return summary
-
-
-def _flamingo_eval_print(e: dict, console) -> dict:
-    console.print(
-        f"{e['questions']} questions on {e['images']} {e['split']} shapes: accuracy "
-        f"{e['accuracy']:.1%} (colour {e['accuracy_colour']:.1%}, shape "
-        f"{e['accuracy_shape']:.1%}); without the image {e['blind_accuracy']:.1%}, chance "
-        f"{e['chance']:.1%}, most frequent answer {e['majority_accuracy']:.1%}",
-        markup=False,
-    )
-    return e
 
 
 def _flamingo_ask(args: argparse.Namespace, console) -> dict:
@@ -194,19 +186,21 @@ def _flamingo_ask(args: argparse.Namespace, console) -> dict:
             "answers": [{"image": p, "answer": a} for p, a in zip(args.image, answers)]}  # fmt: skip
 
 
-def _flamingo_eval(args: argparse.Namespace, console) -> dict:
-    from lmarch.tasks.flamingo import evaluate_flamingo, load_flamingo
-
-    return _flamingo_eval_print(
-        evaluate_flamingo(load_flamingo(args.model), args.split, args.n), console
-    )
+_HANDLERS = {
+    "caption": {"train": _caption_train, "run": _caption_run},
+    "flamingo": {"train": _flamingo_train, "ask": _flamingo_ask},
+}
 
 
-def _run(args: argparse.Namespace, table: dict, command: str) -> int:
+def _run(args: argparse.Namespace, command: str) -> int:
     from rich.console import Console
 
     console = Console(stderr=True, soft_wrap=True)
-    summary = table[command](args, console)
+    sub = getattr(args, f"{command}_command")
+    if sub == "eval":
+        summary = _evaluate(command, args.model, args, console)
+    else:
+        summary = _HANDLERS[command][sub](args, console)
     if args.json:
         print(json.dumps(summary))
     return 0
@@ -214,14 +208,12 @@ def _run(args: argparse.Namespace, table: dict, command: str) -> int:
 
 def cmd_caption(args: argparse.Namespace) -> int:
     """Run ``lmarch caption train|run|eval``."""
-    table = {"train": _caption_train, "run": _caption_run, "eval": _caption_eval}
-    return _run(args, table, args.caption_command)
+    return _run(args, "caption")
 
 
 def cmd_flamingo(args: argparse.Namespace) -> int:
     """Run ``lmarch flamingo train|ask|eval``."""
-    table = {"train": _flamingo_train, "ask": _flamingo_ask, "eval": _flamingo_eval}
-    return _run(args, table, args.flamingo_command)
+    return _run(args, "flamingo")
 
 
 COMMANDS = {"caption": cmd_caption, "flamingo": cmd_flamingo}
