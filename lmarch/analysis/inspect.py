@@ -5,7 +5,8 @@ inspected in a second on a laptop. The report holds the module tree with the par
 each component, FLOPs per token (:mod:`lmarch.analysis.flops`, with PyTorch's own count beside
 it), the KV cache per token and the memory of a training step (:mod:`lmarch.analysis.memory`).
 A preset needs no weights; a GGUF file, Hugging Face folder or run folder is read for its
-config only.
+config only. Image-text models (CLIP, the captioner, Flamingo) are loaded and counted by part
+(:mod:`lmarch.analysis.inspect_vision`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 from torch import nn
 
 from lmarch.analysis.flops import attention_width, count_forward_flops, measure_flops
+from lmarch.analysis.inspect_vision import ImageTextReport, inspect_image_text, render_image_text
 from lmarch.analysis.memory import (
     PRECISION_BYTES,
     TrainingMemory,
@@ -24,6 +26,7 @@ from lmarch.analysis.memory import (
     training_memory,
 )
 from lmarch.errors import LmarchError
+from lmarch.loading.model import LoadedModel
 
 # their FLOPs are per target token, with a source of the same length
 ENCODER_DECODERS = ("t5", "transformer", "bart")
@@ -231,11 +234,29 @@ class InspectReport:
         }
 
 
+def _image_text_model(spec: str) -> tuple[LoadedModel, str] | None:
+    """An image-text model (CLIP, captioner, Flamingo: loaded) and its description, or None."""
+    from lmarch.loading import load
+    from lmarch.loading.sources import resolve
+    from lmarch.loading.vision import vision_objective
+    from lmarch.models.registry import PRESETS
+
+    if spec in PRESETS or not Path(spec).expanduser().is_dir():
+        return None
+    source = resolve(spec)
+    objective = vision_objective(source)
+    if objective is None:
+        return None
+    kind = "Hugging Face folder" if source.kind == "hf" else "run folder"
+    return load(spec, quant="none"), f"{kind} ({objective})"
+
+
 def inspect_model(
     spec: str, seq_len: int | None = None, batch: int = 1, precision: str = "fp32"
-) -> InspectReport:
+) -> InspectReport | ImageTextReport:
     """Inspect ``spec`` (a preset, GGUF file, Hugging Face folder or run folder) for sequences
-    of ``seq_len`` tokens (default: the model's context length) in batches of ``batch``."""
+    of ``seq_len`` tokens (default: the model's context length) in batches of ``batch``; an
+    image-text model gets the FLOPs of its parts instead (:mod:`lmarch.analysis.inspect_vision`)."""
     from lmarch.models.registry import build_model, config_to_dict, family_of_config
     from lmarch.nn.init import empty_weights
 
@@ -245,6 +266,9 @@ def inspect_model(
         )
     if batch < 1:
         raise LmarchError(f"--batch must be >= 1, got {batch}")
+    image_text = _image_text_model(spec)
+    if image_text is not None:
+        return inspect_image_text(*image_text[:1], seq_len, precision, image_text[1])
     name, config, description = resolve_config(spec)
     with empty_weights():
         model = build_model(config)
@@ -295,19 +319,27 @@ def human(n: float, unit: str = "") -> str:
     return f"{n:g}{unit}"
 
 
-def render(report: InspectReport) -> str:
+def tree_lines(tree: list[TreeRow]) -> list[str]:
+    """The module tree as indented lines with each node's parameter count."""
+    out = ["module tree (parameters first counted at each node)"]
+    for row in tree:
+        label = f"{'  ' * row.depth}{row.path.split('.')[-1]}: {row.kind}"
+        note = f"  {row.note}" if row.note else ""
+        out.append(f"  {label:<48} {row.params:>15,}{note}")
+    return out
+
+
+def render(report: InspectReport | ImageTextReport) -> str:
     """The report as plain text."""
+    if isinstance(report, ImageTextReport):
+        return render_image_text(report)
     r = report
     out = [
         f"{r.name} — {r.family}, {r.description}",
         f"parameters: {r.params:,} ({human(r.params)}); non-embedding {r.non_embedding_params:,}",
         "",
-        "module tree (parameters first counted at each node)",
+        *tree_lines(r.tree),
     ]
-    for row in r.tree:
-        label = f"{'  ' * row.depth}{row.path.split('.')[-1]}: {row.kind}"
-        note = f"  {row.note}" if row.note else ""
-        out.append(f"  {label:<48} {row.params:>15,}{note}")
     m = r.memory
     rule = r.six_n_per_token + r.attention_term_per_token
     out += [
@@ -351,4 +383,5 @@ __all__ = [
     "module_tree",
     "render",
     "resolve_config",
+    "tree_lines",
 ]

@@ -157,3 +157,33 @@ def test_hf_clip_folder_loads_as_transformers_computes(tmp_path) -> None:
     for mine, hf in ((loaded.model.image_features(pixels), ref.image_embeds),
                      (loaded.model.text_features(ids, mask), ref.text_embeds)):  # fmt: skip
         torch.testing.assert_close(unit(mine, dim=-1), hf, atol=1e-5, rtol=0)
+    from lmarch.analysis.inspect import inspect_model
+
+    report = inspect_model(str(tmp_path))
+    assert report.description == "Hugging Face folder (contrastive)"
+    assert report.params == sum(p.numel() for p in theirs.parameters())
+
+
+def test_inspect_counts_the_parts_of_image_text_runs(runs, cli) -> None:
+    """``lmarch inspect`` on the three runs: parameters as loaded; FLOPs by part as counted by
+    hand (CLIP's image tower: 5 tokens of width 16 after a 4-patch embedding) or by the GPT
+    count of :mod:`lmarch.analysis.flops` (Flamingo's frozen LM alone)."""
+    from lmarch.analysis.flops import count_forward_flops
+    from lmarch.analysis.inspect import inspect_model, render
+
+    clip_run = str(runs["contrastive"][0])
+    report = inspect_model(clip_run)
+    assert report.params == sum(p.numel() for p in lmarch.load(clip_run).model.parameters())
+    d, n, patches = 16, 5, 4  # width, tokens (class + patches), patches of 3 x 8 x 8
+    attention = 2 * n * d * 3 * d + 2 * 2 * n * n * d + 2 * n * d * d  # qkv, QK^T and AV, out
+    by_hand = 2 * patches * 3 * 64 * d + attention + 2 * 2 * n * d * 2 * d + 2 * d * d
+    assert report.flops["image tower + projection (1 image, 5 patches)"] == by_hand
+    assert report.seq_len == 16 and report.weights_bytes == 4 * report.params
+    fl = inspect_model(str(runs["flamingo"][0]), seq_len=8)
+    lm = runs["flamingo"][1].lm.config
+    alone = fl.flops["frozen LM alone, per token (8-token text)"]
+    assert alone == count_forward_flops(lm, 8).forward_per_token
+    text = cli("inspect", runs["caption"][0])[1]
+    assert "— blip, run folder (caption)" in text and "image encoder (1 image, 5 patches)" in text
+    assert render(fl).splitlines()[0].endswith("— gpt, run folder (flamingo)")
+    assert "--seq-len must be in 1..16" in cli.error("inspect", clip_run, "--seq-len", "17")
