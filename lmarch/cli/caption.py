@@ -101,29 +101,27 @@ def _config(cls, args: argparse.Namespace):
     return cls(**{k: v for k, v in vars(args).items() if k in names})
 
 
+# the line each eval prints, filled from its summary
+_EVAL_LINES = {
+    "caption": "{n} {split} shapes: exact match {exact_match:.1%}, BLEU {bleu:.1f} (most "
+    "frequent caption '{baseline_caption}': {baseline_exact_match:.1%}, BLEU "
+    "{baseline_bleu:.1f}); ITM accuracy {itm_accuracy:.1%} (chance 50%)",
+    "flamingo": "{questions} questions on {images} {split} shapes: accuracy {accuracy:.1%} "
+    "(colour {accuracy_colour:.1%}, shape {accuracy_shape:.1%}); without the image "
+    "{blind_accuracy:.1%}, chance {chance:.1%}, most frequent answer {majority_accuracy:.1%}",
+}
+
+
 def _evaluate(command: str, model: str, args: argparse.Namespace, console) -> dict:
     """Load ``model`` through :func:`lmarch.load`, evaluate it and print one line."""
     if command == "caption":
-        from lmarch.tasks.caption import evaluate_captioner, load_captioner
-
-        e = evaluate_captioner(load_captioner(model), args.split, args.n)
-        line = (
-            f"{e['n']} {e['split']} shapes: exact match {e['exact_match']:.1%}, BLEU "
-            f"{e['bleu']:.1f} (most frequent caption '{e['baseline_caption']}': "
-            f"{e['baseline_exact_match']:.1%}, BLEU {e['baseline_bleu']:.1f}); ITM accuracy "
-            f"{e['itm_accuracy']:.1%} (chance 50%)"
-        )
+        from lmarch.tasks.caption import evaluate_captioner as evaluate
+        from lmarch.tasks.caption import load_captioner as load
     else:
-        from lmarch.tasks.flamingo import evaluate_flamingo, load_flamingo
-
-        e = evaluate_flamingo(load_flamingo(model), args.split, args.n)
-        line = (
-            f"{e['questions']} questions on {e['images']} {e['split']} shapes: accuracy "
-            f"{e['accuracy']:.1%} (colour {e['accuracy_colour']:.1%}, shape "
-            f"{e['accuracy_shape']:.1%}); without the image {e['blind_accuracy']:.1%}, chance "
-            f"{e['chance']:.1%}, most frequent answer {e['majority_accuracy']:.1%}"
-        )
-    console.print(line, markup=False)
+        from lmarch.tasks.flamingo import evaluate_flamingo as evaluate
+        from lmarch.tasks.flamingo import load_flamingo as load
+    e = evaluate(load(model), args.split, args.n)
+    console.print(_EVAL_LINES[command].format(**e), markup=False)
     return e
 
 
