@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import io
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -73,6 +74,32 @@ def test_commands_are_found():
     assert prompt[3:] == ["--max-new-tokens", "64", "--json"]
     chained = [a for a in readme if a[0] == "ngram"]
     assert [a[1] for a in chained] == ["train", "sample", "eval"]
+
+
+def test_snippet_marks_are_read(tmp_path: Path):
+    """A server mark carries the serve arguments and keeps the block out of the fast tier; a
+    server block must name the default address (the tester swaps its port); unknown marks fail."""
+    page = tmp_path / "page.md"
+    server = "<!-- snippet: server smollm2-135m --embed minilm-l6 -->"
+    code = 'print("http://127.0.0.1:8000/v1")'
+    page.write_text(
+        f"{server}\n```python\n{code}\n```\n\n<!-- snippet: slow -->\n```python\nx\n```\n"
+    )
+    first, second = blocks(page)
+    assert (first.server, first.marks, runs_fast(first)) == (
+        ["smollm2-135m", "--embed", "minilm-l6"],
+        {"server", "slow"},
+        False,
+    )
+    assert (second.server, second.marks, runs_fast(second)) == (None, {"slow"}, False)
+    for bad, message in [
+        (f"{server}\n```python\nprint(1)\n```\n", "must name 127.0.0.1:8000"),
+        (f"<!-- snippet: server -->\n```python\n{code}\n```\n", "needs the arguments"),
+        ("<!-- snippet: quick -->\n```bash\nls\n```\n", "unknown snippet mark(s) ['quick']"),
+    ]:
+        page.write_text(bad)
+        with pytest.raises(ValueError, match=re.escape(message)):
+            blocks(page)
 
 
 def _env() -> dict[str, str]:
