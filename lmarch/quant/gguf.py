@@ -84,7 +84,13 @@ def _map_rows(rule: Rule, parts: list[Tensor]) -> Tensor:
     """Apply a name-map rule's per-part row transforms, then fuse the parts along rows."""
     fns = rule.load_fns or (None,) * len(parts)
     rows = [fn(p) if fn is not None else p for fn, p in zip(fns, parts)]
-    return rows[0] if len(rows) == 1 else torch.cat(rows, dim=0)
+    if len(rows) == 1:
+        return rows[0]
+    if rows[0].dtype == torch.bfloat16:  # numpy has no bfloat16
+        return torch.cat(rows, dim=0)
+    # numpy's single-threaded copy: torch.cat's threads spin-wait for a busy core (~10 ms a
+    # call seen on a loaded 2-core machine, seconds over a model's fused projections)
+    return torch.from_numpy(np.concatenate([r.numpy() for r in rows], axis=0))
 
 
 def q4_blocks(gguf: GGUFFile, name: str) -> tuple[Tensor, Tensor]:
@@ -95,14 +101,15 @@ def q4_blocks(gguf: GGUFFile, name: str) -> tuple[Tensor, Tensor]:
     if type_name in _HEADER and len(shape) == 2:
         n, k = shape
         header = _HEADER[type_name]
-        blocks = torch.from_numpy(np.array(data).reshape(n, k // GROUP, header + GROUP // 2))
-        codes = blocks[..., header:].reshape(n, k // 2)
-        d_bits = blocks[..., :2].contiguous().view(torch.int16)
+        # codes and constants copied straight out of the mapped file, once each
+        blocks = np.asarray(data).reshape(n, k // GROUP, header + GROUP // 2)
+        codes = torch.from_numpy(np.ascontiguousarray(blocks[..., header:]).reshape(n, k // 2))
+        d_bits = torch.from_numpy(np.ascontiguousarray(blocks[..., :2]).view(np.int16))
         if type_name == "Q4_1":
-            m_bits = blocks[..., 2:4].contiguous().view(torch.int16)
+            m_bits = torch.from_numpy(np.ascontiguousarray(blocks[..., 2:4]).view(np.int16))
         else:
             m_bits = (d_bits.view(torch.float16) * -8).view(torch.int16)
-        return codes.contiguous(), torch.cat([d_bits, m_bits], dim=-1)
+        return codes, torch.cat([d_bits, m_bits], dim=-1)
     layer = BlockQ4Linear.from_codes(*quantize_q4_1(gguf.load(name)))
     return layer.codes, layer.dm
 
