@@ -17,34 +17,11 @@ from lmarch.loading.model import CAPTION, CONTRASTIVE, FLAMINGO, LoadedModel
 from lmarch.loading.sources import Source
 from lmarch.models.gpt import GPT, GPTConfig
 from lmarch.models.vit import ViT
-from lmarch.peft.flamingo import FlamingoAdapter
+from lmarch.peft.flamingo import FlamingoLM  # re-exported: its home is beside the adapter
 from lmarch.weights.checkpoint import read_json
 
 # run folders name the objective they were trained for in config.json; HF folders a model_type
 HF_CLIP_TYPE = "clip"
-
-
-class FlamingoLM(nn.Module):
-    """A frozen decoder LM with Flamingo layers (:func:`lmarch.peft.flamingo.add_flamingo`)
-    and the image tower whose patch states they read (Alayrac et al. 2022)."""
-
-    def __init__(self, lm: GPT, vision: ViT, adapter: FlamingoAdapter) -> None:
-        super().__init__()
-        self.lm = lm
-        self.vision = vision
-        self.adapter = adapter
-
-    @property
-    def config(self) -> Any:
-        """The LM's config (vocabulary, context): what text-side checks ask for."""
-        return self.lm.config
-
-    def forward(self, input_ids: Tensor, pixels: Tensor | None = None) -> Tensor:
-        """LM logits [B, T, V] of ``input_ids``, attending to the image ``pixels`` [B, C, H, W]
-        through the resampler's visual tokens (None: the frozen LM alone, gates unused)."""
-        features = None if pixels is None else self.vision(pixels).hidden
-        with self.adapter.attending(features):
-            return self.lm(input_ids)
 
 
 def vision_objective(source: Source) -> str | None:

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -183,8 +184,39 @@ def add_flamingo(
     return adapter.to(device=ref.device, dtype=ref.dtype)
 
 
+class FlamingoLM(nn.Module):
+    """A frozen decoder LM with Flamingo layers (:func:`add_flamingo`) and the image tower
+    whose patch states they read (Alayrac et al. 2022): one module, as a trained Flamingo
+    run is loaded (:func:`lmarch.loading.vision.read_flamingo`).
+
+    Args:
+        lm: the decoder LM whose blocks :func:`add_flamingo` wrapped (lmarch's GPT).
+        vision: the image encoder; its output's ``hidden`` [B, N, d_v] are the features.
+        adapter: what :func:`add_flamingo` returned for ``lm``.
+    """
+
+    def __init__(self, lm: nn.Module, vision: nn.Module, adapter: FlamingoAdapter) -> None:
+        super().__init__()
+        self.lm = lm
+        self.vision = vision
+        self.adapter = adapter
+
+    @property
+    def config(self) -> Any:
+        """The LM's config (vocabulary, context): what text-side checks ask for."""
+        return self.lm.config
+
+    def forward(self, input_ids: Tensor, pixels: Tensor | None = None) -> Tensor:
+        """LM logits [B, T, V] of ``input_ids``, attending to the image ``pixels`` [B, C, H, W]
+        through the resampler's visual tokens (None: the frozen LM alone, gates unused)."""
+        features = None if pixels is None else self.vision(pixels).hidden
+        with self.adapter.attending(features):
+            return self.lm(input_ids)
+
+
 __all__ = [
     "FlamingoAdapter",
+    "FlamingoLM",
     "GatedBlock",
     "GatedCrossAttention",
     "PerceiverResampler",

@@ -60,7 +60,7 @@ def _batch(size: int):
 
 def _model(run) -> torch.nn.Module:
     """The module of a task object (Flamingo's three parts as the one lmarch.load builds)."""
-    from lmarch.loading.vision import FlamingoLM
+    from lmarch.peft.flamingo import FlamingoLM
 
     return run.model if hasattr(run, "model") else FlamingoLM(run.lm, run.vision, run.adapter)
 
