@@ -1,6 +1,7 @@
 """``lmarch export RUN --format hf --out DIR``: a trained model in another project's format.
 
-``--format hf`` writes a folder ``transformers`` loads (:mod:`lmarch.weights.hf_export`).
+``--format hf`` writes a folder ``transformers`` loads (:mod:`lmarch.weights.hf_export`): a
+text model with its tokenizer, or a CLIP with its tokenizer and image preprocessing.
 ``--format gguf [--quant f16|q8_0|q4_0]`` writes one llama.cpp file of a LLaMA-family model
 (:mod:`lmarch.weights.gguf_export`). Other formats plug in as one more entry of
 :data:`EXPORTERS` and of ``--format``'s choices.
@@ -26,7 +27,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "--format",
         choices=FORMATS,
         required=True,
-        help="hf: a transformers folder; gguf: one llama.cpp file (LLaMA family)",
+        help="hf: a transformers folder (text models, CLIP); gguf: one llama.cpp file (LLaMA family)",
     )
     p.add_argument(
         "--quant",
@@ -51,6 +52,7 @@ def _export_hf(args: argparse.Namespace) -> dict[str, Any]:
         bos_token_id=loaded.bos_token_id,
         eos_token_ids=loaded.stop_token_ids,
         quant=loaded.quant,
+        preprocessor=loaded.preprocessor,  # an image model's; None for text models
     )
 
 

@@ -360,9 +360,11 @@ def load_hf_vit(folder: str | Path) -> ViT:
     return build_from_weights(lambda: ViT(config), ours, str(folder))
 
 
-def clip_config_to_hf(config: CLIPConfig) -> dict[str, Any]:
-    """The transformers ``CLIPConfig`` dict of our config."""
+def clip_config_to_hf(config: CLIPConfig, bos_token_id: int | None = None) -> dict[str, Any]:
+    """The transformers ``CLIPConfig`` dict of our config (``bos_token_id``: the tokenizer's
+    start token, which the model never reads; None leaves transformers' default)."""
     v = config.vision
+    bos = {} if bos_token_id is None else {"bos_token_id": bos_token_id}
     return {
         "architectures": ["CLIPModel"],
         "model_type": "clip",
@@ -374,6 +376,7 @@ def clip_config_to_hf(config: CLIPConfig) -> dict[str, Any]:
             "max_position_embeddings": config.block_size,
             "eos_token_id": config.eos_token_id,
             "pad_token_id": config.pad_token_id,
+            **bos,
         },
         "vision_config": {
             "model_type": "clip_vision_model",
@@ -385,8 +388,9 @@ def clip_config_to_hf(config: CLIPConfig) -> dict[str, Any]:
     }
 
 
-def save_hf_clip(model: CLIP, folder: str | Path) -> None:
-    """Write ``model`` as a transformers ``CLIPModel`` folder (config.json + model.safetensors)."""
+def save_hf_clip(model: CLIP, folder: str | Path, bos_token_id: int | None = None) -> None:
+    """Write ``model`` as a transformers ``CLIPModel`` folder (config.json + model.safetensors;
+    ``bos_token_id`` as in :func:`clip_config_to_hf`)."""
     c = model.config
     ours = unique_state_dict(model)
     theirs: dict[str, Tensor] = {}
@@ -396,7 +400,7 @@ def save_hf_clip(model: CLIP, folder: str | Path) -> None:
         theirs |= names.to_theirs(_strip(ours, mine), tower.n_layer, split_sizes=sizes)
     for name in ("visual_projection.weight", "text_projection.weight", "logit_scale"):
         theirs[name] = ours[name].contiguous()
-    write_hf_folder(folder, clip_config_to_hf(c), theirs)
+    write_hf_folder(folder, clip_config_to_hf(c, bos_token_id), theirs)
 
 
 def _strip(tensors: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:

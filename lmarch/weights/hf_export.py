@@ -12,8 +12,13 @@ The folder holds what ``AutoModelForCausalLM`` / ``AutoModel`` / ``AutoTokenizer
                                       clean-up of spaces on decoding, the chat template
     generation_config.json            BOS / EOS ids, for ``generate`` (causal models)
 
+A CLIP is written as ``CLIPModel`` and ``CLIPProcessor`` read it: its config and weights
+(:mod:`hf_clip`), its tokenizer's ``tokenizer.json`` with a ``CLIPTokenizer`` config naming the
+start, end and padding tokens, and its image preprocessing as ``preprocessor_config.json``.
+
 A family with no ``transformers`` counterpart (the RNNs, the bigram, the from-scratch
-Transformer) and a quantised model are refused with one line.
+Transformer, the image-text models of :data:`NO_COUNTERPART`) and a quantised model are refused
+with one line.
 """
 
 from __future__ import annotations
@@ -28,7 +33,16 @@ from torch import nn
 from lmarch.errors import LmarchError
 from lmarch.tokenizers.base import Tokenizer, write_json_file
 
-__all__ = ["export_hf_folder", "hf_tokenizer", "save_hf_model"]
+__all__ = ["NO_COUNTERPART", "export_hf_folder", "hf_tokenizer", "save_hf_model"]
+
+# models lmarch trains that no transformers class holds, by class name: why, for the refusal
+NO_COUNTERPART = {
+    "Blip": "a captioner run (lmarch caption train) has no transformers counterpart: "
+    "transformers' BLIP pairs a separate text encoder with its decoder, this captioner has one "
+    "causal decoder for captions and matching",
+    "FlamingoLM": "a Flamingo run (lmarch flamingo train) has no transformers counterpart: "
+    "transformers has no Flamingo model for gated cross-attention layers in a frozen GPT",
+}
 
 
 def _writer(model: nn.Module) -> Callable[[nn.Module, str | Path], Any]:
@@ -36,6 +50,7 @@ def _writer(model: nn.Module) -> Callable[[nn.Module, str | Path], Any]:
     ``transformers`` counterpart raises :class:`LmarchError`."""
     from lmarch.models.bart import Bart
     from lmarch.models.bert import BertConfig
+    from lmarch.models.clip import CLIP
     from lmarch.models.gpt import GPT
     from lmarch.models.llama import Llama
     from lmarch.models.t5 import T5
@@ -60,9 +75,14 @@ def _writer(model: nn.Module) -> Callable[[nn.Module, str | Path], Any]:
         from lmarch.weights.hf_bert import save_hf_bert
 
         return save_hf_bert
+    if isinstance(model, CLIP):
+        from lmarch.weights.hf_clip import save_hf_clip
+
+        return save_hf_clip
+    name = type(model).__name__
     raise LmarchError(
-        f"a {type(model).__name__} has no Hugging Face transformers counterpart",
-        hint="export works for GPT, LLaMA (and its variants), BERT-family, T5 and BART models",
+        NO_COUNTERPART.get(name, f"a {name} has no Hugging Face transformers counterpart"),
+        hint="export works for GPT, LLaMA (and its variants), BERT-family, T5, BART and CLIP",
     )
 
 
@@ -184,19 +204,45 @@ def _token_id(tokenizer: Tokenizer, role: str) -> int | None:
     return idx if isinstance(idx, int) else None
 
 
+def _clip_files(
+    model: nn.Module, tokenizer: Tokenizer, library: Any, out: Path, preprocessor: Any
+) -> list[str]:
+    """A CLIP's folder (see the module doc); returns the files written."""
+    from lmarch.tokenizers.clip_bpe import BOS, EOS
+    from lmarch.weights.hf_clip import save_hf_clip
+
+    token_to_id = getattr(tokenizer, "token_to_id", None)
+    start = token_to_id(BOS) if token_to_id is not None else None
+    save_hf_clip(model, out, bos_token_id=start)
+    files = ["config.json", "model.safetensors"]
+    if library is not None:
+        library.save(str(out / "tokenizer.json"))
+        roles = {"bos_token": BOS, "eos_token": EOS, "unk_token": EOS, **_special_tokens(tokenizer)}
+        config = {"tokenizer_class": "CLIPTokenizer", "clean_up_tokenization_spaces": False,
+                  "model_max_length": model.config.block_size, **roles}  # fmt: skip
+        write_json_file(out / "tokenizer_config.json", config)
+        files += ["tokenizer.json", "tokenizer_config.json"]
+    if preprocessor is not None:
+        write_json_file(out / "preprocessor_config.json", preprocessor.to_hf_config())
+        files.append("preprocessor_config.json")
+    return files
+
+
 def export_hf_folder(
     model: nn.Module,
-    tokenizer: Tokenizer,
+    tokenizer: Tokenizer | None,
     out: str | Path,
     *,
     chat_template: str | None = None,
     bos_token_id: int | None = None,
     eos_token_ids: tuple[int, ...] = (),
     quant: str = "none",
+    preprocessor: Any = None,
 ) -> dict[str, Any]:
     """Write ``model`` and ``tokenizer`` to ``out`` as a Hugging Face folder (see the module
-    doc); returns what was written: ``model_type``, ``files`` and the ``vocab_size`` both
-    sides agree on."""
+    doc; an image model's ``preprocessor``, an
+    :class:`~lmarch.data.images.ImagePreprocessor`, too); returns what was written:
+    ``model_type``, ``files`` and the ``vocab_size`` both sides agree on."""
     if quant != "none":
         raise LmarchError(
             f"this model is quantised ({quant}); the Hugging Face layout holds float weights",
@@ -204,13 +250,21 @@ def export_hf_folder(
         )
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
     _writer(model)  # both checks before writing anything: a refusal leaves no folder
-    library = hf_tokenizer(tokenizer)
-    if vocab is not None and library.get_vocab_size() > vocab:
+    from lmarch.models.clip import CLIP
+
+    is_clip = isinstance(model, CLIP)
+    if tokenizer is None and not is_clip:  # a CLIP's folder may go without one
+        raise LmarchError(f"a {type(model).__name__}'s export needs its tokenizer")
+    library = None if tokenizer is None else hf_tokenizer(tokenizer)
+    if library is not None and vocab is not None and library.get_vocab_size() > vocab:
         raise LmarchError(
             f"the tokenizer has {library.get_vocab_size()} ids, the model's vocabulary {vocab}"
         )
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    if is_clip:
+        files = _clip_files(model, tokenizer, library, out, preprocessor)
+        return {"model_type": "clip", "files": files, "vocab_size": vocab, "out": str(out)}
     model_type = save_hf_model(model, out)
     library.save(str(out / "tokenizer.json"))
     config: dict[str, Any] = {
