@@ -16,11 +16,14 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
 from lmarch.errors import LmarchError, LmarchNotice
+
+if TYPE_CHECKING:
+    from lmarch.weights.gguf import GGUFFile
 
 QUANT_CHOICES = ("auto", "none", "int8", "int4", "q8", "q4")
 # the block formats each scheme copies as stored (BlockQ4Linear / BlockQ8Linear)
@@ -42,10 +45,15 @@ def gguf_native_scheme(path: str | Path) -> str | None:
 
     gguf = read_gguf(path)
     try:
-        infos = {name: gguf.tensor_info(name) for name in gguf.tensor_names}
-        arch = gguf.metadata.get("general.architecture")
+        return native_scheme_of(gguf)
     finally:
         gguf.close()
+
+
+def native_scheme_of(gguf: GGUFFile) -> str | None:
+    """:func:`gguf_native_scheme` of an open file."""
+    infos = {name: gguf.tensor_info(name) for name in gguf.tensor_names}
+    arch = gguf.metadata.get("general.architecture")
     layers = {i.type_name for n, i in infos.items() if n.startswith("blk.") and len(i.shape) == 2}
     head = infos.get("output.weight") or infos.get("token_embd.weight")
     if arch == "gemma3":  # mixed formats, each kept exactly: "q4" names that loader
@@ -83,10 +91,15 @@ def choose_quant(quant: str, kind: str, path: Path, device: str, dtype: object) 
         # an asked-for dtype or device means a float model; only a GGUF has blocks to keep
         if kind != "gguf" or dtype is not None or device != "cpu":
             return "none"
-        scheme = gguf_native_scheme(path)
+        from lmarch.weights.gguf import read_gguf
+
+        gguf = read_gguf(path)
+        scheme = native_scheme_of(gguf)
         if scheme is None:
+            gguf.close()
             return "none"
         if not native_ready(quiet=True):
+            gguf.close()
             warnings.warn(
                 "native kernels unavailable (no C compiler, or LMARCH_NATIVE=0): running in "
                 f"float32, slower than on the file's {scheme} blocks; --quant none avoids this "
@@ -95,6 +108,9 @@ def choose_quant(quant: str, kind: str, path: Path, device: str, dtype: object) 
                 stacklevel=3,
             )
             return "none"
+        from lmarch.quant.gguf import hand_over
+
+        hand_over(path, gguf)  # the block loader reads this parse instead of parsing again
         return scheme
     if quant in ("q4", "q8"):
         if device != "cpu":
@@ -176,6 +192,7 @@ __all__ = [
     "choose_quant",
     "gguf_native_scheme",
     "native_ready",
+    "native_scheme_of",
     "quantize_and_accelerate",
     "rebuild_quantized",
     "stored_quant",

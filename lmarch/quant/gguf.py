@@ -31,6 +31,7 @@ to codes, scales and zeros alike.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -184,6 +185,31 @@ def q4_scheme_linear(gguf: GGUFFile, rule: Rule) -> nn.Module:
     )
 
 
+# at most one parsed file, handed over from choosing a quantisation to the loader
+_HANDED: list[tuple[tuple[str, int, int], GGUFFile]] = []
+
+
+def _stamp(path: str | Path) -> tuple[str, int, int]:
+    st = os.stat(path)
+    return str(Path(path).resolve()), st.st_size, st.st_mtime_ns
+
+
+def hand_over(path: str | Path, gguf: GGUFFile) -> None:
+    """Keep ``gguf``, just parsed from ``path`` to choose how to load it, for the next
+    :func:`open_gguf` of the same unchanged file: the header (Gemma 3's holds 262,144 token
+    strings, ~0.5 s to parse) is then read once per load, not twice."""
+    _HANDED[:] = [(_stamp(path), gguf)]
+
+
+def open_gguf(path: str | Path) -> GGUFFile:
+    """``path`` parsed: the file :func:`hand_over` kept for it if it is unchanged (size and
+    modification time; given out once), else :func:`~lmarch.weights.gguf.read_gguf`."""
+    handed, _HANDED[:] = list(_HANDED), []
+    if handed and handed[0][0] == _stamp(path):
+        return handed[0][1]
+    return read_gguf(path)
+
+
 LinearFactory = Callable[[GGUFFile, Rule], nn.Module]
 ConfigReader = Callable[[GGUFFile, int | None], LlamaConfig]
 
@@ -208,7 +234,7 @@ def _load_quantized(
     except those ``skip(config, our_name)`` leaves to the caller; the output head is left for the
     caller too (it is still the meta Linear). ``read_config`` and ``name_map`` say how the
     file's architecture is read (LLaMA's by default; Gemma 3: :mod:`lmarch.quant.gguf_gemma`)."""
-    gguf = read_gguf(path)
+    gguf = open_gguf(path)
     config = read_config(gguf, block_size)
     for dim in (config.n_embd, config.intermediate_size, config.n_head * config.dim_per_head):
         if dim % GROUP:
@@ -349,10 +375,12 @@ def _quantized_rows(weight: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 __all__ = [
     "HEAD_SCHEMES",
+    "hand_over",
     "int4_rows",
     "kquant_rows",
     "load_gguf_llama_blocks",
     "load_gguf_llama_int4",
+    "open_gguf",
     "q4_blocks",
     "q4_scheme_linear",
     "q5_0_as_q8_0",

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from lmarch.errors import LmarchError
+from lmarch.loading import load
 from lmarch.loading.sources import Source, read_gguf_gemma3
 from lmarch.loading.speed import choose_quant
 from lmarch.quant.blockq import BlockQ8Embedding, BlockQ8Linear
@@ -221,6 +222,18 @@ def mixed_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_auto_quant_keeps_a_gemma_files_blocks(tiny_file: Path, mixed_file: Path) -> None:
     assert choose_quant("auto", "gguf", mixed_file, "cpu", None) == "q4"
     assert choose_quant("auto", "gguf", tiny_file, "cpu", None) == "none"  # float32 matrices
+
+
+def test_a_block_load_parses_the_file_once(
+    mixed_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import lmarch.weights.gguf as reader
+
+    parse, calls = reader._parse, []
+    monkeypatch.setattr(reader, "_parse", lambda *a: calls.append(a) or parse(*a))
+    loaded = load(mixed_file)  # auto: choosing q4 parses it, the loader reuses that parse
+    assert loaded.quant == "q4" and len(calls) == 1
+    assert isinstance(loaded.model.blocks[0].attn.qkv, BlockQ8Linear)
 
 
 def test_blocks_are_the_files_weights_exactly(mixed_file: Path) -> None:
