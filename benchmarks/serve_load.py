@@ -33,6 +33,9 @@ ends with ``[DONE]`` after zero or a few pieces and no ``finish_reason``); under
 that leaves near-empty answers, so it is started with ``--interrupt_requests False`` (requests
 then queue on its lock), ``--logits_all False`` (logits for the last position only, as lmarch
 computes them) and lmarch's thread count.
+Two ratios come out of it: lmarch's best row over the peer (``lmarch_over_llama_cpp``), and
+lmarch one request at a time over the peer, which also serves one at a time
+(``one_at_a_time_over_llama_cpp``).
 
     python benchmarks/serve_load.py [--clients 32] [--requests 8] [--max-tokens 64]
                                     [--batches 32,1] [--peers llama.cpp] [--threads T] [--json]
