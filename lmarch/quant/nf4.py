@@ -36,6 +36,7 @@ compare the codes and constants for equality with ``bitsandbytes.functional.quan
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -102,6 +103,7 @@ def normal_float_code(offset: float = 0.9677083) -> Tensor:
     return (values / values.max()).float()
 
 
+@functools.cache
 def dynamic_code() -> Tensor:
     """The signed 8-bit dynamic code book [256] (Dettmers 2016), sorted ascending.
 
@@ -120,19 +122,17 @@ def dynamic_code() -> Tensor:
     return torch.tensor(sorted(values), dtype=torch.float32)
 
 
-_DYNAMIC = dynamic_code()
 _GRID = 65536  # points of [-1, 1] in bitsandbytes' lookup table for the 8-bit code
 
 
+@functools.cache  # built on first use, not at import (every command imports this module)
 def _dynamic_lookup() -> Tensor:
     """uint8 [65536]: for grid point g_i = -1 + 2i / 65535, the index of the first code value
     whose midpoint with the next one is >= g_i (i.e. the nearest code to g_i, ties downward)."""
-    mids = 0.5 * (_DYNAMIC[:-1] + _DYNAMIC[1:])
+    code = dynamic_code()
+    mids = 0.5 * (code[:-1] + code[1:])
     grid = -1.0 + (2.0 * torch.arange(_GRID, dtype=torch.float32)) / (_GRID - 1)
     return torch.searchsorted(mids, grid).to(torch.uint8)
-
-
-_DYNAMIC_LOOKUP = _dynamic_lookup()
 
 
 @dataclass
@@ -213,7 +213,7 @@ def _quantize_dynamic(values: Tensor) -> tuple[Tensor, Tensor]:
     inv = torch.where(nonzero, 1.0 / amax, torch.zeros_like(amax))
     normed = (padded * inv[:, None]).clamp_(-1, 1)
     point = (((normed + 1.0) * 0.5) * (_GRID - 1) + 0.5).long()  # truncation, as C's cast
-    codes = _DYNAMIC_LOOKUP.to(values.device)[point]
+    codes = _dynamic_lookup().to(values.device)[point]
     codes = torch.where(nonzero[:, None], codes, torch.zeros_like(codes))
     return codes.reshape(-1)[:n], amax
 
@@ -242,7 +242,7 @@ def _absmax_of(q: NF4Weight) -> Tensor:
     if q.nested_absmax is None:
         return q.absmax.float()
     d = q.nested_absmax.float().repeat_interleave(NESTED_BLOCK)[: q.absmax.numel()]
-    return _DYNAMIC.to(q.absmax.device)[q.absmax.long()] * d + q.offset.float()
+    return dynamic_code().to(q.absmax.device)[q.absmax.long()] * d + q.offset.float()
 
 
 # byte b = 16 hi + lo -> (N[hi], N[lo]): one lookup decodes both of a byte's elements

@@ -28,12 +28,12 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from torch.distributed.tensor import DTensor
 
 from lmarch.errors import LmarchError
 from lmarch.nn.attention import MultiHeadAttention
@@ -47,6 +47,7 @@ __all__ = [
     "check_strategy",
     "describe_memory",
     "gradient_sync",
+    "is_dtensor",
     "parallelize",
     "reduce_partial_grads",
     "shard_bytes",
@@ -59,6 +60,16 @@ __all__ = [
 ]
 
 STRATEGIES = ("single", "ddp", "fsdp", "tp")
+
+
+def is_dtensor(t: object) -> bool:
+    """Whether ``t`` is a DTensor (FSDP's and TP's sharded tensors). ``torch.distributed.tensor``
+    is not imported for the question: it takes about half a second, which every command that
+    builds the CLI's parser would pay; until something imports it, nothing can be a DTensor."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(t, module.DTensor)
+
+
 SHARDED_BLOCKS: tuple[type, ...] = (TransformerBlock, CrossAttentionBlock)
 
 
@@ -157,7 +168,7 @@ class ShardBytes:
 
 
 def _local_bytes(t: torch.Tensor) -> int:
-    local = t.to_local() if isinstance(t, DTensor) else t
+    local = t.to_local() if is_dtensor(t) else t
     return local.numel() * local.element_size()
 
 
@@ -329,7 +340,7 @@ def _split_sequence(model, mesh, sequence_style, prepare_input, whole, split) ->
     )
     parallelize_module(model.norm_f, mesh, sequence_style())
     model.norm_f.register_forward_hook(
-        lambda module, inputs, out: out.full_tensor() if isinstance(out, DTensor) else out
+        lambda module, inputs, out: out.full_tensor() if is_dtensor(out) else out
     )
 
 
@@ -339,7 +350,7 @@ def _local_cache(model: nn.Module) -> None:
     from lmarch.nn.cache import KVCache
 
     attns = [m for m in model.modules() if isinstance(m, MultiHeadAttention)]
-    whole = next(p for p in model.parameters() if not isinstance(p, DTensor))
+    whole = next(p for p in model.parameters() if not is_dtensor(p))
 
     def make_cache(
         batch_size: int, max_len: int | None = None, dtype: torch.dtype | None = None
@@ -364,7 +375,7 @@ def tp_full_state_dict(model: nn.Module) -> dict[str, Tensor]:
     }
     out = {}
     for name, tensor in model.state_dict().items():
-        full = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+        full = tensor.full_tensor() if is_dtensor(tensor) else tensor
         if name in grouped:
             order = _row_order(*grouped[name])
             full = full[torch.argsort(order)]
@@ -379,7 +390,7 @@ def tp_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
     for group in optimizer.param_groups:
         settings = {k: v for k, v in group.items() if k != "params"}
         for sharded in (True, False):
-            params = [p for p in group["params"] if isinstance(p, DTensor) == sharded]
+            params = [p for p in group["params"] if is_dtensor(p) == sharded]
             if params:
                 groups.append({**settings, "params": params})
     accepted = inspect.signature(type(optimizer)).parameters
@@ -395,7 +406,7 @@ def reduce_partial_grads(parameters: list[nn.Parameter]) -> None:
 
     for p in parameters:
         g = p.grad
-        if isinstance(g, DTensor) and any(pl.is_partial() for pl in g.placements):
+        if is_dtensor(g) and any(pl.is_partial() for pl in g.placements):
             p.grad = g.redistribute(g.device_mesh, [Replicate()] * g.device_mesh.ndim)
 
 
@@ -407,9 +418,9 @@ def clip_grad_norm(parameters: list[nn.Parameter], max_norm: float) -> Tensor:
 
     reduce_partial_grads(parameters)
     grads = [p.grad for p in parameters if p.grad is not None]
-    sharded = [g for g in grads if isinstance(g, DTensor) and not g.placements[0].is_replicate()]
+    sharded = [g for g in grads if is_dtensor(g) and not g.placements[0].is_replicate()]
     ids = {id(g) for g in sharded}
-    whole = [g.to_local() if isinstance(g, DTensor) else g for g in grads if id(g) not in ids]
+    whole = [g.to_local() if is_dtensor(g) else g for g in grads if id(g) not in ids]
     local = torch.zeros((), dtype=torch.float32)
     for g in sharded:
         local = local + g.to_local().float().pow(2).sum().cpu()
@@ -418,7 +429,7 @@ def clip_grad_norm(parameters: list[nn.Parameter], max_norm: float) -> Tensor:
     norm = total.sqrt()
     coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
     for g in grads:
-        local_g = g.to_local() if isinstance(g, DTensor) else g
+        local_g = g.to_local() if is_dtensor(g) else g
         local_g.mul_(coef.to(local_g.device))
     return norm
 
@@ -437,7 +448,7 @@ def _grouped_rows(model: nn.Module) -> dict[int, tuple[list[int], int]]:
 
 
 def _whole(value: Tensor, rows: tuple[list[int], int] | None) -> Tensor:
-    full = value.full_tensor() if isinstance(value, DTensor) else value
+    full = value.full_tensor() if is_dtensor(value) else value
     if rows is not None and full.dim() > 0:
         full = full[torch.argsort(_row_order(*rows))]
     return full.detach().contiguous()
@@ -448,13 +459,15 @@ def _split_like(full: Tensor, param: Tensor, rows: tuple[list[int], int] | None)
     shard as a DTensor of the same placement when ``param`` is one."""
     if rows is not None and full.dim() > 0:
         full = full[_row_order(*rows)]
-    if not isinstance(param, DTensor):
+    if not is_dtensor(param):
         return full
     local = full
     mesh = param.device_mesh
     for placement in param.placements:
         if placement.is_shard():
             local = local.chunk(mesh.size(), dim=placement.dim)[mesh.get_local_rank()]
+    from torch.distributed.tensor import DTensor
+
     return DTensor.from_local(local.contiguous(), mesh, param.placements, run_check=False)
 
 
@@ -504,8 +517,8 @@ def tp_load_checkpoint_tensors(
                 raise LmarchError(f"the checkpoint holds {name!r}, which this model has not")
             param = named[name]
             part = _split_like(full, param, rows.get(id(param)))
-            target = param.to_local() if isinstance(param, DTensor) else param
-            target.copy_(part.to_local() if isinstance(part, DTensor) else part)
+            target = param.to_local() if is_dtensor(param) else param
+            target.copy_(part.to_local() if is_dtensor(part) else part)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     split = {}
     for key, value in optim_tensors.items():

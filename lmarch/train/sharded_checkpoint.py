@@ -33,9 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed.checkpoint as dcp
 from torch import Tensor, nn
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from lmarch.errors import LmarchError
 from lmarch.train.distributed import barrier, dist_info, is_distributed
@@ -88,6 +86,9 @@ def save_sharded(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     barrier()
+    import torch.distributed.checkpoint as dcp  # imported on use: ~0.5 s for every command
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
     model_sd, optim_sd = get_state_dict(model, optimizer)
     with _single_process_quiet():
         dcp.save(
@@ -111,6 +112,8 @@ def save_sharded(
 def check_compatible(ckpt: str | Path, model: nn.Module) -> None:
     """Refuse, naming a tensor, a sharded checkpoint whose model tensors (names, global shapes)
     differ from ``model``'s -- before any rank starts loading, so every rank refuses alike."""
+    import torch.distributed.checkpoint as dcp
+
     ckpt = Path(ckpt)
     try:
         saved = dcp.FileSystemReader(str(ckpt / "dcp")).read_metadata().state_dict_metadata
@@ -144,6 +147,9 @@ def load_sharded(
     """Load a sharded checkpoint into ``model`` and ``optimizer`` as this process holds them
     (FSDP shards, DDP replicas or a plain model; any number of ranks); return its trainer.json
     and trainer.safetensors. Every rank must call it."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
     ckpt = Path(ckpt)
     check_compatible(ckpt, model)
     model_sd, optim_sd = get_state_dict(model, optimizer)
