@@ -32,6 +32,7 @@ to codes, scales and zeros alike.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -94,25 +95,54 @@ def _map_rows(rule: Rule, parts: list[Tensor]) -> Tensor:
     return torch.from_numpy(np.concatenate([r.numpy() for r in rows], axis=0))
 
 
+def _q4_split(rows: np.ndarray, type_name: str) -> tuple[Tensor, Tensor]:
+    """Q4_0 / Q4_1 rows uint8 [N, K/32 * block bytes] -> packed codes uint8 [N, K/2] and the
+    float16 bits of (d, m) int16 [N, K/32, 2], one copy each out of ``rows``."""
+    header = _HEADER[type_name]
+    n = rows.shape[0]
+    blocks = np.asarray(rows).reshape(n, -1, header + GROUP // 2)
+    codes = torch.from_numpy(np.ascontiguousarray(blocks[..., header:]).reshape(n, -1))
+    if type_name == "Q4_1":  # d and m lie side by side: their bytes are dm as it is kept
+        return codes, torch.from_numpy(np.ascontiguousarray(blocks[..., :4]).view(np.int16))
+    d_bits = torch.from_numpy(np.ascontiguousarray(blocks[..., :2]).view(np.int16))
+    m_bits = (d_bits.view(torch.float16) * -8).view(torch.int16)
+    return codes, torch.cat([d_bits, m_bits], dim=-1)
+
+
 def q4_blocks(gguf: GGUFFile, name: str) -> tuple[Tensor, Tensor]:
     """The 2-D tensor ``name`` as Q4_1 blocks: packed codes uint8 [N, K/2] and the float16
     bits of (d, m) int16 [N, K/32, 2]. Q4_1 is copied as stored; Q4_0 (x = d (q - 8)) becomes
     m = -8 d exactly; other types are dequantised and quantised to Q4_1."""
     data, type_name, shape = gguf.raw(name)
     if type_name in _HEADER and len(shape) == 2:
-        n, k = shape
-        header = _HEADER[type_name]
-        # codes and constants copied straight out of the mapped file, once each
-        blocks = np.asarray(data).reshape(n, k // GROUP, header + GROUP // 2)
-        codes = torch.from_numpy(np.ascontiguousarray(blocks[..., header:]).reshape(n, k // 2))
-        d_bits = torch.from_numpy(np.ascontiguousarray(blocks[..., :2]).view(np.int16))
-        if type_name == "Q4_1":
-            m_bits = torch.from_numpy(np.ascontiguousarray(blocks[..., 2:4]).view(np.int16))
-        else:
-            m_bits = (d_bits.view(torch.float16) * -8).view(torch.int16)
-        return codes, torch.cat([d_bits, m_bits], dim=-1)
+        return _q4_split(data, type_name)  # copied straight out of the mapped file
     layer = BlockQ4Linear.from_codes(*quantize_q4_1(gguf.load(name)))
     return layer.codes, layer.dm
+
+
+def _file_rows(data: np.ndarray) -> Tensor:
+    """A read-only view of the file as a tensor, for row transforms that copy (never written:
+    hence the silenced warning about numpy's read-only flag)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(data)
+
+
+def q4_rule_blocks(gguf: GGUFFile, rule: Rule) -> tuple[Tensor, Tensor] | None:
+    """The Q4_1 blocks (:func:`q4_blocks`) of a whole name-map rule when all its parts are 2-D
+    and stored in the same one of Q4_0 / Q4_1, else None: the rule's row transforms are applied
+    to the stored rows (a row of blocks is an output feature, like a row of weights), so each
+    byte is copied out of the file once or twice instead of once a part, transform and field."""
+    raws = [gguf.raw(name) for name in rule.parts]
+    types = {type_name for _, type_name, _ in raws}
+    if len(types) != 1 or not types <= _HEADER.keys() or any(len(s) != 2 for *_, s in raws):
+        return None
+    fns = rule.load_fns or (None,) * len(raws)
+    rows = [
+        data if fn is None else fn(_file_rows(data)).numpy() for fn, (data, _, _) in zip(fns, raws)
+    ]
+    whole = rows[0] if len(rows) == 1 else np.concatenate(rows, axis=0)
+    return _q4_split(whole, types.pop())
 
 
 def q5_0_as_q8_0(blocks: np.ndarray) -> tuple[Tensor, Tensor]:
@@ -173,6 +203,9 @@ def q4_scheme_linear(gguf: GGUFFile, rule: Rule) -> nn.Module:
     if len(types) == 1 and all(r is not None for r in k_rows):
         return KQuantLinear.from_blocks(_map_rows(rule, k_rows), types.pop())  # type: ignore[arg-type]
     if all(r is None for r in k_rows):
+        whole = q4_rule_blocks(gguf, rule)
+        if whole is not None:
+            return BlockQ4Linear.from_blocks(*whole)
         pieces = [q4_blocks(gguf, name) for name in rule.parts]
         packed, dm = (_map_rows(rule, [p[j] for p in pieces]) for j in range(2))
         return BlockQ4Linear.from_blocks(packed, dm)
@@ -382,6 +415,7 @@ __all__ = [
     "load_gguf_llama_int4",
     "open_gguf",
     "q4_blocks",
+    "q4_rule_blocks",
     "q4_scheme_linear",
     "q5_0_as_q8_0",
     "q8_blocks",

@@ -9,11 +9,13 @@ Two conventions differ from the Hugging Face layout:
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -27,15 +29,49 @@ from lmarch.weights.name_map import Rule, WeightMap
 from lmarch.weights.safetensors_io import load_into_model
 
 
+@functools.lru_cache(maxsize=64)
+def _unpermuted_order(out_dim: int, n_heads: int) -> np.ndarray:
+    """Row r of the unpermuted matrix is row ``order[r]`` of llama.cpp's: (h, t, j) <- (h, j, t)."""
+    hd = out_dim // n_heads
+    order = np.arange(out_dim).reshape(n_heads, hd // 2, 2).transpose(0, 2, 1).reshape(-1)
+    order.flags.writeable = False
+    return order
+
+
 def unpermute_rope_rows(weight: Tensor, n_heads: int) -> Tensor:
-    """Undo llama.cpp's per-head row interleaving of a Q or K projection [n_heads*hd, in]."""
+    """Undo llama.cpp's per-head row interleaving of a Q or K projection [n_heads*hd, ...]:
+    rows (h, j, t) -> (h, t, j) for j < hd/2, t in {0, 1}.
+
+    Works on any rows (float weights, or the raw bytes of quantised blocks: a row is an output
+    feature either way). A plain CPU tensor is gathered by numpy in one pass with a cached row
+    order (torch's reshape copy of many small matrices was most of a GGUF load's time, its
+    threads spin-waiting on a busy machine); other tensors take the torch route."""
     out_dim = weight.shape[0]
+    if weight.device.type == "cpu" and weight.dtype in _NUMPY_OK and not weight.requires_grad:
+        order = _unpermuted_order(out_dim, n_heads)
+        return torch.from_numpy(np.take(weight.numpy(), order, axis=0))
     hd = out_dim // n_heads
     return (
         weight.reshape(n_heads, hd // 2, 2, *weight.shape[1:])
         .transpose(1, 2)
         .reshape(out_dim, *weight.shape[1:])
     )
+
+
+# dtypes numpy shares with torch (not bfloat16)
+_NUMPY_OK = frozenset(
+    {
+        torch.float32,
+        torch.float16,
+        torch.float64,
+        torch.uint8,
+        torch.int8,
+        torch.int16,
+        torch.int32,
+        torch.int64,
+        torch.bool,
+    }
+)
 
 
 def permute_rope_rows(weight: Tensor, n_heads: int) -> Tensor:
