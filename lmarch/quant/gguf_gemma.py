@@ -36,6 +36,7 @@ from lmarch.quant.gguf import (
     _load_quantized,
     _map_rows,
     kquant_rows,
+    one_thread,
     q4_blocks,
     q8_blocks,
     set_block_head,
@@ -91,17 +92,18 @@ def load_gguf_gemma3_blocks(
     (:func:`exact_block_linear`; the tied head and embedding one Q8_0 table), norms in
     float32, and the file (its metadata carries the vocabulary). ``block_size`` caps the
     context, as for :func:`lmarch.weights.gguf_gemma.load_gguf_gemma3`."""
-    model, gguf, _ = _load_quantized(
-        path,
-        block_size,
-        exact_block_linear,
-        torch.float32,
-        skip=tied_table,
-        read_config=gemma3_config_from_gguf,
-        name_map=gguf_gemma3_map,
-    )
-    set_block_head(model, gguf, path)
-    return _finish(model, path, torch.float32), gguf
+    with one_thread():  # many small operations: see one_thread
+        model, gguf, _ = _load_quantized(
+            path,
+            block_size,
+            exact_block_linear,
+            torch.float32,
+            skip=tied_table,
+            read_config=gemma3_config_from_gguf,
+            name_map=gguf_gemma3_map,
+        )
+        set_block_head(model, gguf, path)
+        return _finish(model, path, torch.float32), gguf
 
 
 __all__ = ["exact_block_linear", "layer_kind", "load_gguf_gemma3_blocks"]
