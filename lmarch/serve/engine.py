@@ -190,7 +190,14 @@ class SlotEngine:
     @torch.no_grad()
     def decode(self, tokens: list[int], positions: list[int]) -> Tensor:
         """Feed token ``tokens[i]`` at ``positions[i]`` to row ``i`` for the first
-        ``len(tokens)`` rows, in one forward pass; the next-token logits [n, V]."""
+        ``len(tokens)`` rows, in one forward pass; the next-token logits [n, V].
+
+        Every layer but attention gives each row bit for bit what single decoding gives it
+        (int4/int8 kernels included: their rows do not depend on the batch). Attention runs
+        over the longest row's keys under a mask, so its float32 sums are taken in another
+        order than over a row's own keys; rounded to bfloat16 that can move a value by one
+        step, and greedy choices on near-ties may differ (tests/serve/test_int4_batching.py).
+        """
         self.decode_calls += 1
         self.decode_rows += len(tokens)
         n = len(tokens)
