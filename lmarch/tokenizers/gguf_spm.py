@@ -24,6 +24,7 @@ text first, the longest at the leftmost place; only control pieces are dropped b
 from __future__ import annotations
 
 import heapq
+import itertools
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -78,19 +79,28 @@ class SentencePieceBPETokenizer:
     ) -> None:
         if len(tokens) != len(types):
             raise LmarchError(f"{len(types)} token types for {len(tokens)} tokens")
+        # (a vocabulary holds ~10^5 pieces, Gemma's 262,144: the tables are built with C-level
+        # maps over the whole list, Python loops only over the few pieces that need them)
         self._tokens = list(tokens)
-        self._types = [int(t) for t in types]
-        self._pieces = [_respell(t) for t in self._tokens]
+        exact_ints = set(map(type, types)) <= {int}
+        self._types = list(types) if exact_ints else [int(t) for t in types]
+        self._pieces = list(self._tokens)
+        longest = max(map(len, self._tokens), default=0)
+        runs = {" " * n for n in range(1, longest + 1)}  # the pieces _respell changes
+        for i in itertools.compress(range(len(self._tokens)), map(runs.__contains__, self._tokens)):
+            self._pieces[i] = _respell(self._tokens[i])
         # a piece written twice keeps its last id, as a dict built in id order does
-        self._vocab = {piece: i for i, piece in enumerate(self._pieces)}
+        self._vocab = dict(zip(self._pieces, range(len(self._pieces))))
         self._bytes = [self._vocab.get(f"<0x{b:02X}>") for b in range(256)]
         self.unk_token_id, self.bos_token_id = unk_token_id, bos_token_id
         self.eos_token_id, self.pad_token_id = eos_token_id, pad_token_id
-        self._special = {i for i, t in enumerate(self._types) if t == _CONTROL}
+        ids = range(len(self._types))
+        self._special = set(itertools.compress(ids, map(_CONTROL.__eq__, self._types)))
+        odd = itertools.compress(ids, map((_CONTROL, _USER_DEFINED).__contains__, self._types))
         whole = {
-            tok: i
-            for i, (tok, kind) in enumerate(zip(self._tokens, self._types, strict=True))
-            if kind == _CONTROL or (kind == _USER_DEFINED and tok in self._vocab)
+            self._tokens[i]: i
+            for i in odd
+            if self._types[i] == _CONTROL or self._tokens[i] in self._vocab
         }
         self._whole = whole
         self._whole_lengths = sorted({len(t) for t in whole}, reverse=True)
@@ -274,14 +284,18 @@ def spm_tokenizer_from_gguf(metadata: Mapping[str, Any]) -> SentencePieceBPEToke
     if model != "llama":
         raise LmarchError(f"tokenizer.ggml.model is {model!r}, not a SentencePiece ('llama') one")
     tokens = metadata.get("tokenizer.ggml.tokens")
-    if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):
+    if not isinstance(tokens, list) or (
+        not set(map(type, tokens)) <= {str} and not all(isinstance(t, str) for t in tokens)
+    ):
         raise LmarchError("GGUF metadata tokenizer.ggml.tokens must be an array of strings")
     types = metadata.get("tokenizer.ggml.token_type")
     if hasattr(types, "tolist"):
         types = types.tolist()
     if types is None:
         types = [1] * len(tokens)
-    if not isinstance(types, list) or not all(isinstance(t, int) for t in types):
+    if not isinstance(types, list) or (
+        not set(map(type, types)) <= {int} and not all(isinstance(t, int) for t in types)
+    ):
         raise LmarchError("GGUF metadata tokenizer.ggml.token_type must be an array of integers")
     roles: dict[str, int | None] = {}
     for role, key in (("unk", "unknown"), ("bos", "bos"), ("eos", "eos"), ("pad", "padding")):

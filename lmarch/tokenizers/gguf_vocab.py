@@ -48,7 +48,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from lmarch.errors import LmarchError
-from lmarch.tokenizers.bpe import GPT2_SPLIT_PATTERN, ByteLevelBPETokenizer, bytes_to_unicode
+from lmarch.tokenizers.bpe import (
+    GPT2_SPLIT_PATTERN,
+    ByteLevelBPETokenizer,
+    bytes_to_unicode,
+    gc_paused,
+)
 
 __all__ = [
     "LLAMA3_SPLIT_PATTERN",
@@ -125,6 +130,7 @@ _ALPHABET = frozenset(bytes_to_unicode().values())
 _BYTE_TO_CHAR = bytes_to_unicode()
 
 
+@gc_paused()  # ~10^5 strings, pairs and dict entries: see gc_paused
 def tokenizer_from_gguf(
     metadata: Mapping[str, Any], pre: str | None = None
 ) -> ByteLevelBPETokenizer:
@@ -168,31 +174,8 @@ def tokenizer_from_gguf(
             hint="known: " + ", ".join(sorted(PRE_TOKENIZERS)),
         )
 
-    vocab: dict[str, int] = {}
-    special: dict[str, int] = {}
-    added: dict[str, int] = {}
-    seen: dict[str, int] = {}
-    for idx, (token, kind) in enumerate(zip(tokens, types, strict=True)):
-        if kind == _CONTROL:
-            table, key = special, token
-        elif kind == _USER_DEFINED:
-            table, key = added, token
-        else:
-            # A normal token outside the byte alphabet is raw text; spell it in bytes (as
-            # transformers does) so that BPE can reach it.
-            table = vocab
-            key = token if set(token) <= _ALPHABET else _spell_bytes(token)
-        if key in seen:
-            raise LmarchError(f"token {token!r} appears twice (ids {seen[key]} and {idx})")
-        seen[key] = idx
-        table[key] = idx
-
-    merges: list[tuple[str, str]] = []
-    for rank, line in enumerate(merge_lines):
-        parts = line.split(" ")
-        if len(parts) != 2 or not all(parts):
-            raise LmarchError(f"merge {rank} {line!r} is not two tokens separated by one space")
-        merges.append((parts[0], parts[1]))
+    vocab, special, added = _token_tables(tokens, types)
+    merges = _merge_pairs(merge_lines)
 
     add_bos = metadata.get("tokenizer.ggml.add_bos_token", spec.add_bos)
     if not isinstance(add_bos, bool):
@@ -215,6 +198,63 @@ def tokenizer_from_gguf(
         raise LmarchError(f"GGUF vocabulary is inconsistent: {exc}", hint=exc.hint) from exc
 
 
+def _token_tables(
+    tokens: list[str], types: list[int]
+) -> tuple[dict[str, int], dict[str, int], dict[str, int]]:
+    """(vocab, special, added): normal tokens in the byte alphabet, control tokens, and
+    user-defined tokens, each text -> id in id order; a text twice is refused by its ids.
+
+    The common case (every token already in the byte alphabet, no text twice) is checked on
+    the whole list at once; anything else goes through the loop, which names the culprit."""
+    odd = [i for i, kind in enumerate(types) if kind in (_CONTROL, _USER_DEFINED)]
+    if set("".join(tokens)) <= _ALPHABET:
+        vocab = dict(zip(tokens, range(len(tokens))))
+        if len(vocab) == len(tokens):
+            special = {tokens[i]: i for i in odd if types[i] == _CONTROL}
+            added = {tokens[i]: i for i in odd if types[i] == _USER_DEFINED}
+            for i in odd:
+                del vocab[tokens[i]]
+            return vocab, special, added
+    vocab, special, added = {}, {}, {}
+    seen: dict[str, int] = {}
+    for idx, (token, kind) in enumerate(zip(tokens, types, strict=True)):
+        if kind == _CONTROL:
+            table, key = special, token
+        elif kind == _USER_DEFINED:
+            table, key = added, token
+        else:
+            # A normal token outside the byte alphabet is raw text; spell it in bytes (as
+            # transformers does) so that BPE can reach it.
+            table = vocab
+            key = token if set(token) <= _ALPHABET else _spell_bytes(token)
+        if key in seen:
+            raise LmarchError(f"token {token!r} appears twice (ids {seen[key]} and {idx})")
+        seen[key] = idx
+        table[key] = idx
+    return vocab, special, added
+
+
+def _merge_pairs(lines: list[str]) -> list[tuple[str, str]]:
+    """``"left right"`` lines -> (left, right) pairs. Split all at once when every line holds
+    exactly one space between two non-empty tokens (the joined text then alternates " " and
+    "\n" separators, which splitting and re-joining checks); otherwise line by line, naming the
+    first bad one."""
+    joined = "\n".join(lines)
+    if joined.count("\n") == len(lines) - 1:  # no line holds a newline of its own
+        parts = joined.replace("\n", " ").split(" ")
+        if len(parts) == 2 * len(lines) and "" not in parts:
+            pairs = list(zip(parts[0::2], parts[1::2]))
+            if "\n".join(map(" ".join, pairs)) == joined:
+                return pairs
+    merges: list[tuple[str, str]] = []
+    for rank, line in enumerate(lines):
+        parts = line.split(" ")
+        if len(parts) != 2 or not all(parts):
+            raise LmarchError(f"merge {rank} {line!r} is not two tokens separated by one space")
+        merges.append((parts[0], parts[1]))
+    return merges
+
+
 def _spell_bytes(text: str) -> str:
     return "".join(_BYTE_TO_CHAR[b] for b in text.encode("utf-8", errors="replace"))
 
@@ -225,7 +265,8 @@ def _string_list(metadata: Mapping[str, Any], key: str) -> list[str]:
         raise LmarchError(f"GGUF metadata has no {key}")
     if not isinstance(value, Sequence) or isinstance(value, str | bytes):
         raise LmarchError(f"{key} must be an array of strings")
-    if not all(isinstance(item, str) for item in value):
+    # exact types first, at C speed (a vocabulary's ~10^5 strings); subclasses are fine too
+    if not set(map(type, value)) <= {str} and not all(isinstance(item, str) for item in value):
         raise LmarchError(f"{key} must be an array of strings")
     return list(value)
 
@@ -235,8 +276,9 @@ def _int_list(value: Any, key: str) -> list[int] | None:
         return None
     if hasattr(value, "tolist"):  # numpy arrays from other readers
         value = value.tolist()
-    if not isinstance(value, Sequence) or not all(
-        isinstance(item, int) and not isinstance(item, bool) for item in value
+    if not isinstance(value, Sequence) or (
+        not set(map(type, value)) <= {int}  # exact ints first, at C speed
+        and not all(isinstance(item, int) and not isinstance(item, bool) for item in value)
     ):
         raise LmarchError(f"{key} must be an array of integers")
     return list(value)
