@@ -96,18 +96,28 @@ def _map_rows(rule: Rule, parts: list[Tensor]) -> Tensor:
     return torch.from_numpy(np.concatenate([r.numpy() for r in rows], axis=0))
 
 
-def _q4_split(rows: np.ndarray, type_name: str) -> tuple[Tensor, Tensor]:
-    """Q4_0 / Q4_1 rows uint8 [N, K/32 * block bytes] -> packed codes uint8 [N, K/2] and the
-    float16 bits of (d, m) int16 [N, K/32, 2], one copy each out of ``rows``."""
+def _q4_split(parts: list[np.ndarray], type_name: str) -> tuple[Tensor, Tensor]:
+    """Q4_0 / Q4_1 rows uint8 [N_i, K/32 * block bytes], stacked in order -> packed codes uint8
+    [sum N_i, K/2] and the float16 bits of (d, m) int16 [sum N_i, K/32, 2]: each byte copied
+    once, straight into its place."""
     header = _HEADER[type_name]
-    n = rows.shape[0]
-    blocks = np.asarray(rows).reshape(n, -1, header + GROUP // 2)
-    codes = torch.from_numpy(np.ascontiguousarray(blocks[..., header:]).reshape(n, -1))
-    if type_name == "Q4_1":  # d and m lie side by side: their bytes are dm as it is kept
-        return codes, torch.from_numpy(np.ascontiguousarray(blocks[..., :4]).view(np.int16))
-    d_bits = torch.from_numpy(np.ascontiguousarray(blocks[..., :2]).view(np.int16))
-    m_bits = (d_bits.view(torch.float16) * -8).view(torch.int16)
-    return codes, torch.cat([d_bits, m_bits], dim=-1)
+    n = sum(p.shape[0] for p in parts)
+    nblocks = parts[0].shape[1] // (header + GROUP // 2)
+    codes = np.empty((n, nblocks, GROUP // 2), dtype=np.uint8)
+    dm = np.empty((n, nblocks, 2), dtype=np.int16)
+    dm_bytes = dm.view(np.uint8)  # [n, nblocks, 4]
+    start = 0
+    for rows in parts:
+        stop = start + rows.shape[0]
+        blocks = np.asarray(rows).reshape(stop - start, nblocks, header + GROUP // 2)
+        codes[start:stop] = blocks[..., header:]
+        # Q4_1: d and m lie side by side, their bytes are dm as it is kept; Q4_0: d only
+        dm_bytes[start:stop, :, :header] = blocks[..., :header]
+        start = stop
+    dm_t = torch.from_numpy(dm)
+    if type_name == "Q4_0":  # x = d (q - 8) = d q + m with m = -8 d, exact in float16
+        dm_t[..., 1] = (dm_t[..., 0].view(torch.float16) * -8).view(torch.int16)
+    return torch.from_numpy(codes.reshape(n, -1)), dm_t
 
 
 def q4_blocks(gguf: GGUFFile, name: str) -> tuple[Tensor, Tensor]:
@@ -116,7 +126,7 @@ def q4_blocks(gguf: GGUFFile, name: str) -> tuple[Tensor, Tensor]:
     m = -8 d exactly; other types are dequantised and quantised to Q4_1."""
     data, type_name, shape = gguf.raw(name)
     if type_name in _HEADER and len(shape) == 2:
-        return _q4_split(data, type_name)  # copied straight out of the mapped file
+        return _q4_split([data], type_name)  # copied straight out of the mapped file
     layer = BlockQ4Linear.from_codes(*quantize_q4_1(gguf.load(name)))
     return layer.codes, layer.dm
 
@@ -138,12 +148,13 @@ def q4_rule_blocks(gguf: GGUFFile, rule: Rule) -> tuple[Tensor, Tensor] | None:
     types = {type_name for _, type_name, _ in raws}
     if len(types) != 1 or not types <= _HEADER.keys() or any(len(s) != 2 for *_, s in raws):
         return None
+    if len({s[1] for *_, s in raws}) != 1:  # fused parts share their input width
+        return None
     fns = rule.load_fns or (None,) * len(raws)
     rows = [
         data if fn is None else fn(_file_rows(data)).numpy() for fn, (data, _, _) in zip(fns, raws)
     ]
-    whole = rows[0] if len(rows) == 1 else np.concatenate(rows, axis=0)
-    return _q4_split(whole, types.pop())
+    return _q4_split(rows, types.pop())
 
 
 def q5_0_as_q8_0(blocks: np.ndarray) -> tuple[Tensor, Tensor]:

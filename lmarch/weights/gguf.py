@@ -46,7 +46,7 @@ import torch
 
 from lmarch.errors import LmarchError
 
-__all__ = ["GGUFFile", "GGUFTensorInfo", "read_gguf", "unpack_nibbles"]
+__all__ = ["GGML_TYPES", "GGUFFile", "GGUFTensorInfo", "read_gguf", "unpack_nibbles"]
 
 GGUF_MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
@@ -115,6 +115,32 @@ _PLAIN_DTYPES: dict[str, str] = {
     "I16": "<i2",
     "I32": "<i4",
     "I64": "<i8",
+}
+
+# ggml type code -> (name, elements a block, bytes a block) for the types lmarch reads itself:
+# parsing a file then needs no import of the gguf package (~0.15 s, most of a small model's
+# load in a fresh process). Other codes are looked up in the package's own tables.
+# tests/weights/test_gguf_types.py checks this table against the package's.
+GGML_TYPES: dict[int, tuple[str, int, int]] = {
+    0: ("F32", 1, 4),
+    1: ("F16", 1, 2),
+    2: ("Q4_0", 32, 18),
+    3: ("Q4_1", 32, 20),
+    6: ("Q5_0", 32, 22),
+    7: ("Q5_1", 32, 24),
+    8: ("Q8_0", 32, 34),
+    10: ("Q2_K", 256, 84),
+    11: ("Q3_K", 256, 110),
+    12: ("Q4_K", 256, 144),
+    13: ("Q5_K", 256, 176),
+    14: ("Q6_K", 256, 210),
+    20: ("IQ4_NL", 32, 18),
+    24: ("I8", 1, 1),
+    25: ("I16", 1, 2),
+    26: ("I32", 1, 4),
+    27: ("I64", 1, 8),
+    28: ("F64", 1, 8),
+    30: ("BF16", 1, 2),
 }
 
 # Exceptions that malformed input can provoke inside the parser or the gguf package.
@@ -377,9 +403,23 @@ class _Parser:
         return out
 
 
+def _ggml_type(type_code: int, tensor: str) -> tuple[str, int, int]:
+    """(name, elements a block, bytes a block) of ggml type ``type_code`` (:data:`GGML_TYPES`,
+    else the gguf package's tables); _Malformed for a code neither knows."""
+    known = GGML_TYPES.get(type_code)
+    if known is not None:
+        return known
+    gguf = _gguf_package()
+    try:
+        qtype = gguf.GGMLQuantizationType(type_code)
+        block_size, block_bytes = gguf.GGML_QUANT_SIZES[qtype]
+    except (ValueError, KeyError):
+        raise _Malformed(f"tensor {tensor!r} has unknown ggml type code {type_code}") from None
+    return qtype.name, block_size, block_bytes
+
+
 def _parse(buf: mmap.mmap, size: int) -> tuple[dict[str, Any], dict[str, GGUFTensorInfo]]:
     """Parse and validate everything but the tensor data; raise _Malformed on any problem."""
-    gguf = _gguf_package()
     p = _Parser(buf, size)
     if size < 24:
         raise _Malformed(f"too short for a GGUF header ({size} bytes, need at least 24)")
@@ -439,17 +479,13 @@ def _parse(buf: mmap.mmap, size: int) -> tuple[dict[str, Any], dict[str, GGUFTen
     data_size = size - data_start
     tensors: dict[str, GGUFTensorInfo] = {}
     for name, dims, type_code, rel_offset in pending:
-        try:
-            qtype = gguf.GGMLQuantizationType(type_code)
-            block_size, block_bytes = gguf.GGML_QUANT_SIZES[qtype]
-        except (ValueError, KeyError):
-            raise _Malformed(f"tensor {name!r} has unknown ggml type code {type_code}") from None
+        type_name, block_size, block_bytes = _ggml_type(type_code, name)
         if any(d < 1 for d in dims):
             raise _Malformed(f"tensor {name!r} has a non-positive dimension in {list(dims)}")
         if dims[0] % block_size:
             raise _Malformed(
                 f"tensor {name!r}: row length {dims[0]} is not a multiple of the "
-                f"{qtype.name} block size {block_size}"
+                f"{type_name} block size {block_size}"
             )
         numel = 1
         for d in dims:
@@ -462,18 +498,18 @@ def _parse(buf: mmap.mmap, size: int) -> tuple[dict[str, Any], dict[str, GGUFTen
             )
         if rel_offset + nbytes > data_size:
             raise _Malformed(
-                f"tensor {name!r} ({qtype.name}, dims {list(dims)}, {nbytes} bytes at data "
+                f"tensor {name!r} ({type_name}, dims {list(dims)}, {nbytes} bytes at data "
                 f"offset {rel_offset}) runs past the end of the file ({data_size} data bytes; "
                 "file truncated or corrupt)"
             )
         tensors[name] = GGUFTensorInfo(
             name=name,
             shape=tuple(reversed(dims)),
-            type_name=qtype.name,
+            type_name=type_name,
             nbytes=nbytes,
             offset=data_start + rel_offset,
             gguf_dims=tuple(dims),
-            type_code=int(qtype),
+            type_code=type_code,
             block_size=block_size,
             block_bytes=block_bytes,
         )
