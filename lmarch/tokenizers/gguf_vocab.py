@@ -43,6 +43,7 @@ model's own tokenizer and llama.cpp. ``tokenizer_from_gguf(meta, pre="gpt2")`` r
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -125,6 +126,7 @@ PRE_TOKENIZERS: dict[str, PreTokenizer] = {
 # llama.cpp token types (llama_token_type)
 _CONTROL = 3
 _USER_DEFINED = 4
+_ODD_KINDS = frozenset({_CONTROL, _USER_DEFINED})  # the token types kept out of the BPE vocab
 
 _ALPHABET = frozenset(bytes_to_unicode().values())
 _BYTE_TO_CHAR = bytes_to_unicode()
@@ -206,7 +208,7 @@ def _token_tables(
 
     The common case (every token already in the byte alphabet, no text twice) is checked on
     the whole list at once; anything else goes through the loop, which names the culprit."""
-    odd = [i for i, kind in enumerate(types) if kind in (_CONTROL, _USER_DEFINED)]
+    odd = list(itertools.compress(range(len(types)), map(_ODD_KINDS.__contains__, types)))
     if set("".join(tokens)) <= _ALPHABET:
         vocab = dict(zip(tokens, range(len(tokens))))
         if len(vocab) == len(tokens):

@@ -480,7 +480,7 @@ def _parse(buf: mmap.mmap, size: int) -> tuple[dict[str, Any], dict[str, GGUFTen
     tensors: dict[str, GGUFTensorInfo] = {}
     for name, dims, type_code, rel_offset in pending:
         type_name, block_size, block_bytes = _ggml_type(type_code, name)
-        if any(d < 1 for d in dims):
+        if min(dims) < 1:
             raise _Malformed(f"tensor {name!r} has a non-positive dimension in {list(dims)}")
         if dims[0] % block_size:
             raise _Malformed(
