@@ -33,7 +33,7 @@ docs: $(STAMP)
 	$(PY) docs/make_figures.py
 
 test: $(STAMP) chromium
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -rs
 
 test-slow: $(STAMP) chromium
 	$(PY) -m pytest -q -m slow
