@@ -99,22 +99,28 @@ def _map_rows(rule: Rule, parts: list[Tensor]) -> Tensor:
 def _q4_split(parts: list[np.ndarray], type_name: str) -> tuple[Tensor, Tensor]:
     """Q4_0 / Q4_1 rows uint8 [N_i, K/32 * block bytes], stacked in order -> packed codes uint8
     [sum N_i, K/2] and the float16 bits of (d, m) int16 [sum N_i, K/32, 2]: each byte copied
-    once, straight into its place."""
+    once, straight into its place.
+
+    The blocks are read as records (header, 16 bytes of codes) so that numpy moves each field
+    as one item: ~2.5x faster than slicing the bytes [..., 4:] (a small model's load copies
+    ~100 MB this way)."""
     header = _HEADER[type_name]
+    record = np.dtype([("head", f"V{header}"), ("codes", f"V{GROUP // 2}")])
     n = sum(p.shape[0] for p in parts)
-    nblocks = parts[0].shape[1] // (header + GROUP // 2)
-    codes = np.empty((n, nblocks, GROUP // 2), dtype=np.uint8)
-    dm = np.empty((n, nblocks, 2), dtype=np.int16)
-    dm_bytes = dm.view(np.uint8)  # [n, nblocks, 4]
+    nblocks = parts[0].shape[1] // record.itemsize
+    codes = np.empty((n * nblocks, GROUP // 2), dtype=np.uint8)
+    dm = np.empty((n * nblocks, 2), dtype=np.int16)
+    codes_items = codes.view(f"V{GROUP // 2}")[:, 0]
+    # Q4_1: d and m lie side by side, their 4 bytes are dm as it is kept; Q4_0: d only
+    head_items = dm.view(np.uint32)[:, 0] if header == 4 else dm[:, 0]
     start = 0
     for rows in parts:
-        stop = start + rows.shape[0]
-        blocks = np.asarray(rows).reshape(stop - start, nblocks, header + GROUP // 2)
-        codes[start:stop] = blocks[..., header:]
-        # Q4_1: d and m lie side by side, their bytes are dm as it is kept; Q4_0: d only
-        dm_bytes[start:stop, :, :header] = blocks[..., :header]
+        stop = start + rows.shape[0] * nblocks
+        blocks = np.ascontiguousarray(rows).reshape(-1).view(record)
+        codes_items[start:stop] = blocks["codes"]
+        head_items[start:stop] = blocks["head"].view(head_items.dtype)
         start = stop
-    dm_t = torch.from_numpy(dm)
+    dm_t = torch.from_numpy(dm.reshape(n, nblocks, 2))
     if type_name == "Q4_0":  # x = d (q - 8) = d q + m with m = -8 d, exact in float16
         dm_t[..., 1] = (dm_t[..., 0].view(torch.float16) * -8).view(torch.int16)
     return torch.from_numpy(codes.reshape(n, -1)), dm_t
@@ -180,18 +186,23 @@ def q8_blocks(gguf: GGUFFile, name: str) -> tuple[Tensor, Tensor]:
         return q5_0_as_q8_0(data)
     if type_name == "Q8_0" and len(shape) == 2:
         n, k = shape
-        blocks = np.asarray(data).reshape(n, k // GROUP, 2 + GROUP)
-        codes = np.empty((n, k // GROUP, GROUP), dtype=np.int8)
-        d_bits = np.empty((n, k // GROUP), dtype=np.int16)
+        nb = k // GROUP
+        # blocks read as records (d, 32 codes): numpy moves each field as one item (see
+        # _q4_split)
+        record = np.dtype([("d", "<i2"), ("codes", f"V{GROUP}")])
+        blocks = np.ascontiguousarray(data).reshape(-1).view(record)
+        codes = np.empty((n * nb, GROUP), dtype=np.int8)
+        d_bits = np.empty(n * nb, dtype=np.int16)
+        codes_items = codes.view(f"V{GROUP}")[:, 0]
         # a slice of rows at a time, its file pages let go once copied: an embedding table
         # (Gemma 3's is 178 MB) is never resident twice
         step = max(1, _CHUNK_BYTES // data.shape[-1])
         for r in range(0, n, step):
-            part = blocks[r : r + step]
-            codes[r : r + step] = part[..., 2:].view(np.int8)
-            d_bits[r : r + step] = np.ascontiguousarray(part[..., :2]).view(np.int16)[..., 0]
+            part = blocks[r * nb : (r + step) * nb]
+            codes_items[r * nb : (r + step) * nb] = part["codes"]
+            d_bits[r * nb : (r + step) * nb] = part["d"]
             gguf.release(name, r * data.shape[-1], (r + step) * data.shape[-1])
-        return torch.from_numpy(codes.reshape(n, k)), torch.from_numpy(d_bits)
+        return torch.from_numpy(codes.reshape(n, k)), torch.from_numpy(d_bits.reshape(n, nb))
     layer = BlockQ8Linear.from_weight(gguf.load(name))
     return layer.codes, layer.d
 
