@@ -1,4 +1,7 @@
-"""Make every figure of docs/theory/ and the measured model table of 03-llms.md with lmarch itself.
+"""Make the figures of docs/ and the measured model table of 03-llms.md with lmarch itself.
+
+The figures: those of docs/theory/, and docs/inspect.md's word-vector plot (its
+``lmarch vectors-plot`` example, on gensim's test vectors).
 
     .venv/bin/python docs/make_figures.py          # or: make docs
 
@@ -302,12 +305,35 @@ def fig_quant() -> Path:
     return _save(fig, "quant_error.png")
 
 
+# docs/inspect.md's figure: `lmarch vectors-plot FILE --words one,two,...,mango` on this file of
+# gensim's, with the numbers, animals and fruit of tests/cli/test_inspect_cli.py
+VECTORS_FILE = "EN.1-10.cbow1_wind5_hs0_neg10_size300_smpl1e-05.txt"
+VECTORS_WORDS = (
+    "one,two,three,four,five,six,seven,eight,nine,ten,"
+    "dog,pig,cat,fish,birds,apple,orange,grape,banana,mango"
+)
+
+
+def fig_vectors() -> Path:
+    """Word vectors of numbers, animals and fruit on their first two principal components."""
+    from lmarch.analysis.projection import load_word_vectors, plot_projection, project_words
+    from lmarch.classic.vectors import gensim_test_file
+
+    # what `lmarch vectors-plot FILE --words ... --out FILE.png` runs (lmarch/cli/inspect.py);
+    # gensim (a dev dependency, --no-deps) carries the vectors: absent, the call says how to
+    # install it
+    vectors = load_word_vectors(gensim_test_file(VECTORS_FILE))
+    found, coords, ratio = project_words(vectors, VECTORS_WORDS.split(","))
+    return plot_projection(found, coords, ratio, FIGURES / "vectors_pca.png")
+
+
 FIGURES_MADE = {
     "attention_causal.png": fig_attention,
     "positions.png": fig_positions,
     "lr_schedules.png": fig_schedules,
     "memory_strategies.png": fig_memory,
     "quant_error.png": fig_quant,
+    "vectors_pca.png": fig_vectors,
 }
 
 
