@@ -245,12 +245,7 @@ def _add_finetune_parsers(sub: argparse._SubParsersAction) -> None:
             ),
             TrainConfig,
             unset=True,
-            defaults={
-                **FINETUNE_TRAIN_DEFAULTS,
-                "learning_rate": None,
-                "min_lr": None,
-                "eval_iters": "10, max_iters // 2 for a run under 20 steps",  # eval_batches
-            },
+            defaults={**FINETUNE_TRAIN_DEFAULTS, "learning_rate": None, "min_lr": None},
         ),
     )
     m = sub.add_parser("merge", help="fold a LoRA run's adapter into full weights")
