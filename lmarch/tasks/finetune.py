@@ -18,8 +18,7 @@ the matching ``transformers`` model); :func:`lmarch.load` rebuilds base + adapte
 a standalone run folder (for QLoRA: the dequantised NF4 base plus the adapter's product).
 
 Validation loss before and after is measured on the same batches of held-out text (the last
-``val_fraction`` of every document, as ``lmarch train`` and ``lmarch eval`` split it): ``eval_iters``
-batches of each split, 10 unless set — fewer for a run of under 20 steps (:func:`eval_batches`).
+``val_fraction`` of every document, as ``lmarch train`` and ``lmarch eval`` split it).
 """
 
 from __future__ import annotations
@@ -63,7 +62,6 @@ __all__ = [
     "LEARNING_RATES",
     "FinetuneConfig",
     "FinetuneResult",
-    "eval_batches",
     "finetune",
     "match_targets",
     "merge_run",
@@ -186,17 +184,6 @@ def _count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())  # shared (tied) tensors once
 
 
-def eval_batches(max_iters: int, default: int = FINETUNE_TRAIN_DEFAULTS["eval_iters"]) -> int:
-    """Batches per evaluation when ``eval_iters`` is not set: ``default`` (10), bounded to
-    max(1, max_iters // 2) for a shorter run. An evaluation forwards ``eval_iters`` batches of
-    the training text and as many of the held-out text, about what max_iters / 2 training steps
-    cost with their backward passes (LoRA's backward costs about one more forward); a run
-    evaluates at least twice (before and after), so with this bound evaluating never takes
-    much longer than training. A 10-step run on SmolLM2 spent ~60% of its time in the default
-    10 + 10 batches of both evaluations, ~30% in training."""
-    return max(1, min(default, max_iters // 2))
-
-
 def _data_reference(data: str) -> str:
     """The corpus spec as the run config keeps it: an absolute path for a file or folder."""
     if data in ("shakespeare", "tinyshakespeare"):
@@ -263,8 +250,7 @@ def finetune(
 
     ``overrides`` holds :class:`FinetuneConfig` keys (method, rank, alpha, dropout, rslora,
     targets, block_size) and :class:`TrainConfig` keys; training defaults are
-    :data:`FINETUNE_TRAIN_DEFAULTS` and the method's learning rate (:data:`LEARNING_RATES`),
-    with ``eval_iters`` bounded by :func:`eval_batches` for a short run unless it is given.
+    :data:`FINETUNE_TRAIN_DEFAULTS` and the method's learning rate (:data:`LEARNING_RATES`).
     """
     out = Path(out)
     main_rank = is_main()  # under torchrun only rank 0 logs and writes the run folder
@@ -291,9 +277,6 @@ def finetune(
         cfg = build_config(FinetuneConfig, ft_over)
         lr, min_lr = LEARNING_RATES[cfg.method]
         defaults = {**FINETUNE_TRAIN_DEFAULTS, "learning_rate": lr, "min_lr": min_lr}
-        max_iters = train_over.get("max_iters")
-        if "eval_iters" not in train_over and type(max_iters) is int:  # a bad one is refused below
-            defaults["eval_iters"] = eval_batches(max_iters)
         train_cfg = build_config(TrainConfig, {**defaults, **train_over})
         base, data = base_reference(model), _data_reference(data)
         if Path(base) == out.expanduser().resolve():

@@ -371,28 +371,3 @@ def test_qlora_keeps_no_float_weight_for_the_backward() -> None:
     x_ref = x.detach().clone().requires_grad_(True)
     torch.nn.functional.linear(x_ref, w, linear.bias.detach()).square().sum().backward()
     assert torch.equal(x.grad, x_ref.grad)
-
-
-def test_a_short_run_evaluates_on_fewer_batches_unless_told(base_run, words_file, tmp_path) -> None:
-    """eval_iters unset: 10 batches per evaluation, max_iters // 2 (at least 1) for a run of
-    under 20 steps; the bounded evaluation is the one eval_iters = max_iters // 2 gives (same
-    batches, same losses), and an eval_iters given is kept."""
-    from lmarch.tasks.finetune import eval_batches
-
-    assert [eval_batches(n) for n in (1, 2, 10, 19, 20, 200)] == [1, 1, 5, 9, 10, 10]
-    settings = {k: v for k, v in SETTINGS.items() if k != "eval_iters"} | {"max_iters": 6}
-    runs = {}
-    for name, extra in (
-        ("bounded", {}),
-        ("three", {"eval_iters": 3}),
-        ("eight", {"eval_iters": 8}),
-    ):
-        out = tmp_path / name
-        runs[name] = finetune(
-            str(base_run), str(words_file), out, settings | extra, callbacks=[], log=quiet
-        )
-        saved = json.loads((out / "config.json").read_text())["train"]["eval_iters"]
-        assert saved == {"bounded": 3, "three": 3, "eight": 8}[name]
-    assert runs["bounded"].val_loss_before == runs["three"].val_loss_before
-    assert runs["bounded"].val_loss_after == runs["three"].val_loss_after
-    assert runs["bounded"].val_loss_before != runs["eight"].val_loss_before
