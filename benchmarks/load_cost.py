@@ -33,6 +33,7 @@ also says how many cores other processes kept busy meanwhile ("others' cores").
 from __future__ import annotations
 
 import argparse
+import compileall
 import importlib.util
 import json
 import os
@@ -244,6 +245,10 @@ def main() -> None:
         child_main(args.child[0], args.child[1], args.new_tokens, args.threads)
         return
 
+    # pip compiles an installed package's bytecode (llama_cpp's is); an editable checkout run
+    # with PYTHONDONTWRITEBYTECODE=1 (as on these machines) would compile lmarch's ~100 modules
+    # from source in every child, ~0.3 s of its load and imports. Compile them once, as pip would.
+    compileall.compile_dir(Path(__file__).resolve().parents[1] / "lmarch", quiet=1)
     files = {"smollm2-135m-q4_1": gguf_path()}
     gemma = gemma_path()
     if gemma is not None:
