@@ -1,15 +1,18 @@
 """Make the figures of docs/ and the measured model table of 03-llms.md with lmarch itself.
 
-The figures: those of docs/theory/, and docs/inspect.md's word-vector plot (its
-``lmarch vectors-plot`` example, on gensim's test vectors).
+The figures: those of docs/theory/; docs/inspect.md's attention maps, logit lens and
+word-vector plot (its ``lmarch attention``, ``lmarch logit-lens`` and ``lmarch vectors-plot``
+examples, on SmolLM2, MiniLM and gensim's test vectors); and docs/scaling.md's IsoFLOP plot,
+drawn from the saved runs of the default ``lmarch scaling sweep`` (figures/scaling_sweep.json).
 
     .venv/bin/python docs/make_figures.py          # or: make docs
+    .venv/bin/python docs/make_figures.py --sweep  # train the sweep again first (~9 minutes)
 
 Each figure calls the lmarch function that the page's equation points to (the schedules of
 lmarch/train/optim.py, the positions of lmarch/nn/position.py, the quantisers of lmarch/quant/,
 a tiny GPT of lmarch/models/gpt.py trained here for a few seconds), so a change in the code
 shows in the figure. Seeded and single-threaded: the same code gives the same pictures.
-Under 30 s on two cores; ``--table-only`` rewrites only the table.
+Under a minute on two cores; ``--table-only`` rewrites only the table.
 """
 
 from __future__ import annotations
@@ -324,7 +327,75 @@ def fig_vectors() -> Path:
     # install it
     vectors = load_word_vectors(gensim_test_file(VECTORS_FILE))
     found, coords, ratio = project_words(vectors, VECTORS_WORDS.split(","))
-    return plot_projection(found, coords, ratio, FIGURES / "vectors_pca.png")
+    with _as_the_cli():
+        return plot_projection(found, coords, ratio, FIGURES / "vectors_pca.png")
+
+
+# docs/inspect.md's figures: its `lmarch attention` and `lmarch logit-lens` commands, on the
+# real SmolLM2 and MiniLM weights (downloaded once into the lmarch cache)
+ATTENTION_RUNS = (  # model, text, layer, head (None: the grid of all heads), figure
+    ("smollm2-135m", "The capital of France is", 3, None, "attention_smollm2_layer3.png"),
+    ("minilm-l6", "The cat sat on the mat because it was tired", 4, 0, "attention_minilm_l4h0.png"),
+)
+LENS_RUN = ("smollm2-135m", "The capital of France is", "logit_lens_smollm2.png")
+# docs/scaling.md's figure: the runs of `lmarch scaling sweep --data shakespeare` with its
+# default budgets (~9 minutes), saved once; `--sweep` trains them again
+SWEEP_RUNS = FIGURES / "scaling_sweep.json"
+
+
+def _as_the_cli():
+    """matplotlib's own defaults, as a fresh ``lmarch`` process plots with (not _plt's)."""
+    return _plt().style.context("default")
+
+
+def _load_float(spec: str):
+    from lmarch.loading import load
+
+    return load(spec, quant="none")  # what lmarch/cli/inspect.py loads: float weights
+
+
+def fig_attention_pretrained() -> Path:
+    """`lmarch attention` on SmolLM2 (layer 3, all heads) and MiniLM (layer 4, head 0)."""
+    from lmarch.analysis.attention_maps import attention_maps, plot_attention
+
+    path = FIGURES
+    for model, text, layer, head, name in ATTENTION_RUNS:
+        maps = attention_maps(_load_float(model), text)
+        with _as_the_cli():
+            path = plot_attention(maps, layer, head, FIGURES / name)
+    return path
+
+
+def fig_logit_lens() -> Path:
+    """`lmarch logit-lens smollm2-135m "The capital of France is"`."""
+    from lmarch.analysis.lens import logit_lens, plot_lens
+
+    model, text, name = LENS_RUN
+    result = logit_lens(_load_float(model), text, k=3)  # the command's --top default
+    with _as_the_cli():
+        return plot_lens(result, FIGURES / name)
+
+
+def run_scaling_sweep() -> Path:
+    """Train the default sweep again (~9 minutes on two busy cores) and save its runs."""
+    import tempfile
+
+    from lmarch.analysis.scaling import SweepConfig, run_sweep
+    from lmarch.weights.checkpoint import write_json
+
+    with tempfile.TemporaryDirectory() as tmp:
+        result = run_sweep(SweepConfig(data="shakespeare"), tmp)
+    result.plot = str((FIGURES / "scaling_sweep.png").relative_to(REPO))
+    write_json(SWEEP_RUNS, result.as_dict())
+    return SWEEP_RUNS
+
+
+def fig_scaling_sweep() -> Path:
+    """The IsoFLOP figure of the saved default sweep (scaling_sweep.json), refitted."""
+    from lmarch.analysis.scaling import load_sweep, plot_sweep
+
+    with _as_the_cli():
+        return plot_sweep(load_sweep(SWEEP_RUNS), FIGURES / "scaling_sweep.png")
 
 
 FIGURES_MADE = {
@@ -334,6 +405,10 @@ FIGURES_MADE = {
     "memory_strategies.png": fig_memory,
     "quant_error.png": fig_quant,
     "vectors_pca.png": fig_vectors,
+    "attention_smollm2_layer3.png": fig_attention_pretrained,  # also attention_minilm_l4h0.png
+    "attention_minilm_l4h0.png": fig_attention_pretrained,
+    "logit_lens_smollm2.png": fig_logit_lens,
+    "scaling_sweep.png": fig_scaling_sweep,
 }
 
 
@@ -341,13 +416,18 @@ def main(argv: list[str] | None = None) -> int:
     """Write the figures and the table; ``--table-only`` for the table alone."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--table-only", action="store_true")
+    ap.add_argument(
+        "--sweep", action="store_true", help="train the scaling sweep again first (~9 min)"
+    )
     args = ap.parse_args(argv)
     torch.set_num_threads(1)  # deterministic and fair on a shared machine
     write_table()
     print(f"table -> {TABLE_FILE.relative_to(REPO)}")
     if not args.table_only:
         FIGURES.mkdir(exist_ok=True)
-        for make in FIGURES_MADE.values():
+        if args.sweep:
+            print(f"{run_scaling_sweep.__doc__.splitlines()[0]} -> {run_scaling_sweep()}")
+        for make in dict.fromkeys(FIGURES_MADE.values()):  # a function may make two figures
             print(f"{make.__doc__.splitlines()[0]} -> {make().relative_to(REPO)}")
     return 0
 

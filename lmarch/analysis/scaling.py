@@ -396,6 +396,22 @@ def fit_sweep(runs: Sequence[SweepRun]) -> SweepResult:
     return SweepResult(list(runs), optimum, a, b_exp, law, note=WHY_DIFFERENT)
 
 
+def load_sweep(path: str | Path) -> SweepResult:
+    """The sweep saved as ``runs.json`` by ``lmarch scaling sweep``, refitted with
+    :func:`fit_sweep` from its runs (the fit is cheap; the training is what took minutes)."""
+    import json
+
+    try:
+        saved = json.loads(Path(path).read_text(encoding="utf-8"))
+        runs = [SweepRun(**{**r, "shape": tuple(r["shape"])}) for r in saved["runs"]]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise LmarchError(
+            f"cannot read the sweep {path}: {exc}",
+            hint="the runs.json that `lmarch scaling sweep --out DIR` writes",
+        ) from None
+    return fit_sweep(runs)
+
+
 def plot_sweep(result: SweepResult, path: str | Path) -> Path:
     """Left: IsoFLOP curves (loss against N, one per budget, its best run ringed). Right:
     N_opt against C with the fitted power law and Chinchilla's eq. 4 for comparison."""
@@ -450,6 +466,7 @@ __all__ = [
     "fit_parabola_minimum",
     "fit_power_law",
     "fit_sweep",
+    "load_sweep",
     "plan",
     "plot_sweep",
     "run_sweep",
