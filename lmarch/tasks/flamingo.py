@@ -71,27 +71,13 @@ class FlamingoTrainConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in (
-            "clip_steps",
-            "lm_steps",
-            "steps",
-            "batch_size",
-            "n_embd",
-            "n_layer",
-            "n_head",
-        ):
+        for name in ("clip_steps", "lm_steps", "n_latents"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise LmarchError(f"{name} must be a positive integer, got {value!r}")
-        if self.n_latents < 1:
-            raise LmarchError(f"n_latents must be a positive integer, got {self.n_latents!r}")
-        if self.n_embd % self.n_head:
-            raise LmarchError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
-        if self.image_size % self.patch_size or self.image_size < 8:
-            raise LmarchError(
-                f"image_size ({self.image_size}) must be a multiple of patch_size "
-                f"({self.patch_size}) and at least 8"
-            )
+        from lmarch.tasks.clip import check_small_vision_config  # as caption.py: on use
+
+        check_small_vision_config(self)
 
 
 @dataclass
