@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 
 from lmarch.errors import LmarchError
 from lmarch.loading.model import ChatConvention, LoadedModel, Pooling
@@ -312,13 +312,24 @@ def read_run(source: Source) -> LoadedModel:
     )
 
 
+def checkpoint_tensors(source: Source) -> tuple[dict[str, Tensor], str]:
+    """The tensors of the newest checkpoint in the run folder ``source`` and where they came
+    from (for error messages); a folder without one is refused in one line."""
+    from lmarch.weights.checkpoint import find_checkpoint
+    from lmarch.weights.safetensors_io import load_tensors
+
+    ckpt = find_checkpoint(source.path)
+    if ckpt is None:
+        raise LmarchError(f"{source.path} has no checkpoint", hint="did training finish?")
+    return load_tensors(ckpt / "model.safetensors"), str(ckpt)
+
+
 def read_classifier(source: Source) -> LoadedModel:
     """A ``lmarch classify train`` folder: the fine-tuned encoder and its pooled head, labels,
     pooling and the input length it was trained with."""
     from lmarch.models.bert import BertConfig
     from lmarch.tokenizers.base import load_tokenizer
-    from lmarch.weights.checkpoint import find_checkpoint
-    from lmarch.weights.safetensors_io import load_into_model, load_tensors
+    from lmarch.weights.safetensors_io import load_into_model
 
     info = _read_json(source.path / CLASSIFIER_FILE)
     try:
@@ -329,15 +340,13 @@ def read_classifier(source: Source) -> LoadedModel:
         raise LmarchError(f"{source.path / CLASSIFIER_FILE} is damaged: {exc}") from exc
     model = build_bert_task_model(config, "pooled_classification", len(labels))
     model.pooling = mode
-    ckpt = find_checkpoint(source.path)
-    if ckpt is None:
-        raise LmarchError(f"{source.path} has no checkpoint", hint="did training finish?")
+    saved, ckpt = checkpoint_tensors(source)
     # runs written before the encoder was named ``bert`` in every task model
     tensors = {
         ("bert." + k[len("encoder.") :] if k.startswith("encoder.") else k): v
-        for k, v in load_tensors(ckpt / "model.safetensors").items()
+        for k, v in saved.items()
     }
-    load_into_model(model, tensors, source=str(ckpt))
+    load_into_model(model, tensors, source=ckpt)
     return LoadedModel(
         model.eval(),
         load_tokenizer(source.path / "tokenizer.json"),

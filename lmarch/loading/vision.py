@@ -9,12 +9,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from torch import Tensor, nn
+from torch import nn
 
 from lmarch.data.images import ImagePreprocessor
 from lmarch.errors import LmarchError
 from lmarch.loading.model import CAPTION, CONTRASTIVE, FLAMINGO, LoadedModel
-from lmarch.loading.sources import Source
+from lmarch.loading.sources import Source, checkpoint_tensors
 from lmarch.models.gpt import GPT, GPTConfig
 from lmarch.models.vit import ViT
 from lmarch.peft.flamingo import FlamingoLM  # re-exported: its home is beside the adapter
@@ -49,20 +49,10 @@ def _preprocessor(run: dict[str, Any], where: str) -> ImagePreprocessor:
         raise LmarchError(f"{where}: bad image settings: {exc}") from exc
 
 
-def _checkpoint_tensors(source: Source) -> tuple[dict[str, Tensor], str]:
-    from lmarch.weights.checkpoint import find_checkpoint
-    from lmarch.weights.safetensors_io import load_tensors
-
-    ckpt = find_checkpoint(source.path)
-    if ckpt is None:
-        raise LmarchError(f"{source.path} has no checkpoint", hint="did training finish?")
-    return load_tensors(ckpt / "model.safetensors"), str(ckpt)
-
-
 def _run_model(source: Source, model: nn.Module) -> nn.Module:
     from lmarch.weights.safetensors_io import load_into_model
 
-    tensors, where = _checkpoint_tensors(source)
+    tensors, where = checkpoint_tensors(source)
     load_into_model(model, tensors, source=where)
     return model.eval()
 
@@ -132,9 +122,7 @@ def read_flamingo(source: Source) -> LoadedModel:
     lm_config = config_from_dict(run["model"])
     if not isinstance(lm_config, GPTConfig):
         raise LmarchError(f"{where}: the run's LM is not a GPT")
-    lm = GPT(lm_config)
-    tensors, ckpt = _checkpoint_tensors(source)
-    load_into_model(lm, tensors, source=ckpt)
+    lm = _run_model(source, GPT(lm_config))
     adapter = add_flamingo(lm, vision.config.n_embd, n_latents=n_latents, n_head=n_head)
     path = source.path / "adapter.safetensors"
     tensors = load_tensors(path)
