@@ -361,6 +361,7 @@ def read_classifier(source: Source) -> LoadedModel:
 __all__ = [
     "BERT_FAMILY",
     "Source",
+    "checkpoint_tensors",
     "read_classifier",
     "read_gguf",
     "read_hf",
